@@ -1,0 +1,64 @@
+"""Tunables in one place. Each constant states its meaning and unit."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+HOME_ENV = "QLIB_EXT_HOME"
+"""Environment variable naming qlib-ext's home directory (store, MLflow DB, synthetic data)."""
+
+DEFAULT_HOME = Path("~/.qlib-ext")
+"""Home directory when ``QLIB_EXT_HOME`` is unset."""
+
+STORE_PORT = 27017
+"""TCP port the embedded store tries first (MongoDB's own default)."""
+
+STORE_HOST = "127.0.0.1"
+"""Address the embedded store binds by default: loopback only, it has no authentication."""
+
+MAX_MESSAGE_BYTES = 48 * 1000 * 1000
+"""Largest wire message the embedded store accepts (MongoDB's maxMessageSizeBytes), bytes."""
+
+TASK_DB_NAME = "qlib_ext"
+"""MongoDB database that holds the task pools (one collection per pool)."""
+
+LEASE_SECONDS = 600.0
+"""How long a claimed task stays owned without a heartbeat, seconds."""
+
+HEARTBEAT_SECONDS = 30.0
+"""Interval between lease renewals by a worker's heartbeat thread, seconds."""
+
+MAX_ATTEMPTS = 3
+"""Attempts a task gets before it is marked failed."""
+
+GRACE_SECONDS = 30.0
+"""Time a running task gets to finish after SIGTERM/SIGINT before it is handed back, seconds."""
+
+POLL_MIN_SECONDS = 0.2
+"""First idle back-off of a worker polling an empty pool, seconds."""
+
+POLL_MAX_SECONDS = 5.0
+"""Cap of the idle back-off, seconds."""
+
+
+def home() -> Path:
+    """Return qlib-ext's home directory (``$QLIB_EXT_HOME`` or ``~/.qlib-ext``), created if missing."""
+    path = Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def store_dir() -> Path:
+    """Directory of the default embedded store."""
+    return home() / "store"
+
+
+def default_mlflow_uri() -> str:
+    """MLflow tracking URI used when none is given: a sqlite DB in the home directory."""
+    return f"sqlite:///{home() / 'mlflow.db'}"
+
+
+def synth_data_dir() -> Path:
+    """Where ``qlib-ext demo`` keeps its synthetic Qlib dataset."""
+    return home() / "data" / "synth"

@@ -1,0 +1,13 @@
+"""Shared fixtures: every test gets its own qlib-ext home so nothing leaks between tests."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    home = tmp_path / "qlib-ext-home"
+    home.mkdir()
+    monkeypatch.setenv("QLIB_EXT_HOME", str(home))
+    return home
