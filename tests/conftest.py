@@ -11,3 +11,7 @@ def _isolated_home(tmp_path, monkeypatch):
     home.mkdir()
     monkeypatch.setenv("QLIB_EXT_HOME", str(home))
     return home
+
+
+# Fixture modules live beside this file; tests/ is on sys.path (pytest's rootdir conftest import mode).
+pytest_plugins = ["store_fixtures", "data_fixtures"]

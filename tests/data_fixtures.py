@@ -1,0 +1,1 @@
+"""Fixtures for tests that need a Qlib-format dataset (owned by the data work)."""
