@@ -104,3 +104,138 @@ def store_url(dir_: Path | None) -> None:
     if url is None:
         raise click.ClickException("no store is running there; start one with `qlib-ext store serve`")
     click.echo(url)
+
+
+# --------------------------------------------------------------------------- pool: submit, worker, run
+def _mongo_option(f):
+    return click.option("--mongo-url", envvar="QLIB_EXT_MONGO_URL", default="embedded", show_default=True,
+                        help="MongoDB URL of the task pool, or 'embedded' for the built-in store "
+                             "(started in the background if needed). Env: QLIB_EXT_MONGO_URL.")(f)
+
+
+def _mlflow_option(f):
+    return click.option("--mlflow-uri", envvar="MLFLOW_TRACKING_URI", default=None,
+                        help="MLflow tracking URI (sqlite:///ABS/mlflow.db or http://host:5000). "
+                             "Default: what the pool recorded; for submit $QLIB_EXT_HOME/mlflow.db.")(f)
+
+
+def _provider_option(f):
+    return click.option("--provider-uri", envvar="QLIB_EXT_PROVIDER_URI", default=None,
+                        help="Qlib data directory; overrides qlib_init.provider_uri (e.g. another mount).")(f)
+
+
+def _worker_options(f):
+    options = [
+        click.option("-n", "--workers", "workers", default=None, type=int,
+                     help="Worker processes (default: number of cores)."),
+        click.option("--threads", default=None, type=int,
+                     help="Threads per worker (default: workers.threads_per_worker or cores // workers)."),
+        click.option("--lease-seconds", default=None, type=float, help="Lease length of a claimed task, s."),
+        click.option("--grace-seconds", default=None, type=float,
+                     help="Time a running task gets to finish after Ctrl-C/SIGTERM, s."),
+        click.option("--exit-when-idle", is_flag=True, default=None,
+                     help="Exit as soon as nothing is waiting (default: when nothing is unfinished)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _settings(pool, mongo_url, mlflow_uri, provider_uri, workers, threads, lease_seconds, grace_seconds,
+              exit_when_idle):
+    import os
+
+    from qlib_ext.runner import worker_settings
+
+    n = workers or os.cpu_count() or 1
+    settings = worker_settings(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, provider_uri=provider_uri,
+                               workers=n, threads=threads, lease_seconds=lease_seconds,
+                               grace_seconds=grace_seconds, exit_when_idle=exit_when_idle,
+                               log_level=logging.getLogger().getEffectiveLevel())
+    return settings, n
+
+
+@main.command("submit")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_mongo_option
+@_mlflow_option
+@_provider_option
+def submit_cmd(file: Path, mongo_url: str, mlflow_uri: str | None, provider_uri: str | None) -> None:
+    """Expand FILE (a qrun YAML with an optional grid: section) and add its new tasks to the pool."""
+    from qlib_ext.runner import submit
+
+    click.echo(submit(file, mongo_url=mongo_url, mlflow_uri=mlflow_uri, provider_uri=provider_uri))
+
+
+@main.command("worker")
+@click.option("--pool", required=True, help="Name of the pool to drain.")
+@_mongo_option
+@_mlflow_option
+@_provider_option
+@_worker_options
+@click.pass_context
+def worker_cmd(ctx: click.Context, pool: str, mongo_url: str, mlflow_uri: str | None, provider_uri: str | None,
+               **opts) -> None:
+    """Start worker processes that drain POOL; they exit when the pool is finished."""
+    from qlib_ext.worker import run_workers
+
+    settings, n = _settings(pool, mongo_url, mlflow_uri, provider_uri, **opts)
+    click.echo(f"pool {pool}: starting {n} workers x {settings.threads} threads")
+    ctx.exit(run_workers(settings, n))
+
+
+@main.command("run")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_mongo_option
+@_mlflow_option
+@_provider_option
+@_worker_options
+@click.option("--metric", default="IC", show_default=True, help="Metric that ranks the leaderboard.")
+@click.pass_context
+def run_cmd(ctx: click.Context, file: Path, mongo_url: str, mlflow_uri: str | None, provider_uri: str | None,
+            metric: str, **opts) -> None:
+    """Submit FILE, run local workers with a live progress line, then print the leaderboard."""
+    from qlib_ext.progress import Progress
+    from qlib_ext.report import format_table, leaderboard, mlflow_ui_command
+    from qlib_ext.runner import submit
+    from qlib_ext.worker import run_workers
+
+    sub = submit(file, mongo_url=mongo_url, mlflow_uri=mlflow_uri, provider_uri=provider_uri)
+    click.echo(sub)
+    settings, n = _settings(sub.pool, sub.mongo_url, sub.mlflow_uri, provider_uri, **opts)
+    click.echo(f"starting {n} workers x {settings.threads} threads")
+    progress = Progress(sub.pool, sub.mongo_url)
+    code = run_workers(settings, n, on_tick=progress.tick)
+    progress.finish()
+    rows = leaderboard(sub.pool, mongo_url=sub.mongo_url, mlflow_uri=sub.mlflow_uri, metric=metric, top=20)
+    click.echo(format_table(rows, metric))
+    click.echo(f"\ncompare runs: {mlflow_ui_command(sub.mlflow_uri)}")
+    ctx.exit(code)
+
+
+@main.command("status")
+@click.argument("pool")
+@_mongo_option
+def status_cmd(pool: str, mongo_url: str) -> None:
+    """Counts per status, running tasks (worker, age) and failed tasks (last error) of POOL."""
+    from qlib_ext.progress import status_report
+
+    click.echo(status_report(pool, mongo_url))
+
+
+@main.command("leaderboard")
+@click.argument("pool")
+@_mongo_option
+@_mlflow_option
+@click.option("--metric", default="IC", show_default=True, help="Metric to rank by (higher is better).")
+@click.option("--top", default=None, type=int, help="Show only the best K rows.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of rows, best first.")
+def leaderboard_cmd(pool: str, mongo_url: str, mlflow_uri: str | None, metric: str, top: int | None,
+                    as_json: bool) -> None:
+    """Rank POOL's finished runs by a metric (rolling windows aggregated per configuration)."""
+    import json
+
+    from qlib_ext.report import format_table, leaderboard
+
+    rows = leaderboard(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric, top=top)
+    click.echo(json.dumps(rows, indent=2, default=str) if as_json else format_table(rows, metric))

@@ -1,0 +1,83 @@
+"""What a person watching a pool sees: the live progress line and ``qlib-ext status``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+import time
+from collections import defaultdict
+
+from qlib_ext.status import TaskStatus
+
+
+class Progress:
+    """Prints done / running / failed / waiting, throughput and ETA; one line, redrawn on a TTY."""
+
+    def __init__(self, pool: str, mongo_url: str, every_seconds: float = 1.0):
+        from qlib_ext.queue import GridTaskManager, open_db
+
+        self.tm = GridTaskManager(pool, open_db(mongo_url))
+        self.start = time.monotonic()
+        self.first_done = self._done()
+        self.every = every_seconds if sys.stdout.isatty() else 10.0
+        self._last = 0.0
+
+    def _done(self) -> int:
+        return self.tm.counts().get(TaskStatus.DONE.value, 0)
+
+    def line(self) -> str:
+        c = self.tm.counts()
+        done = c.get("done", 0)
+        elapsed = time.monotonic() - self.start
+        rate = (done - self.first_done) / elapsed if elapsed > 0 else 0.0
+        left = c.get("waiting", 0) + c.get("running", 0)
+        eta = f"{left / rate:.0f}s" if rate > 0 else "?"
+        return (f"done {done}  running {c.get('running', 0)}  failed {c.get('failed', 0)}  "
+                f"waiting {c.get('waiting', 0)}  | {rate * 60:.1f} tasks/min  ETA {eta}  [{elapsed:.0f}s]")
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every:
+            return
+        self._last = now
+        try:
+            text = self.line()
+        except Exception as e:  # a store hiccup must not stop the run
+            text = f"(progress unavailable: {e})"
+        end = "\r" if sys.stdout.isatty() else "\n"
+        sys.stdout.write(text.ljust(100) + end)
+        sys.stdout.flush()
+
+    def finish(self) -> None:
+        self._last = 0.0
+        sys.stdout.write(self.line().ljust(100) + "\n")
+
+
+def status_report(pool: str, mongo_url: str | None) -> str:
+    """Counts per status, running tasks grouped by host (worker, age), failed tasks with their last error."""
+    from qlib_ext.queue import GridTaskManager, open_db
+
+    tm = GridTaskManager(pool, open_db(mongo_url))
+    counts = tm.counts()
+    lines = [f"pool {pool}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) if counts
+             else f"pool {pool}: empty"]
+    now = tm.now()
+    by_host: dict[str, list[str]] = defaultdict(list)
+    for d in tm.task_pool.find({"status": "running"}, {"worker": 1, "host": 1, "started_at": 1, "attempt": 1,
+                                                       "filter.qlib_ext.run_name": 1}):
+        age = (now - d["started_at"]).total_seconds() if isinstance(d.get("started_at"), dt.datetime) else 0
+        name = d.get("filter", {}).get("qlib_ext", {}).get("run_name", "")
+        by_host[d.get("host", "?")].append(f"    {d['_id']}  {d.get('worker')}  attempt {d.get('attempt')}  "
+                                           f"{age:.0f}s  {name}")
+    for host, rows in sorted(by_host.items()):
+        lines.append(f"running on {host}:")
+        lines.extend(rows)
+    failed = list(tm.task_pool.find({"status": "failed"}, {"errors": 1, "filter.qlib_ext.run_name": 1}))
+    if failed:
+        lines.append("failed:")
+    for d in failed:
+        last = (d.get("errors") or [{}])[-1].get("error", "").strip().splitlines()
+        name = d.get("filter", {}).get("qlib_ext", {}).get("run_name", "")
+        lines.append(f"    {d['_id']}  {name}  {len(d.get('errors') or [])} attempts  "
+                     f"last error: {last[-1] if last else '?'}")
+    return "\n".join(lines)

@@ -1,0 +1,265 @@
+"""Qlib's ``TaskManager`` with what a many-worker pool needs: bulk dedup, leases, bounded retries,
+fenced commits and a ``$group`` status count.
+
+Documents keep Qlib's shape (``def``/``filter``/``status``/``priority``/``res``) so Qlib's own
+``python -m qlib.workflow.task.manage -t POOL task_stat`` reads them; the extra fields are ours:
+``hash`` (unique: dedup), ``attempt``, ``worker``, ``host``, ``lease_until`` (store clock),
+``errors`` (one entry per failed attempt), ``result`` (the committed result as plain BSON).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import pickle
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import pymongo
+from bson.binary import Binary
+from pymongo.database import Database
+from pymongo.errors import BulkWriteError, PyMongoError
+from qlib.workflow.task.manage import TaskManager
+
+from qlib_ext import defaults
+from qlib_ext.errors import StoreError
+from qlib_ext.status import UNFINISHED, TaskStatus
+
+logger = logging.getLogger(__name__)
+
+POOLS_COLLECTION = "_qlib_ext_pools"
+"""Collection holding one metadata document per pool (qlib_init, experiment, MLflow URI)."""
+
+
+def task_hash(task: dict) -> str:
+    """Stable identity of a task definition: sha1 of its canonical JSON."""
+    blob = json.dumps(task, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
+def worker_id() -> str:
+    """``host:pid`` of the calling process, as stamped on the tasks it claims."""
+    import os
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker holds after claiming: enough to renew, fail or commit under fencing."""
+
+    task: dict
+    worker: str
+    attempt: int
+
+    @property
+    def id(self) -> Any:
+        return self.task["_id"]
+
+
+class GridTaskManager(TaskManager):
+    """A ``TaskManager`` for one pool, safe to use from any number of processes and hosts.
+
+    Every state change is one atomic single-document operation guarded by the expected state
+    (compare-and-set), so no locks are held and a lost race simply means "try the next task".
+    Lease arithmetic uses the store's clock (from ``hello.localTime``), not the worker's.
+    """
+
+    def __init__(self, task_pool: str, db: Database | None = None):
+        if db is None:
+            super().__init__(task_pool)
+        else:
+            from qlib import get_module_logger
+
+            self.task_pool = db[task_pool]
+            self.logger = get_module_logger(self.__class__.__name__)
+        self.pool_name = task_pool
+        self._clock_offset: dt.timedelta | None = None
+
+    # ------------------------------------------------------------------ clock
+    def now(self) -> dt.datetime:
+        """The store's current time (UTC, naive as BSON returns it), via a cached clock offset."""
+        local = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+        if self._clock_offset is None:
+            self.sync_clock()
+        return local + self._clock_offset
+
+    def sync_clock(self) -> None:
+        """Measure the offset between this host's clock and the store's."""
+        local = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+        try:
+            hello = self.task_pool.database.client.admin.command("hello")
+        except PyMongoError as e:
+            raise StoreError(f"cannot reach the task store: {e}") from e
+        remote = hello.get("localTime")
+        if remote is None:  # a store that does not report its time: trust ours
+            self._clock_offset = dt.timedelta(0)
+            return
+        self._clock_offset = remote.replace(tzinfo=None) - local
+
+    # ------------------------------------------------------------------ submit
+    def ensure_indexes(self) -> None:
+        """Indexes the queue relies on: unique task hash, and status/priority for claims and counts."""
+        self.task_pool.create_index("hash", unique=True, sparse=True)
+        self.task_pool.create_index([("status", pymongo.ASCENDING), ("priority", pymongo.DESCENDING)])
+
+    def create_tasks(self, tasks: list[dict], max_attempts: int = defaults.MAX_ATTEMPTS) -> tuple[int, int]:
+        """Insert the tasks not yet in the pool, in bulk. Returns ``(new, total)``.
+
+        Unlike ``TaskManager.create_task`` (one ``find_one`` on the whole filter per task), this looks
+        up all hashes with one indexed query and inserts with one ``insert_many``; a concurrent
+        submitter of the same task loses on the unique index and is counted as "already there".
+        """
+        self.ensure_indexes()
+        by_hash = {task_hash(t): t for t in tasks}
+        existing = {d["hash"] for d in self.task_pool.find({"hash": {"$in": list(by_hash)}}, {"hash": 1})}
+        docs = [self._new_doc(h, t, max_attempts) for h, t in by_hash.items() if h not in existing]
+        if not docs:
+            return 0, len(tasks)
+        try:
+            inserted = len(self.task_pool.insert_many(docs, ordered=False).inserted_ids)
+        except BulkWriteError as e:
+            dup = [w for w in e.details.get("writeErrors", []) if w.get("code") == 11000]
+            if len(dup) != len(e.details.get("writeErrors", [])):
+                raise
+            inserted = e.details.get("nInserted", 0)
+        return inserted, len(tasks)
+
+    def _new_doc(self, h: str, task: dict, max_attempts: int) -> dict:
+        doc = {"def": task, "filter": task, "status": TaskStatus.WAITING.value, "priority": 0, "hash": h,
+               "attempt": 0, "max_attempts": max_attempts, "errors": [], "created_at": self.now()}
+        return self._encode_task(doc)
+
+    # ------------------------------------------------------------------ claim / lease
+    def claim(self, lease_seconds: float = defaults.LEASE_SECONDS, worker: str | None = None,
+              query: dict | None = None) -> Claim | None:
+        """Atomically move the highest-priority waiting task to running under a lease.
+
+        Returns None when nothing is waiting. Qlib's ``fetch_task`` does the same find-and-update
+        without owner, attempt or lease.
+        """
+        worker = worker or worker_id()
+        now = self.now()
+        flt = {**(query or {}), "status": TaskStatus.WAITING.value}
+        update = {
+            "$set": {"status": TaskStatus.RUNNING.value, "worker": worker, "host": worker.rsplit(":", 1)[0],
+                     "started_at": now, "lease_until": now + dt.timedelta(seconds=lease_seconds)},
+            "$inc": {"attempt": 1},
+        }
+        doc = self.task_pool.find_one_and_update(
+            flt, update, sort=[("priority", pymongo.DESCENDING)], return_document=pymongo.ReturnDocument.AFTER
+        )
+        if doc is None:
+            return None
+        return Claim(task=self._decode_task(doc), worker=worker, attempt=doc["attempt"])
+
+    def _held(self, claim: Claim) -> dict:
+        """The fencing filter: the task is still ours only if worker and attempt still match."""
+        return {"_id": claim.id, "status": TaskStatus.RUNNING.value, "worker": claim.worker,
+                "attempt": claim.attempt}
+
+    def renew(self, claim: Claim, lease_seconds: float = defaults.LEASE_SECONDS) -> bool:
+        """Extend the lease; False means the lease was lost (reclaimed, cancelled or reset)."""
+        until = self.now() + dt.timedelta(seconds=lease_seconds)
+        return self.task_pool.update_one(self._held(claim), {"$set": {"lease_until": until}}).matched_count == 1
+
+    def commit(self, claim: Claim, result: dict, status: str = TaskStatus.DONE.value) -> bool:
+        """Store the result if the lease is still held. False: someone else owns the task now."""
+        update = {"$set": {"status": status, "res": Binary(pickle.dumps(result)), "result": result,
+                           "finished_at": self.now()},
+                  "$unset": {"lease_until": ""}}
+        ok = self.task_pool.update_one(self._held(claim), update).matched_count == 1
+        if not ok:
+            logger.warning("pool %s: %s lost the lease on task %s (attempt %s); result discarded",
+                           self.pool_name, claim.worker, claim.id, claim.attempt)
+        return ok
+
+    def fail(self, claim: Claim, error: str, count_attempt: bool = True, guard: dict | None = None) -> str | None:
+        """Record a failed attempt: back to waiting while attempts remain, else ``failed``.
+
+        ``count_attempt=False`` hands the task back without using up an attempt (graceful stop);
+        ``guard`` adds conditions to the compare-and-set (the recovery sweep requires an expired lease).
+        Returns the new status, or None if the lease was already lost.
+        """
+        doc = self.task_pool.find_one({"_id": claim.id}, {"max_attempts": 1})
+        max_attempts = (doc or {}).get("max_attempts", defaults.MAX_ATTEMPTS)
+        exhausted = count_attempt and claim.attempt >= max_attempts
+        status = TaskStatus.FAILED.value if exhausted else TaskStatus.WAITING.value
+        entry = {"attempt": claim.attempt, "worker": claim.worker, "time": self.now(), "error": error}
+        update: dict = {"$set": {"status": status}, "$unset": {"lease_until": ""}}
+        if count_attempt:
+            update["$push"] = {"errors": entry}
+        else:
+            update["$inc"] = {"attempt": -1}
+        ok = self.task_pool.update_one({**self._held(claim), **(guard or {})}, update).matched_count == 1
+        return status if ok else None
+
+    def recover_expired(self) -> int:
+        """Return running tasks whose lease expired to waiting (or ``failed`` when out of attempts).
+
+        Safe to run from every worker at once: each update is guarded by the exact worker and
+        attempt it saw, so a task is recovered once and a renewed lease is left alone.
+        """
+        now = self.now()
+        n = 0
+        stale = self.task_pool.find({"status": TaskStatus.RUNNING.value, "lease_until": {"$lt": now}},
+                                    {"worker": 1, "attempt": 1, "max_attempts": 1})
+        for doc in list(stale):
+            claim = Claim(task={"_id": doc["_id"]}, worker=doc.get("worker"), attempt=doc.get("attempt", 0))
+            status = self.fail(claim, f"lease expired: worker {claim.worker} stopped renewing it",
+                               guard={"lease_until": {"$lt": now}})
+            if status is not None:
+                n += 1
+                logger.warning("pool %s: reclaimed task %s from %s -> %s", self.pool_name, doc["_id"],
+                               claim.worker, status)
+        return n
+
+    # ------------------------------------------------------------------ stats
+    def counts(self, query: dict | None = None) -> dict[str, int]:
+        """Tasks per status in one ``$group`` aggregation (Qlib's ``task_stat`` unpickles every task)."""
+        pipeline = [{"$match": query or {}}, {"$group": {"_id": "$status", "n": {"$sum": 1}}}]
+        return {d["_id"]: d["n"] for d in self.task_pool.aggregate(pipeline)}
+
+    def unfinished(self) -> int:
+        """Tasks still waiting, running or part-done."""
+        return self.task_pool.count_documents({"status": {"$in": list(UNFINISHED)}})
+
+    def results(self) -> list[dict]:
+        """Committed results of done tasks, with their task meta, without unpickling anything."""
+        cur = self.task_pool.find({"status": TaskStatus.DONE.value},
+                                  {"result": 1, "filter.qlib_ext": 1, "attempt": 1, "worker": 1})
+        return [{"_id": d["_id"], "meta": d.get("filter", {}).get("qlib_ext", {}), "attempt": d.get("attempt"),
+                 "worker": d.get("worker"), **(d.get("result") or {})} for d in cur]
+
+
+# ---------------------------------------------------------------------- connection and pool metadata
+def open_db(mongo_url: str | None, db_name: str = defaults.TASK_DB_NAME) -> Database:
+    """Connect to the task database; ``None``/``"embedded"`` means the embedded store (started if needed)."""
+    from qlib_ext.store import resolve_mongo_url
+
+    url = resolve_mongo_url(mongo_url)
+    try:
+        client = pymongo.MongoClient(url, serverSelectionTimeoutMS=10_000, tz_aware=False)
+        client.admin.command("ping")
+    except PyMongoError as e:
+        raise StoreError(f"cannot reach the task store at {url}: {e}") from e
+    return client[db_name]
+
+
+
+def save_pool_meta(db: Database, pool: str, meta: dict) -> None:
+    """Record how to run a pool (qlib_init, experiment, MLflow URI...) so workers need only its name."""
+    db[POOLS_COLLECTION].update_one({"_id": pool}, {"$set": meta}, upsert=True)
+
+
+def load_pool_meta(db: Database, pool: str) -> dict:
+    """The metadata recorded by ``submit`` for ``pool``; StoreError if the pool was never submitted."""
+    meta = db[POOLS_COLLECTION].find_one({"_id": pool})
+    if meta is None:
+        known = sorted(d["_id"] for d in db[POOLS_COLLECTION].find({}, {"_id": 1}))
+        raise StoreError(f"no pool named {pool!r} in database {db.name!r}; known pools: "
+                         f"{', '.join(known) or '(none)'} — submit a workflow first")
+    return meta

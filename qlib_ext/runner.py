@@ -1,0 +1,109 @@
+"""Submit a workflow to its pool, and build worker settings from what the pool recorded."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from qlib_ext import defaults
+from qlib_ext.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_QLIB_INIT_OWNED = ("provider_uri", "region", "exp_manager", "mongo")
+"""qlib_init keys qlib-ext sets itself in each worker; the rest is passed through."""
+
+
+@dataclass
+class Submitted:
+    """Outcome of a submit: how many tasks were new, and where the pool and runs live."""
+
+    pool: str
+    new: int
+    total: int
+    mongo_url: str
+    mlflow_uri: str
+    experiment: str
+
+    def __str__(self) -> str:
+        return f"pool {self.pool}: {self.new} new of {self.total} tasks (experiment {self.experiment!r})"
+
+
+def resolve_provider(provider_uri: str | None, qlib_init: dict, source: str) -> str:
+    """The data directory: the override, else ``qlib_init.provider_uri``; it must exist."""
+    raw = provider_uri or qlib_init.get("provider_uri")
+    if not raw:
+        raise ConfigError(f"{source}: no data directory: set qlib_init.provider_uri or pass --provider-uri")
+    path = Path(str(raw)).expanduser().resolve()
+    if not (path / "calendars").is_dir():
+        raise ConfigError(f"{source}: provider_uri {str(path)!r} is not a Qlib data directory (no calendars/); "
+                          f"make one with `qlib-ext data synth --out {path}` or pass --provider-uri")
+    return str(path)
+
+
+def data_identity(provider_uri: str) -> dict:
+    """What must match between the submitter's data and a worker's: calendar range, instrument count."""
+    root = Path(provider_uri)
+    days = (root / "calendars" / "day.txt").read_text().split()
+    instruments = root / "instruments" / "all.txt"
+    n = sum(1 for line in instruments.read_text().splitlines() if line.strip()) if instruments.exists() else None
+    return {"calendar_start": days[0], "calendar_end": days[-1], "days": len(days), "instruments": n}
+
+
+def submit(path: str | Path, *, mongo_url: str | None = None, mlflow_uri: str | None = None,
+           provider_uri: str | None = None, db_name: str = defaults.TASK_DB_NAME) -> Submitted:
+    """Expand a workflow and insert its new tasks into its pool (``qlib-ext submit``)."""
+    from qlib_ext.config import load_workflow
+    from qlib_ext.gen import expand
+    from qlib_ext.queue import GridTaskManager, open_db, save_pool_meta
+    from qlib_ext.store import resolve_mongo_url
+    from qlib_ext.tracking import ensure_experiment
+
+    wf = load_workflow(path)
+    qlib_init = dict(wf.config.get("qlib_init") or {})
+    provider = resolve_provider(provider_uri, qlib_init, str(path))
+    tasks = expand(wf, provider_uri=provider)
+    mlflow_uri = mlflow_uri or defaults.default_mlflow_uri()
+    ensure_experiment(mlflow_uri, wf.experiment_name)
+    url = resolve_mongo_url(mongo_url)
+    db = open_db(url, db_name)
+    save_pool_meta(db, wf.pool, {
+        "workflow": str(Path(path).resolve()), "provider_uri": provider, "region": qlib_init.get("region", "cn"),
+        "qlib_init": {k: v for k, v in qlib_init.items() if k not in _QLIB_INIT_OWNED},
+        "mlflow_uri": mlflow_uri, "experiment": wf.experiment_name, "workers": asdict(wf.workers),
+        "data": data_identity(provider), "submitted_at": dt.datetime.now(dt.timezone.utc),
+    })
+    new, total = GridTaskManager(wf.pool, db).create_tasks(tasks, max_attempts=wf.workers.max_attempts)
+    return Submitted(wf.pool, new, total, url, mlflow_uri, wf.experiment_name)
+
+
+def worker_settings(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = None,
+                    provider_uri: str | None = None, workers: int = 1, threads: int | None = None,
+                    db_name: str = defaults.TASK_DB_NAME, **overrides) -> object:
+    """Worker settings from the pool's recorded metadata; explicit arguments win.
+
+    ``overrides`` are ``WorkerSettings`` fields (lease_seconds, grace_seconds, exit_when_idle...);
+    None values are ignored so CLI flags left unset fall back to the workflow's ``workers:``.
+    """
+    from qlib_ext.queue import load_pool_meta, open_db
+    from qlib_ext.store import resolve_mongo_url
+    from qlib_ext.worker import WorkerSettings, auto_threads
+
+    url = resolve_mongo_url(mongo_url)
+    meta = load_pool_meta(open_db(url, db_name), pool)
+    provider = resolve_provider(provider_uri or meta["provider_uri"], {}, f"pool {pool}")
+    spec = meta.get("workers", {})
+    wanted = threads if threads is not None else spec.get("threads_per_worker", "auto")
+    fields = {
+        "lease_seconds": spec.get("lease_seconds", defaults.LEASE_SECONDS),
+        "heartbeat_seconds": spec.get("heartbeat_seconds", defaults.HEARTBEAT_SECONDS),
+        "grace_seconds": spec.get("grace_seconds", defaults.GRACE_SECONDS),
+    }
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return WorkerSettings(
+        pool=pool, mongo_url=url, mlflow_uri=mlflow_uri or meta["mlflow_uri"], provider_uri=provider,
+        region=meta.get("region", "cn"), db_name=db_name, qlib_kwargs=meta.get("qlib_init", {}),
+        threads=auto_threads(workers) if wanted in (None, "auto") else int(wanted), **fields,
+    )

@@ -1,0 +1,155 @@
+"""What one grid task does: train, record, backtest, inside one MLflow run of Qlib's recorder.
+
+It mirrors Qlib's ``qlib.model.trainer.task_train`` (model and dataset from the task dict, records
+with ``<MODEL>``/``<DATASET>`` placeholders) and adds what a grid needs: the grid coordinates as
+MLflow params, stage timings and peak memory as metrics, qlib-ext tags, and a result made of plain
+data — never a Recorder object, which Qlib's newer restricted unpickler refuses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import resource
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+KEY_METRICS = (
+    "IC", "ICIR", "Rank IC", "Rank ICIR",
+    "1day.excess_return_with_cost.annualized_return", "1day.excess_return_with_cost.information_ratio",
+    "1day.excess_return_with_cost.max_drawdown", "1day.excess_return_without_cost.annualized_return",
+    "1day.excess_return_without_cost.information_ratio", "1day.excess_return_without_cost.max_drawdown",
+)
+"""Qlib's own metrics (SigAnaRecord, PortAnaRecord) copied into the committed result."""
+
+
+@contextlib.contextmanager
+def _stage(timings: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss is KiB on Linux: the peak of this worker process so far.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def mlflow_params(task: dict) -> dict[str, Any]:
+    """Params that make runs comparable in the MLflow UI: grid coordinates under dotted names,
+    model short name and class, strategy settings and the rolling window."""
+    meta = task.get("qlib_ext", {})
+    params: dict[str, Any] = dict(meta.get("coords", {}))
+    params["model"] = meta.get("model") or task["model"].get("class")
+    params["model.class"] = task["model"].get("class")
+    for key, value in (meta.get("strategy") or {}).items():
+        params[f"strategy.{key}"] = value
+    window = meta.get("window") or {}
+    for seg in ("train", "valid", "test"):
+        if seg in window:
+            params[f"window.{seg}_start"], params[f"window.{seg}_end"] = window[seg]
+    if "index" in window:
+        params["window.index"] = window["index"]
+    return params
+
+
+def mlflow_tags(task: dict, task_id: str, worker: str, attempt: int) -> dict[str, str]:
+    """Tags that let a run be traced back to its pool, task, grid and worker."""
+    meta = task.get("qlib_ext", {})
+    return {
+        "qlib_ext.pool": str(meta.get("pool", "")),
+        "qlib_ext.task_id": str(task_id),
+        "qlib_ext.grid_hash": str(meta.get("grid_hash", "")),
+        "qlib_ext.config_id": str(meta.get("config_id", "")),
+        "qlib_ext.worker": worker,
+        "qlib_ext.host": worker.rsplit(":", 1)[0] if ":" in worker else socket.gethostname(),
+        "qlib_ext.attempt": str(attempt),
+        "hostname": socket.gethostname(),
+    }
+
+
+def _plain(value: Any) -> Any:
+    """A float BSON and JSON can hold (numpy scalars are neither)."""
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def run_grid_task(task: dict, *, task_id: str = "", worker: str = "", attempt: int = 1) -> dict:
+    """Train and evaluate one task dict in its own MLflow run; return the plain-data result.
+
+    Must run in a process where ``qlib.init`` set the provider and the MLflow experiment manager.
+    A raising task ends its run FAILED (Qlib's ``R.start`` does that), an interrupted one KILLED.
+    """
+    from qlib.workflow import R
+
+    meta = task.get("qlib_ext", {})
+    experiment = meta.get("experiment") or "workflow"
+    timings: dict[str, float] = {}
+    with _killed_on_interrupt(), R.start(experiment_name=experiment, recorder_name=meta.get("run_name")):
+        recorder = R.get_recorder()
+        R.set_tags(**mlflow_tags(task, task_id, worker, attempt))
+        R.log_params(**mlflow_params(task))
+        R.save_objects(task=task)
+        _train_and_record(task, recorder, timings)
+        metrics = {k: _plain(v) for k, v in recorder.list_metrics().items()}
+        extra = {f"time.{k}_s": round(v, 4) for k, v in timings.items()}
+        extra["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+        R.log_metrics(**extra)
+    return {
+        "run_id": recorder.id,
+        "experiment": experiment,
+        "experiment_id": recorder.experiment_id,
+        "tracking_uri": recorder.uri,
+        "metrics": {k: metrics[k] for k in KEY_METRICS if k in metrics},
+        "timings": extra,
+        "worker": worker,
+        "attempt": attempt,
+    }
+
+
+def _train_and_record(task: dict, recorder: Any, timings: dict[str, float]) -> None:
+    """Qlib's ``_exe_task`` with each stage timed: data, fit, signal records, backtest."""
+    from qlib.data.dataset import Dataset
+    from qlib.model.base import Model
+    from qlib.utils import auto_filter_kwargs, fill_placeholder, init_instance_by_config
+    from qlib.workflow import R
+    from qlib.workflow.record_temp import PortAnaRecord
+
+    with _stage(timings, "data"):
+        dataset = init_instance_by_config(task["dataset"], accept_types=Dataset)
+    model = init_instance_by_config(task["model"], accept_types=Model)
+    with _stage(timings, "fit"):
+        auto_filter_kwargs(model.fit)(dataset, reweighter=task.get("reweighter"))
+    R.save_objects(**{"params.pkl": model})
+    filled = fill_placeholder(copy.deepcopy({k: v for k, v in task.items() if k != "qlib_ext"}),
+                              {"<MODEL>": model, "<DATASET>": dataset})
+    records = filled.get("record", [])
+    for record in [records] if isinstance(records, dict) else records:
+        rec = init_instance_by_config(record, recorder=recorder, default_module="qlib.workflow.record_temp",
+                                      try_kwargs={"model": model, "dataset": dataset})
+        with _stage(timings, "backtest" if isinstance(rec, PortAnaRecord) else "signal"):
+            rec.generate()
+
+
+@contextlib.contextmanager
+def _killed_on_interrupt() -> Iterator[None]:
+    """Qlib's ``R.start`` ends a run FAILED on ``Exception`` but leaves it RUNNING on
+    KeyboardInterrupt/SystemExit; mark such a run KILLED so MLflow never shows a ghost run."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        from qlib.workflow import R
+
+        with contextlib.suppress(Exception):
+            recorder = R.get_recorder()
+            R.end_exp("FAILED")
+            recorder.client.set_terminated(recorder.id, status="KILLED")
+        raise
