@@ -99,10 +99,12 @@ def run_grid_task(task: dict, *, task_id: str = "", worker: str = "", attempt: i
         R.log_params(**mlflow_params(task))
         R.save_objects(task=task)
         _train_and_record(task, recorder, timings)
-        metrics = {k: _plain(v) for k, v in recorder.list_metrics().items()}
         extra = {f"time.{k}_s": round(v, 4) for k, v in timings.items()}
         extra["peak_rss_mb"] = round(_peak_rss_mb(), 1)
         R.log_metrics(**extra)
+    # Qlib logs some metrics asynchronously; they are all in MLflow once the run has ended.
+    logged = recorder.client.get_run(recorder.id).data.metrics
+    metrics = {k: _plain(v) for k, v in logged.items()}
     return {
         "run_id": recorder.id,
         "experiment": experiment,
