@@ -257,3 +257,32 @@ def leaderboard_cmd(pool: str, mongo_url: str, mlflow_uri: str | None, metric: s
 
     rows = leaderboard(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric, top=top)
     click.echo(json.dumps(rows, indent=2, default=str) if as_json else format_table(rows, metric))
+
+
+# --------------------------------------------------------------------------- demo
+@main.command("demo")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where data, store and MLflow DB live (default: $QLIB_EXT_HOME, else ~/.qlib-ext).")
+@click.option("-n", "--workers", default=None, type=int, help="Worker processes (default: number of cores).")
+@click.pass_context
+def demo_cmd(ctx: click.Context, workdir: Path | None, workers: int | None) -> None:
+    """Make synthetic data if needed, then run workflows/quickstart.yaml on the defaults
+    (embedded task store, sqlite MLflow) and print the leaderboard."""
+    import os
+
+    from qlib_ext import defaults
+
+    if workdir is not None:
+        os.environ[defaults.HOME_ENV] = str(workdir.resolve())
+    data_dir = defaults.synth_data_dir()
+    if not (data_dir / "calendars" / "day.txt").exists():
+        from qlib_ext.data.synth import write_synthetic
+
+        click.echo(f"writing synthetic data to {data_dir} ...")
+        click.echo(write_synthetic(data_dir, instruments=300, days=1500, start="2015-01-05", seed=0, market="csi300"))
+    quickstart = Path(__file__).resolve().parent.parent / "workflows" / "quickstart.yaml"
+    if not quickstart.exists():
+        raise click.ClickException(f"{quickstart} not found: run the demo from a source checkout (pip install -e .)")
+    ctx.invoke(run_cmd, file=quickstart, mongo_url="embedded", mlflow_uri=None, provider_uri=str(data_dir),
+               metric="IC", workers=workers, threads=None, lease_seconds=None, grace_seconds=None,
+               exit_when_idle=None)
