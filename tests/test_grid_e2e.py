@@ -1,0 +1,97 @@
+"""End to end with real parts: the embedded store over a socket, worker processes running real Qlib
+(Alpha158, LightGBM, backtest), a sqlite MLflow, the CLI as users type it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import mlflow
+import pymongo
+import pytest
+from grid_yaml import write_workflow
+
+pytestmark = pytest.mark.slow
+
+GRID = """
+grid:
+    pool: e2e
+    params:
+        task.model.kwargs.learning_rate: [0.05, 0.2]
+        task.model.kwargs.num_leaves: [8, 32]
+"""
+
+
+def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "qlib_ext", *args], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"qlib-ext {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path):
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_grid_runs_on_two_workers_into_mlflow_and_ranks(tmp_path, synth_provider, mongo_url, mlflow_uri):
+    wf = write_workflow(tmp_path / "e2e.yaml", synth_provider, GRID)
+    common = ["--mongo-url", mongo_url, "--mlflow-uri", mlflow_uri]
+    out = cli("run", str(wf), "-n", "2", *common).stdout
+    assert "4 new of 4" in out
+    assert "mlflow ui --backend-store-uri " + mlflow_uri in out
+
+    db = pymongo.MongoClient(mongo_url)["qlib_ext"]
+    docs = list(db["e2e"].find({}))
+    assert [d["status"] for d in docs] == ["done"] * 4
+    assert len({d["worker"] for d in docs}) == 2, "both worker processes should have taken tasks"
+
+    client = mlflow.MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 4
+    committed = {d["result"]["run_id"] for d in docs}
+    assert {r.info.run_id for r in runs} == committed
+    for run in runs:
+        p, m, t = run.data.params, run.data.metrics, run.data.tags
+        assert p["task.model.kwargs.learning_rate"] in ("0.05", "0.2")
+        assert p["task.model.kwargs.num_leaves"] in ("8", "32")
+        assert p["model"] == "lgb"
+        for key in ("IC", "ICIR", "Rank IC", "1day.excess_return_with_cost.annualized_return",
+                    "1day.excess_return_without_cost.max_drawdown", "time.data_s", "time.fit_s",
+                    "time.backtest_s", "peak_rss_mb"):
+            assert key in m, key
+        assert t["qlib_ext.pool"] == "e2e" and t["qlib_ext.grid_hash"] and t["qlib_ext.worker"]
+        assert t["qlib_ext.task_id"] in {str(d["_id"]) for d in docs}
+        assert "lr=" in run.info.run_name
+
+    rows = json.loads(cli("leaderboard", "e2e", "--json", "--metric", "ICIR", *common).stdout)
+    assert len(rows) == 4
+    icir = [r["metrics"]["ICIR"] for r in rows]
+    assert icir == sorted(icir, reverse=True)
+    assert {r["run_id"] for r in rows} == committed
+
+    assert "0 new of 4" in cli("submit", str(wf), *common).stdout
+    status = cli("status", "e2e", "--mongo-url", mongo_url).stdout
+    assert "done 4" in status
+
+
+def test_plain_qrun_yaml_runs_as_one_task(tmp_path, synth_provider, mongo_url, mlflow_uri):
+    wf = write_workflow(tmp_path / "plain.yaml", synth_provider)
+    out = cli("run", str(wf), "-n", "1", "--mongo-url", mongo_url, "--mlflow-uri", mlflow_uri).stdout
+    assert "1 new of 1" in out
+    doc = pymongo.MongoClient(mongo_url)["qlib_ext"]["plain"].find_one({})
+    assert doc["status"] == "done"
+    run = mlflow.MlflowClient(mlflow_uri).get_run(doc["result"]["run_id"])
+    assert run.info.status == "FINISHED" and "IC" in run.data.metrics
+
+
+def test_worker_started_separately_joins_an_existing_pool(tmp_path, synth_provider, mongo_url, mlflow_uri):
+    wf = write_workflow(tmp_path / "joined.yaml", synth_provider,
+                        "\ngrid:\n    params:\n        task.model.kwargs.num_leaves: [8, 16]\n")
+    common = ["--mongo-url", mongo_url, "--mlflow-uri", mlflow_uri]
+    assert "2 new of 2" in cli("submit", str(wf), *common).stdout
+    # Only the pool name and the store URL: the pool recorded provider, region and experiment.
+    cli("worker", "--pool", "joined", "-n", "1", "--mongo-url", mongo_url)
+    docs = list(pymongo.MongoClient(mongo_url)["qlib_ext"]["joined"].find({}))
+    assert [d["status"] for d in docs] == ["done", "done"]
