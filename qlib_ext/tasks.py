@@ -82,11 +82,13 @@ def _plain(value: Any) -> Any:
     return None if math.isnan(value) else value
 
 
-def run_grid_task(task: dict, *, task_id: str = "", worker: str = "", attempt: int = 1) -> dict:
+def run_grid_task(task: dict, *, task_id: str = "", worker: str = "", attempt: int = 1,
+                  cache_dir: str | None = None) -> dict:
     """Train and evaluate one task dict in its own MLflow run; return the plain-data result.
 
     Must run in a process where ``qlib.init`` set the provider and the MLflow experiment manager.
     A raising task ends its run FAILED (Qlib's ``R.start`` does that), an interrupted one KILLED.
+    ``cache_dir`` shares prepared datasets between tasks and workers (None: build every time).
     """
     from qlib.workflow import R
 
@@ -98,7 +100,7 @@ def run_grid_task(task: dict, *, task_id: str = "", worker: str = "", attempt: i
         R.set_tags(**mlflow_tags(task, task_id, worker, attempt))
         R.log_params(**mlflow_params(task))
         R.save_objects(task=task)
-        _train_and_record(task, recorder, timings)
+        _train_and_record(task, recorder, timings, cache_dir)
         extra = {f"time.{k}_s": round(v, 4) for k, v in timings.items()}
         extra["peak_rss_mb"] = round(_peak_rss_mb(), 1)
         R.log_metrics(**extra)
@@ -117,16 +119,15 @@ def run_grid_task(task: dict, *, task_id: str = "", worker: str = "", attempt: i
     }
 
 
-def _train_and_record(task: dict, recorder: Any, timings: dict[str, float]) -> None:
+def _train_and_record(task: dict, recorder: Any, timings: dict[str, float], cache_dir: str | None) -> None:
     """Qlib's ``_exe_task`` with each stage timed: data, fit, signal records, backtest."""
-    from qlib.data.dataset import Dataset
     from qlib.model.base import Model
     from qlib.utils import auto_filter_kwargs, fill_placeholder, init_instance_by_config
     from qlib.workflow import R
     from qlib.workflow.record_temp import PortAnaRecord
 
     with _stage(timings, "data"):
-        dataset = init_instance_by_config(task["dataset"], accept_types=Dataset)
+        dataset = _dataset(task["dataset"], cache_dir)
     model = init_instance_by_config(task["model"], accept_types=Model)
     with _stage(timings, "fit"):
         auto_filter_kwargs(model.fit)(dataset, reweighter=task.get("reweighter"))
@@ -139,6 +140,17 @@ def _train_and_record(task: dict, recorder: Any, timings: dict[str, float]) -> N
                                       try_kwargs={"model": model, "dataset": dataset})
         with _stage(timings, "backtest" if isinstance(rec, PortAnaRecord) else "signal"):
             rec.generate()
+
+
+def _dataset(config: dict, cache_dir: str | None) -> Any:
+    from qlib.data.dataset import Dataset
+    from qlib.utils import init_instance_by_config
+
+    if cache_dir is None:
+        return init_instance_by_config(config, accept_types=Dataset)
+    from qlib_ext.cache import prepared_dataset
+
+    return prepared_dataset(config, cache_dir)
 
 
 @contextlib.contextmanager

@@ -42,6 +42,7 @@ class WorkerSettings:
     grace_seconds: float = defaults.GRACE_SECONDS  # time a running task gets after SIGTERM, s
     threads: int = 1  # threads per worker for LightGBM / OpenMP / BLAS
     exit_when_idle: bool = False  # exit as soon as nothing is waiting (else: when nothing is unfinished)
+    cache_dir: str | None = None  # shared prepared-dataset cache directory (None: no cache)
     log_level: int = logging.WARNING  # level of the worker's log output
     qlib_kwargs: dict = field(default_factory=dict)  # further qlib.init arguments from the workflow
 
@@ -163,7 +164,8 @@ class Worker:
         self.stop.task_running = True
         try:
             with HeartbeatThread(self.tm, claim, self.s.lease_seconds, self.s.heartbeat_seconds):
-                result = run_grid_task(task, task_id=str(claim.id), worker=claim.worker, attempt=claim.attempt)
+                result = run_grid_task(task, task_id=str(claim.id), worker=claim.worker, attempt=claim.attempt,
+                                       cache_dir=self.s.cache_dir)
         except KeyboardInterrupt:
             logger.warning("worker %s: task %s interrupted; handing it back", claim.worker, claim.id)
             self._retry_store(lambda: self.tm.fail(claim, "worker stopped", count_attempt=False))
