@@ -62,3 +62,22 @@ def default_mlflow_uri() -> str:
 def synth_data_dir() -> Path:
     """Where ``qlib-ext demo`` keeps its synthetic Qlib dataset."""
     return home() / "data" / "synth"
+
+
+# --------------------------------------------------------------------------- workers
+TASK_TIMEOUT_SECONDS: float | None = None
+"""Default wall-clock limit of one task, seconds; None = no limit (``workers.task_timeout``)."""
+
+THREADS_PER_WORKER: str | int = "auto"
+"""Default threads per worker process: 'auto' = cores // workers, at least 1 (``workers.threads_per_worker``)."""
+
+
+# --- store
+STORE_COMPACT_BYTES = 64 * 1024 * 1024
+"""Journal size that triggers compaction into a snapshot (also needs 2x the snapshot size), bytes."""
+
+STORE_START_SECONDS = 30.0
+"""How long :func:`qlib_ext.store.resolve_mongo_url` waits for a background store to answer, seconds."""
+
+STORE_IDLE_EXIT_SECONDS = 1800.0
+"""A store started in the background exits after this long without any client connection, seconds."""

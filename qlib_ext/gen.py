@@ -1,0 +1,389 @@
+"""Expand a workflow's grid into plain Qlib task dicts through Qlib's ``task_generator``.
+
+The axis generators (``ModelGen``, ``ParamGen``, ``StrategyGen``, ``RandomGen``) are ``TaskGen``
+subclasses that work on the *whole* qrun config, not on ``config['task']``: a YAML alias such as
+``*data_handler_config`` is one Python object shared by the root and the task, ``copy.deepcopy``
+keeps that sharing inside each copy, so setting ``data_handler_config.start_time`` on a copy of the
+root changes the handler inside that copy's task. After the axes, each root becomes its ``task``,
+and ``WindowGen`` (a subclass of Qlib's ``RollingGen``) turns each task into walk-forward windows.
+
+Every task carries its coordinates under ``task["qlib_ext"]`` (see ``expand``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import logging
+import math
+import random
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from qlib.workflow.task.gen import RollingGen, TaskGen, task_generator, trunc_segments
+from qlib.workflow.task.utils import TimeAdjuster
+
+from qlib_ext.config import Workflow, date_str, normalise_dates
+from qlib_ext.errors import ConfigError
+from qlib_ext.spec import Dist, GridSpec, ModelSpec, RollingSpec, Values, portana_configs, set_path
+
+logger = logging.getLogger(__name__)
+
+META = "qlib_ext"
+"""Key of the coordinates block added to every task dict."""
+
+STRATEGY_PREFIX = "port_analysis_config.strategy.kwargs."
+"""Coordinate name prefix of strategy keys (the same name a ``grid.params`` path would have)."""
+
+ABBREVIATIONS = {
+    "learning_rate": "lr", "num_leaves": "leaves", "max_depth": "depth", "num_boost_round": "rounds",
+    "colsample_bytree": "colsample", "lambda_l1": "l1", "lambda_l2": "l2", "min_data_in_leaf": "min_leaf",
+    "early_stopping_rounds": "es", "estimator": "est",
+}
+"""Short labels of common parameter names in run names; others use the last path part."""
+
+_BSON_SCALARS = (str, int, float, bool, type(None))
+
+
+def expand(wf: Workflow, provider_uri: str | None = None) -> list[dict]:
+    """Expand ``wf`` into Qlib task dicts, one per grid point (and rolling window).
+
+    Args:
+        wf: a loaded workflow.
+        provider_uri: Qlib data directory whose calendar the rolling windows use; default
+            ``qlib_init.provider_uri`` of the YAML. Only read when ``grid.rolling`` is set.
+
+    Returns:
+        Plain task dicts (``model``, ``dataset``, ``record``, ...) each with a ``qlib_ext`` block:
+        ``pool``, ``experiment``, ``grid_hash``, ``config_id``, ``coords``, ``model``, ``strategy``,
+        ``window``, ``run_name``. Every value is BSON-encodable.
+
+    Raises:
+        ConfigError: the calendar is missing or too short, or a value cannot be stored in MongoDB.
+    """
+    root = copy.deepcopy(wf.config)
+    root[META] = {"coords": {}, "model": None, "strategy": {}, "window": None}
+    tasks = [_to_task(r) for r in task_generator(root, axis_generators(wf.grid))]
+    if wf.grid.rolling is not None:
+        calendar = read_calendar(wf, provider_uri)
+        tasks = task_generator(tasks, WindowGen(wf.grid.rolling, calendar, wf.path))
+    grid_hash = _hash({"config": wf.config, "grid": asdict(wf.grid)}, 12)
+    labels = _labels({path for t in tasks for path in t[META]["coords"]})
+    for task in tasks:
+        _finish(task, wf, grid_hash, labels)
+    for task in tasks:
+        check_bson(task, wf.path, task[META]["run_name"])
+    return tasks
+
+
+def axis_generators(grid: GridSpec) -> list[TaskGen]:
+    """The ``TaskGen`` chain for ``grid`` (its product is the grid; random search is one generator)."""
+    if grid.search == "random":
+        return [RandomGen(grid)]
+    gens: list[TaskGen] = [ModelGen(grid.models)] if grid.models else []
+    return [*gens, ParamGen(grid.params), StrategyGen(grid.strategies)]
+
+
+class ParamGen(TaskGen):
+    """Cartesian product of dotted-path axes, each path set from the root of the qrun config."""
+
+    def __init__(self, axes: dict[str, list]):
+        self.axes = axes
+
+    def generate(self, task: dict) -> list[dict]:
+        """Return one deep copy of ``task`` (a root config) per combination of axis values."""
+        out = []
+        for combo in itertools.product(*self.axes.values()):
+            root = copy.deepcopy(task)
+            for path, value in zip(self.axes, combo, strict=True):
+                apply_param(root, path, value)
+            out.append(root)
+        return out
+
+
+class ModelGen(TaskGen):
+    """The ``grid.models`` axis: each alternative ``task.model`` block times its own axes."""
+
+    def __init__(self, models: dict[str, ModelSpec]):
+        self.models = models
+
+    def generate(self, task: dict) -> list[dict]:
+        """Return, per model, the product of that model's ``params`` over a copy with its block."""
+        out = []
+        for spec in self.models.values():
+            root = copy.deepcopy(task)
+            apply_model(root, spec)
+            out.extend(ParamGen(spec.params).generate(root))
+        return out
+
+
+class StrategyGen(TaskGen):
+    """The ``grid.strategies`` axis: keys set in every ``PortAnaRecord``'s strategy kwargs."""
+
+    def __init__(self, axes: dict[str, list]):
+        self.axes = axes
+
+    def generate(self, task: dict) -> list[dict]:
+        """Return one copy of ``task`` per combination of strategy values."""
+        out = []
+        for combo in itertools.product(*self.axes.values()):
+            root = copy.deepcopy(task)
+            for key, value in zip(self.axes, combo, strict=True):
+                apply_strategy(root, key, value)
+            out.append(root)
+        return out
+
+
+class RandomGen(TaskGen):
+    """Random search: ``n_trials`` distinct points drawn with ``random.Random(seed)``.
+
+    Each trial draws a model (uniformly, when there is a models axis), then every global axis,
+    that model's axes and every strategy axis, in YAML order; so the same YAML and seed give the
+    same tasks. Lists are a uniform choice; ``int`` bounds are inclusive; floats keep 6 digits.
+    """
+
+    def __init__(self, grid: GridSpec):
+        self.grid = grid
+
+    def generate(self, task: dict) -> list[dict]:
+        """Return up to ``n_trials`` copies of ``task``, one per distinct draw."""
+        rng, out, seen = random.Random(self.grid.seed), [], set()
+        for _ in range(self.grid.n_trials * 1000):
+            draw = self._draw(rng)
+            key = json.dumps(draw, sort_keys=True, default=str)
+            if key not in seen:
+                seen.add(key)
+                out.append(self._build(task, *draw))
+            if len(out) == self.grid.n_trials:
+                break
+        if len(out) < self.grid.n_trials:
+            logger.warning("gen: random search found only %d distinct points of %d", len(out), self.grid.n_trials)
+        return out
+
+    def _draw(self, rng: random.Random) -> tuple[str | None, dict, dict]:
+        name = rng.choice(list(self.grid.models)) if self.grid.models else None
+        axes = dict(self.grid.params, **(self.grid.models[name].params if name else {}))
+        params = {path: sample(rng, values) for path, values in axes.items()}
+        return name, params, {key: sample(rng, values) for key, values in self.grid.strategies.items()}
+
+    def _build(self, task: dict, name: str | None, params: dict, strategies: dict) -> dict:
+        root = copy.deepcopy(task)
+        if name is not None:
+            apply_model(root, self.grid.models[name])
+        for path, value in params.items():
+            apply_param(root, path, value)
+        for key, value in strategies.items():
+            apply_strategy(root, key, value)
+        return root
+
+
+def sample(rng: random.Random, values: Values) -> Any:
+    """Draw one value of an axis: a list element, or from an int/uniform/loguniform ``Dist``."""
+    if isinstance(values, list):
+        return values[rng.randrange(len(values))]
+    if values.dist == "int":
+        return rng.randint(int(values.low), int(values.high))
+    if values.dist == "uniform":
+        return float(f"{rng.uniform(values.low, values.high):.6g}")
+    return float(f"{math.exp(rng.uniform(math.log(values.low), math.log(values.high))):.6g}")
+
+
+def apply_param(root: dict, path: str, value: Any) -> None:
+    """Set ``path`` in a root config copy and record it as a coordinate."""
+    set_path(root, path, copy.deepcopy(value))
+    root[META]["coords"][path] = value
+    if path.startswith(STRATEGY_PREFIX):
+        root[META]["strategy"][path[len(STRATEGY_PREFIX):]] = value
+
+
+def apply_model(root: dict, spec: ModelSpec) -> None:
+    """Replace ``task.model`` of a root config copy by the block of ``spec``."""
+    root["task"]["model"] = copy.deepcopy(spec.block)
+    root[META]["model"] = spec.name
+
+
+def apply_strategy(root: dict, key: str, value: Any) -> None:
+    """Set ``key`` (dotted, inside ``strategy.kwargs``) in every ``PortAnaRecord`` of the task."""
+    for cfg in portana_configs(root["task"]):
+        set_path(cfg["strategy"].setdefault("kwargs", {}), key, copy.deepcopy(value))
+    root[META]["coords"][STRATEGY_PREFIX + key] = value
+    root[META]["strategy"][key] = value
+
+
+def _to_task(root: dict) -> dict:
+    task = root["task"]
+    task[META] = root[META]
+    return task
+
+
+class _Calendar(TimeAdjuster):
+    """Qlib's ``TimeAdjuster`` over a given calendar instead of Qlib's global ``D.calendar``."""
+
+    def __init__(self, calendar: list[pd.Timestamp]):  # noqa: D107 - no super(): it would call D
+        self._future = True
+        self.cals = calendar
+
+    def shift(self, seg: tuple, step: int, rtype: str = TimeAdjuster.SHIFT_SD) -> tuple:
+        """Qlib's shift, but a start shifted to exactly one past the calendar also ends the rolling.
+
+        Qlib raises ``KeyError`` (its end-of-rolling signal) only past ``len(cals)``; at
+        ``len(cals)`` it returns a None start, which ``gen_following_tasks`` then compares.
+        """
+        if rtype == self.SHIFT_SD and seg[0] is not None and self.align_idx(seg[0]) + step >= len(self.cals):
+            raise KeyError("The segment is out of valid calendar")
+        return super().shift(seg, step, rtype)
+
+
+class WindowGen(RollingGen):
+    """Qlib's ``RollingGen`` on a calendar read from the data directory, windows clipped to the test end.
+
+    ``RollingGen.__init__`` and ``generate`` read Qlib's global ``D.calendar``, which needs a
+    ``qlib.init`` that would replace the caller's Qlib settings (its mongo and MLflow config), so
+    this subclass sets the same attributes itself and computes the first window and the test end
+    from the given calendar; the following windows come from ``RollingGen.gen_following_tasks``.
+    Each window's test segment ends no later than the written test end; the handler's
+    ``end_time`` is extended to it, and every ``PortAnaRecord`` backtests exactly that window.
+    """
+
+    def __init__(self, spec: RollingSpec, calendar: list[pd.Timestamp], file: Path):  # noqa: D107
+        self.step, self.rtype, self.trunc_days = spec.step, spec.type, spec.trunc_days
+        self.ds_extra_mod_func = None  # the handler end_time is set after clipping, in _fit
+        self.ta = _Calendar(calendar)
+        self.test_key, self.train_key = "test", "train"
+        self.task_copy_func = copy.deepcopy
+        self.file = file
+
+    def generate(self, task: dict) -> list[dict]:
+        """Return the walk-forward windows of ``task``, numbered from 0 in ``qlib_ext.window``."""
+        first = self.task_copy_func(task)
+        segments = self._aligned(first["dataset"]["kwargs"]["segments"])
+        test_end = self._test_end(segments)
+        start = self.ta.align_idx(segments[self.test_key][0])
+        segments[self.test_key] = (self.ta.get(start), self.ta.get(start + self.step - 1))
+        if self.trunc_days is not None:
+            trunc_segments(self.ta, segments, self.trunc_days, self.test_key)
+        self._update_task_segs(first, segments)
+        windows = [first, *self.gen_following_tasks(first, test_end)]
+        for index, window in enumerate(windows):
+            self._fit(window, index, test_end)
+        return windows
+
+    def _aligned(self, segments: dict) -> dict:
+        try:
+            return copy.deepcopy(self.ta.align_seg(segments))
+        except IndexError as e:
+            raise ConfigError(f"segments {segments} lie after the calendar's last day "
+                              f"{self.ta.max():%Y-%m-%d} in task.dataset.kwargs.segments of {self.file}") from e
+
+    def _test_end(self, segments: dict) -> pd.Timestamp:
+        """The written test end, checked to leave one trading day before the calendar ends."""
+        cals, (start, end) = self.ta.cals, segments[self.test_key]
+        if len(cals) < 2 or end > cals[-2] or start > end:
+            latest = f"{cals[-2]:%Y-%m-%d}" if len(cals) > 1 else "(none)"
+            raise ConfigError(
+                f"test segment {start:%Y-%m-%d}..{end:%Y-%m-%d} does not end before the calendar's last day "
+                f"{cals[-1]:%Y-%m-%d} in task.dataset.kwargs.segments.test of {self.file}; a Qlib backtest "
+                f"must end at least one trading day before the calendar does: end the test on {latest} "
+                "or earlier, or use a data directory with a longer calendar (--provider-uri)")
+        return end
+
+    def _fit(self, task: dict, index: int, test_end: pd.Timestamp) -> None:
+        kwargs = task["dataset"]["kwargs"]
+        segs = kwargs["segments"]
+        start, end = segs[self.test_key]
+        segs[self.test_key] = (start, test_end if end is None or end > test_end else end)
+        segs = kwargs["segments"] = {k: [date_str(d) if d is not None else None for d in v] for k, v in segs.items()}
+        handler = kwargs.get("handler")
+        hkw = handler.get("kwargs") if isinstance(handler, dict) else None
+        if isinstance(hkw, dict) and hkw.get("end_time") is not None and str(hkw["end_time"]) < segs["test"][1]:
+            hkw["end_time"] = segs["test"][1]
+        for cfg in portana_configs(task):
+            if isinstance(cfg.get("backtest"), dict):
+                cfg["backtest"]["start_time"], cfg["backtest"]["end_time"] = segs["test"]
+        task[META]["window"] = {"index": index, "train": segs.get("train"), "valid": segs.get("valid"),
+                                "test": segs["test"]}
+
+
+def read_calendar(wf: Workflow, provider_uri: str | None = None) -> list[pd.Timestamp]:
+    """Read the daily calendar (``calendars/day.txt``) of the workflow's Qlib data directory.
+
+    Raises:
+        ConfigError: no local provider directory, or no calendar in it.
+    """
+    uri = provider_uri or (wf.config.get("qlib_init") or {}).get("provider_uri")
+    if not isinstance(uri, str) or "://" in uri:
+        raise ConfigError(f"grid.rolling needs a local Qlib data directory for its calendar, but "
+                          f"qlib_init.provider_uri of {wf.path} is {uri!r}; pass --provider-uri PATH")
+    path = Path(uri).expanduser() / "calendars" / "day.txt"
+    if not path.is_file():
+        raise ConfigError(f"grid.rolling of {wf.path} needs the Qlib calendar, but {path} does not exist; "
+                          "make the data (qlib-ext data synth) or pass --provider-uri PATH")
+    return list(pd.to_datetime([line.strip() for line in path.read_text().splitlines() if line.strip()]))
+
+
+def _finish(task: dict, wf: Workflow, grid_hash: str, labels: dict[str, str]) -> None:
+    """Fill the meta block in its final key order, then make the whole task BSON-friendly."""
+    meta = task.pop(META)
+    model = meta["model"] or model_short_name(task["model"])
+    coords = meta["coords"]
+    window = meta["window"]
+    parts = [model, *(f"{labels[p]}={_fmt(v)}" for p, v in coords.items())]
+    task[META] = {
+        "pool": wf.pool, "experiment": wf.experiment_name, "grid_hash": grid_hash,
+        "config_id": _hash({"model": model, "coords": coords}, 10),
+        "coords": coords, "model": model, "strategy": meta["strategy"], "window": window,
+        "run_name": " ".join(parts + ([f"w{window['index']}"] if window else [])),
+    }
+    normalise_dates(task)
+
+
+def model_short_name(block: dict) -> str:
+    """Short name of a model block: ``LGBModel`` -> ``lgb``, ``LinearModel`` -> ``linear``."""
+    name = str(block.get("class", "model")).rsplit(".", 1)[-1]
+    return name.replace("Model", "").lower() or "model"
+
+
+def _labels(paths: set[str]) -> dict[str, str]:
+    """Run-name label per coordinate: an abbreviation of the last part, two parts if that clashes."""
+    short = {p: ABBREVIATIONS.get(p.rsplit(".", 1)[-1], p.rsplit(".", 1)[-1]) for p in paths}
+    clashes = {s for s in short.values() if list(short.values()).count(s) > 1}
+    return {p: (".".join(p.split(".")[-2:]) if s in clashes else s) for p, s in short.items()}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), default=str)
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def _hash(obj: Any, length: int) -> str:
+    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha1(text.encode()).hexdigest()[:length]
+
+
+def check_bson(obj: Any, file: Path, run_name: str, where: str = "") -> None:
+    """Raise ``ConfigError`` at the first value MongoDB (BSON) cannot store.
+
+    Allowed: str, int (64-bit), float, bool, None, list, and dict with str keys.
+    """
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"task '{run_name}' of {file} has a non-string key {key!r} at {where or '<root>'}; "
+                                  "MongoDB keys must be strings")
+            check_bson(value, file, run_name, f"{where}.{key}" if where else key)
+    elif isinstance(obj, list):
+        for i, value in enumerate(obj):
+            check_bson(value, file, run_name, f"{where}.{i}")
+    elif not isinstance(obj, _BSON_SCALARS) or (isinstance(obj, int) and not -2**63 <= obj < 2**63):
+        raise ConfigError(f"task '{run_name}' of {file} holds {type(obj).__name__} {obj!r} at {where}, which "
+                          "MongoDB (BSON) cannot store; expected str, int, float, bool, None, list or dict")
+
+
+__all__ = ["expand", "axis_generators", "ParamGen", "ModelGen", "StrategyGen", "RandomGen", "WindowGen",
+           "read_calendar", "model_short_name", "check_bson", "sample", "Dist", "META"]
