@@ -153,6 +153,8 @@ def _worker_options(f):
                      help="Time a running task gets to finish after Ctrl-C/SIGTERM, s."),
         click.option("--exit-when-idle", is_flag=True, default=None,
                      help="Exit as soon as nothing is waiting (default: when nothing is unfinished)."),
+        click.option("--no-cache", is_flag=True, default=False,
+                     help="Build every dataset anew instead of sharing prepared ones (for measurement)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -160,7 +162,7 @@ def _worker_options(f):
 
 
 def _settings(pool, mongo_url, mlflow_uri, provider_uri, workers, threads, lease_seconds, grace_seconds,
-              exit_when_idle):
+              exit_when_idle, no_cache):
     import os
 
     from qlib_ext.runner import worker_settings
@@ -168,7 +170,7 @@ def _settings(pool, mongo_url, mlflow_uri, provider_uri, workers, threads, lease
     n = workers or os.cpu_count() or 1
     settings = worker_settings(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, provider_uri=provider_uri,
                                workers=n, threads=threads, lease_seconds=lease_seconds,
-                               grace_seconds=grace_seconds, exit_when_idle=exit_when_idle,
+                               grace_seconds=grace_seconds, exit_when_idle=exit_when_idle, cache=not no_cache,
                                log_level=logging.getLogger().getEffectiveLevel())
     return settings, n
 
@@ -285,4 +287,4 @@ def demo_cmd(ctx: click.Context, workdir: Path | None, workers: int | None) -> N
         raise click.ClickException(f"{quickstart} not found: run the demo from a source checkout (pip install -e .)")
     ctx.invoke(run_cmd, file=quickstart, mongo_url="embedded", mlflow_uri=None, provider_uri=str(data_dir),
                metric="IC", workers=workers, threads=None, lease_seconds=None, grace_seconds=None,
-               exit_when_idle=None)
+               exit_when_idle=None, no_cache=False)

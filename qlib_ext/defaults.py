@@ -59,6 +59,11 @@ def default_mlflow_uri() -> str:
     return f"sqlite:///{home() / 'mlflow.db'}"
 
 
+def cache_dir() -> Path:
+    """Shared prepared-dataset cache (put ``QLIB_EXT_HOME`` on a shared disk to share it across hosts)."""
+    return home() / "cache"
+
+
 def synth_data_dir() -> Path:
     """Where ``qlib-ext demo`` keeps its synthetic Qlib dataset."""
     return home() / "data" / "synth"
