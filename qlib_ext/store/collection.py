@@ -1,0 +1,268 @@
+"""One collection: documents in insertion order, their indexes, and the CRUD primitives.
+
+Query matching, update operators, projections and sort order are mongomock's; this module decides
+*which* documents mongomock looks at (through :mod:`qlib_ext.store.planner`) and keeps the indexes
+and the change log right. Not thread-safe: the engine calls it under its single lock.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import bson
+import mongomock
+from bson.objectid import ObjectId
+from bson.raw_bson import RawBSONDocument
+from mongomock import filtering
+
+from qlib_ext.store.indexes import FieldIndex
+from qlib_ext.store.planner import exact_count, plan
+from qlib_ext.store.uniques import UniqueIndex
+from qlib_ext.store.wire import CODEC
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FIELDS = ("status", "priority")
+"""Fields indexed in every collection: Qlib's claim filters on status and sorts on priority."""
+
+_SORTED_WALK_SHARE = 16
+"""Walk the sorted index (instead of sorting candidates) when candidates exceed 1/16 of docs."""
+
+# mongomock's update, projection and upsert helpers are Collection methods that touch no state.
+_HELPER = mongomock.MongoClient().get_database("_helper").get_collection("_helper")
+
+
+class WriteFailure(Exception):
+    """A write broke a rule (duplicate key, immutable ``_id``); becomes a writeError reply."""
+
+    def __init__(self, code: int, message: str, **details: Any):
+        super().__init__(message)
+        self.code = code
+        self.details = details
+
+
+def hid(value: Any) -> Any:
+    """Hashable storage id of an ``_id`` value (embedded documents by their BSON bytes)."""
+    if isinstance(value, dict):
+        return ("__doc__", bson.encode(value))
+    return value
+
+
+class Collection:
+    """Documents of one collection plus indexes. The engine lock guards every method."""
+
+    def __init__(self, name: str, db: str = "", log: Callable[[dict[str, Any]], None] | None = None):
+        self.name = name
+        self.db = db
+        self._log = log or (lambda op: None)
+        self.docs: dict[Any, dict[str, Any]] = {}
+        self.seq: dict[Any, int] = {}
+        self.next_seq = 0
+        self.fields: dict[str, FieldIndex] = {f: FieldIndex(f) for f in DEFAULT_FIELDS}
+        self.specs: dict[str, dict[str, Any]] = {}  # user index name -> createIndexes spec
+        self.uniques: dict[str, UniqueIndex] = {}
+
+    # ------------------------------------------------------------------ indexes
+    def create_index(self, spec: dict[str, Any]) -> None:
+        """Add a user index (validated by the caller); raises WriteFailure on duplicate data."""
+        for path in spec["key"]:
+            if path != "_id" and path not in self.fields:
+                index = self.fields[path] = FieldIndex(path)
+                for doc_id, doc in self.docs.items():
+                    index.add(doc_id, self.seq[doc_id], doc)
+        if spec.get("unique") and list(spec["key"]) != ["_id"]:
+            unique = UniqueIndex(spec)
+            for doc_id, doc in self.docs.items():
+                unique.check(doc_id, doc)
+                unique.add(doc_id, doc)
+            self.uniques[spec["name"]] = unique
+        self.specs[spec["name"]] = spec
+        self._log({"o": "idx", "db": self.db, "c": self.name, "spec": spec})
+
+    def drop_index(self, name: str) -> None:
+        """Remove a user index by name (the planner indexes of its fields are dropped too)."""
+        spec = self.specs.pop(name)
+        self._log({"o": "dropidx", "db": self.db, "c": self.name, "name": name})
+        self.uniques.pop(name, None)
+        still_used = set(DEFAULT_FIELDS) | {p for s in self.specs.values() for p in s["key"]}
+        for path in spec["key"]:
+            if path not in still_used:
+                self.fields.pop(path, None)
+
+    # ------------------------------------------------------------------ storage
+    def _store(self, doc: dict[str, Any], encoded: bytes | None = None) -> None:
+        doc_id = hid(doc["_id"])
+        for unique in self.uniques.values():
+            unique.check(doc_id, doc)
+        self.docs[doc_id] = doc
+        self.seq[doc_id] = self.next_seq
+        self.next_seq += 1
+        for index in self.fields.values():
+            index.add(doc_id, self.seq[doc_id], doc)
+        for unique in self.uniques.values():
+            unique.add(doc_id, doc)
+        self._put(encoded if encoded is not None else bson.encode(doc))
+
+    def _put(self, encoded: bytes) -> None:
+        self._log({"o": "put", "db": self.db, "c": self.name, "d": RawBSONDocument(encoded)})
+
+    def insert(self, doc: dict[str, Any]) -> None:
+        """Insert one document (``_id`` added when missing)."""
+        if "_id" not in doc:
+            doc = {"_id": ObjectId(), **doc}
+        encoded = bson.encode(doc)  # validates keys and types like a real server
+        if hid(doc["_id"]) in self.docs:
+            raise WriteFailure(11000, _dup_message(self.name, "_id_", {"_id": doc["_id"]}),
+                               keyPattern={"_id": 1}, keyValue={"_id": doc["_id"]})
+        self._store(doc, encoded)
+
+    def delete(self, doc: dict[str, Any]) -> None:
+        """Remove one stored document."""
+        doc_id = hid(doc["_id"])
+        for index in self.fields.values():
+            index.remove(doc_id, self.seq[doc_id])
+        for unique in self.uniques.values():
+            unique.remove(doc_id)
+        del self.docs[doc_id]
+        del self.seq[doc_id]
+        self._log({"o": "del", "db": self.db, "c": self.name, "id": doc["_id"]})
+
+    def delete_id(self, value: Any) -> None:
+        """Remove the document with ``_id`` ``value`` if present (journal replay)."""
+        doc = self.docs.get(hid(value))
+        if doc is not None:
+            self.delete(doc)
+
+    def put_replayed(self, doc: dict[str, Any]) -> None:
+        """Journal replay: insert or overwrite by ``_id`` without unique checks."""
+        old = self.docs.get(hid(doc["_id"]))
+        if old is not None:
+            self.delete(old)
+        self._store(doc)
+
+    # ------------------------------------------------------------------ queries
+    def find(self, flt: dict[str, Any], sort: list[tuple[str, int]] | None = None) -> Iterator[dict]:
+        """Matching documents (live objects: callers must not mutate them), lazily."""
+        candidates = plan(flt, self.docs, self.fields, hid)
+        if sort:
+            return self._sorted(flt, sort, candidates)
+        return self._natural(flt, candidates)
+
+    def count(self, flt: dict[str, Any], skip: int = 0, limit: int = 0) -> int:
+        """Number of matches after ``skip``, at most ``limit`` (0: no limit)."""
+        n = exact_count(flt, self.docs, self.fields)
+        if n is None:
+            found = itertools.islice(self.find(flt), skip + limit if limit else None)
+            n = sum(1 for _ in found)
+        n = max(0, n - skip)
+        return min(n, limit) if limit else n
+
+    def _natural(self, flt: dict[str, Any], candidates: set | None) -> Iterator[dict]:
+        if candidates is None:
+            order = list(self.docs)
+            if not order:
+                filtering.filter_applies(flt, {})  # still reject a bad filter
+        else:
+            order = sorted(candidates, key=self.seq.__getitem__)
+        for doc_id in order:
+            doc = self.docs.get(doc_id)
+            if doc is not None and filtering.filter_applies(flt, doc):
+                yield doc
+
+    def _sorted(self, flt: dict[str, Any], sort: list[tuple[str, int]], candidates: set | None
+                ) -> Iterator[dict]:
+        (path, direction), = sort if len(sort) == 1 else (("", 0),)
+        index = self.fields.get(path)
+        big = candidates is None or len(candidates) * _SORTED_WALK_SHARE > len(self.docs)
+        if index is not None and not index.complex and big:
+            return self._walk(flt, index, direction < 0, candidates)
+        docs = list(self._natural(flt, candidates))
+        for key, direction in reversed(sort):  # stable sorts, last key first: mongomock's way
+            if key.startswith("$"):
+                raise NotImplementedError(f"sorting by {key} is not supported")
+            docs.sort(key=lambda d, k=key: filtering.resolve_sort_key(k, d), reverse=direction < 0)
+        return iter(docs)
+
+    def _walk(self, flt: dict, index: FieldIndex, descending: bool, candidates: set | None
+              ) -> Iterator[dict]:
+        for doc_id in index.walk(descending):  # lazy: the engine drains it under its lock
+            if candidates is not None and doc_id not in candidates:
+                continue
+            doc = self.docs.get(doc_id)
+            if doc is not None and filtering.filter_applies(flt, doc):
+                yield doc
+
+    # ------------------------------------------------------------------ updates
+    def update_doc(self, doc: dict[str, Any], spec: dict, update: dict | list, upserting: bool = False
+                   ) -> bool:
+        """Apply ``update`` to stored ``doc`` in place; return whether it changed.
+
+        On any error the document is restored and nothing reaches the journal.
+        """
+        before = bson.encode(doc)
+        doc_id = hid(doc["_id"])
+        try:
+            apply_update(doc, spec, update, upserting)
+            if hid(doc.get("_id")) != doc_id:
+                raise WriteFailure(66, "Performing an update on the path '_id' would modify the "
+                                   "immutable field '_id'")
+            after = bson.encode(doc)
+            if after != before:
+                for unique in self.uniques.values():
+                    unique.check(doc_id, doc)
+        except BaseException:
+            doc.clear()
+            doc.update(bson.decode(before, CODEC))
+            raise
+        if after == before:
+            return False
+        self._reindex(doc_id, doc)
+        self._put(after)
+        return True
+
+    def _reindex(self, doc_id: Any, doc: dict[str, Any]) -> None:
+        seq = self.seq[doc_id]
+        for index in self.fields.values():
+            index.update(doc_id, seq, doc)
+        for unique in self.uniques.values():
+            unique.remove(doc_id)
+            unique.add(doc_id, doc)
+
+    def upsert_doc(self, spec: dict, update: dict | list) -> dict[str, Any]:
+        """Build and insert the document an upsert creates (mongomock's recipe)."""
+        if spec.get("_id") is not None and not isinstance(spec["_id"], dict):
+            _id = spec["_id"]
+        elif isinstance(update, dict) and update.get("_id") is not None:
+            _id = update["_id"]
+        else:
+            _id = ObjectId()
+        doc, _ = _HELPER._discard_operators(_HELPER._expand_dots(dict(spec, _id=_id)))
+        doc = dict(doc)
+        apply_update(doc, spec, update, True)
+        self.insert(doc)
+        return doc
+
+
+def apply_update(doc: dict[str, Any], spec: dict, update: dict | list, was_insert: bool) -> None:
+    """Apply an update document, a replacement or a pipeline to ``doc`` in place (mongomock)."""
+    if isinstance(update, list):
+        _HELPER._apply_update_pipeline(doc, update, None)
+    elif update and not any(k.startswith("$") for k in update):
+        _HELPER._apply_update_document(doc, {"_id": doc.get("_id")}, update, was_insert)
+    else:
+        _HELPER._apply_update_document(doc, spec, update, was_insert)
+
+
+def project(doc: dict[str, Any], projection: dict[str, Any] | None) -> dict[str, Any]:
+    """The document as the client should see it (no copy when there is no projection)."""
+    if not projection:
+        return doc
+    return _HELPER._copy_only_fields(doc, copy.deepcopy(projection), dict)
+
+
+def _dup_message(coll: str, index: str, key: dict[str, Any]) -> str:
+    return f"E11000 duplicate key error collection: {coll} index: {index} dup key: {key}"

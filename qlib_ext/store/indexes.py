@@ -1,0 +1,144 @@
+"""Index structures that keep queries on a large collection from scanning every document.
+
+A :class:`FieldIndex` maps one (possibly dotted) field to the ids of the documents holding each
+value, both hashed (equality, ``$in``) and sorted (ranges, sorted claims). Only plain scalars are
+indexed exactly; documents whose value is an array, an embedded document or an exotic type go to a
+``complex`` set that every lookup returns as well. Lookups therefore yield a *superset* of the
+matches, and mongomock's matcher has the last word on every candidate: the indexes can make a query
+fast, never wrong.
+
+Keys are ``(rank, value)`` tuples whose rank follows MongoDB's BSON comparison order, so ordinary
+tuple comparison sorts them the way MongoDB does, and ``1 == 1.0`` holds as in MongoDB.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime
+import math
+from collections.abc import Iterator
+from typing import Any
+
+from bson.int64 import Int64
+from bson.objectid import ObjectId
+
+COMPLEX = object()
+"""Marker key: the value cannot be placed in the index (array, sub-document, NaN, binary...)."""
+
+_INF = float("inf")
+RANK_NULL, RANK_NUMBER, RANK_STRING, RANK_OBJECTID, RANK_BOOL, RANK_DATE = 1, 2, 3, 7, 8, 9
+
+
+def scalar_key(value: Any) -> tuple | object:
+    """Index key of one value, or :data:`COMPLEX`."""
+    if value is None:
+        return (RANK_NULL, None)
+    if isinstance(value, bool):
+        return (RANK_BOOL, value)
+    if isinstance(value, int | Int64):
+        return (RANK_NUMBER, int(value))
+    if isinstance(value, float):
+        return COMPLEX if math.isnan(value) else (RANK_NUMBER, value)
+    if isinstance(value, str):
+        return (RANK_STRING, value)
+    if isinstance(value, ObjectId):
+        return (RANK_OBJECTID, value)
+    if isinstance(value, datetime.datetime):
+        # Stored datetimes are naive UTC; an aware one would not compare with them.
+        return COMPLEX if value.tzinfo is not None else (RANK_DATE, value)
+    return COMPLEX
+
+
+def doc_key(doc: dict[str, Any], path: str) -> tuple | object:
+    """Index key of ``doc`` at dotted ``path``; missing sorts and matches like null."""
+    value: Any = doc
+    for part in path.split("."):
+        if isinstance(value, dict):
+            if part not in value:
+                return (RANK_NULL, None)
+            value = value[part]
+        elif isinstance(value, list):
+            return COMPLEX  # a path through an array fans out: let the matcher decide
+        else:
+            return (RANK_NULL, None)
+    return scalar_key(value)
+
+
+class FieldIndex:
+    """Hash and sorted index of one field. Not thread-safe: the engine lock guards it."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.buckets: dict[tuple, set] = {}
+        self.sorted: list[tuple] = []  # (rank, value, seq, id), ascending
+        self.complex: set = set()
+        self.keys: dict[Any, tuple | object] = {}  # id -> key last indexed
+
+    def add(self, doc_id: Any, seq: int, doc: dict[str, Any]) -> None:
+        """Index ``doc`` (whose storage id and insertion sequence are given)."""
+        key = doc_key(doc, self.path)
+        self.keys[doc_id] = key
+        if key is COMPLEX:
+            self.complex.add(doc_id)
+            return
+        self.buckets.setdefault(key, set()).add(doc_id)
+        bisect.insort(self.sorted, (*key, seq, doc_id))
+
+    def remove(self, doc_id: Any, seq: int) -> None:
+        """Forget ``doc_id``; a no-op when it was never indexed."""
+        key = self.keys.pop(doc_id, None)
+        if key is None:
+            return
+        if key is COMPLEX:
+            self.complex.discard(doc_id)
+            return
+        bucket = self.buckets[key]
+        bucket.discard(doc_id)
+        if not bucket:
+            del self.buckets[key]
+        i = bisect.bisect_left(self.sorted, (*key, seq))
+        if i < len(self.sorted) and self.sorted[i][2] == seq:
+            del self.sorted[i]
+
+    def update(self, doc_id: Any, seq: int, doc: dict[str, Any]) -> None:
+        """Re-index a document changed in place (cheap when the key did not change)."""
+        if self.keys.get(doc_id) == doc_key(doc, self.path) and doc_id in self.keys:
+            return
+        self.remove(doc_id, seq)
+        self.add(doc_id, seq, doc)
+
+    def equal(self, keys: list[tuple]) -> set:
+        """Ids that may equal any of ``keys``."""
+        out = set(self.complex)
+        for key in keys:
+            out |= self.buckets.get(key, set())
+        return out
+
+    def between(self, rank: int, low: tuple | None, high: tuple | None) -> set:
+        """Ids that may lie in a range of one rank; ``low``/``high`` are ``(value, inclusive)``."""
+        lst = self.sorted
+        if low is None:
+            start = bisect.bisect_left(lst, (rank,))
+        else:
+            start = bisect.bisect_left(lst, (rank, low[0]) if low[1] else (rank, low[0], _INF))
+        if high is None:
+            stop = bisect.bisect_left(lst, (rank + 1,))
+        else:
+            stop = bisect.bisect_left(lst, (rank, high[0], _INF) if high[1] else (rank, high[0]))
+        return {entry[3] for entry in lst[start:stop]} | self.complex
+
+    def walk(self, descending: bool) -> Iterator[Any]:
+        """Ids in sort order; ties keep insertion order, as mongomock's stable sort does."""
+        lst = self.sorted
+        if not descending:
+            yield from (entry[3] for entry in lst)
+            return
+        end = len(lst)
+        while end > 0:
+            last = lst[end - 1]
+            start = bisect.bisect_left(lst, (last[0], last[1]), 0, end)
+            yield from (entry[3] for entry in lst[start:end])
+            end = start
+
+    def __len__(self) -> int:
+        return len(self.keys)
