@@ -124,6 +124,50 @@ def store_url(dir_: Path | None) -> None:
     click.echo(url)
 
 
+# --------------------------------------------------------------------------- grid
+@main.command("expand")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--provider-uri", default=None,
+              help="Qlib data directory whose calendar rolling windows use (default: qlib_init.provider_uri).")
+@click.option("--json", "as_json", is_flag=True, help="Print the expanded task dicts as a JSON list.")
+def expand_cmd(file: Path, provider_uri: str | None, as_json: bool) -> None:
+    """Expand FILE's grid into Qlib tasks and print them (count and coordinates); submits nothing."""
+    import json
+
+    from qlib_ext.config import load_workflow
+    from qlib_ext.gen import expand
+
+    wf = load_workflow(file)
+    tasks = expand(wf, provider_uri=provider_uri)
+    if as_json:
+        click.echo(json.dumps(tasks, indent=2))
+        return
+    click.echo(f"{len(tasks)} tasks for pool {wf.pool} (experiment {wf.experiment_name}, "
+               f"grid {tasks[0]['qlib_ext']['grid_hash'] if tasks else '-'})")
+    click.echo(_coords_table([t["qlib_ext"] for t in tasks]))
+
+
+def _coords_table(metas: list[dict]) -> str:
+    """One row per task: its varied dotted paths, model, strategy and window, aligned in columns."""
+    from qlib_ext.gen import STRATEGY_PREFIX
+
+    paths = list(dict.fromkeys(p for m in metas for p in m["coords"] if not p.startswith(STRATEGY_PREFIX)))
+    header = ["#", *paths, "model", "strategy", "window"]
+    rows = [header] + [[str(i), *(_cell(m["coords"].get(p, "")) for p in paths), m["model"],
+                        " ".join(f"{k}={_cell(v)}" for k, v in m["strategy"].items()) or "-",
+                        _window_cell(m["window"])] for i, m in enumerate(metas)]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def _cell(value: object) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _window_cell(window: dict | None) -> str:
+    return f"w{window['index']} test {window['test'][0]}..{window['test'][1]}" if window else "-"
+
+
 # --------------------------------------------------------------------------- pool: submit, worker, run
 def _mongo_option(f):
     return click.option("--mongo-url", envvar="QLIB_EXT_MONGO_URL", default="embedded", show_default=True,
