@@ -82,3 +82,42 @@ def init_qlib(provider: Path, mlflow_uri: str | None = None, **kwargs) -> None:
         "kwargs": {"uri": uri, "default_exp_name": "Experiment"},
     })
     qlib.init(provider_uri=str(provider), region="cn", logging_level=logging.WARNING, **kwargs)
+
+
+_READ_SCRIPT = """
+import logging, sys, pickle
+import qlib
+from qlib.data import D
+provider, market, fields, out = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4]
+qlib.init(provider_uri=provider, region="cn", kernels=1, logging_level=logging.WARNING)
+codes = []
+for name in market.split("+"):  # upper case: a code; lower case: an instrument list
+    codes += [name] if name.isupper() else D.list_instruments(D.instruments(name), as_list=True)
+df = D.features(codes, ["$" + f for f in fields], freq="day")
+with open(out, "wb") as fh:
+    pickle.dump(df, fh)
+"""
+
+
+def qlib_features(provider: Path, instruments: str, fields: list[str], tmp: Path):
+    """Read ``fields`` through Qlib's ``D.features`` in a child process (``qlib.init`` is global).
+
+    Args:
+        provider: dataset directory.
+        instruments: market names (lower case) and codes (upper case) joined by ``+``,
+            e.g. ``csi300+SH000300``.
+        fields: field names without ``$``.
+        tmp: a scratch directory for the result pickle.
+
+    Returns:
+        The DataFrame ``D.features`` returned: index (instrument, datetime), columns ``$field``.
+    """
+    import pickle
+    import subprocess
+    import sys
+
+    out = Path(tmp) / "features.pkl"
+    subprocess.run([sys.executable, "-c", _READ_SCRIPT, str(provider), instruments, ",".join(fields), str(out)],
+                   check=True, capture_output=True, timeout=300)
+    with open(out, "rb") as fh:
+        return pickle.load(fh)
