@@ -225,7 +225,7 @@ def _check_positive(path: Path, df: pd.DataFrame) -> None:
         if bad.any():
             row = df[bad].iloc[0]
             kind = "negative" if name == "volume" else "zero or negative"
-            raise DataError(f"{path} line {row['line']}: {kind} {name} {row[name]!r} "
+            raise DataError(f"{path} line {row['line']}: {kind} {name} {float(row[name]):g} "
                             f"(symbol {row['symbol']}, {row['date']:%Y-%m-%d})")
 
 
