@@ -81,11 +81,11 @@ def load_or_build(handler_cfg: dict, cache_dir: Path) -> Any:
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = cache_key(handler_cfg)
     entry = Entry(cache_dir, key)
-    handler = entry.try_load()
+    handler = entry.try_load(report=False)  # the common case: built before, no lock needed
     if handler is not None:
         return handler
     with FileLock(str(entry.lock_path), timeout=LOCK_TIMEOUT_SECONDS):
-        handler = entry.try_load()  # another process may have built it while we waited
+        handler = entry.try_load(report=True)  # another process may have built it while we waited
         if handler is None:
             handler = _build(handler_cfg, entry)
     return handler
@@ -201,8 +201,12 @@ class Entry:
         except (OSError, ValueError):
             return None
 
-    def try_load(self) -> Any:
-        """The stored handler, or None if there is no valid entry (an invalid one is logged)."""
+    def try_load(self, report: bool) -> Any:
+        """The stored handler, or None if there is no valid entry.
+
+        Args:
+            report: log and count an invalid entry (done once, under the lock, before rebuilding it).
+        """
         meta = self.read_meta()
         if meta is None:
             return None
@@ -214,6 +218,8 @@ class Entry:
             except Exception as e:  # a checksum-valid file that still fails to load: rebuild
                 problem = f"unpickling failed: {e!r}"
         if problem is not None:
+            if not report:
+                return None
             logger.warning("cache: entry %s is unusable (%s); rebuilding it", self.key[:12], problem)
             stats["rebuilt_corrupt"] += 1
             return None
