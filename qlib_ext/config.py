@@ -53,6 +53,7 @@ def load_workflow(path: str | Path) -> Workflow:
     config = load_qrun_config(path)
     grid_raw, workers_raw = config.pop("grid", None), config.pop("workers", None)
     normalise_dates(config)
+    normalise_dates(grid_raw)  # dates as grid values too, so coordinates and run names hold strings
     task = config.get("task")
     if not isinstance(task, dict):
         raise ConfigError(f"missing mapping 'task' in {path}; expected task: {{model: ..., dataset: ..., record: ...}}")
