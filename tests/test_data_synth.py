@@ -141,6 +141,10 @@ def test_existing_output_needs_overwrite_and_failures_leave_nothing(workdir, mon
         synth.write_synthetic(out, instruments=3, days=40, seed=2, overwrite=True)
     assert _files(out) == before and sorted(p.name for p in workdir.iterdir()) == ["out"]
     monkeypatch.undo()
+    (workdir / "file").write_text("x")
+    with pytest.raises(DataError, match="is not a directory"):
+        synth.write_synthetic(workdir / "file", instruments=3, days=40)
+    (workdir / "file").unlink()
     synth.write_synthetic(out, instruments=3, days=40, seed=2, overwrite=True)
     assert _files(out) != before and sorted(p.name for p in workdir.iterdir()) == ["out"]
 

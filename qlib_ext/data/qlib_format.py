@@ -73,6 +73,8 @@ def atomic_dir(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
         DataError: ``out`` exists, is not empty, and ``overwrite`` is false.
     """
     out = Path(out).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: output path exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise DataError(f"{out}: output directory exists and is not empty (use --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
