@@ -54,8 +54,9 @@ def expand(wf: Workflow, provider_uri: str | None = None) -> list[dict]:
 
     Args:
         wf: a loaded workflow.
-        provider_uri: Qlib data directory whose calendar the rolling windows use; default
-            ``qlib_init.provider_uri`` of the YAML. Only read when ``grid.rolling`` is set.
+        provider_uri: Qlib data directory whose calendar (``calendars/day.txt``) cuts rolling
+            windows and checks backtest ends; default ``qlib_init.provider_uri`` of the YAML.
+            Required only with ``grid.rolling``; without it a missing calendar skips the check.
 
     Returns:
         Plain task dicts (``model``, ``dataset``, ``record``, ...) each with a ``qlib_ext`` block:
@@ -63,13 +64,14 @@ def expand(wf: Workflow, provider_uri: str | None = None) -> list[dict]:
         ``window``, ``run_name``. Every value is BSON-encodable.
 
     Raises:
-        ConfigError: the calendar is missing or too short, or a value cannot be stored in MongoDB.
+        ConfigError: the calendar is missing (rolling) or too short, a backtest ends on the
+            calendar's last day or later, or a value cannot be stored in MongoDB.
     """
     root = copy.deepcopy(wf.config)
     root[META] = {"coords": {}, "model": None, "strategy": {}, "window": None}
     tasks = [_to_task(r) for r in task_generator(root, axis_generators(wf.grid))]
+    calendar = read_calendar(wf, provider_uri, required=wf.grid.rolling is not None)
     if wf.grid.rolling is not None:
-        calendar = read_calendar(wf, provider_uri)
         tasks = task_generator(tasks, WindowGen(wf.grid.rolling, calendar, wf.path))
     grid_hash = _hash({"config": wf.config, "grid": asdict(wf.grid)}, 12)
     labels = _labels({path for t in tasks for path in t[META]["coords"]})
@@ -77,6 +79,8 @@ def expand(wf: Workflow, provider_uri: str | None = None) -> list[dict]:
         _finish(task, wf, grid_hash, labels)
     for task in tasks:
         check_bson(task, wf.path, task[META]["run_name"])
+        if calendar:
+            check_backtest_end(task, calendar, wf.path)
     return tasks
 
 
@@ -308,13 +312,21 @@ class WindowGen(RollingGen):
                                 "test": segs["test"]}
 
 
-def read_calendar(wf: Workflow, provider_uri: str | None = None) -> list[pd.Timestamp]:
+def read_calendar(wf: Workflow, provider_uri: str | None = None, *, required: bool = True) -> list[pd.Timestamp]:
     """Read the daily calendar (``calendars/day.txt``) of the workflow's Qlib data directory.
 
+    Args:
+        wf: the workflow (its ``qlib_init.provider_uri`` is the default directory).
+        provider_uri: a directory that overrides it.
+        required: raise when there is no calendar; otherwise return an empty list.
+
     Raises:
-        ConfigError: no local provider directory, or no calendar in it.
+        ConfigError: ``required`` and no local provider directory, or no calendar in it.
     """
     uri = provider_uri or (wf.config.get("qlib_init") or {}).get("provider_uri")
+    local = isinstance(uri, str) and "://" not in uri
+    if not required and not (local and (Path(uri).expanduser() / "calendars" / "day.txt").is_file()):
+        return []
     if not isinstance(uri, str) or "://" in uri:
         raise ConfigError(f"grid.rolling needs a local Qlib data directory for its calendar, but "
                           f"qlib_init.provider_uri of {wf.path} is {uri!r}; pass --provider-uri PATH")
@@ -323,6 +335,21 @@ def read_calendar(wf: Workflow, provider_uri: str | None = None) -> list[pd.Time
         raise ConfigError(f"grid.rolling of {wf.path} needs the Qlib calendar, but {path} does not exist; "
                           "make the data (qlib-ext data synth) or pass --provider-uri PATH")
     return list(pd.to_datetime([line.strip() for line in path.read_text().splitlines() if line.strip()]))
+
+
+def check_backtest_end(task: dict, calendar: list[pd.Timestamp], file: Path) -> None:
+    """Raise ``ConfigError`` when a ``PortAnaRecord`` backtest ends after the calendar's last-but-one day.
+
+    Qlib fails inside the backtest (``IndexError`` in ``get_step_time``) when it ends on the last day.
+    """
+    for cfg in portana_configs(task):
+        end = (cfg.get("backtest") or {}).get("end_time")
+        if isinstance(end, str) and len(calendar) > 1 and pd.Timestamp(end) > calendar[-2]:
+            raise ConfigError(
+                f"backtest end_time {end} is not before the calendar's last day {calendar[-1]:%Y-%m-%d} in "
+                f"port_analysis_config.backtest.end_time of {file} (task '{task[META]['run_name']}'); a Qlib "
+                f"backtest must end at least one trading day before the calendar does: end it on "
+                f"{calendar[-2]:%Y-%m-%d} or earlier, or use a data directory with a longer calendar")
 
 
 def _finish(task: dict, wf: Workflow, grid_hash: str, labels: dict[str, str]) -> None:

@@ -329,3 +329,13 @@ def test_cli_expand_json_and_errors(tmp_path):
     bad = write_yaml(tmp_path, "grid:\n    search: grdi\n")
     result = CliRunner().invoke(main, ["expand", str(bad)])
     assert result.exit_code == 2 and "unknown search 'grdi' in grid.search" in result.output
+
+
+def test_backtest_ending_on_the_last_calendar_day_is_refused(tmp_path, synth_provider):
+    base = _synth_base().replace("end_time: 2019-06-28\n        account", "end_time: 2016-07-15\n        account")
+    wf = load_workflow(write_yaml(tmp_path, base=base))
+    with pytest.raises(ConfigError) as e:
+        expand(wf, provider_uri=str(synth_provider))
+    assert "backtest end_time 2016-07-15 is not before the calendar's last day 2016-07-15" in str(e.value)
+    assert "port_analysis_config.backtest.end_time of" in str(e.value) and "on 2016-07-14 or earlier" in str(e.value)
+    assert len(expand(wf, provider_uri=str(tmp_path / "no-data"))) == 1  # no calendar, no rolling: not checked
