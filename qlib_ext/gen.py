@@ -333,7 +333,8 @@ def read_calendar(wf: Workflow, provider_uri: str | None = None, *, required: bo
     path = Path(uri).expanduser() / "calendars" / "day.txt"
     if not path.is_file():
         raise ConfigError(f"grid.rolling of {wf.path} needs the Qlib calendar, but {path} does not exist; "
-                          "make the data (qlib-ext data synth) or pass --provider-uri PATH")
+                          f"make the data with `qlib-ext data synth --out {path.parent.parent}` "
+                          "or pass --provider-uri PATH")
     return list(pd.to_datetime([line.strip() for line in path.read_text().splitlines() if line.strip()]))
 
 
