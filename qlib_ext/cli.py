@@ -192,9 +192,18 @@ def _worker_options(f):
                      help="Worker processes (default: number of cores)."),
         click.option("--threads", default=None, type=int,
                      help="Threads per worker (default: workers.threads_per_worker or cores // workers)."),
-        click.option("--lease-seconds", default=None, type=float, help="Lease length of a claimed task, s."),
+        click.option("--lease-seconds", default=None, type=float,
+                     help="Lease length of a claimed task, s (default: workers.lease_seconds, 600)."),
+        click.option("--heartbeat-seconds", default=None, type=float,
+                     help="Interval between lease renewals, s (default: workers.heartbeat_seconds, 30)."),
         click.option("--grace-seconds", default=None, type=float,
-                     help="Time a running task gets to finish after Ctrl-C/SIGTERM, s."),
+                     help="Time a running task gets to finish after Ctrl-C/SIGTERM, s (default 30)."),
+        click.option("--task-timeout", default=None, type=float,
+                     help="Wall-clock limit per task, s; the task then runs in a child process that is "
+                          "killed at the limit (default: workers.task_timeout; 0 = none, in-process)."),
+        click.option("--max-attempts", default=None, type=click.IntRange(min=1),
+                     help="Attempts before a task is marked failed (default: workers.max_attempts, 3). "
+                          "run: stamped on the pool's tasks; worker: applies to the attempts it records."),
         click.option("--exit-when-idle", is_flag=True, default=None,
                      help="Exit as soon as nothing is waiting (default: when nothing is unfinished)."),
         click.option("--no-cache", is_flag=True, default=False,
@@ -205,18 +214,27 @@ def _worker_options(f):
     return f
 
 
-def _settings(pool, mongo_url, mlflow_uri, provider_uri, workers, threads, lease_seconds, grace_seconds,
-              exit_when_idle, no_cache):
+def _settings(pool, mongo_url, mlflow_uri, provider_uri, workers, threads, no_cache, **knobs):
+    """Worker settings: the pool's recorded ``workers:`` section, then the flags that were given."""
     import os
 
     from qlib_ext.runner import worker_settings
 
     n = workers or os.cpu_count() or 1
     settings = worker_settings(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, provider_uri=provider_uri,
-                               workers=n, threads=threads, lease_seconds=lease_seconds,
-                               grace_seconds=grace_seconds, exit_when_idle=exit_when_idle, cache=not no_cache,
-                               log_level=logging.getLogger().getEffectiveLevel())
+                               workers=n, threads=threads, cache=not no_cache,
+                               log_level=logging.getLogger().getEffectiveLevel(), **knobs)
     return settings, n
+
+
+def _stopped(pool: str, mongo_url: str) -> bool:
+    """Whether the pool still has unfinished tasks after the workers exited (a Ctrl-C stop)."""
+    from qlib_ext.queue import GridTaskManager, open_db
+
+    try:
+        return GridTaskManager(pool, open_db(mongo_url)).unfinished() > 0
+    except QlibExtError:
+        return False
 
 
 @main.command("submit")
@@ -224,11 +242,15 @@ def _settings(pool, mongo_url, mlflow_uri, provider_uri, workers, threads, lease
 @_mongo_option
 @_mlflow_option
 @_provider_option
-def submit_cmd(file: Path, mongo_url: str, mlflow_uri: str | None, provider_uri: str | None) -> None:
+@click.option("--max-attempts", default=None, type=click.IntRange(min=1),
+              help="Attempts before a task is marked failed (default: workers.max_attempts, 3).")
+def submit_cmd(file: Path, mongo_url: str, mlflow_uri: str | None, provider_uri: str | None,
+               max_attempts: int | None) -> None:
     """Expand FILE (a qrun YAML with an optional grid: section) and add its new tasks to the pool."""
     from qlib_ext.runner import submit
 
-    click.echo(submit(file, mongo_url=mongo_url, mlflow_uri=mlflow_uri, provider_uri=provider_uri))
+    click.echo(submit(file, mongo_url=mongo_url, mlflow_uri=mlflow_uri, provider_uri=provider_uri,
+                      max_attempts=max_attempts))
 
 
 @main.command("worker")
@@ -241,7 +263,7 @@ def submit_cmd(file: Path, mongo_url: str, mlflow_uri: str | None, provider_uri:
 def worker_cmd(ctx: click.Context, pool: str, mongo_url: str, mlflow_uri: str | None, provider_uri: str | None,
                **opts) -> None:
     """Start worker processes that drain POOL; they exit when the pool is finished."""
-    from qlib_ext.worker import run_workers
+    from qlib_ext.group import run_workers
 
     settings, n = _settings(pool, mongo_url, mlflow_uri, provider_uri, **opts)
     click.echo(f"pool {pool}: starting {n} workers x {settings.threads} threads")
@@ -259,18 +281,22 @@ def worker_cmd(ctx: click.Context, pool: str, mongo_url: str, mlflow_uri: str | 
 def run_cmd(ctx: click.Context, file: Path, mongo_url: str, mlflow_uri: str | None, provider_uri: str | None,
             metric: str, **opts) -> None:
     """Submit FILE, run local workers with a live progress line, then print the leaderboard."""
+    from qlib_ext.group import run_workers
     from qlib_ext.progress import Progress
     from qlib_ext.report import format_table, leaderboard, mlflow_ui_command
     from qlib_ext.runner import submit
-    from qlib_ext.worker import run_workers
 
-    sub = submit(file, mongo_url=mongo_url, mlflow_uri=mlflow_uri, provider_uri=provider_uri)
+    sub = submit(file, mongo_url=mongo_url, mlflow_uri=mlflow_uri, provider_uri=provider_uri,
+                 max_attempts=opts.pop("max_attempts"))
     click.echo(sub)
     settings, n = _settings(sub.pool, sub.mongo_url, sub.mlflow_uri, provider_uri, **opts)
     click.echo(f"starting {n} workers x {settings.threads} threads")
     progress = Progress(sub.pool, sub.mongo_url)
     code = run_workers(settings, n, on_tick=progress.tick)
     progress.finish()
+    if _stopped(sub.pool, sub.mongo_url):
+        click.echo(f"stopped: unfinished tasks stay in pool {sub.pool}; resume with "
+                   f"`qlib-ext worker --pool {sub.pool}` (the store keeps running in the background)")
     rows = leaderboard(sub.pool, mongo_url=sub.mongo_url, mlflow_uri=sub.mlflow_uri, metric=metric, top=20)
     click.echo(format_table(rows, metric))
     click.echo(f"\ncompare runs: {mlflow_ui_command(sub.mlflow_uri)}")
@@ -285,6 +311,47 @@ def status_cmd(pool: str, mongo_url: str) -> None:
     from qlib_ext.progress import status_report
 
     click.echo(status_report(pool, mongo_url))
+
+
+def _pool_tm(pool: str, mongo_url: str):
+    from qlib_ext.queue import GridTaskManager, load_pool_meta, open_db
+
+    db = open_db(mongo_url)
+    load_pool_meta(db, pool)  # a typo in POOL is an error listing the known pools, not "0 tasks"
+    return GridTaskManager(pool, db)
+
+
+@main.command("retry")
+@click.argument("pool")
+@_mongo_option
+@click.option("--failed", "failed_only", is_flag=True, help="Only failed tasks (default: failed and cancelled).")
+@click.option("--task", "task_id", default=None, help="Only this task id (any state but running).")
+def retry_cmd(pool: str, mongo_url: str, failed_only: bool, task_id: str | None) -> None:
+    """Requeue POOL's failed/cancelled tasks (or one task): attempts start over, the error history stays."""
+    from bson import ObjectId
+    from bson.errors import InvalidId
+
+    tm = _pool_tm(pool, mongo_url)
+    try:
+        oid = None if task_id is None else ObjectId(task_id)
+    except InvalidId as e:
+        raise click.BadParameter(f"{task_id!r} is not a task id (24 hex digits, see `qlib-ext status`)") from e
+    n = tm.retry(oid, failed_only=failed_only)
+    if oid is not None and n == 0:
+        raise click.ClickException(f"task {task_id} not requeued: no such task in pool {pool}, or it is running "
+                                   f"(stop it first with `qlib-ext cancel {pool} --now`)")
+    click.echo(f"pool {pool}: {n} tasks requeued")
+
+
+@main.command("cancel")
+@click.argument("pool")
+@_mongo_option
+@click.option("--now", is_flag=True, help="Also stop running tasks (their workers interrupt them).")
+def cancel_cmd(pool: str, mongo_url: str, now: bool) -> None:
+    """Stop POOL's waiting tasks from being claimed; running ones finish unless --now.
+    `qlib-ext retry POOL` requeues cancelled tasks."""
+    n = _pool_tm(pool, mongo_url).cancel(now=now)
+    click.echo(f"pool {pool}: {n} tasks cancelled" + ("" if now else "; running tasks will finish"))
 
 
 @main.command("leaderboard")
@@ -331,4 +398,4 @@ def demo_cmd(ctx: click.Context, workdir: Path | None, workers: int | None) -> N
         raise click.ClickException(f"{quickstart} not found: run the demo from a source checkout (pip install -e .)")
     ctx.invoke(run_cmd, file=quickstart, mongo_url="embedded", mlflow_uri=None, provider_uri=str(data_dir),
                metric="IC", workers=workers, threads=None, lease_seconds=None, grace_seconds=None,
-               exit_when_idle=None, no_cache=False)
+               heartbeat_seconds=None, task_timeout=None, max_attempts=None, exit_when_idle=None, no_cache=False)

@@ -41,6 +41,12 @@ POLL_MIN_SECONDS = 0.2
 POLL_MAX_SECONDS = 5.0
 """Cap of the idle back-off, seconds."""
 
+STORE_TIMEOUT_SECONDS = 5.0
+"""How long a worker's store operation waits for an unreachable store before backing off, seconds."""
+
+OUTAGE_MAX_SECONDS = 10.0
+"""Cap of a worker's exponential back-off while the store is unreachable, seconds."""
+
 
 def home() -> Path:
     """Return qlib-ext's home directory (``$QLIB_EXT_HOME`` or ``~/.qlib-ext``), created if missing."""

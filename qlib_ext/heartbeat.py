@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from types import TracebackType
 
 from pymongo.errors import PyMongoError
 
+from qlib_ext.errors import StoreError
 from qlib_ext.queue import Claim, GridTaskManager
 
 logger = logging.getLogger(__name__)
@@ -16,14 +18,16 @@ logger = logging.getLogger(__name__)
 class HeartbeatThread:
     """Context manager renewing ``claim``'s lease every ``interval`` seconds until exit.
 
-    ``lost`` is set when a renewal finds the task no longer ours (reclaimed, cancelled, reset):
-    the worker then knows its result will be refused at commit. A store outage is not a loss —
-    renewals keep being retried until the lease would have expired anyway.
+    ``lost`` is set (and ``on_lost()`` called, from the heartbeat thread) when a renewal finds the
+    task no longer ours (reclaimed, cancelled, reset): its result would be refused at commit, so the
+    worker stops the task. A store outage is not a loss: renewals are retried until the store answers.
     """
 
-    def __init__(self, tm: GridTaskManager, claim: Claim, lease_seconds: float, interval: float):
+    def __init__(self, tm: GridTaskManager, claim: Claim, lease_seconds: float, interval: float,
+                 on_lost: Callable[[], None] | None = None):
         self._tm, self._claim = tm, claim
         self._lease, self._interval = lease_seconds, interval
+        self._on_lost = on_lost
         self._stop = threading.Event()
         self.lost = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{claim.id}", daemon=True)
@@ -42,6 +46,10 @@ class HeartbeatThread:
                 if not self._tm.renew(self._claim, self._lease):
                     logger.warning("heartbeat: lease on task %s lost by %s", self._claim.id, self._claim.worker)
                     self.lost.set()
+                    if self._on_lost is not None:
+                        self._on_lost()
                     return
-            except PyMongoError as e:
+            except (PyMongoError, StoreError) as e:
                 logger.warning("heartbeat: renewing task %s failed (%s); retrying", self._claim.id, e)
+            except Exception:  # noqa: BLE001 - a dead heartbeat would silently lose the lease
+                logger.exception("heartbeat: unexpected error renewing task %s; retrying", self._claim.id)

@@ -167,25 +167,36 @@ class GridTaskManager(TaskManager):
         return self.task_pool.update_one(self._held(claim), {"$set": {"lease_until": until}}).matched_count == 1
 
     def commit(self, claim: Claim, result: dict, status: str = TaskStatus.DONE.value) -> bool:
-        """Store the result if the lease is still held. False: someone else owns the task now."""
+        """Store the result if the task is still ours. False: someone else owns (or cancelled) it.
+
+        "Ours" means the lease is still held, or the lease expired and a sweep put the task back
+        (``waiting``, or ``failed`` when that was the last attempt) while nobody claimed it since:
+        ``attempt`` unchanged. That adopts a result finished during a store outage, without ever
+        recording a task twice — any new claim bumps ``attempt`` and fences us out.
+        """
+        adoptable = {"_id": claim.id, "attempt": claim.attempt,
+                     "status": {"$in": [TaskStatus.WAITING.value, TaskStatus.FAILED.value]}}
         update = {"$set": {"status": status, "res": Binary(pickle.dumps(result)), "result": result,
-                           "finished_at": self.now()},
+                           "worker": claim.worker, "finished_at": self.now()},
                   "$unset": {"lease_until": ""}}
-        ok = self.task_pool.update_one(self._held(claim), update).matched_count == 1
+        ok = self.task_pool.update_one({"$or": [self._held(claim), adoptable]}, update).matched_count == 1
         if not ok:
             logger.warning("pool %s: %s lost the lease on task %s (attempt %s); result discarded",
                            self.pool_name, claim.worker, claim.id, claim.attempt)
         return ok
 
-    def fail(self, claim: Claim, error: str, count_attempt: bool = True, guard: dict | None = None) -> str | None:
+    def fail(self, claim: Claim, error: str, count_attempt: bool = True, guard: dict | None = None,
+             max_attempts: int | None = None) -> str | None:
         """Record a failed attempt: back to waiting while attempts remain, else ``failed``.
 
         ``count_attempt=False`` hands the task back without using up an attempt (graceful stop);
-        ``guard`` adds conditions to the compare-and-set (the recovery sweep requires an expired lease).
+        ``guard`` adds conditions to the compare-and-set (the recovery sweep requires an expired lease);
+        ``max_attempts`` overrides the limit stamped on the task at submit (``worker --max-attempts``).
         Returns the new status, or None if the lease was already lost.
         """
-        doc = self.task_pool.find_one({"_id": claim.id}, {"max_attempts": 1})
-        max_attempts = (doc or {}).get("max_attempts", defaults.MAX_ATTEMPTS)
+        if max_attempts is None:
+            doc = self.task_pool.find_one({"_id": claim.id}, {"max_attempts": 1})
+            max_attempts = (doc or {}).get("max_attempts", defaults.MAX_ATTEMPTS)
         exhausted = count_attempt and claim.attempt >= max_attempts
         status = TaskStatus.FAILED.value if exhausted else TaskStatus.WAITING.value
         entry = {"attempt": claim.attempt, "worker": claim.worker, "time": self.now(), "error": error}
@@ -197,25 +208,59 @@ class GridTaskManager(TaskManager):
         ok = self.task_pool.update_one({**self._held(claim), **(guard or {})}, update).matched_count == 1
         return status if ok else None
 
-    def recover_expired(self) -> int:
+    def recover_expired(self, max_attempts: int | None = None) -> int:
+        """Sweep expired leases (see :meth:`sweep`); return how many tasks were recovered."""
+        return len(self.sweep(max_attempts))
+
+    def sweep(self, max_attempts: int | None = None) -> list[Claim]:
         """Return running tasks whose lease expired to waiting (or ``failed`` when out of attempts).
 
         Safe to run from every worker at once: each update is guarded by the exact worker and
         attempt it saw, so a task is recovered once and a renewed lease is left alone.
+        Returns the dead attempts this call recovered (their MLflow runs can then be ended).
         """
         now = self.now()
-        n = 0
+        recovered = []
         stale = self.task_pool.find({"status": TaskStatus.RUNNING.value, "lease_until": {"$lt": now}},
-                                    {"worker": 1, "attempt": 1, "max_attempts": 1})
+                                    {"worker": 1, "attempt": 1})
         for doc in list(stale):
             claim = Claim(task={"_id": doc["_id"]}, worker=doc.get("worker"), attempt=doc.get("attempt", 0))
             status = self.fail(claim, f"lease expired: worker {claim.worker} stopped renewing it",
-                               guard={"lease_until": {"$lt": now}})
+                               guard={"lease_until": {"$lt": now}}, max_attempts=max_attempts)
             if status is not None:
-                n += 1
+                recovered.append(claim)
                 logger.warning("pool %s: reclaimed task %s from %s -> %s", self.pool_name, doc["_id"],
                                claim.worker, status)
-        return n
+        return recovered
+
+    # ------------------------------------------------------------------ operator commands
+    def retry(self, task_id: Any = None, failed_only: bool = False) -> int:
+        """Requeue tasks: ``failed`` (and ``cancelled`` unless ``failed_only``), or the one ``task_id``.
+
+        Attempts start again from zero; the ``errors`` history is kept. A targeted task may be in any
+        state but ``running`` (cancel it first); a re-run done task loses its committed result.
+        Returns the number of tasks requeued.
+        """
+        if task_id is not None:
+            flt = {"_id": task_id, "status": {"$ne": TaskStatus.RUNNING.value}}
+        else:
+            statuses = [TaskStatus.FAILED.value] + ([] if failed_only else [TaskStatus.CANCELLED.value])
+            flt = {"status": {"$in": statuses}}
+        update = {"$set": {"status": TaskStatus.WAITING.value, "attempt": 0, "requeued_at": self.now()},
+                  "$unset": {"lease_until": "", "result": "", "res": ""}}
+        return self.task_pool.update_many(flt, update).modified_count
+
+    def cancel(self, now: bool = False) -> int:
+        """Stop waiting tasks from being claimed (status ``cancelled``); with ``now`` running ones too.
+
+        A cancelled running task fails its owner's next heartbeat (the lease is no longer held), so
+        the worker interrupts it, ends its MLflow run KILLED and cannot commit. ``retry`` undoes this.
+        Returns the number of tasks cancelled.
+        """
+        statuses = [TaskStatus.WAITING.value] + ([TaskStatus.RUNNING.value] if now else [])
+        update = {"$set": {"status": TaskStatus.CANCELLED.value, "cancelled_at": self.now()},
+                  "$unset": {"lease_until": ""}}
+        return self.task_pool.update_many({"status": {"$in": statuses}}, update).modified_count
 
     # ------------------------------------------------------------------ stats
     def counts(self, query: dict | None = None) -> dict[str, int]:

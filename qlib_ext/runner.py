@@ -53,8 +53,13 @@ def data_identity(provider_uri: str) -> dict:
 
 
 def submit(path: str | Path, *, mongo_url: str | None = None, mlflow_uri: str | None = None,
-           provider_uri: str | None = None, db_name: str = defaults.TASK_DB_NAME) -> Submitted:
-    """Expand a workflow and insert its new tasks into its pool (``qlib-ext submit``)."""
+           provider_uri: str | None = None, db_name: str = defaults.TASK_DB_NAME,
+           max_attempts: int | None = None) -> Submitted:
+    """Expand a workflow and insert its new tasks into its pool (``qlib-ext submit``).
+
+    ``max_attempts`` (the ``--max-attempts`` flag) wins over ``workers.max_attempts``; it is stamped
+    on each new task, and also on the pool's tasks not yet finished, so a resubmit can change it.
+    """
     from qlib_ext.config import load_workflow
     from qlib_ext.gen import expand
     from qlib_ext.queue import GridTaskManager, open_db, save_pool_meta
@@ -75,7 +80,10 @@ def submit(path: str | Path, *, mongo_url: str | None = None, mlflow_uri: str | 
         "mlflow_uri": mlflow_uri, "experiment": wf.experiment_name, "workers": asdict(wf.workers),
         "data": data_identity(provider), "submitted_at": dt.datetime.now(dt.timezone.utc),
     })
-    new, total = GridTaskManager(wf.pool, db).create_tasks(tasks, max_attempts=wf.workers.max_attempts)
+    tm = GridTaskManager(wf.pool, db)
+    new, total = tm.create_tasks(tasks, max_attempts=max_attempts or wf.workers.max_attempts)
+    if max_attempts is not None:
+        tm.task_pool.update_many({"status": {"$in": ["waiting", "running"]}}, {"$set": {"max_attempts": max_attempts}})
     return Submitted(wf.pool, new, total, url, mlflow_uri, wf.experiment_name)
 
 
@@ -100,6 +108,7 @@ def worker_settings(pool: str, *, mongo_url: str | None = None, mlflow_uri: str 
         "lease_seconds": spec.get("lease_seconds", defaults.LEASE_SECONDS),
         "heartbeat_seconds": spec.get("heartbeat_seconds", defaults.HEARTBEAT_SECONDS),
         "grace_seconds": spec.get("grace_seconds", defaults.GRACE_SECONDS),
+        "task_timeout": spec.get("task_timeout", defaults.TASK_TIMEOUT_SECONDS),
     }
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return WorkerSettings(

@@ -1,30 +1,37 @@
-"""Worker processes that drain a pool: claim under a lease, run the task, commit under fencing.
+"""One worker process draining a pool: claim under a lease, run the task, commit under fencing.
 
 Each worker is a separate OS process (not a thread: Qlib's data handling and backtests hold the
-GIL) that initialises Qlib once and then runs tasks until the pool is finished. A parent process
-starts N of them, forwards Ctrl-C/SIGTERM and restarts a worker that died while work remained.
+GIL) that initialises Qlib once and then runs tasks until the pool is finished. The loop never
+dies on a task error or a store outage (huey's ``Worker.loop``); :mod:`qlib_ext.group` starts N
+workers and restarts dead ones.
 """
 
 from __future__ import annotations
 
-import _thread
 import logging
-import multiprocessing as mp
 import os
 import signal
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from pymongo.errors import PyMongoError
 
 from qlib_ext import defaults
+from qlib_ext.errors import StoreError
+from qlib_ext.queue import Claim
+from qlib_ext.timeouts import ChildProcessTask, ChildTaskFailed, InProcessTask, TaskInterrupted, TaskTimeout
 
 logger = logging.getLogger(__name__)
 
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 """Thread-pool sizes set in each worker so that workers x threads stays within the cores."""
+
+STORE_ERRORS = (PyMongoError, StoreError)
+"""What an unreachable store raises: retried with back-off, never fatal."""
 
 
 @dataclass
@@ -40,6 +47,8 @@ class WorkerSettings:
     lease_seconds: float = defaults.LEASE_SECONDS  # lease length, s
     heartbeat_seconds: float = defaults.HEARTBEAT_SECONDS  # lease renewal interval, s
     grace_seconds: float = defaults.GRACE_SECONDS  # time a running task gets after SIGTERM, s
+    task_timeout: float | None = defaults.TASK_TIMEOUT_SECONDS  # wall-clock limit per task, s (None: in-process)
+    max_attempts: int | None = None  # overrides the limit stamped on tasks at submit (None: keep it)
     threads: int = 1  # threads per worker for LightGBM / OpenMP / BLAS
     exit_when_idle: bool = False  # exit as soon as nothing is waiting (else: when nothing is unfinished)
     cache_dir: str | None = None  # shared prepared-dataset cache directory (None: no cache)
@@ -62,7 +71,7 @@ def limit_threads(task: dict, threads: int) -> dict:
     return task
 
 
-# ---------------------------------------------------------------------- inside a worker process
+# ---------------------------------------------------------------------- process entry
 def worker_main(settings: WorkerSettings) -> None:
     """Entry point of one worker process: configure threads and Qlib, then drain the pool."""
     for var in THREAD_ENV_VARS:
@@ -84,45 +93,79 @@ def _init_qlib(settings: WorkerSettings) -> None:
               mongo={"task_url": settings.mongo_url, "task_db_name": settings.db_name}, **kwargs)
 
 
-class _StopState:
-    """Set by SIGTERM/SIGINT: stop claiming; interrupt a running task once its grace period is over."""
+class StopState:
+    """Set by SIGTERM/SIGINT: stop claiming; interrupt the running task once its grace period is over."""
 
     def __init__(self, grace_seconds: float):
         self.event = threading.Event()
         self.grace = grace_seconds
-        self.task_running = False
+        self._runner: Any = None
         self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
 
     def request(self, signum: int, _frame: object) -> None:
+        """Signal handler: the first signal starts the graceful stop; later ones change nothing."""
         if self.event.is_set():
             return
-        logger.warning("worker %s: got signal %s; finishing current task (grace %.0fs)", os.getpid(),
-                       signum, self.grace)
+        logger.warning("worker %s: got signal %s; no new tasks, current one gets %.0fs", os.getpid(), signum,
+                       self.grace)
         self.event.set()
-        if self.task_running:
-            self._timer = threading.Timer(self.grace, _thread.interrupt_main)
+        self._arm()
+
+    def task_started(self, runner: Any) -> None:
+        """The worker runs a task through ``runner``; a stop already requested starts its grace now."""
+        with self._lock:
+            self._runner = runner
+        if self.event.is_set():
+            self._arm()
+
+    def task_ended(self) -> None:
+        with self._lock:
+            self._runner = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+    def _arm(self) -> None:
+        with self._lock:
+            if self._runner is None or self._timer is not None:
+                return
+            self._timer = threading.Timer(self.grace, self._runner.interrupt, ("worker stopped",))
             self._timer.daemon = True
             self._timer.start()
 
 
-def _install_stop_handlers(grace_seconds: float) -> _StopState:
-    state = _StopState(grace_seconds)
+def _install_stop_handlers(grace_seconds: float) -> StopState:
+    state = StopState(grace_seconds)
     signal.signal(signal.SIGTERM, state.request)
     signal.signal(signal.SIGINT, state.request)
     return state
 
 
-class Worker:
-    """The loop of one worker process. One iteration claims and runs at most one task; a task's
-    error is recorded on the task and never ends the loop."""
+def task_db(settings: WorkerSettings) -> Any:
+    """The pool's database through a client that gives up on an unreachable store after a few seconds
+    (pymongo's default is 30 s), so outages are retried with our own back-off."""
+    import pymongo
 
-    def __init__(self, settings: WorkerSettings, stop: _StopState):
+    timeout_ms = int(defaults.STORE_TIMEOUT_SECONDS * 1000)
+    client = pymongo.MongoClient(settings.mongo_url, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms,
+                                 socketTimeoutMS=max(timeout_ms, 30_000), tz_aware=False)
+    return client[settings.db_name]
+
+
+# ---------------------------------------------------------------------- the loop
+class Worker:
+    """The loop of one worker process. One iteration claims and runs at most one task; neither a
+    task's error nor an unreachable store ends the loop."""
+
+    def __init__(self, settings: WorkerSettings, stop: StopState):
         from qlib_ext.queue import GridTaskManager
 
         self.s = settings
         self.stop = stop
-        self.tm = GridTaskManager(settings.pool)
+        self.tm = GridTaskManager(settings.pool, task_db(settings))
         self._backoff = defaults.POLL_MIN_SECONDS
+        self._outage = False
 
     def loop(self) -> int:
         """Run until stopped or the pool is finished; return the number of tasks run."""
@@ -130,23 +173,33 @@ class Worker:
         while not self.stop.event.is_set():
             try:
                 ran = self.step()
-            except PyMongoError as e:
+            except STORE_ERRORS as e:
+                self._outage = True
                 logger.warning("worker %s: task store unreachable (%s); retrying in %.1fs", os.getpid(), e,
                                self._backoff)
                 ran = None
+            else:
+                if self._outage:
+                    logger.warning("worker %s: task store reachable again", os.getpid())
+                    self._outage = False
             if ran is False:
-                return n
+                break
             if ran:
                 n += 1
                 self._backoff = defaults.POLL_MIN_SECONDS
             else:
                 self.stop.event.wait(self._backoff)
-                self._backoff = min(self._backoff * 2, defaults.POLL_MAX_SECONDS)
+                cap = defaults.OUTAGE_MAX_SECONDS if self._outage else defaults.POLL_MAX_SECONDS
+                self._backoff = min(self._backoff * 2, cap)
+        self._reap(None)
         return n
 
     def step(self) -> bool | None:
         """True: ran a task. None: nothing to claim yet. False: the pool is finished for us."""
-        self.tm.recover_expired()
+        self._replay_spool()
+        recovered = self.tm.sweep(self.s.max_attempts)
+        if recovered:
+            self._reap([c.id for c in recovered])
         claim = self.tm.claim(self.s.lease_seconds)
         if claim is None:
             finished = self.s.exit_when_idle or self.tm.unfinished() == 0
@@ -154,113 +207,136 @@ class Worker:
         self.run_claimed(claim)
         return True
 
-    def run_claimed(self, claim) -> None:
-        """Run one claimed task under a heartbeat; commit its result or record its failure."""
+    def run_claimed(self, claim: Claim) -> None:
+        """Run one claimed task under a heartbeat; commit its result or record why it did not finish."""
         from qlib_ext.heartbeat import HeartbeatThread
         from qlib_ext.tasks import run_grid_task
 
         task = limit_threads(claim.task["def"], self.s.threads)
+        runner = ChildProcessTask(self.s.task_timeout) if self.s.task_timeout else InProcessTask()
         logger.info("worker %s: claimed task %s (attempt %d)", claim.worker, claim.id, claim.attempt)
-        self.stop.task_running = True
+        self.stop.task_started(runner)
         try:
-            with HeartbeatThread(self.tm, claim, self.s.lease_seconds, self.s.heartbeat_seconds):
-                result = run_grid_task(task, task_id=str(claim.id), worker=claim.worker, attempt=claim.attempt,
-                                       cache_dir=self.s.cache_dir)
-        except KeyboardInterrupt:
-            logger.warning("worker %s: task %s interrupted; handing it back", claim.worker, claim.id)
-            self._retry_store(lambda: self.tm.fail(claim, "worker stopped", count_attempt=False))
+            with HeartbeatThread(self.tm, claim, self.s.lease_seconds, self.s.heartbeat_seconds,
+                                 on_lost=lambda: runner.interrupt("lease lost")):
+                result = runner.run(run_grid_task, task, task_id=str(claim.id), worker=claim.worker,
+                                    attempt=claim.attempt, cache_dir=self.s.cache_dir)
+        except TaskInterrupted as e:
+            self._interrupted(claim, e.reason)
             return
-        except Exception:
-            logger.exception("worker %s: task %s failed (attempt %d)", claim.worker, claim.id, claim.attempt)
-            error = traceback.format_exc()
-            self._retry_store(lambda: self.tm.fail(claim, error))
+        except Exception as e:  # noqa: BLE001 - any task error is recorded on the task, never fatal
+            self._failed(claim, e)
             return
         finally:
-            self.stop.task_running = False
-        self._retry_store(lambda: self.tm.commit(claim, result))
+            self.stop.task_ended()
+        self._commit(claim, result)
 
-    def _retry_store(self, op):
-        """Retry a store write with capped back-off: a finished result must not be lost to an outage."""
-        delay = defaults.POLL_MIN_SECONDS
+    # ------------------------------------------------------------------ outcomes
+    def _interrupted(self, claim: Claim, reason: str) -> None:
+        if reason == "lease lost":
+            logger.warning("worker %s: lease on task %s lost (reclaimed or cancelled); task abandoned",
+                           claim.worker, claim.id)
+        else:
+            logger.warning("worker %s: task %s interrupted (%s); handing it back", claim.worker, claim.id, reason)
+            self._store(lambda: self.tm.fail(claim, reason, count_attempt=False))
+        self._reap([claim.id])
+
+    def _failed(self, claim: Claim, exc: Exception) -> None:
+        if isinstance(exc, ChildTaskFailed):
+            error = str(exc)
+        elif isinstance(exc, TaskTimeout):
+            error = f"TaskTimeout: {exc}"
+        else:
+            error = traceback.format_exc()
+        logger.error("worker %s: task %s failed (attempt %d): %s", claim.worker, claim.id, claim.attempt,
+                     error.strip().splitlines()[-1] if error.strip() else exc)
+        status = self._store(lambda: self.tm.fail(claim, error, max_attempts=self.s.max_attempts))
+        logger.warning("worker %s: task %s -> %s", claim.worker, claim.id, status or "(lease lost)")
+        self._reap([claim.id])
+
+    def _commit(self, claim: Claim, result: dict) -> None:
+        """Commit under fencing; while the store is away, keep the result spooled on local disk."""
+        from qlib_ext import spool
+
+        try:
+            ok = self._commit_once(claim, result)
+        except STORE_ERRORS as e:
+            path = spool.write(self.s.pool, claim, result)
+            logger.warning("worker %s: cannot commit task %s (%s); result spooled to %s", claim.worker, claim.id,
+                           e, path)
+            ok = self._store(lambda: self._commit_once(claim, result), give_up_on_stop=False)
+            if ok is None:
+                return  # stopped while the store is away: the next worker here replays the spool
+            spool.remove(path)
+        if not ok:
+            self._discard(result, "lease lost before commit")
+
+    def _commit_once(self, claim: Claim, result: dict) -> bool:
+        """One fenced commit; True also when an earlier try of ours got through but its reply was lost."""
+        if self.tm.commit(claim, result):
+            return True
+        doc = self.tm.task_pool.find_one({"_id": claim.id}, {"status": 1, "result.run_id": 1})
+        return bool(doc and doc.get("status") == "done" and (doc.get("result") or {}).get("run_id") == result.get(
+            "run_id"))
+
+    def _discard(self, result: dict, reason: str) -> None:
+        from qlib_ext.reaper import end_run
+
+        try:
+            end_run(self.s.mlflow_uri, result["run_id"], reason)
+        except Exception:  # noqa: BLE001 - the reaper ends it later
+            logger.exception("worker %s: could not end discarded run %s", os.getpid(), result.get("run_id"))
+
+    def _replay_spool(self) -> None:
+        """Commit results spooled by dead workers of this host (a live one is still retrying its own)."""
+        from qlib_ext import spool
+
+        for item in spool.pending(self.s.pool):
+            if _owner_alive(item.claim.worker):
+                continue
+            ok = self._commit_once(item.claim, item.result)
+            spool.remove(item.path)
+            logger.warning("worker %s: replayed spooled result of task %s: %s", os.getpid(), item.claim.id,
+                           "committed" if ok else "refused (task taken over)")
+            if not ok:
+                self._discard(item.result, "spooled result refused: task taken over")
+
+    def _reap(self, task_ids: list[Any] | None) -> None:
+        from qlib_ext.reaper import reap_runs
+
+        try:
+            reap_runs(self.tm, self.s.mlflow_uri, task_ids)
+        except Exception as e:  # noqa: BLE001 - ghost runs are cosmetic; never stop the worker for them
+            logger.warning("worker %s: could not end stale MLflow runs (%s)", os.getpid(), e)
+
+    def _store(self, op: Callable[[], Any], give_up_on_stop: bool = True) -> Any:
+        """Retry a store write with capped back-off. When stopping, give up after a few tries (the
+        lease then expires and the sweep recovers the task); returns None when it gave up."""
+        delay, tries = defaults.POLL_MIN_SECONDS, 0
         while True:
             try:
                 return op()
-            except PyMongoError as e:
+            except STORE_ERRORS as e:
+                tries += 1
+                if self.stop.event.is_set() and (give_up_on_stop or tries >= 3):
+                    logger.warning("worker %s: store unreachable while stopping (%s); giving up", os.getpid(), e)
+                    return None
                 logger.warning("worker %s: store write failed (%s); retrying in %.1fs", os.getpid(), e, delay)
                 time.sleep(delay)
-                delay = min(delay * 2, defaults.POLL_MAX_SECONDS)
+                delay = min(delay * 2, defaults.OUTAGE_MAX_SECONDS)
 
 
-# ---------------------------------------------------------------------- the parent
-class WorkerGroup:
-    """N worker processes started from this (parent) process.
+def _owner_alive(worker: str) -> bool:
+    """Whether ``host:pid`` is a live process on this host other than us."""
+    import socket
 
-    ``poll()`` restarts a worker that died (crash, OOM kill) while the pool still has unfinished
-    tasks, up to ``max_restarts`` times per slot; the dead worker's task comes back when its lease
-    expires. ``stop()`` asks every worker to finish its task (SIGTERM, grace period) and exit.
-    """
-
-    def __init__(self, settings: WorkerSettings, n: int, max_restarts: int = 3):
-        self.settings, self.n, self.max_restarts = settings, n, max_restarts
-        self._ctx = mp.get_context("spawn")
-        self.procs: list[mp.Process] = []
-        self._restarts = [0] * n
-        self.stopping = False
-
-    def start(self) -> WorkerGroup:
-        self.procs = [self._spawn() for _ in range(self.n)]
-        return self
-
-    def _spawn(self) -> mp.Process:
-        proc = self._ctx.Process(target=worker_main, args=(WorkerSettings(**asdict(self.settings)),))
-        proc.start()
-        return proc
-
-    def alive(self) -> bool:
-        return any(p.is_alive() for p in self.procs)
-
-    def poll(self) -> None:
-        for i, p in enumerate(self.procs):
-            if p.exitcode in (None, 0) or self.stopping or self._restarts[i] >= self.max_restarts:
-                continue
-            if _pool_unfinished(self.settings):
-                logger.warning("worker %s died (exit %s); restarting it", p.pid, p.exitcode)
-                self._restarts[i] += 1
-                self.procs[i] = self._spawn()
-
-    def stop(self, *_args: object) -> None:
-        self.stopping = True
-        for p in self.procs:
-            if p.is_alive() and p.pid:
-                os.kill(p.pid, signal.SIGTERM)
-
-    def exit_code(self) -> int:
-        return 0 if all(p.exitcode == 0 for p in self.procs) else 1
-
-
-def run_workers(settings: WorkerSettings, n: int, on_tick=None, tick_seconds: float = 1.0) -> int:
-    """Run ``n`` workers until they exit; Ctrl-C/SIGTERM stops them gracefully. Returns 0 on a clean exit.
-
-    ``on_tick()`` is called about every ``tick_seconds`` (the progress display of ``qlib-ext run``).
-    """
-    group = WorkerGroup(settings, n).start()
-    old = {s: signal.signal(s, group.stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
     try:
-        while group.alive():
-            time.sleep(tick_seconds)
-            group.poll()
-            if on_tick is not None:
-                on_tick()
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    return group.exit_code()
-
-
-def _pool_unfinished(settings: WorkerSettings) -> bool:
-    from qlib_ext.queue import GridTaskManager, open_db
-
-    try:
-        return GridTaskManager(settings.pool, open_db(settings.mongo_url, settings.db_name)).unfinished() > 0
-    except Exception:  # an unreachable store is no reason to stop restarting
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
         return True
+    return True

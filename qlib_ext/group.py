@@ -1,0 +1,103 @@
+"""A parent process running N local worker processes: start, restart the dead, stop gracefully."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+
+from qlib_ext.worker import WorkerSettings, worker_main
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerGroup:
+    """N worker processes started from this (parent) process. Not thread-safe; one owner.
+
+    ``poll()`` restarts a worker that died (crash, OOM kill) while the pool still has unfinished
+    tasks, up to ``max_restarts`` times per slot; the dead worker's task comes back when its lease
+    expires. ``stop()`` asks every worker to finish its task (SIGTERM, grace period) and exit; a
+    second ``stop()`` kills them (SIGKILL), for a user pressing Ctrl-C twice.
+    """
+
+    def __init__(self, settings: WorkerSettings, n: int, max_restarts: int = 3):
+        self.settings, self.n, self.max_restarts = settings, n, max_restarts
+        self._ctx = mp.get_context("spawn")
+        self.procs: list[mp.Process] = []
+        self._restarts = [0] * n
+        self.stopping = False
+        self.killed = False
+
+    def start(self) -> WorkerGroup:
+        self.procs = [self._spawn() for _ in range(self.n)]
+        return self
+
+    def _spawn(self) -> mp.Process:
+        proc = self._ctx.Process(target=worker_main, args=(WorkerSettings(**asdict(self.settings)),))
+        proc.start()
+        return proc
+
+    def alive(self) -> bool:
+        return any(p.is_alive() for p in self.procs)
+
+    def poll(self) -> None:
+        """Restart workers that died with a non-zero exit code while work remains."""
+        for i, p in enumerate(self.procs):
+            if p.exitcode in (None, 0) or self.stopping or self._restarts[i] >= self.max_restarts:
+                continue
+            if _pool_unfinished(self.settings):
+                logger.warning("worker %s died (exit %s); restarting it", p.pid, p.exitcode)
+                self._restarts[i] += 1
+                self.procs[i] = self._spawn()
+
+    def stop(self, *_args: object) -> None:
+        """First call: SIGTERM every worker (graceful). Second call: SIGKILL them."""
+        sig = signal.SIGKILL if self.stopping else signal.SIGTERM
+        self.killed = self.stopping
+        self.stopping = True
+        for p in self.procs:
+            if p.is_alive() and p.pid:
+                os.kill(p.pid, sig)
+
+    def exit_code(self) -> int:
+        return 0 if all(p.exitcode == 0 for p in self.procs) else 1
+
+
+def run_workers(settings: WorkerSettings, n: int, on_tick: Callable[[], None] | None = None,
+                tick_seconds: float = 1.0) -> int:
+    """Run ``n`` workers until they exit; Ctrl-C/SIGTERM stops them gracefully. Returns 0 on a clean exit
+    (also after a graceful stop: every task was handed back or finished).
+
+    ``on_tick()`` is called about every ``tick_seconds`` (the progress display of ``qlib-ext run``).
+    """
+    group = WorkerGroup(settings, n).start()
+    old = {s: signal.signal(s, group.stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while group.alive():
+            time.sleep(tick_seconds)
+            group.poll()
+            if on_tick is not None:
+                on_tick()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if group.stopping:
+        logger.warning("workers stopped%s", " (killed)" if group.killed else "; running tasks handed back")
+    return group.exit_code()
+
+
+def _pool_unfinished(settings: WorkerSettings) -> bool:
+    from qlib_ext.queue import GridTaskManager
+    from qlib_ext.worker import task_db
+
+    db = task_db(settings)
+    try:
+        return GridTaskManager(settings.pool, db).unfinished() > 0
+    except Exception:  # noqa: BLE001 - an unreachable store is no reason to stop restarting
+        return True
+    finally:
+        db.client.close()

@@ -1,0 +1,195 @@
+"""How a worker runs one task so that it can be stopped: in-process, or in a child with a time limit.
+
+``ChildProcessTask`` is the death penalty (rq's ``timeouts.py``), except that the task dies, not the
+worker: the task runs in a forked child; at the deadline, or when asked to, the parent sends SIGTERM
+(the child's MLflow run ends KILLED), then SIGKILL after ``kill_after`` seconds if the child ignores
+it (a hang in C code). ``InProcessTask`` runs the task in the worker itself (no fork, cheaper) and
+can only be interrupted between Python bytecodes.
+
+Both raise :class:`TaskTimeout` or :class:`TaskInterrupted`; a task's own exception comes out as
+itself (in-process) or as :class:`ChildTaskFailed` carrying the child's traceback text.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from qlib_ext.errors import TaskError
+
+logger = logging.getLogger(__name__)
+
+KILL_AFTER_SECONDS = 5.0
+"""Time a child gets between SIGTERM and SIGKILL, seconds."""
+
+
+class TaskTimeout(TaskError, TimeoutError):
+    """The task ran longer than its wall-clock limit and was killed (a failed attempt)."""
+
+
+class TaskInterrupted(TaskError):
+    """The task was stopped from outside: worker shutdown, lost lease or ``cancel --now``."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ChildTaskFailed(TaskError):
+    """The task raised in its child process; ``str(e)`` is the child's formatted traceback."""
+
+
+class _Interrupt(KeyboardInterrupt):
+    """Raised inside the task; a KeyboardInterrupt so that Qlib code does not swallow it and
+    ``tasks._killed_on_interrupt`` ends the MLflow run KILLED."""
+
+
+class InProcessTask:
+    """Runs ``fn`` in the calling (main) thread; ``interrupt`` may be called from any thread.
+
+    The interrupt is an asynchronous exception raised in the running thread at its next Python
+    bytecode, so a long C call (a LightGBM fit) finishes its current step first.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._thread_id: int | None = None
+        self.reason: str | None = None
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call ``fn(*args, **kwargs)``; raise TaskInterrupted if ``interrupt`` stopped it."""
+        with self._lock:
+            self._thread_id, self.reason = threading.get_ident(), None
+        try:
+            result = fn(*args, **kwargs)
+            with self._lock:
+                self._thread_id = None
+            return result
+        except _Interrupt:
+            raise TaskInterrupted(self.reason or "interrupted") from None
+        finally:
+            with self._lock:
+                self._thread_id = None
+
+    def interrupt(self, reason: str) -> None:
+        """Stop the running task (no-op when none is running or it is already being stopped)."""
+        with self._lock:
+            if self._thread_id is None or self.reason is not None:
+                return
+            self.reason = reason
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._thread_id), ctypes.py_object(_Interrupt))
+
+
+class ChildProcessTask:
+    """Runs ``fn`` in a forked child process, killed after ``timeout`` seconds (None: no limit).
+
+    Fork, not spawn: the child inherits the worker's initialised Qlib in milliseconds instead of
+    re-importing Qlib and MLflow (seconds). That is safe because the parent never trains a model
+    (no OpenMP pool to inherit) and the child drops inherited MLflow database connections and
+    never touches the parent's MongoDB client. ``interrupt`` may be called from any thread.
+    """
+
+    def __init__(self, timeout: float | None, kill_after: float = KILL_AFTER_SECONDS):
+        self.timeout, self.kill_after = timeout, kill_after
+        self.reason: str | None = None
+        self._stop = threading.Event()
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` in a child and return its (picklable) result.
+
+        Raises:
+            TaskTimeout: the deadline passed; the child was killed.
+            TaskInterrupted: ``interrupt`` was called; the child was killed.
+            ChildTaskFailed: the task raised, or the child died without answering.
+        """
+        ctx = mp.get_context("fork")
+        recv, send = ctx.Pipe(duplex=False)
+        child = ctx.Process(target=_child_main, args=(send, fn, args, kwargs), daemon=True)
+        child.start()
+        send.close()
+        try:
+            return self._wait(child, recv)
+        finally:
+            recv.close()
+            self._kill(child)
+
+    def _wait(self, child: Any, recv: Any) -> Any:
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            if recv.poll(0.1):
+                try:
+                    kind, payload = recv.recv()
+                except EOFError:  # the child died right after sending nothing
+                    kind, payload = "died", None
+                if kind == "ok":
+                    return payload
+                if kind == "error":
+                    raise ChildTaskFailed(payload)
+                break
+            if self._stop.is_set():
+                self._kill(child)
+                raise TaskInterrupted(self.reason or "interrupted")
+            if deadline is not None and time.monotonic() > deadline:
+                self._kill(child)
+                raise TaskTimeout(f"task timed out after {self.timeout:g}s; its child process "
+                                  f"{child.pid} was killed")
+            if not child.is_alive() and not recv.poll(0):
+                break
+        child.join(1)
+        raise ChildTaskFailed(f"task child process {child.pid} died without a result (exit code {child.exitcode})")
+
+    def interrupt(self, reason: str) -> None:
+        """Kill the running child and make ``run`` raise TaskInterrupted(reason)."""
+        if self.reason is None:
+            self.reason = reason
+        self._stop.set()
+
+    def _kill(self, child: Any) -> None:
+        """SIGTERM (the run ends KILLED), then SIGKILL if the child is still there after ``kill_after``."""
+        if child.is_alive():
+            child.terminate()
+            child.join(self.kill_after)
+        if child.is_alive():
+            logger.warning("timeouts: child %s ignored SIGTERM for %.0fs; killing it", child.pid, self.kill_after)
+            child.kill()
+            child.join(5)
+
+
+def _child_main(send: Any, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+    """Body of the child: signals as a task needs them, fresh DB connections, run, report, exit."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C goes to the worker, which decides
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    _drop_inherited_connections()
+    try:
+        message = ("ok", fn(*args, **kwargs))
+    except BaseException:  # noqa: BLE001 - everything goes back to the parent as text
+        message = ("error", traceback.format_exc())
+    try:
+        send.send(message)
+    except Exception:  # noqa: BLE001 - e.g. an unpicklable result: report that instead
+        send.send(("error", traceback.format_exc()))
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # skip inherited atexit hooks (MongoDB client, MLflow) that belong to the parent
+
+
+def _raise_interrupt(_signum: int, _frame: object) -> None:
+    raise _Interrupt("terminated by the worker")
+
+
+def _drop_inherited_connections() -> None:
+    """SQLAlchemy's rule for forked children: dispose inherited engines without closing the
+    parent's connections, so MLflow opens its own."""
+    store = sys.modules.get("mlflow.store.tracking.sqlalchemy_store")
+    for engine in list(getattr(getattr(store, "SqlAlchemyStore", None), "_engine_map", {}).values()):
+        engine.dispose(close=False)
