@@ -5,7 +5,8 @@
 * market ``csi300`` (also ``all``): 40 stocks, SH600000.. / SZ000001.. alternating, 4 of them
   listing late; benchmark ``SH000300`` (features only);
 * calendar: 400 weekdays, **2015-01-05 .. 2016-07-15**, seed 0 — planted reversal alpha, so
-  LightGBM on Alpha158 finds a positive IC.
+  LightGBM on Alpha158 finds a positive IC (measured 0.13 over 68 test days with a 60/20/20
+  split; shuffled-label control 0.005).
 
 Suggested segments (Alpha158 needs ~60 days of history, its label looks 2 days ahead, and a
 backtest must end at least one trading day before the calendar does):
