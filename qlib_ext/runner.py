@@ -89,7 +89,8 @@ def submit(path: str | Path, *, mongo_url: str | None = None, mlflow_uri: str | 
 
 def worker_settings(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = None,
                     provider_uri: str | None = None, workers: int = 1, threads: int | None = None,
-                    db_name: str = defaults.TASK_DB_NAME, cache: bool = True, **overrides) -> object:
+                    db_name: str = defaults.TASK_DB_NAME, cache: bool = True, log_to_files: bool = False,
+                    **overrides) -> object:
     """Worker settings from the pool's recorded metadata; explicit arguments win.
 
     ``overrides`` are ``WorkerSettings`` fields (lease_seconds, grace_seconds, exit_when_idle...);
@@ -115,5 +116,6 @@ def worker_settings(pool: str, *, mongo_url: str | None = None, mlflow_uri: str 
         pool=pool, mongo_url=url, mlflow_uri=mlflow_uri or meta["mlflow_uri"], provider_uri=provider,
         region=meta.get("region", "cn"), db_name=db_name, qlib_kwargs=meta.get("qlib_init", {}),
         cache_dir=str(defaults.cache_dir()) if cache else None,
+        log_dir=str(defaults.home() / "logs" / pool) if log_to_files else None,
         threads=auto_threads(workers) if wanted in (None, "auto") else int(wanted), **fields,
     )
