@@ -12,7 +12,6 @@ itself (in-process) or as :class:`ChildTaskFailed` carrying the child's tracebac
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing as mp
 import os
@@ -30,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 KILL_AFTER_SECONDS = 5.0
 """Time a child gets between SIGTERM and SIGKILL, seconds."""
+
+INTERRUPT_SIGNAL = signal.SIGUSR1
+"""Signal that interrupts an in-process task (raised as an exception inside it)."""
 
 
 class TaskTimeout(TaskError, TimeoutError):
@@ -54,39 +56,48 @@ class _Interrupt(KeyboardInterrupt):
 
 
 class InProcessTask:
-    """Runs ``fn`` in the calling (main) thread; ``interrupt`` may be called from any thread.
+    """Runs ``fn`` in the calling thread, which must be the main thread; ``interrupt`` may be called
+    from any thread.
 
-    The interrupt is an asynchronous exception raised in the running thread at its next Python
-    bytecode, so a long C call (a LightGBM fit) finishes its current step first.
+    The interrupt is SIGUSR1 sent to the main thread, whose handler raises inside the task: that
+    wakes a sleeping or I/O-blocked task at once, while a long C call (a LightGBM fit) first
+    finishes its current step.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._thread_id: int | None = None
+        self._active = False
         self.reason: str | None = None
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call ``fn(*args, **kwargs)``; raise TaskInterrupted if ``interrupt`` stopped it."""
+        old = signal.signal(INTERRUPT_SIGNAL, self._on_signal)
         with self._lock:
-            self._thread_id, self.reason = threading.get_ident(), None
+            self._active, self.reason = True, None
         try:
             result = fn(*args, **kwargs)
             with self._lock:
-                self._thread_id = None
+                self._active = False
             return result
         except _Interrupt:
             raise TaskInterrupted(self.reason or "interrupted") from None
         finally:
             with self._lock:
-                self._thread_id = None
+                self._active = False
+            signal.signal(INTERRUPT_SIGNAL, old)
 
     def interrupt(self, reason: str) -> None:
         """Stop the running task (no-op when none is running or it is already being stopped)."""
         with self._lock:
-            if self._thread_id is None or self.reason is not None:
+            if not self._active or self.reason is not None:
                 return
             self.reason = reason
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._thread_id), ctypes.py_object(_Interrupt))
+            signal.pthread_kill(threading.main_thread().ident, INTERRUPT_SIGNAL)
+
+    def _on_signal(self, _signum: int, _frame: object) -> None:
+        # No lock here: the handler runs in the main thread, which may be holding it.
+        if self._active and self.reason is not None:
+            raise _Interrupt(self.reason)
 
 
 class ChildProcessTask:
