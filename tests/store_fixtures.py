@@ -31,13 +31,13 @@ class StoreProcess:
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
-    def start(self, timeout: float = 30.0) -> str:
-        """Start the server (any free port) and wait until it answers; return its URL."""
+    def start(self, timeout: float = 30.0, port: int = 0) -> str:
+        """Start the server (port 0: any free one) and wait until it answers; return its URL."""
         from qlib_ext.store import running_url
 
         log = open(self.dir.parent / f"{self.dir.name}.log", "ab")  # noqa: SIM115 - child keeps it
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qlib_ext.store", "serve", "--dir", str(self.dir), "--port", "0"],
+            [sys.executable, "-m", "qlib_ext.store", "serve", "--dir", str(self.dir), "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         deadline = time.monotonic() + timeout
@@ -49,7 +49,7 @@ class StoreProcess:
             if self.proc.poll() is not None:
                 break
             time.sleep(0.02)
-        raise RuntimeError(f"store did not start: {self.log_text()[-2000:]}")
+        raise RuntimeError(f"store did not start (exit code {self.proc.poll()}): {self.log_text()[-2000:]}")
 
     def log_text(self) -> str:
         """The server's log so far."""

@@ -29,9 +29,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_FIELDS = ("status", "priority")
 """Fields indexed in every collection: Qlib's claim filters on status and sorts on priority."""
 
-_SORTED_WALK_SHARE = 16
-"""Walk the sorted index (instead of sorting candidates) when candidates exceed 1/16 of docs."""
-
 # mongomock's update, projection and upsert helpers are Collection methods that touch no state.
 _HELPER = mongomock.MongoClient().get_database("_helper").get_collection("_helper")
 
@@ -53,14 +50,18 @@ def hid(value: Any) -> Any:
 
 
 class Collection:
-    """Documents of one collection plus indexes. The engine lock guards every method."""
+    """Documents of one collection plus indexes. The engine lock guards every method.
+
+    Documents are keyed internally by an insertion sequence number (a small int: fast to hash,
+    and ascending order is MongoDB's natural order); ``ids`` maps each ``_id`` to it.
+    """
 
     def __init__(self, name: str, db: str = "", log: Callable[[dict[str, Any]], None] | None = None):
         self.name = name
         self.db = db
         self._log = log or (lambda op: None)
-        self.docs: dict[Any, dict[str, Any]] = {}
-        self.seq: dict[Any, int] = {}
+        self.docs: dict[int, dict[str, Any]] = {}  # seq -> document, in insertion order
+        self.ids: dict[Any, int] = {}  # hid(_id) -> seq
         self.next_seq = 0
         self.fields: dict[str, FieldIndex] = {f: FieldIndex(f) for f in DEFAULT_FIELDS}
         self.specs: dict[str, dict[str, Any]] = {}  # user index name -> createIndexes spec
@@ -69,17 +70,17 @@ class Collection:
     # ------------------------------------------------------------------ indexes
     def create_index(self, spec: dict[str, Any]) -> None:
         """Add a user index (validated by the caller); raises WriteFailure on duplicate data."""
+        if spec.get("unique") and list(spec["key"]) != ["_id"]:
+            unique = UniqueIndex(spec)
+            for seq, doc in self.docs.items():
+                unique.check(seq, doc)
+                unique.add(seq, doc)
+            self.uniques[spec["name"]] = unique
         for path in spec["key"]:
             if path != "_id" and path not in self.fields:
                 index = self.fields[path] = FieldIndex(path)
-                for doc_id, doc in self.docs.items():
-                    index.add(doc_id, self.seq[doc_id], doc)
-        if spec.get("unique") and list(spec["key"]) != ["_id"]:
-            unique = UniqueIndex(spec)
-            for doc_id, doc in self.docs.items():
-                unique.check(doc_id, doc)
-                unique.add(doc_id, doc)
-            self.uniques[spec["name"]] = unique
+                for seq, doc in self.docs.items():
+                    index.add(seq, doc)
         self.specs[spec["name"]] = spec
         self._log({"o": "idx", "db": self.db, "c": self.name, "spec": spec})
 
@@ -95,16 +96,16 @@ class Collection:
 
     # ------------------------------------------------------------------ storage
     def _store(self, doc: dict[str, Any], encoded: bytes | None = None) -> None:
-        doc_id = hid(doc["_id"])
+        seq = self.next_seq
         for unique in self.uniques.values():
-            unique.check(doc_id, doc)
-        self.docs[doc_id] = doc
-        self.seq[doc_id] = self.next_seq
+            unique.check(seq, doc)
         self.next_seq += 1
+        self.docs[seq] = doc
+        self.ids[hid(doc["_id"])] = seq
         for index in self.fields.values():
-            index.add(doc_id, self.seq[doc_id], doc)
+            index.add(seq, doc)
         for unique in self.uniques.values():
-            unique.add(doc_id, doc)
+            unique.add(seq, doc)
         self._put(encoded if encoded is not None else bson.encode(doc))
 
     def _put(self, encoded: bytes) -> None:
@@ -115,39 +116,46 @@ class Collection:
         if "_id" not in doc:
             doc = {"_id": ObjectId(), **doc}
         encoded = bson.encode(doc)  # validates keys and types like a real server
-        if hid(doc["_id"]) in self.docs:
+        if hid(doc["_id"]) in self.ids:
             raise WriteFailure(11000, _dup_message(self.name, "_id_", {"_id": doc["_id"]}),
                                keyPattern={"_id": 1}, keyValue={"_id": doc["_id"]})
         self._store(doc, encoded)
 
     def delete(self, doc: dict[str, Any]) -> None:
         """Remove one stored document."""
-        doc_id = hid(doc["_id"])
+        seq = self.ids.pop(hid(doc["_id"]))
         for index in self.fields.values():
-            index.remove(doc_id, self.seq[doc_id])
+            index.remove(seq)
         for unique in self.uniques.values():
-            unique.remove(doc_id)
-        del self.docs[doc_id]
-        del self.seq[doc_id]
+            unique.remove(seq)
+        del self.docs[seq]
         self._log({"o": "del", "db": self.db, "c": self.name, "id": doc["_id"]})
+
+    def get(self, value: Any) -> dict[str, Any] | None:
+        """The document whose ``_id`` is ``value``, or None."""
+        seq = self.ids.get(hid(value))
+        return None if seq is None else self.docs[seq]
 
     def delete_id(self, value: Any) -> None:
         """Remove the document with ``_id`` ``value`` if present (journal replay)."""
-        doc = self.docs.get(hid(value))
+        doc = self.get(value)
         if doc is not None:
             self.delete(doc)
 
     def put_replayed(self, doc: dict[str, Any]) -> None:
-        """Journal replay: insert or overwrite by ``_id`` without unique checks."""
-        old = self.docs.get(hid(doc["_id"]))
-        if old is not None:
-            self.delete(old)
-        self._store(doc)
+        """Journal replay: insert, or overwrite in place (keeping its natural-order position)."""
+        old = self.get(doc["_id"])
+        if old is None:
+            self._store(doc)
+            return
+        old.clear()
+        old.update(doc)
+        self._reindex(self.ids[hid(doc["_id"])], old)
 
     # ------------------------------------------------------------------ queries
     def find(self, flt: dict[str, Any], sort: list[tuple[str, int]] | None = None) -> Iterator[dict]:
         """Matching documents (live objects: callers must not mutate them), lazily."""
-        candidates = plan(flt, self.docs, self.fields, hid)
+        candidates = plan(flt, self.ids, self.fields, hid)
         if sort:
             return self._sorted(flt, sort, candidates)
         return self._natural(flt, candidates)
@@ -167,9 +175,9 @@ class Collection:
             if not order:
                 filtering.filter_applies(flt, {})  # still reject a bad filter
         else:
-            order = sorted(candidates, key=self.seq.__getitem__)
-        for doc_id in order:
-            doc = self.docs.get(doc_id)
+            order = sorted(candidates)
+        for seq in order:
+            doc = self.docs.get(seq)
             if doc is not None and filtering.filter_applies(flt, doc):
                 yield doc
 
@@ -177,8 +185,7 @@ class Collection:
                 ) -> Iterator[dict]:
         (path, direction), = sort if len(sort) == 1 else (("", 0),)
         index = self.fields.get(path)
-        big = candidates is None or len(candidates) * _SORTED_WALK_SHARE > len(self.docs)
-        if index is not None and not index.complex and big:
+        if index is not None and not index.complex:
             return self._walk(flt, index, direction < 0, candidates)
         docs = list(self._natural(flt, candidates))
         for key, direction in reversed(sort):  # stable sorts, last key first: mongomock's way
@@ -189,10 +196,29 @@ class Collection:
 
     def _walk(self, flt: dict, index: FieldIndex, descending: bool, candidates: set | None
               ) -> Iterator[dict]:
-        for doc_id in index.walk(descending):  # lazy: the engine drains it under its lock
-            if candidates is not None and doc_id not in candidates:
-                continue
-            doc = self.docs.get(doc_id)
+        """Follow the sorted index; if it keeps passing non-candidates, sort the candidates instead.
+
+        The budget bounds a claim late in a drain, when most of the index is already-claimed tasks.
+        """
+        budget = -1 if candidates is None else len(candidates) // 4 + 64
+        visited: set[int] = set()
+        for seq in itertools.chain.from_iterable(index.walk(descending)):  # lazy, under the engine lock
+            if candidates is not None:
+                if seq not in candidates:
+                    budget -= 1
+                    if budget == 0:
+                        break
+                    continue
+                visited.add(seq)
+            doc = self.docs.get(seq)
+            if doc is not None and filtering.filter_applies(flt, doc):
+                yield doc
+        else:
+            return
+        rest = sorted(candidates - visited)
+        rest.sort(key=index.keys.__getitem__, reverse=descending)  # stable: ties stay in seq order
+        for seq in rest:
+            doc = self.docs.get(seq)
             if doc is not None and filtering.filter_applies(flt, doc):
                 yield doc
 
@@ -205,6 +231,7 @@ class Collection:
         """
         before = bson.encode(doc)
         doc_id = hid(doc["_id"])
+        seq = self.ids[doc_id]
         try:
             apply_update(doc, spec, update, upserting)
             if hid(doc.get("_id")) != doc_id:
@@ -213,24 +240,23 @@ class Collection:
             after = bson.encode(doc)
             if after != before:
                 for unique in self.uniques.values():
-                    unique.check(doc_id, doc)
+                    unique.check(seq, doc)
         except BaseException:
             doc.clear()
             doc.update(bson.decode(before, CODEC))
             raise
         if after == before:
             return False
-        self._reindex(doc_id, doc)
+        self._reindex(seq, doc)
         self._put(after)
         return True
 
-    def _reindex(self, doc_id: Any, doc: dict[str, Any]) -> None:
-        seq = self.seq[doc_id]
+    def _reindex(self, seq: int, doc: dict[str, Any]) -> None:
         for index in self.fields.values():
-            index.update(doc_id, seq, doc)
+            index.update(seq, doc)
         for unique in self.uniques.values():
-            unique.remove(doc_id)
-            unique.add(doc_id, doc)
+            unique.remove(seq)
+            unique.add(seq, doc)
 
     def upsert_doc(self, spec: dict, update: dict | list) -> dict[str, Any]:
         """Build and insert the document an upsert creates (mongomock's recipe)."""

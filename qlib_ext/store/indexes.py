@@ -70,52 +70,54 @@ class FieldIndex:
     def __init__(self, path: str):
         self.path = path
         self.buckets: dict[tuple, set] = {}
-        self.sorted: list[tuple] = []  # (rank, value, seq, id), ascending
-        self.complex: set = set()
-        self.keys: dict[Any, tuple | object] = {}  # id -> key last indexed
+        self.sorted: list[tuple] = []  # (rank, value, seq), ascending
+        self.complex: set[int] = set()
+        self.keys: dict[int, tuple | object] = {}  # seq -> key last indexed
 
-    def add(self, doc_id: Any, seq: int, doc: dict[str, Any]) -> None:
-        """Index ``doc`` (whose storage id and insertion sequence are given)."""
+    def add(self, seq: int, doc: dict[str, Any]) -> None:
+        """Index ``doc``, known by its insertion sequence number (the collection's internal id)."""
         key = doc_key(doc, self.path)
-        self.keys[doc_id] = key
+        self.keys[seq] = key
         if key is COMPLEX:
-            self.complex.add(doc_id)
+            self.complex.add(seq)
             return
-        self.buckets.setdefault(key, set()).add(doc_id)
-        bisect.insort(self.sorted, (*key, seq, doc_id))
+        self.buckets.setdefault(key, set()).add(seq)
+        bisect.insort(self.sorted, (*key, seq))
 
-    def remove(self, doc_id: Any, seq: int) -> None:
-        """Forget ``doc_id``; a no-op when it was never indexed."""
-        key = self.keys.pop(doc_id, None)
+    def remove(self, seq: int) -> None:
+        """Forget ``seq``; a no-op when it was never indexed."""
+        key = self.keys.pop(seq, None)
         if key is None:
             return
         if key is COMPLEX:
-            self.complex.discard(doc_id)
+            self.complex.discard(seq)
             return
         bucket = self.buckets[key]
-        bucket.discard(doc_id)
+        bucket.discard(seq)
         if not bucket:
             del self.buckets[key]
         i = bisect.bisect_left(self.sorted, (*key, seq))
         if i < len(self.sorted) and self.sorted[i][2] == seq:
             del self.sorted[i]
 
-    def update(self, doc_id: Any, seq: int, doc: dict[str, Any]) -> None:
+    def update(self, seq: int, doc: dict[str, Any]) -> None:
         """Re-index a document changed in place (cheap when the key did not change)."""
-        if self.keys.get(doc_id) == doc_key(doc, self.path) and doc_id in self.keys:
+        if seq in self.keys and self.keys[seq] == doc_key(doc, self.path):
             return
-        self.remove(doc_id, seq)
-        self.add(doc_id, seq, doc)
+        self.remove(seq)
+        self.add(seq, doc)
 
     def equal(self, keys: list[tuple]) -> set:
-        """Ids that may equal any of ``keys``."""
+        """Sequence numbers that may equal any of ``keys``. Read-only: may be the live bucket, not a copy."""
+        if len(keys) == 1 and not self.complex:
+            return self.buckets.get(keys[0], set())
         out = set(self.complex)
         for key in keys:
             out |= self.buckets.get(key, set())
         return out
 
     def between(self, rank: int, low: tuple | None, high: tuple | None) -> set:
-        """Ids that may lie in a range of one rank; ``low``/``high`` are ``(value, inclusive)``."""
+        """Sequence numbers that may lie in a range of one rank; ``low``/``high`` are ``(value, inclusive)``."""
         lst = self.sorted
         if low is None:
             start = bisect.bisect_left(lst, (rank,))
@@ -125,19 +127,24 @@ class FieldIndex:
             stop = bisect.bisect_left(lst, (rank + 1,))
         else:
             stop = bisect.bisect_left(lst, (rank, high[0], _INF) if high[1] else (rank, high[0]))
-        return {entry[3] for entry in lst[start:stop]} | self.complex
+        return {entry[2] for entry in lst[start:stop]} | self.complex
 
-    def walk(self, descending: bool) -> Iterator[Any]:
-        """Ids in sort order; ties keep insertion order, as mongomock's stable sort does."""
+    def walk(self, descending: bool, chunk: int = 128) -> Iterator[list[int]]:
+        """Sequence numbers in sort order, in chunks (cheap to stop early).
+
+        Ties keep insertion order in both directions, as mongomock's stable sort does.
+        """
         lst = self.sorted
         if not descending:
-            yield from (entry[3] for entry in lst)
+            for i in range(0, len(lst), chunk):
+                yield [entry[2] for entry in lst[i:i + chunk]]
             return
         end = len(lst)
         while end > 0:
             last = lst[end - 1]
             start = bisect.bisect_left(lst, (last[0], last[1]), 0, end)
-            yield from (entry[3] for entry in lst[start:end])
+            for i in range(start, end, chunk):
+                yield [entry[2] for entry in lst[i:min(i + chunk, end)]]
             end = start
 
     def __len__(self) -> int:

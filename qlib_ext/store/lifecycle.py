@@ -67,9 +67,7 @@ def _is_loopback(host: str) -> bool:
 def _dir_lock(path: Path) -> Iterator[None]:
     fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_flock(fd, patience=1.0):
             state = read_state(path) or {}
             raise StoreError(
                 f"another store is already serving {path} (pid {state.get('pid', '?')}, "
@@ -78,6 +76,19 @@ def _dir_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def _try_flock(fd: int, patience: float) -> bool:
+    """Take an exclusive flock, retrying for ``patience`` s: an :func:`is_locked` probe holds it briefly."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
 
 
 def is_locked(directory: Path) -> bool:

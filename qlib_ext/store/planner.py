@@ -22,12 +22,12 @@ def plan(flt: dict[str, Any], ids: dict, fields: dict[str, FieldIndex], hid) -> 
 
     Args:
         flt: the query filter.
-        ids: storage id -> document, to resolve ``_id`` lookups directly.
+        ids: ``hid(_id)`` -> sequence number, to resolve ``_id`` lookups directly.
         fields: the collection's field indexes by dotted path.
         hid: function mapping an ``_id`` value to its storage id.
 
     Returns:
-        A superset of the matching ids, or ``None`` when no index applies.
+        A superset of the matching sequence numbers, or ``None`` when no index applies.
     """
     result: set | None = None
     for key, cond in flt.items():
@@ -64,7 +64,7 @@ def _id_candidates(cond: Any, ids: dict, hid) -> set | None:
         values = [cond]
     else:
         return None
-    return {h for h in map(hid, values) if h in ids}
+    return {ids[h] for h in map(hid, values) if h in ids}
 
 
 def field_candidates(index: FieldIndex, cond: Any) -> set | None:

@@ -38,27 +38,27 @@ class UniqueIndex:
             return None
         return tuple(_part(None if m else v) for v, m in zip(values, missing, strict=True))
 
-    def check(self, doc_id: Any, doc: dict[str, Any]) -> None:
+    def check(self, seq: Any, doc: dict[str, Any]) -> None:
         """Raise WriteFailure if another document already holds ``doc``'s key."""
         from qlib_ext.store.collection import WriteFailure
 
         key = self.key(doc)
-        if key is not None and self.owner.get(key, doc_id) != doc_id:
+        if key is not None and self.owner.get(key, seq) != seq:
             pattern = {p: 1 for p in self.paths}
             value = {p: filtering.resolve_key(p, doc) for p in self.paths}
             value = {p: (None if v is filtering.NOTHING else v) for p, v in value.items()}
             raise WriteFailure(11000, f"E11000 duplicate key error index: {self.name} dup key: {value}",
                                keyPattern=pattern, keyValue=value)
 
-    def add(self, doc_id: Any, doc: dict[str, Any]) -> None:
+    def add(self, seq: Any, doc: dict[str, Any]) -> None:
         """Record ``doc`` as the owner of its key."""
         key = self.key(doc)
         if key is not None:
-            self.owner[key] = doc_id
-            self.key_of[doc_id] = key
+            self.owner[key] = seq
+            self.key_of[seq] = key
 
-    def remove(self, doc_id: Any) -> None:
-        """Forget ``doc_id``'s key."""
-        key = self.key_of.pop(doc_id, None)
-        if key is not None and self.owner.get(key) == doc_id:
+    def remove(self, seq: Any) -> None:
+        """Forget ``seq``'s key."""
+        key = self.key_of.pop(seq, None)
+        if key is not None and self.owner.get(key) == seq:
             del self.owner[key]

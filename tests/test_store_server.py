@@ -1,0 +1,84 @@
+"""Server robustness and lifecycle: bad clients, the directory lock, store.json, stop."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+
+import pymongo
+import pytest
+
+from qlib_ext.errors import StoreError
+from qlib_ext.store import open_store, running_url, stop
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    host, port = url.split("://")[1].strip("/").rsplit(":", 1)
+    return host, int(port)
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the server closed the connection (FIN, or RST when our bytes were left unread)."""
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\xff" * 64,  # negative length
+    struct.pack("<iiii", 100 * 1000 * 1000, 1, 0, 2013),  # over the 48 MB limit
+    struct.pack("<iiii", 40, 1, 0, 2013) + b"\x00" * 4 + b"\x00" + b"\x05\x00\x00\x00\x01" + b"x" * 14,
+    struct.pack("<iiii", 26, 1, 0, 9999) + b"0123456789",  # unknown opcode
+])
+def test_garbage_closes_only_that_connection(mongo_url, task_db_name, garbage):
+    client = pymongo.MongoClient(mongo_url, serverSelectionTimeoutMS=5000)
+    coll = client[task_db_name].c
+    coll.insert_one({"before": 1})
+    with socket.create_connection(_host_port(mongo_url), timeout=5) as bad:
+        bad.sendall(garbage)
+        assert _hung_up(bad)
+    coll.insert_one({"after": 1})
+    assert coll.count_documents({}) == 2
+    client.close()
+
+
+def test_half_message_then_silence_does_not_block_others(mongo_url, task_db_name):
+    with socket.create_connection(_host_port(mongo_url), timeout=5) as slow:
+        slow.sendall(struct.pack("<iiii", 1000, 1, 0, 2013))  # header promises 984 more bytes
+        client = pymongo.MongoClient(mongo_url, serverSelectionTimeoutMS=5000)
+        client[task_db_name].c.insert_one({"x": 1})
+        assert client[task_db_name].c.find_one({"x": 1})
+        client.close()
+
+
+def test_second_serve_on_same_dir_refuses(tmp_path, store_proc):
+    if store_proc is None:
+        pytest.skip("needs the embedded store")
+    with pytest.raises(StoreError, match="already serving"):
+        with open_store(store_proc.dir):
+            pass
+    assert running_url(store_proc.dir) == store_proc.url
+
+
+def test_store_json_and_stop(tmp_path):
+    directory = tmp_path / "s"
+    with open_store(directory) as store:
+        thread = threading.Thread(target=store.server.serve_forever, daemon=True)
+        thread.start()
+        assert running_url(directory) == store.url
+        assert (directory / "store.json").exists()
+        store.server.shutdown()
+        thread.join(5)
+    assert not (directory / "store.json").exists()
+    assert running_url(directory) is None
+    assert stop(directory) is False
+
+
+def test_non_loopback_host_warns(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="qlib_ext.store")
+    with open_store(tmp_path / "s", host="0.0.0.0") as store:
+        assert store.url.startswith("mongodb://127.0.0.1:")
+    assert "NO authentication" in caplog.text and "real MongoDB" in caplog.text
