@@ -264,8 +264,18 @@ class GridTaskManager(TaskManager):
 
     # ------------------------------------------------------------------ stats
     def counts(self, query: dict | None = None) -> dict[str, int]:
-        """Tasks per status in one ``$group`` aggregation (Qlib's ``task_stat`` unpickles every task)."""
-        pipeline = [{"$match": query or {}}, {"$group": {"_id": "$status", "n": {"$sum": 1}}}]
+        """Tasks per status, counted in the store (Qlib's ``task_stat`` unpickles every task).
+
+        One indexed ``count_documents`` per known status; if they do not add up to the whole pool
+        (someone used a status of their own), one ``$group`` over the pool counts everything.
+        """
+        query = query or {}
+        counts = {s.value: self.task_pool.count_documents({**query, "status": s.value}) for s in TaskStatus}
+        counts = {k: v for k, v in counts.items() if v}
+        total = self.task_pool.count_documents(query) if query else self.task_pool.estimated_document_count()
+        if sum(counts.values()) == total:
+            return counts
+        pipeline = [{"$match": query}, {"$group": {"_id": "$status", "n": {"$sum": 1}}}]
         return {d["_id"]: d["n"] for d in self.task_pool.aggregate(pipeline)}
 
     def unfinished(self) -> int:
