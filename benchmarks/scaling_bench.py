@@ -1,0 +1,183 @@
+"""Whole-grid wall time, side by side on one machine:
+
+* a loop of plain ``qrun`` over the grid's points (what users do today),
+* ``qlib-ext run`` with 1 worker and with ``cores`` workers, cache off and on,
+* ``cores`` workers with oversubscribed threads (every worker uses all cores) vs controlled,
+
+each in a fresh QLIB_EXT_HOME (fresh store, MLflow DB and cache), repeated and reported as medians.
+Also per-stage time and peak RSS per worker, read back from the runs' MLflow metrics.
+
+    python benchmarks/scaling_bench.py [--quick] [--repeat N]
+
+--quick: 60 stocks, workflows/quickstart.yaml (4 tasks). Default: 300 stocks, workflows/lgb_grid.yaml (8 tasks).
+Writes its section of docs/performance.md and docs/performance_scaling.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from _common import ROOT, machine_line, median, table, write_section
+
+CORES = os.cpu_count() or 1
+
+
+def make_data(root: Path, instruments: int) -> Path:
+    from qlib_ext.data.synth import write_synthetic
+
+    out = root / "data"
+    write_synthetic(out, instruments=instruments, days=1500, start="2015-01-05", seed=0, market="csi300")
+    return out
+
+
+def qrun_yamls(workflow: Path, provider: Path, outdir: Path, mlflow_uri: str) -> list[Path]:
+    """One plain qrun YAML per grid point: the same tasks qlib-ext runs, as a user would write them."""
+    from qlib_ext.config import load_workflow
+    from qlib_ext.gen import expand
+
+    wf = load_workflow(workflow)
+    paths = []
+    for i, task in enumerate(expand(wf, provider_uri=str(provider))):
+        task = {k: v for k, v in task.items() if k != "qlib_ext"}
+        config = {"qlib_init": {"provider_uri": str(provider), "region": "cn", "exp_manager": {
+            "class": "MLflowExpManager", "module_path": "qlib.workflow.expm",
+            "kwargs": {"uri": mlflow_uri, "default_exp_name": "Experiment"}}},
+            "experiment_name": "qrun_loop", "task": task}
+        path = outdir / f"point{i}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        paths.append(path)
+    return paths
+
+
+def run_qrun_loop(workflow: Path, provider: Path) -> float:
+    qrun = Path(sys.executable).parent / "qrun"
+    with tempfile.TemporaryDirectory(prefix="bench-qrun-") as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        paths = qrun_yamls(workflow, provider, Path(tmp), uri)
+        start = time.perf_counter()
+        for path in paths:
+            subprocess.run([str(qrun), str(path)], cwd=tmp, check=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+        return time.perf_counter() - start
+
+
+def run_qlib_ext(workflow: Path, provider: Path, workers: int, *flags: str) -> tuple[float, list[dict]]:
+    """Wall time of ``qlib-ext run`` in a fresh home, and the runs' metrics."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="bench-run-") as home:
+        env = {**os.environ, "QLIB_EXT_HOME": home}
+        cmd = [sys.executable, "-m", "qlib_ext", "run", str(workflow), "-n", str(workers),
+               "--provider-uri", str(provider), *flags]
+        start = time.perf_counter()
+        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        elapsed = time.perf_counter() - start
+        subprocess.run([sys.executable, "-m", "qlib_ext", "store", "stop"], env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        client = mlflow.MlflowClient(f"sqlite:///{home}/mlflow.db")
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        metrics = [{**r.data.metrics, "worker": r.data.tags.get("qlib_ext.worker")} for r in runs]
+        return elapsed, metrics
+
+
+def stage_summary(metrics: list[dict]) -> dict[str, float]:
+    keys = ["time.data_s", "time.fit_s", "time.signal_s", "time.backtest_s"]
+    out = {k: median([m[k] for m in metrics if k in m]) for k in keys}
+    by_worker: dict[str, float] = {}
+    for m in metrics:
+        by_worker[m["worker"]] = max(by_worker.get(m["worker"], 0.0), m.get("peak_rss_mb", 0.0))
+    out["rss_per_worker"] = median(list(by_worker.values()))
+    out["rss_total"] = sum(by_worker.values())
+    return out
+
+
+def plot(rows: dict[str, float], stages: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    base = rows["qlib-ext 1 worker, no cache"]
+    workers = [1, CORES]
+    ax1.plot(workers, [1, base / rows[f"qlib-ext {CORES} workers, no cache"]], "o-", label="no cache")
+    ax1.plot(workers, [base / rows["qlib-ext 1 worker, cache"], base / rows[f"qlib-ext {CORES} workers, cache"]],
+             "s-", label="cache")
+    ax1.plot(workers, workers, "k--", lw=0.8, label="linear")
+    ax1.set(xlabel="workers", ylabel="speed-up vs 1 worker, no cache", title="Grid speed-up")
+    ax1.legend()
+    names = list(stages)
+    bottom = [0.0] * len(names)
+    for key in ["time.data_s", "time.fit_s", "time.signal_s", "time.backtest_s"]:
+        vals = [stages[n][key] for n in names]
+        ax2.bar(names, vals, bottom=bottom, label=key)
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    ax2.set(ylabel="median seconds per task", title="Stage time per task")
+    ax2.tick_params(axis="x", labelrotation=15)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="60 stocks, 4-task quickstart grid")
+    parser.add_argument("--repeat", type=int, default=None, help="repetitions (default 1 quick, 3 full)")
+    args = parser.parse_args()
+    repeat = args.repeat or (1 if args.quick else 3)
+    workflow = ROOT / "workflows" / ("quickstart.yaml" if args.quick else "lgb_grid.yaml")
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+        provider = make_data(Path(tmp), 60 if args.quick else 300)
+        cases = {
+            "qrun loop": lambda: (run_qrun_loop(workflow, provider), []),
+            "qlib-ext 1 worker, no cache": lambda: run_qlib_ext(workflow, provider, 1, "--no-cache"),
+            "qlib-ext 1 worker, cache": lambda: run_qlib_ext(workflow, provider, 1),
+            f"qlib-ext {CORES} workers, no cache": lambda: run_qlib_ext(workflow, provider, CORES, "--no-cache"),
+            f"qlib-ext {CORES} workers, cache": lambda: run_qlib_ext(workflow, provider, CORES),
+            f"qlib-ext {CORES} workers, cache, {CORES} threads each (oversubscribed)":
+                lambda: run_qlib_ext(workflow, provider, CORES, "--threads", str(CORES)),
+        }
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        metrics: dict[str, list[dict]] = {name: [] for name in cases}
+        for rep in range(repeat):  # interleaved, so drift in machine speed hits every case alike
+            for name, case in cases.items():
+                elapsed, ms = case()
+                times[name].append(elapsed)
+                metrics[name].extend(ms)
+                print(f"rep {rep + 1}/{repeat}  {name}: {elapsed:.1f}s", flush=True)
+    med = {name: median(ts) for name, ts in times.items()}
+    loop, one = med["qrun loop"], med["qlib-ext 1 worker, no cache"]
+    rows = []
+    for name, t in med.items():
+        workers = CORES if f"{CORES} workers" in name else 1
+        rows.append([name, f"{t:.1f}", f"{loop / t:.2f}x", f"{one / t:.2f}x",
+                     f"{one / t / workers * 100:.0f} %" if "qrun" not in name else "-"])
+    stages = {n: stage_summary(m) for n, m in metrics.items() if m}
+    stage_rows = [[n, *(f"{s[k]:.1f}" for k in ["time.data_s", "time.fit_s", "time.signal_s", "time.backtest_s"]),
+                   f"{s['rss_per_worker']:.0f}", f"{s['rss_total']:.0f}"] for n, s in stages.items()]
+    png = ROOT / "docs" / "performance_scaling.png"
+    size = "quick: 60 stocks, quickstart.yaml, 4 tasks" if args.quick else "300 stocks, lgb_grid.yaml, 8 tasks"
+    plot(med, stages, png)
+    text = "\n\n".join([
+        f"## Grid wall time ({size})",
+        machine_line() + f"; median of {repeat} interleaved repetition(s), each in a fresh home (cold cache)",
+        table(["how", "wall s", "vs qrun loop", "vs 1 worker", "parallel efficiency"], rows),
+        "Parallel efficiency = speed-up over 1 worker (no cache) / workers: above 100 % means the cache "
+        "removed repeated work on top of the parallelism.",
+        "### Per task: stage medians (s) and peak RSS per worker (MB)",
+        table(["how", "data", "fit", "signal", "backtest", "RSS/worker", "RSS total"], stage_rows),
+        f"![speed-up and stage times]({png.name})",
+    ])
+    print(text)
+    write_section("scaling_bench_quick" if args.quick else "scaling_bench", text)
+
+
+if __name__ == "__main__":
+    main()
