@@ -3,9 +3,9 @@
 In a grid every task builds the same Alpha158 handler, which costs more than fitting LightGBM.
 :func:`prepared_dataset` keys the handler config plus the data directory's identity and the
 library versions; the first process that needs an entry builds it under a file lock, the others
-wait for the lock and load it. Entries are written atomically (temp file, fsync, ``os.replace``)
-and carry a sidecar with their length and checksum, so a partial or corrupt entry is rebuilt,
-never used.
+wait for the lock and load it, memory-mapped so that workers on one host share the pages (the
+layout and its atomic writes are in :mod:`qlib_ext.cache_entry`). A partial or corrupt entry is
+rebuilt, never used.
 
 Concurrency promise: any number of processes on any number of hosts may call
 :func:`prepared_dataset` on one cache directory. The lock only avoids duplicate builds;
@@ -15,29 +15,23 @@ costs repeated builds, never a wrong or torn entry.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import pickle
-import tempfile
 import time
-import zlib
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from qlib_ext.cache_entry import FORMAT_VERSION, Entry, stats
 
-FORMAT_VERSION = 1
-"""Version of the on-disk entry layout; entries of another version are rebuilt."""
+logger = logging.getLogger(__name__)
 
 LOCK_TIMEOUT_SECONDS = 3600.0
 """How long a process waits for another one's build of the same entry, seconds."""
 
-stats: Counter = Counter()
-"""Per-process counts of ``built``, ``loaded``, ``rebuilt_corrupt`` and ``uncached`` datasets (for tests)."""
+__all__ = ["prepared_dataset", "load_or_build", "cache_key", "data_identity", "versions", "list_entries", "clear",
+           "stats"]
 
 
 # --------------------------------------------------------------------------- public API
@@ -179,79 +173,7 @@ def _dataset_parts(config: Any) -> tuple[type | None, dict]:
     return klass, dict(kwargs)
 
 
-# --------------------------------------------------------------------------- entries on disk
-class Entry:
-    """One cache entry: ``KEY.pkl`` (the pickled handler) and ``KEY.json`` (its sidecar).
-
-    The sidecar is written last, so an entry without one is unfinished; it holds the key, the
-    format version, the data file's length and crc32, and a description for ``cache ls``.
-    """
-
-    def __init__(self, cache_dir: Path, key: str):
-        self.dir = cache_dir
-        self.key = key
-        self.data_path = cache_dir / f"{key}.pkl"
-        self.meta_path = cache_dir / f"{key}.json"
-        self.lock_path = cache_dir / f"{key}.lock"
-
-    def read_meta(self) -> dict | None:
-        """The sidecar, or None if missing or unreadable."""
-        try:
-            return json.loads(self.meta_path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def try_load(self, report: bool) -> Any:
-        """The stored handler, or None if there is no valid entry.
-
-        Args:
-            report: log and count an invalid entry (done once, under the lock, before rebuilding it).
-        """
-        meta = self.read_meta()
-        if meta is None:
-            return None
-        problem = self._problem(meta)
-        if problem is None:
-            try:
-                with open(self.data_path, "rb") as fh:
-                    handler = pickle.load(fh)
-            except Exception as e:  # a checksum-valid file that still fails to load: rebuild
-                problem = f"unpickling failed: {e!r}"
-        if problem is not None:
-            if not report:
-                return None
-            logger.warning("cache: entry %s is unusable (%s); rebuilding it", self.key[:12], problem)
-            stats["rebuilt_corrupt"] += 1
-            return None
-        stats["loaded"] += 1
-        logger.info("cache: loaded %s", self.key[:12])
-        with contextlib.suppress(OSError):  # "last used" for `cache ls/clear`; a read-only cache is fine
-            os.utime(self.meta_path)
-        return handler
-
-    def _problem(self, meta: dict) -> str | None:
-        if meta.get("format") != FORMAT_VERSION or meta.get("key") != self.key:
-            return f"format {meta.get('format')} / key mismatch"
-        try:
-            size = self.data_path.stat().st_size
-        except OSError:
-            return "data file missing"
-        if size != meta.get("size"):
-            return f"size {size} != {meta.get('size')} (truncated?)"
-        if _crc32(self.data_path) != meta.get("crc32"):
-            return "checksum mismatch"
-        return None
-
-    def write(self, handler: Any, describe: dict) -> None:
-        """Store ``handler`` atomically, then its sidecar."""
-        handler.config(dump_all=True)  # keep the built _data/_infer/_learn frames in the pickle
-        backend = handler.get_backend()  # Qlib's choice per class: pickle, or dill for some handlers
-        size, crc = _atomic_write(self.data_path, lambda fh: backend.dump(handler, fh, protocol=5))
-        meta = {"key": self.key, "format": FORMAT_VERSION, "size": size, "crc32": crc, "created": time.time(),
-                **describe}
-        _atomic_write(self.meta_path, lambda fh: fh.write(json.dumps(meta, indent=1, default=str).encode()))
-
-
+# --------------------------------------------------------------------------- building
 def _build(handler_cfg: dict, entry: Entry) -> Any:
     from qlib.data.dataset.handler import DataHandler
     from qlib.utils import init_instance_by_config
@@ -259,10 +181,11 @@ def _build(handler_cfg: dict, entry: Entry) -> Any:
     start = time.perf_counter()
     handler = init_instance_by_config(handler_cfg, accept_types=DataHandler)
     seconds = time.perf_counter() - start
-    entry.write(handler, _describe(handler_cfg, seconds))
+    # The builder, too, continues with the mapped copy: its pages are then shared with the loaders.
+    mapped = entry.write(handler, _describe(handler_cfg, seconds))
     stats["built"] += 1
     logger.info("cache: built %s in %.1fs", entry.key[:12], seconds)
-    return handler
+    return mapped
 
 
 def _describe(handler_cfg: dict, seconds: float) -> dict:
@@ -272,40 +195,71 @@ def _describe(handler_cfg: dict, seconds: float) -> dict:
             "end_time": kwargs.get("end_time"), "build_seconds": round(seconds, 3)}
 
 
-class _ChecksumWriter:
-    """File wrapper that counts and crc32s every byte written through it."""
-
-    def __init__(self, fh: Any):
-        self.fh, self.size, self.crc = fh, 0, 0
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        self.crc = zlib.crc32(view, self.crc)
-        self.size += len(view)
-        return self.fh.write(view)
+# --------------------------------------------------------------------------- ls / clear
+STALE_TEMP_SECONDS = 3600.0
+"""Age after which a leftover temp file of an interrupted build is removed by ``clear``, seconds."""
 
 
-def _atomic_write(path: Path, dump: Any) -> tuple[int, int]:
-    """Write through ``dump(fh)`` to a temp file beside ``path``, fsync, rename; return (size, crc32)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def list_entries(cache_dir: str | os.PathLike) -> list[dict]:
+    """Describe the entries of ``cache_dir``, most recently used first.
+
+    Args:
+        cache_dir: the cache directory (a missing one has no entries).
+
+    Returns:
+        One dict per entry: key, handler, instruments, start_time, end_time, size (bytes),
+        created and last_used (epoch seconds), build_seconds, complete (False: no valid sidecar).
+    """
+    rows = []
+    for key in _keys(Path(cache_dir)):
+        entry = Entry(Path(cache_dir), key)
+        meta = entry.read_meta() or {}
+        size = sum(p.stat().st_size for p in (entry.data_path, entry.meta_path) if p.exists())
+        rows.append({"key": key, "handler": meta.get("handler"), "instruments": meta.get("instruments"),
+                     "start_time": meta.get("start_time"), "end_time": meta.get("end_time"), "size": size,
+                     "created": meta.get("created"), "last_used": _mtime(entry.meta_path),
+                     "build_seconds": meta.get("build_seconds"),
+                     "complete": meta.get("key") == key and meta.get("format") == FORMAT_VERSION})
+    return sorted(rows, key=lambda r: -(r["last_used"] or 0))
+
+
+def clear(cache_dir: str | os.PathLike, older_than_days: float | None = None) -> list[str]:
+    """Delete entries (all, or those not used for ``older_than_days``) and stale temp files.
+
+    Safe while workers run: a process that mapped an entry keeps reading the deleted file, and a
+    build in progress simply writes a fresh entry when it finishes.
+
+    Args:
+        cache_dir: the cache directory.
+        older_than_days: only entries whose last use is at least this many days ago.
+
+    Returns:
+        The keys of the deleted entries.
+    """
+    folder, now = Path(cache_dir), time.time()
+    deleted = []
+    for row in list_entries(folder):
+        if older_than_days is not None and now - (row["last_used"] or 0) < older_than_days * 86400:
+            continue
+        entry = Entry(folder, row["key"])
+        entry.remove()
+        entry.lock_path.unlink(missing_ok=True)  # a waiter on the old lock at worst builds once more
+        deleted.append(row["key"])
+    for tmp in folder.glob(".*.tmp") if folder.is_dir() else []:
+        if now - _mtime(tmp) > STALE_TEMP_SECONDS:
+            tmp.unlink(missing_ok=True)
+    logger.info("cache: cleared %d entries from %s", len(deleted), folder)
+    return deleted
+
+
+def _keys(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return []
+    return sorted({p.stem for p in folder.iterdir() if p.suffix in (".bin", ".json", ".pkl") and len(p.stem) == 64})
+
+
+def _mtime(path: Path) -> float:
     try:
-        with os.fdopen(fd, "wb") as raw:
-            writer = _ChecksumWriter(raw)
-            dump(writer)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; other users of a shared cache must read it
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return writer.size, writer.crc
-
-
-def _crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            crc = zlib.crc32(chunk, crc)
-    return crc
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0

@@ -399,3 +399,51 @@ def demo_cmd(ctx: click.Context, workdir: Path | None, workers: int | None) -> N
     ctx.invoke(run_cmd, file=quickstart, mongo_url="embedded", mlflow_uri=None, provider_uri=str(data_dir),
                metric="IC", workers=workers, threads=None, lease_seconds=None, grace_seconds=None,
                heartbeat_seconds=None, task_timeout=None, max_attempts=None, exit_when_idle=None, no_cache=False)
+
+
+# --- cache
+def _cache_dir_option(f):
+    return click.option("--dir", "dir_", type=click.Path(file_okay=False, path_type=Path), default=None,
+                        help="Cache directory (default: $QLIB_EXT_HOME/cache).")(f)
+
+
+@main.group("cache", cls=_Group)
+def cache_group() -> None:
+    """The shared prepared-dataset cache (see docs/cache.md)."""
+
+
+@cache_group.command("ls")
+@_cache_dir_option
+def cache_ls(dir_: Path | None) -> None:
+    """List entries: key, handler, instruments, time range, size, created, last used."""
+    import datetime
+
+    from qlib_ext import defaults
+    from qlib_ext.cache import list_entries
+
+    def when(ts: float | None) -> str:
+        return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M") if ts else "-"
+
+    folder = dir_ or defaults.cache_dir()
+    rows = [["key", "handler", "instruments", "time range", "size", "created", "last used"]]
+    for e in list_entries(folder):
+        handler = (e["handler"] or "").rsplit(".", 1)[-1] if e["complete"] else "(incomplete)"
+        rows.append([e["key"][:12], handler, str(e["instruments"]),
+                     f"{e['start_time']}..{e['end_time']}", f"{e['size'] / 2**20:.1f} MB", when(e["created"]),
+                     when(e["last_used"])])
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    click.echo("\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows))
+    click.echo(f"{len(rows) - 1} entries in {folder}")
+
+
+@cache_group.command("clear")
+@_cache_dir_option
+@click.option("--older-than", "older_than", type=float, default=None, metavar="DAYS",
+              help="Only entries not used for DAYS days (default: all).")
+def cache_clear(dir_: Path | None, older_than: float | None) -> None:
+    """Delete cache entries; safe while workers run (they rebuild or keep their mapped copy)."""
+    from qlib_ext import defaults
+    from qlib_ext.cache import clear
+
+    folder = dir_ or defaults.cache_dir()
+    click.echo(f"deleted {len(clear(folder, older_than))} entries from {folder}")

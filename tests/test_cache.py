@@ -101,7 +101,7 @@ def test_key_ignores_dict_order_and_date_types(qlib_synth):
 def test_damaged_entry_is_rebuilt_never_used(qlib_synth, tmp_path, caplog, damage):
     first = cache.prepared_dataset(dataset_config(), tmp_path).prepare("test")
     (meta,) = _entries(tmp_path)
-    data = meta.with_suffix(".pkl")
+    data = meta.with_suffix(".bin")
     if damage == "truncate":
         data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     elif damage == "flip":
@@ -154,6 +154,7 @@ def _child(provider: str, cache_dir: str, out: str, barrier=None) -> None:
     Path(out).write_text(json.dumps({**cache.stats, "rows": rows}))
 
 
+
 def _run_children(args: list[tuple], barrier=None) -> list[dict]:
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_child, args=(*a, barrier)) for a in args]
@@ -196,3 +197,32 @@ def test_changed_data_rebuilds(synth_provider, tmp_path):
         fh.write(b"\0\0\x80\x3f")
     assert run("appended").get("built") == 1
     assert len(_entries(Path(cache_dir))) == 3
+
+
+def test_writes_to_a_loaded_frame_stay_private(qlib_synth, tmp_path):
+    cache.prepared_dataset(dataset_config(), tmp_path)
+    handler = cache.prepared_dataset(dataset_config(), tmp_path).handler
+    original = float(handler._learn.iloc[0, 0])
+    handler._learn.iloc[0, 0] = original + 99.0  # copy-on-write mapping: the file never changes
+    again = cache.prepared_dataset(dataset_config(), tmp_path).handler
+    assert float(again._learn.iloc[0, 0]) == original
+    assert cache.stats["loaded"] == 2 and cache.stats["rebuilt_corrupt"] == 0
+
+
+def test_cli_ls_and_clear(qlib_synth, tmp_path):
+    from click.testing import CliRunner
+
+    from qlib_ext.cli import main
+
+    cache.prepared_dataset(dataset_config(), tmp_path)
+    cache.prepared_dataset(dataset_config(fit_end_time="2015-11-27"), tmp_path)
+    (old,) = [r["key"] for r in cache.list_entries(tmp_path)][1:]
+    os.utime(tmp_path / f"{old}.json", (0, 10 * 86400.0))  # last used long ago
+    listing = CliRunner().invoke(main, ["cache", "ls", "--dir", str(tmp_path)])
+    assert listing.exit_code == 0, listing.output
+    assert "Alpha158" in listing.output and old[:12] in listing.output and "2 entries" in listing.output
+    cleared = CliRunner().invoke(main, ["cache", "clear", "--dir", str(tmp_path), "--older-than", "1"])
+    assert "deleted 1 entries" in cleared.output
+    assert len(cache.list_entries(tmp_path)) == 1 and cache.list_entries(tmp_path)[0]["key"] != old
+    CliRunner().invoke(main, ["cache", "clear", "--dir", str(tmp_path)])
+    assert cache.list_entries(tmp_path) == [] and not list(tmp_path.glob("*.bin"))
