@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import bson
@@ -19,8 +19,8 @@ from bson.objectid import ObjectId
 from bson.raw_bson import RawBSONDocument
 from mongomock import filtering
 
-from qlib_ext.store.indexes import FieldIndex
-from qlib_ext.store.planner import exact_count, plan
+from qlib_ext.store.indexes import FieldIndex, PairIndex
+from qlib_ext.store.planner import exact_count, plain, plan
 from qlib_ext.store.uniques import UniqueIndex
 from qlib_ext.store.wire import CODEC
 
@@ -28,6 +28,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_FIELDS = ("status", "priority")
 """Fields indexed in every collection: Qlib's claim filters on status and sorts on priority."""
+
+DEFAULT_PAIRS = (("status", "priority"),)
+"""Compound (equality, order) indexes in every collection: exactly Qlib's claim."""
+
+_MISSING = object()
 
 # mongomock's update, projection and upsert helpers are Collection methods that touch no state.
 _HELPER = mongomock.MongoClient().get_database("_helper").get_collection("_helper")
@@ -66,6 +71,10 @@ class Collection:
         self.fields: dict[str, FieldIndex] = {f: FieldIndex(f) for f in DEFAULT_FIELDS}
         self.specs: dict[str, dict[str, Any]] = {}  # user index name -> createIndexes spec
         self.uniques: dict[str, UniqueIndex] = {}
+        self.pairs: dict[tuple[str, str], PairIndex] = {p: PairIndex(*p) for p in DEFAULT_PAIRS}
+
+    def _all_indexes(self) -> list:
+        return [*self.fields.values(), *self.pairs.values()]
 
     # ------------------------------------------------------------------ indexes
     def create_index(self, spec: dict[str, Any]) -> None:
@@ -78,11 +87,16 @@ class Collection:
             self.uniques[spec["name"]] = unique
         for path in spec["key"]:
             if path != "_id" and path not in self.fields:
-                index = self.fields[path] = FieldIndex(path)
-                for seq, doc in self.docs.items():
-                    index.add(seq, doc)
+                self._build(self.fields.setdefault(path, FieldIndex(path)))
+        pair = tuple(spec["key"])[:2]
+        if len(pair) == 2 and pair not in self.pairs:
+            self._build(self.pairs.setdefault(pair, PairIndex(*pair)))
         self.specs[spec["name"]] = spec
         self._log({"o": "idx", "db": self.db, "c": self.name, "spec": spec})
+
+    def _build(self, index: FieldIndex | PairIndex) -> None:
+        for seq, doc in self.docs.items():
+            index.add(seq, doc)
 
     def drop_index(self, name: str) -> None:
         """Remove a user index by name (the planner indexes of its fields are dropped too)."""
@@ -93,6 +107,9 @@ class Collection:
         for path in spec["key"]:
             if path not in still_used:
                 self.fields.pop(path, None)
+        used_pairs = set(DEFAULT_PAIRS) | {tuple(s["key"])[:2] for s in self.specs.values()}
+        for pair in [p for p in self.pairs if p not in used_pairs]:
+            del self.pairs[pair]
 
     # ------------------------------------------------------------------ storage
     def _store(self, doc: dict[str, Any], encoded: bytes | None = None) -> None:
@@ -102,7 +119,7 @@ class Collection:
         self.next_seq += 1
         self.docs[seq] = doc
         self.ids[hid(doc["_id"])] = seq
-        for index in self.fields.values():
+        for index in self._all_indexes():
             index.add(seq, doc)
         for unique in self.uniques.values():
             unique.add(seq, doc)
@@ -124,7 +141,7 @@ class Collection:
     def delete(self, doc: dict[str, Any]) -> None:
         """Remove one stored document."""
         seq = self.ids.pop(hid(doc["_id"]))
-        for index in self.fields.values():
+        for index in self._all_indexes():
             index.remove(seq)
         for unique in self.uniques.values():
             unique.remove(seq)
@@ -184,6 +201,9 @@ class Collection:
     def _sorted(self, flt: dict[str, Any], sort: list[tuple[str, int]], candidates: set | None
                 ) -> Iterator[dict]:
         (path, direction), = sort if len(sort) == 1 else (("", 0),)
+        chunks = self._pair_walk(flt, path, direction < 0)
+        if chunks is not None:
+            return self._matching(flt, itertools.chain.from_iterable(chunks))
         index = self.fields.get(path)
         if index is not None and not index.complex:
             return self._walk(flt, index, direction < 0, candidates)
@@ -193,6 +213,24 @@ class Collection:
                 raise NotImplementedError(f"sorting by {key} is not supported")
             docs.sort(key=lambda d, k=key: filtering.resolve_sort_key(k, d), reverse=direction < 0)
         return iter(docs)
+
+    def _pair_walk(self, flt: dict[str, Any], order_path: str, descending: bool):
+        """Chunks from a compound index whose equality field the filter pins, or None."""
+        for (eq_path, pair_order), pair in self.pairs.items():
+            cond = flt.get(eq_path, _MISSING)
+            if isinstance(cond, dict) and set(cond) == {"$eq"}:
+                cond = cond["$eq"]
+            if pair_order == order_path and cond is not _MISSING and plain(cond):
+                chunks = pair.walk(cond, descending)
+                if chunks is not None:
+                    return chunks
+        return None
+
+    def _matching(self, flt: dict[str, Any], seqs: Iterable[int]) -> Iterator[dict]:
+        for seq in seqs:
+            doc = self.docs.get(seq)
+            if doc is not None and filtering.filter_applies(flt, doc):
+                yield doc
 
     def _walk(self, flt: dict, index: FieldIndex, descending: bool, candidates: set | None
               ) -> Iterator[dict]:
@@ -252,7 +290,7 @@ class Collection:
         return True
 
     def _reindex(self, seq: int, doc: dict[str, Any]) -> None:
-        for index in self.fields.values():
+        for index in self._all_indexes():
             index.update(seq, doc)
         for unique in self.uniques.values():
             unique.remove(seq)

@@ -129,23 +129,85 @@ class FieldIndex:
             stop = bisect.bisect_left(lst, (rank, high[0], _INF) if high[1] else (rank, high[0]))
         return {entry[2] for entry in lst[start:stop]} | self.complex
 
-    def walk(self, descending: bool, chunk: int = 128) -> Iterator[list[int]]:
-        """Sequence numbers in sort order, in chunks (cheap to stop early).
-
-        Ties keep insertion order in both directions, as mongomock's stable sort does.
-        """
-        lst = self.sorted
-        if not descending:
-            for i in range(0, len(lst), chunk):
-                yield [entry[2] for entry in lst[i:i + chunk]]
-            return
-        end = len(lst)
-        while end > 0:
-            last = lst[end - 1]
-            start = bisect.bisect_left(lst, (last[0], last[1]), 0, end)
-            for i in range(start, end, chunk):
-                yield [entry[2] for entry in lst[i:min(i + chunk, end)]]
-            end = start
+    def walk(self, descending: bool) -> Iterator[list[int]]:
+        """Sequence numbers in sort order, in chunks; see :func:`walk_sorted`."""
+        return walk_sorted(self.sorted, descending)
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+def walk_sorted(lst: list[tuple], descending: bool, chunk: int = 128) -> Iterator[list[int]]:
+    """Sequence numbers (last item of each ``(rank, value, seq)`` entry) in sort order, in chunks.
+
+    Chunks make stopping early cheap. Ties keep insertion order in both directions, as mongomock's
+    stable sort does.
+    """
+    if not descending:
+        for i in range(0, len(lst), chunk):
+            yield [entry[-1] for entry in lst[i:i + chunk]]
+        return
+    end = len(lst)
+    while end > 0:
+        last = lst[end - 1]
+        start = bisect.bisect_left(lst, (last[0], last[1]), 0, end)
+        for i in range(start, end, chunk):
+            yield [entry[-1] for entry in lst[i:min(i + chunk, end)]]
+        end = start
+
+
+class PairIndex:
+    """Equality on one field, order on another: a compound index ``{eq: 1, order: 1}``.
+
+    It serves Qlib's claim (``{status: X}`` sorted by ``priority``) by walking just the documents
+    with that status in priority order, so the first candidate is usually the answer, however many
+    tasks the pool holds. Documents whose either value is not a plain scalar go to ``complex``;
+    while any exist, the collection does not use this index.
+    """
+
+    def __init__(self, eq_path: str, order_path: str):
+        self.eq_path, self.order_path = eq_path, order_path
+        self.lists: dict[tuple, list[tuple]] = {}  # eq key -> sorted (rank, value, seq)
+        self.keys: dict[int, tuple | None] = {}  # seq -> (eq key, order key); None when complex
+        self.complex: set[int] = set()
+
+    def _key(self, doc: dict[str, Any]) -> tuple | None:
+        eq, order = doc_key(doc, self.eq_path), doc_key(doc, self.order_path)
+        return None if eq is COMPLEX or order is COMPLEX else (eq, order)
+
+    def add(self, seq: int, doc: dict[str, Any]) -> None:
+        """Index ``doc`` under its sequence number."""
+        key = self.keys[seq] = self._key(doc)
+        if key is None:
+            self.complex.add(seq)
+        else:
+            bisect.insort(self.lists.setdefault(key[0], []), (*key[1], seq))
+
+    def remove(self, seq: int) -> None:
+        """Forget ``seq`` (a no-op when unknown)."""
+        if seq not in self.keys:
+            return
+        key = self.keys.pop(seq)
+        if key is None:
+            self.complex.discard(seq)
+            return
+        lst = self.lists[key[0]]
+        i = bisect.bisect_left(lst, (*key[1], seq))
+        if i < len(lst) and lst[i][-1] == seq:
+            del lst[i]
+        if not lst:
+            del self.lists[key[0]]
+
+    def update(self, seq: int, doc: dict[str, Any]) -> None:
+        """Re-index a document changed in place."""
+        if seq in self.keys and self.keys[seq] == self._key(doc):
+            return
+        self.remove(seq)
+        self.add(seq, doc)
+
+    def walk(self, eq_value: Any, descending: bool) -> Iterator[list[int]] | None:
+        """Documents with ``eq_path == eq_value`` in order, or None if the index cannot tell."""
+        key = scalar_key(eq_value)
+        if key is COMPLEX or self.complex:
+            return None
+        return walk_sorted(self.lists.get(key, []), descending)

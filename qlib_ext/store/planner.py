@@ -48,19 +48,20 @@ def plan(flt: dict[str, Any], ids: dict, fields: dict[str, FieldIndex], hid) -> 
     return result
 
 
-def _plain(value: Any) -> bool:
+def plain(value: Any) -> bool:
+    """Whether ``value`` is a literal the indexes can look up (not a document, array or regex)."""
     return not isinstance(value, dict | list | re.Pattern | Regex)
 
 
 def _id_candidates(cond: Any, ids: dict, hid) -> set | None:
     if isinstance(cond, dict) and cond and all(k.startswith("$") for k in cond):
-        if "$eq" in cond and _plain(cond["$eq"]):
+        if "$eq" in cond and plain(cond["$eq"]):
             values = [cond["$eq"]]
-        elif "$in" in cond and isinstance(cond["$in"], list) and all(map(_plain, cond["$in"])):
+        elif "$in" in cond and isinstance(cond["$in"], list) and all(map(plain, cond["$in"])):
             values = cond["$in"]
         else:
             return None
-    elif _plain(cond):
+    elif plain(cond):
         values = [cond]
     else:
         return None
@@ -70,7 +71,7 @@ def _id_candidates(cond: Any, ids: dict, hid) -> set | None:
 def field_candidates(index: FieldIndex, cond: Any) -> set | None:
     """Candidate ids for one field condition (a value or an operator document)."""
     if not isinstance(cond, dict):
-        if not _plain(cond):
+        if not plain(cond):
             return None
         key = scalar_key(cond)
         return None if key is COMPLEX else index.equal([key])
@@ -84,7 +85,7 @@ def field_candidates(index: FieldIndex, cond: Any) -> set | None:
 
 
 def _eq_part(index: FieldIndex, cond: dict) -> set | None:
-    if "$eq" not in cond or not _plain(cond["$eq"]):
+    if "$eq" not in cond or not plain(cond["$eq"]):
         return None
     key = scalar_key(cond["$eq"])
     return None if key is COMPLEX else index.equal([key])
@@ -92,7 +93,7 @@ def _eq_part(index: FieldIndex, cond: dict) -> set | None:
 
 def _in_part(index: FieldIndex, cond: dict) -> set | None:
     values = cond.get("$in")
-    if not isinstance(values, list) or not all(map(_plain, values)):
+    if not isinstance(values, list) or not all(map(plain, values)):
         return None
     keys = [scalar_key(v) for v in values]
     return None if COMPLEX in keys else index.equal(keys)
@@ -128,7 +129,7 @@ def exact_count(flt: dict[str, Any], ids: dict, fields: dict[str, FieldIndex]) -
     if isinstance(cond, dict) and set(cond) == {"$eq"}:
         cond = cond["$eq"]
     index = fields.get(path)
-    if index is None or index.complex or not _plain(cond):
+    if index is None or index.complex or not plain(cond):
         return None
     key = scalar_key(cond)
     return None if key is COMPLEX else len(index.buckets.get(key, ()))
