@@ -25,11 +25,21 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option("--profile", "profile_path", envvar="QLIB_EXT_PROFILE", default=None,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Settings file (TOML) giving option defaults, e.g. mongo_url, mlflow_uri, provider_uri, "
+                   "workers (default: ./qlib-ext.toml, else $QLIB_EXT_HOME/qlib-ext.toml). Precedence: "
+                   "flag > env var > profile > pool metadata > built-in. Env: QLIB_EXT_PROFILE.")
 @click.version_option(package_name="qlib-ext")
-def main(verbose: int) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: int, profile_path: Path | None) -> None:
     """Run grids of Qlib research tasks on a TaskManager pool with many worker processes."""
+    from qlib_ext.profile import load_default_map
+
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Subcommand contexts are made after this callback, so they inherit the profile's defaults.
+    ctx.default_map = load_default_map(main, profile_path)
 
 
 # --------------------------------------------------------------------------- data
@@ -447,3 +457,27 @@ def cache_clear(dir_: Path | None, older_than: float | None) -> None:
 
     folder = dir_ or defaults.cache_dir()
     click.echo(f"deleted {len(clear(folder, older_than))} entries from {folder}")
+
+
+# --------------------------------------------------------------------------- mlflow
+@main.group("mlflow", cls=_Group)
+def mlflow_group() -> None:
+    """MLflow tracking server for workers on several machines."""
+
+
+@mlflow_group.command("serve")
+@click.option("--dir", "dir_", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Holds mlflow.db and mlartifacts/ (default: $QLIB_EXT_HOME/mlflow-server).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; workers on other hosts need a LAN address (no authentication!).")
+@click.option("--port", default=5000, show_default=True, help="TCP port.")
+@click.option("--server-workers", default=1, show_default=True, type=click.IntRange(1, 8),
+              help="MLflow server worker processes.")
+@click.pass_context
+def mlflow_serve(ctx: click.Context, dir_: Path | None, host: str, port: int, server_workers: int) -> None:
+    """Run MLflow's tracking server (sqlite backend, proxied artifacts) in the foreground and print the
+    --mlflow-uri for workers. Stops on SIGTERM/SIGINT."""
+    from qlib_ext import defaults
+    from qlib_ext.mlflow_server import serve
+
+    ctx.exit(serve(dir_ or defaults.home() / "mlflow-server", host=host, port=port, workers=server_workers))
