@@ -68,6 +68,11 @@ def _stats(latencies: list[float], seconds: float) -> tuple[float, float, float]
     return len(lat) / seconds, pick(0.50), pick(0.99)
 
 
+def _line(row: tuple) -> str:
+    size, clients, op, rate, p50, p99 = row
+    return f"{size:6d} docs {clients!s:>9} clients {op:<16} {rate:8.0f} ops/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms"
+
+
 def _start_store(directory: Path) -> tuple[subprocess.Popen, str]:
     from qlib_ext.store import running_url
 
@@ -94,7 +99,7 @@ def bench_store(url: str, sizes: list[int], clients: list[int], seconds: float) 
                     start_at = time.time() + 0.5
                     lats = pool.starmap(_client, [(url, op, seconds, start_at)] * n)
                 rows.append((size, n, op, *_stats([x for lat in lats for x in lat], seconds)))
-                print("%6d docs %d clients %-16s %8.0f ops/s  p50 %6.2f ms  p99 %6.2f ms" % rows[-1], flush=True)
+                print(_line(rows[-1]), flush=True)
                 admin.bench.pool.delete_many({"bench_insert": True})
     admin.close()
     return rows
@@ -114,7 +119,7 @@ def bench_mongomock(sizes: list[int], seconds: float) -> list[tuple]:
                 _op(coll, op, ids, rng, state)
                 lat.append(time.perf_counter() - t0)
             rows.append((size, "mongomock", op, *_stats(lat, seconds)))
-            print("%6d docs %s %-16s %8.0f ops/s  p50 %6.2f ms  p99 %6.2f ms" % rows[-1], flush=True)
+            print(_line(rows[-1]), flush=True)
             coll.delete_many({"bench_insert": True})
     return rows
 
@@ -123,7 +128,7 @@ def render(rows: list[tuple], seconds: float) -> str:
     """The markdown section for docs/performance.md."""
     lines = [
         MARK_OPEN, "## Embedded task store (`benchmarks/store_bench.py`)", "",
-        f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
+        f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores ({platform.machine()}), "
         f"load average at start {os.getloadavg()[0]:.1f}; {seconds:g} s per cell. Store: a real server process, "
         "durable (each write fdatasync'ed before it is acknowledged, group commit). Clients: separate processes "
         "with pymongo. `claim` is Qlib's `fetch_task`: `find_one_and_update({status: waiting}, "
@@ -131,8 +136,25 @@ def render(rows: list[tuple], seconds: float) -> str:
         "counts `{status: waiting}`. `mongomock` rows: the same calls on bare mongomock in-process.", "",
         "| docs | clients | operation | ops/s | p50 ms | p99 ms |", "|---:|---:|---|---:|---:|---:|",
     ]
-    lines += ["| %d | %s | %s | %.0f | %.2f | %.2f |" % row for row in rows]
-    return "\n".join(lines + ["", MARK_CLOSE])
+    lines += [f"| {d} | {c} | {op} | {r:.0f} | {p50:.2f} | {p99:.2f} |" for d, c, op, r, p50, p99 in rows]
+    return "\n".join(lines + ["", *summary(rows), "", MARK_CLOSE])
+
+
+def summary(rows: list[tuple]) -> list[str]:
+    """One line per store operation: most clients, largest vs smallest pool (target: within 2x)."""
+    store = [r for r in rows if r[1] != "mongomock"]
+    if not store:
+        return []
+    small, large, most = min(r[0] for r in store), max(r[0] for r in store), max(r[1] for r in store)
+    cell = {(r[0], r[1], r[2]): r for r in store}
+    out = [f"With {most} clients, {large} vs {small} documents (issue target for claims: >= 500/s and "
+           f"p99 < 25 ms at {large}; ops/s within 2x of {small}):", ""]
+    for op in OPS:
+        big, little = cell.get((large, most, op)), cell.get((small, most, op))
+        if big and little:
+            out.append(f"- {op}: {big[3]:.0f} ops/s (p99 {big[5]:.1f} ms) vs {little[3]:.0f} ops/s "
+                       f"= {big[3] / little[3]:.2f}x")
+    return out
 
 
 def write_section(text: str, path: Path = PERF_MD) -> None:

@@ -31,6 +31,7 @@ from qlib_ext.store.wire import CODEC
 logger = logging.getLogger(__name__)
 
 FRAME = struct.Struct("<II")
+_datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 SNAPSHOT = "snapshot.bson"
 
 
@@ -128,7 +129,7 @@ class Journal:
                 self._syncing, target, fd = True, self._written, self._fd
                 self._cv.release()
                 try:
-                    os.fdatasync(fd)
+                    _datasync(fd)
                 finally:
                     self._cv.acquire()
                     self._syncing = False
@@ -169,7 +170,7 @@ class Journal:
         """Flush and close the journal file."""
         with self._cv:
             if self._fd >= 0:
-                os.fdatasync(self._fd)
+                _datasync(self._fd)
                 os.close(self._fd)
                 self._fd = -1
                 self._flushed = self._written

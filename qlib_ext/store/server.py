@@ -54,6 +54,7 @@ class StoreServer:
         self.stopping = threading.Event()
         self.last_activity = time.monotonic()
         self.connections = 0
+        self._count_lock = threading.Lock()
         self._ids = itertools.count(1)
 
     def serve_forever(self, idle_exit: float | None = None) -> None:
@@ -82,7 +83,8 @@ class StoreServer:
     def _serve_connection(self, conn: socket.socket, peer: tuple) -> None:
         conn.settimeout(None)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.connections += 1
+        with self._count_lock:
+            self.connections += 1
         try:
             while not self.stopping.is_set() and self._serve_one(conn):
                 self.last_activity = time.monotonic()
@@ -91,7 +93,8 @@ class StoreServer:
         except OSError as e:
             logger.warning("store: connection from %s failed: %s", peer, e)
         finally:
-            self.connections -= 1
+            with self._count_lock:
+                self.connections -= 1
             self.last_activity = time.monotonic()
             conn.close()
 
