@@ -135,7 +135,7 @@ def test_uncacheable_configs_pass_through(qlib_synth, tmp_path):
     cache_dir = tmp_path / "cache"
     dataset = cache.prepared_dataset(config, cache_dir)
     assert cache.stats["uncached"] == 1 and cache.stats["built"] == 0
-    assert not _entries(cache_dir) if cache_dir.exists() else True
+    assert not cache_dir.exists() or not _entries(cache_dir)
     assert not dataset.prepare("test").empty
 
 
@@ -152,7 +152,6 @@ def _child(provider: str, cache_dir: str, out: str, barrier=None) -> None:
         barrier.wait(timeout=120)
     rows = len(cache.prepared_dataset(dataset_config(), cache_dir).prepare("test"))
     Path(out).write_text(json.dumps({**cache.stats, "rows": rows}))
-
 
 
 def _run_children(args: list[tuple], barrier=None) -> list[dict]:
