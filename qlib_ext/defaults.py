@@ -92,3 +92,8 @@ STORE_START_SECONDS = 30.0
 
 STORE_IDLE_EXIT_SECONDS = 1800.0
 """A store started in the background exits after this long without any client connection, seconds."""
+
+
+# --- multi-host
+CLOCK_RESYNC_SECONDS = 300.0
+"""How often a process re-reads the store's clock for lease arithmetic, seconds."""

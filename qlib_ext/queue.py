@@ -15,6 +15,7 @@ import json
 import logging
 import pickle
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,28 +78,34 @@ class GridTaskManager(TaskManager):
             self.task_pool = db[task_pool]
             self.logger = get_module_logger(self.__class__.__name__)
         self.pool_name = task_pool
-        self._clock_offset: dt.timedelta | None = None
+        self._clock: tuple[dt.datetime, float] | None = None  # (store time, time.monotonic()) at last sync
 
     # ------------------------------------------------------------------ clock
     def now(self) -> dt.datetime:
-        """The store's current time (UTC, naive as BSON returns it), via a cached clock offset."""
-        local = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-        if self._clock_offset is None:
+        """The store's current time (UTC, naive as BSON returns it).
+
+        The store's clock read once, plus this process's monotonic clock since then: neither a
+        skewed wall clock on this host nor a later step of it (NTP, an admin) moves lease
+        arithmetic. Re-read every ``CLOCK_RESYNC_SECONDS`` (the monotonic clock stops while a host
+        is suspended).
+        """
+        if self._clock is None or time.monotonic() - self._clock[1] > defaults.CLOCK_RESYNC_SECONDS:
             self.sync_clock()
-        return local + self._clock_offset
+        store_time, mono = self._clock
+        return store_time + dt.timedelta(seconds=time.monotonic() - mono)
 
     def sync_clock(self) -> None:
-        """Measure the offset between this host's clock and the store's."""
-        local = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+        """Read the store's clock (``hello.localTime``), half the round trip added."""
+        sent = time.monotonic()
         try:
             hello = self.task_pool.database.client.admin.command("hello")
         except PyMongoError as e:
             raise StoreError(f"cannot reach the task store: {e}") from e
+        got = time.monotonic()
         remote = hello.get("localTime")
         if remote is None:  # a store that does not report its time: trust ours
-            self._clock_offset = dt.timedelta(0)
-            return
-        self._clock_offset = remote.replace(tzinfo=None) - local
+            remote = dt.datetime.now(dt.timezone.utc)
+        self._clock = (remote.replace(tzinfo=None) + dt.timedelta(seconds=(got - sent) / 2), got)
 
     # ------------------------------------------------------------------ submit
     def ensure_indexes(self) -> None:

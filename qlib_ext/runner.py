@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -52,6 +53,49 @@ def data_identity(provider_uri: str) -> dict:
     return {"calendar_start": days[0], "calendar_end": days[-1], "days": len(days), "instruments": n}
 
 
+_DATA_FIX = ("pass --provider-uri (or QLIB_EXT_PROVIDER_URI, or provider_uri in qlib-ext.toml) naming this host's "
+             "mount of the submitted dataset: every worker host needs the same data on a shared path (e.g. NFS) "
+             "or an identical copy")
+
+
+def check_worker_data(pool: str, meta: dict, provider_uri: str | None = None) -> str:
+    """The data directory a worker of ``pool`` uses, checked against the data the pool was submitted with.
+
+    Args:
+        pool: pool name (for messages).
+        meta: the pool's metadata (:func:`qlib_ext.queue.load_pool_meta`).
+        provider_uri: this host's override; None uses the path recorded at submit.
+
+    Returns:
+        The resolved data directory.
+
+    Raises:
+        ConfigError: the directory is not a Qlib dataset here, or its calendar range or instrument
+            count differs from the submitted one (both sides and the fix are named).
+    """
+    origin = "--provider-uri" if provider_uri else "the path recorded at submit"
+    path = Path(str(provider_uri or meta["provider_uri"])).expanduser().resolve()
+    if not (path / "calendars" / "day.txt").is_file():
+        raise ConfigError(f"pool {pool}: data directory {path} ({origin}) is not a Qlib dataset on this host "
+                          f"(no calendars/day.txt); {_DATA_FIX}")
+    want = meta.get("data")
+    if not want:  # pools submitted before data identities were recorded
+        return str(path)
+    have = data_identity(str(path))
+    if any(have.get(k) != v for k, v in want.items()):
+        where = f"{meta.get('provider_uri')} on {meta.get('submitted_from', 'the submitting host')}"
+        raise ConfigError(f"pool {pool}: this host's data does not match the data the pool was submitted with\n"
+                          f"  submitted: {_describe(want)}  ({where})\n"
+                          f"  here:      {_describe(have)}  ({path}, {origin})\n"
+                          f"{_DATA_FIX}")
+    return str(path)
+
+
+def _describe(identity: dict) -> str:
+    return (f"calendar {identity.get('calendar_start')}..{identity.get('calendar_end')} "
+            f"({identity.get('days')} days), {identity.get('instruments')} instruments")
+
+
 def submit(path: str | Path, *, mongo_url: str | None = None, mlflow_uri: str | None = None,
            provider_uri: str | None = None, db_name: str = defaults.TASK_DB_NAME,
            max_attempts: int | None = None) -> Submitted:
@@ -79,6 +123,7 @@ def submit(path: str | Path, *, mongo_url: str | None = None, mlflow_uri: str | 
         "qlib_init": {k: v for k, v in qlib_init.items() if k not in _QLIB_INIT_OWNED},
         "mlflow_uri": mlflow_uri, "experiment": wf.experiment_name, "workers": asdict(wf.workers),
         "data": data_identity(provider), "submitted_at": dt.datetime.now(dt.timezone.utc),
+        "submitted_from": socket.gethostname(),
     })
     tm = GridTaskManager(wf.pool, db)
     new, total = tm.create_tasks(tasks, max_attempts=max_attempts or wf.workers.max_attempts)
@@ -102,7 +147,7 @@ def worker_settings(pool: str, *, mongo_url: str | None = None, mlflow_uri: str 
 
     url = resolve_mongo_url(mongo_url)
     meta = load_pool_meta(open_db(url, db_name), pool)
-    provider = resolve_provider(provider_uri or meta["provider_uri"], {}, f"pool {pool}")
+    provider = check_worker_data(pool, meta, provider_uri)
     spec = meta.get("workers", {})
     wanted = threads if threads is not None else spec.get("threads_per_worker", "auto")
     fields = {
