@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pymongo.errors import PyMongoError
@@ -52,6 +54,7 @@ class WorkerSettings:
     threads: int = 1  # threads per worker for LightGBM / OpenMP / BLAS
     exit_when_idle: bool = False  # exit as soon as nothing is waiting (else: when nothing is unfinished)
     cache_dir: str | None = None  # shared prepared-dataset cache directory (None: no cache)
+    log_dir: str | None = None  # worker stdout/stderr go to LOG_DIR/worker-<pid>.log (None: inherit)
     log_level: int = logging.WARNING  # level of the worker's log output
     qlib_kwargs: dict = field(default_factory=dict)  # further qlib.init arguments from the workflow
 
@@ -76,11 +79,25 @@ def worker_main(settings: WorkerSettings) -> None:
     """Entry point of one worker process: configure threads and Qlib, then drain the pool."""
     for var in THREAD_ENV_VARS:
         os.environ[var] = str(settings.threads)
+    if settings.log_dir:
+        _redirect_output(Path(settings.log_dir))
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = _install_stop_handlers(settings.grace_seconds)
     _init_qlib(settings)
     n = Worker(settings, stop).loop()
     logger.info("worker %s: exiting after %d tasks", os.getpid(), n)
+
+
+def _redirect_output(log_dir: Path) -> None:
+    """Send this process's stdout/stderr (file descriptors too, for LightGBM's C++ output) to a log
+    file: Qlib prints its analysis tables, and N workers printing over a progress line is noise."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_dir / f"worker-{os.getpid()}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 def _init_qlib(settings: WorkerSettings) -> None:
@@ -166,6 +183,8 @@ class Worker:
         self.tm = GridTaskManager(settings.pool, task_db(settings))
         self._backoff = defaults.POLL_MIN_SECONDS
         self._outage = False
+        if settings.task_timeout:
+            _warm_up(settings.mlflow_uri)
 
     def loop(self) -> int:
         """Run until stopped or the pool is finished; return the number of tasks run."""
@@ -268,7 +287,10 @@ class Worker:
             if ok is None:
                 return  # stopped while the store is away: the next worker here replays the spool
             spool.remove(path)
-        if not ok:
+        if ok:
+            logger.info("worker %s: committed task %s (attempt %d, run %s)", claim.worker, claim.id, claim.attempt,
+                        result.get("run_id"))
+        else:
             self._discard(result, "lease lost before commit")
 
     def _commit_once(self, claim: Claim, result: dict) -> bool:
@@ -297,7 +319,7 @@ class Worker:
             ok = self._commit_once(item.claim, item.result)
             spool.remove(item.path)
             logger.warning("worker %s: replayed spooled result of task %s: %s", os.getpid(), item.claim.id,
-                           "committed" if ok else "refused (task taken over)")
+                           f"committed task {item.claim.id}" if ok else "refused (task taken over)")
             if not ok:
                 self._discard(item.result, "spooled result refused: task taken over")
 
@@ -324,6 +346,20 @@ class Worker:
                 logger.warning("worker %s: store write failed (%s); retrying in %.1fs", os.getpid(), e, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, defaults.OUTAGE_MAX_SECONDS)
+
+
+def _warm_up(mlflow_uri: str) -> None:
+    """Do once, before the first fork, what every task child would otherwise redo (seconds each):
+    import Qlib's record and backtest modules, and open MLflow's tracking store (schema checks)."""
+    import mlflow
+    import qlib.workflow.record_temp  # noqa: F401
+
+    import qlib_ext.tasks  # noqa: F401
+
+    try:
+        mlflow.MlflowClient(tracking_uri=mlflow_uri).search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - an unreachable tracking server is the task's problem
+        logger.warning("worker %s: MLflow warm-up failed (%s)", os.getpid(), e)
 
 
 def _owner_alive(worker: str) -> bool:

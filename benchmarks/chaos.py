@@ -1,0 +1,204 @@
+"""Chaos benchmark: drain a pool while workers are killed with SIGKILL and the store is killed and restarted.
+
+    .venv/bin/python benchmarks/chaos.py [--tasks 100] [--workers 4] [--chaos-seconds 60]
+
+A 100-task grid of short ``tests/fixtures.py::ChaosModel`` tasks runs on 4 worker processes
+(``qlib_ext.group.WorkerGroup``, which restarts dead workers). For ``--chaos-seconds`` a driver
+SIGKILLs a random worker every ``--kill-every`` seconds and SIGKILLs the embedded store every
+``--store-every`` seconds, restarting it on the same port after ``--store-down`` seconds. Then it
+waits (bounded) for the workers to drain the pool and prints, from the store, the worker logs and
+MLflow: tasks done / failed / lost (not finished), tasks committed twice, and FINISHED runs per task.
+Target: all done, 0 lost, 0 committed twice, exactly one FINISHED run per task, no RUNNING run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # ChaosModel / TinyDataset live in tests/fixtures.py
+
+
+class Store:
+    """The embedded store in a child process, restarted on the same port and directory."""
+
+    def __init__(self, directory: Path, port: int):
+        self.dir, self.port = directory, port
+        self.url = f"mongodb://127.0.0.1:{port}/"
+        self.proc: subprocess.Popen | None = None
+        self.log = open(directory.parent / "store.log", "ab")  # noqa: SIM115 - lives as long as the benchmark
+
+    def start(self) -> None:
+        import pymongo
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "qlib_ext.store", "serve", "--dir", str(self.dir),
+                                      "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with pymongo.MongoClient(self.url, serverSelectionTimeoutMS=200) as client:
+                try:
+                    client.admin.command("ping")
+                    return
+                except pymongo.errors.PyMongoError:
+                    time.sleep(0.1)
+        raise RuntimeError("store did not come back")
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(15)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup(work: Path, args: argparse.Namespace) -> tuple[Store, object]:
+    """Data, store, MLflow DB, the submitted pool and the worker settings."""
+    from fixtures import write_chaos_workflow
+
+    from qlib_ext.data.synth import write_synthetic
+    from qlib_ext.runner import submit, worker_settings
+
+    os.environ["QLIB_EXT_HOME"] = str(work / "home")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    write_synthetic(work / "data", instruments=5, days=120, seed=0)
+    (work / "store").mkdir()
+    store = Store(work / "store", _free_port())
+    store.start()
+    wf = write_chaos_workflow(work / "chaos.yaml", work / "data", args.tasks, "chaos", max_attempts=args.max_attempts,
+                              seconds=args.task_seconds)
+    mlflow_uri = f"sqlite:///{work / 'mlflow.db'}"
+    print(submit(wf, mongo_url=store.url, mlflow_uri=mlflow_uri))
+    settings = worker_settings("chaos", mongo_url=store.url, workers=args.workers, threads=1, cache=False,
+                               lease_seconds=args.lease, heartbeat_seconds=args.heartbeat, grace_seconds=2,
+                               task_timeout=args.task_timeout, log_level=20)
+    return store, settings
+
+
+def drive(store: Store, settings: object, args: argparse.Namespace) -> dict[str, int]:
+    """Run the workers under chaos, then until they finish; return what the driver did."""
+    from qlib_ext.group import WorkerGroup
+
+    group = WorkerGroup(settings, args.workers, max_restarts=10**6).start()
+    rng = random.Random(args.seed)
+    start = time.monotonic()
+    next_kill, next_store = start + args.kill_every, start + args.store_every
+    did = collections.Counter()
+    while True:
+        group.poll()  # restart the killed (only while work remains)
+        if not group.alive():
+            break
+        now = time.monotonic()
+        if now - start > args.chaos_seconds + args.drain_seconds:
+            group.stop()
+            group.stop()
+            did["timed_out"] += 1
+            break
+        if now - start < args.chaos_seconds:
+            if now >= next_kill:
+                victims = [p for p in group.procs if p.is_alive()]
+                if victims:
+                    os.kill(rng.choice(victims).pid, signal.SIGKILL)
+                    did["workers_killed"] += 1
+                next_kill = now + args.kill_every
+            if now >= next_store:
+                store.kill()
+                time.sleep(args.store_down)
+                store.start()
+                did["store_restarts"] += 1
+                next_store = time.monotonic() + args.store_every
+        time.sleep(0.2)
+    did["seconds"] = round(time.monotonic() - start)
+    return did
+
+
+def measure(store: Store, settings: object, log_text: str) -> dict[str, object]:
+    """Outcome from the store (statuses), the worker logs (commits) and MLflow (run statuses)."""
+    import mlflow
+    import pymongo
+
+    with pymongo.MongoClient(store.url) as client:
+        docs = list(client[settings.db_name]["chaos"].find({}, {"status": 1, "attempt": 1, "result.run_id": 1}))
+    statuses = collections.Counter(d["status"] for d in docs)
+    commits = collections.Counter(re.findall(r"committed task ([0-9a-f]{24})", log_text))
+    client = mlflow.MlflowClient(settings.mlflow_uri)
+    exp = client.get_experiment_by_name("chaos")
+    runs = collections.defaultdict(collections.Counter)
+    for run in client.search_runs([exp.experiment_id], max_results=50000):
+        runs[run.data.tags.get("qlib_ext.task_id")][run.info.status] += 1
+    done = [d for d in docs if d["status"] == "done"]
+    return {
+        "tasks": len(docs), "done": statuses["done"], "failed": statuses["failed"],
+        "lost": len(docs) - statuses["done"] - statuses["failed"],
+        "committed_twice": sum(1 for d in docs if commits[str(d["_id"])] > 1),
+        "committed_never_logged": sum(1 for d in done if commits[str(d["_id"])] == 0),
+        "done_with_1_finished_run": sum(1 for d in done if runs[str(d["_id"])]["FINISHED"] == 1),
+        "finished_run_is_committed": sum(1 for d in done if client.get_run(d["result"]["run_id"]).info.status
+                                         == "FINISHED"),
+        "runs_running": sum(c["RUNNING"] for c in runs.values()),
+        "runs_killed": sum(c["KILLED"] for c in runs.values()),
+        "runs_failed": sum(c["FAILED"] for c in runs.values()),
+        "attempts_total": sum(d.get("attempt", 0) for d in docs),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", type=int, default=100)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--task-seconds", type=float, default=0.5, help="Sleep inside each task, s.")
+    p.add_argument("--chaos-seconds", type=float, default=60, help="How long the driver kills things, s.")
+    p.add_argument("--drain-seconds", type=float, default=300, help="Bound on the calm phase after, s.")
+    p.add_argument("--kill-every", type=float, default=4, help="Interval between worker SIGKILLs, s.")
+    p.add_argument("--store-every", type=float, default=10, help="Interval between store SIGKILLs, s.")
+    p.add_argument("--store-down", type=float, default=2, help="How long the store stays down, s.")
+    p.add_argument("--lease", type=float, default=6, help="Lease length, s.")
+    p.add_argument("--heartbeat", type=float, default=0.5, help="Heartbeat interval, s.")
+    p.add_argument("--max-attempts", type=int, default=3, help="Attempts per task (a killed one counts).")
+    p.add_argument("--task-timeout", type=float, default=None, help="Run tasks in timed child processes, s.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", type=Path, default=None, help="Kept for inspection (default: a temp dir).")
+    args = p.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="qlib-ext-chaos-"))
+    work.mkdir(parents=True, exist_ok=True)
+    log_path = work / "workers.log"
+    store, settings = setup(work, args)
+    # Worker processes inherit fd 2: their logs (commits included) land in workers.log.
+    saved = os.dup(2)
+    with open(log_path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+    try:
+        did = drive(store, settings, args)
+    finally:
+        os.dup2(saved, 2)
+    result = measure(store, settings, log_path.read_text(errors="replace"))
+    store.stop()
+    print(f"workdir {work}")
+    print("driver: " + ", ".join(f"{k} {v}" for k, v in did.items()))
+    print("result: " + ", ".join(f"{k} {v}" for k, v in result.items()))
+    ok = (result["done"] == result["tasks"] and result["lost"] == 0 and result["committed_twice"] == 0
+          and result["done_with_1_finished_run"] == result["tasks"] and result["runs_running"] == 0)
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
