@@ -142,7 +142,8 @@ def test_indexed_queries_match_mongomock(db):
               {"x": 1}, datetime.datetime(2024, 1, 1)]
     docs = []
     for i in range(400):
-        doc = {"_id": i, "n": i, "status": rng.choice(values), "priority": rng.choice(values)}
+        doc = {"_id": i, "n": i, "status": rng.choice(values), "priority": rng.choice(values),
+               "filter": rng.choice([{"m": "lgb", "k": i % 5}, {"k": i % 5, "m": "lgb"}, {"m": ["a", {"b": 1.0}]}])}
         if rng.random() < 0.2:
             del doc["priority"]
         docs.append(doc)
@@ -153,7 +154,9 @@ def test_indexed_queries_match_mongomock(db):
     queries = [{"status": "waiting"}, {"status": 1}, {"status": None}, {"status": {"$in": ["done", 2]}},
                {"priority": {"$gte": 0, "$lt": 2}}, {"priority": {"$gt": "a"}}, {"status": "done", "n": {"$lt": 200}},
                {"$and": [{"status": {"$eq": "running"}}, {"priority": {"$lte": 1}}]}, {"_id": {"$in": [3, 5, 999]}},
-               {"n": {"$gt": 390}}, {"status": {"$ne": "done"}, "priority": 1}]
+               {"n": {"$gt": 390}}, {"status": {"$ne": "done"}, "priority": 1}, {"status": {"x": 1}},
+               {"filter": {"m": "lgb", "k": 3}}, {"filter": {"k": 3, "m": "lgb"}}, {"filter": {"m": ["a", {"b": 1}]}},
+               {"filter": {"m": "lgb", "k": 3}, "status": "done"}]
     for query in queries:
         for sort in (None, [("priority", -1)], [("priority", 1)], [("n", -1)]):
             got = [d["_id"] for d in db.q.find(query, sort=sort)]

@@ -26,8 +26,9 @@ from qlib_ext.store.wire import CODEC
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_FIELDS = ("status", "priority")
-"""Fields indexed in every collection: Qlib's claim filters on status and sorts on priority."""
+DEFAULT_FIELDS = ("status", "priority", "filter")
+"""Fields indexed in every collection: Qlib's claim filters on status and sorts on priority;
+``create_task`` looks every task up by its whole ``filter`` document before inserting it."""
 
 DEFAULT_PAIRS = (("status", "priority"),)
 """Compound (equality, order) indexes in every collection: exactly Qlib's claim."""
@@ -205,7 +206,7 @@ class Collection:
         if chunks is not None:
             return self._matching(flt, itertools.chain.from_iterable(chunks))
         index = self.fields.get(path)
-        if index is not None and not index.complex:
+        if index is not None and index.sortable():
             return self._walk(flt, index, direction < 0, candidates)
         docs = list(self._natural(flt, candidates))
         for key, direction in reversed(sort):  # stable sorts, last key first: mongomock's way

@@ -26,7 +26,8 @@ COMPLEX = object()
 """Marker key: the value cannot be placed in the index (array, sub-document, NaN, binary...)."""
 
 _INF = float("inf")
-RANK_NULL, RANK_NUMBER, RANK_STRING, RANK_OBJECTID, RANK_BOOL, RANK_DATE = 1, 2, 3, 7, 8, 9
+RANK_NULL, RANK_NUMBER, RANK_STRING, RANK_OBJECT, RANK_ARRAY, RANK_BINARY = 1, 2, 3, 4, 5, 6
+RANK_OBJECTID, RANK_BOOL, RANK_DATE = 7, 8, 9
 
 
 def scalar_key(value: Any) -> tuple | object:
@@ -49,6 +50,26 @@ def scalar_key(value: Any) -> tuple | object:
     return COMPLEX
 
 
+def value_key(value: Any) -> tuple | object:
+    """Hashable equality key of any value, embedded documents and arrays included, or COMPLEX.
+
+    Documents compare regardless of field order (mongomock's dict ``==``), so the key is a superset
+    for MongoDB's order-sensitive comparison too. Only for hash lookups: these keys do not sort the
+    way MongoDB sorts documents.
+    """
+    if isinstance(value, dict):
+        items = [(k, value_key(v)) for k, v in value.items()]
+        if any(v is COMPLEX for _, v in items):
+            return COMPLEX
+        return (RANK_OBJECT, tuple(sorted(items, key=lambda item: item[0])))
+    if isinstance(value, list):
+        parts = [value_key(v) for v in value]
+        return COMPLEX if any(p is COMPLEX for p in parts) else (RANK_ARRAY, tuple(parts))
+    if isinstance(value, bytes):
+        return (RANK_BINARY, getattr(value, "subtype", 0), bytes(value))
+    return scalar_key(value)
+
+
 def doc_key(doc: dict[str, Any], path: str) -> tuple | object:
     """Index key of ``doc`` at dotted ``path``; missing sorts and matches like null."""
     value: Any = doc
@@ -61,6 +82,8 @@ def doc_key(doc: dict[str, Any], path: str) -> tuple | object:
             return COMPLEX  # a path through an array fans out: let the matcher decide
         else:
             return (RANK_NULL, None)
+    if isinstance(value, dict):
+        return value_key(value)  # an embedded document: equality lookups only
     return scalar_key(value)
 
 
@@ -72,6 +95,7 @@ class FieldIndex:
         self.buckets: dict[tuple, set] = {}
         self.sorted: list[tuple] = []  # (rank, value, seq), ascending
         self.complex: set[int] = set()
+        self.objects: set[int] = set()  # embedded-document values: hashed, never in ``sorted``
         self.keys: dict[int, tuple | object] = {}  # seq -> key last indexed
 
     def add(self, seq: int, doc: dict[str, Any]) -> None:
@@ -82,7 +106,10 @@ class FieldIndex:
             self.complex.add(seq)
             return
         self.buckets.setdefault(key, set()).add(seq)
-        bisect.insort(self.sorted, (*key, seq))
+        if key[0] == RANK_OBJECT:
+            self.objects.add(seq)
+        else:
+            bisect.insort(self.sorted, (*key, seq))
 
     def remove(self, seq: int) -> None:
         """Forget ``seq``; a no-op when it was never indexed."""
@@ -96,6 +123,9 @@ class FieldIndex:
         bucket.discard(seq)
         if not bucket:
             del self.buckets[key]
+        if key[0] == RANK_OBJECT:
+            self.objects.discard(seq)
+            return
         i = bisect.bisect_left(self.sorted, (*key, seq))
         if i < len(self.sorted) and self.sorted[i][2] == seq:
             del self.sorted[i]
@@ -127,11 +157,15 @@ class FieldIndex:
             stop = bisect.bisect_left(lst, (rank + 1,))
         else:
             stop = bisect.bisect_left(lst, (rank, high[0], _INF) if high[1] else (rank, high[0]))
-        return {entry[2] for entry in lst[start:stop]} | self.complex
+        return {entry[2] for entry in lst[start:stop]} | self.complex | self.objects
 
     def walk(self, descending: bool) -> Iterator[list[int]]:
         """Sequence numbers in sort order, in chunks; see :func:`walk_sorted`."""
         return walk_sorted(self.sorted, descending)
+
+    def sortable(self) -> bool:
+        """Whether :meth:`walk` visits every document (no arrays, exotic values or documents)."""
+        return not self.complex and not self.objects
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -173,7 +207,9 @@ class PairIndex:
 
     def _key(self, doc: dict[str, Any]) -> tuple | None:
         eq, order = doc_key(doc, self.eq_path), doc_key(doc, self.order_path)
-        return None if eq is COMPLEX or order is COMPLEX else (eq, order)
+        if eq is COMPLEX or order is COMPLEX or order[0] == RANK_OBJECT:
+            return None
+        return (eq, order)
 
     def add(self, seq: int, doc: dict[str, Any]) -> None:
         """Index ``doc`` under its sequence number."""
@@ -207,7 +243,7 @@ class PairIndex:
 
     def walk(self, eq_value: Any, descending: bool) -> Iterator[list[int]] | None:
         """Documents with ``eq_path == eq_value`` in order, or None if the index cannot tell."""
-        key = scalar_key(eq_value)
+        key = value_key(eq_value) if isinstance(eq_value, dict) else scalar_key(eq_value)
         if key is COMPLEX or self.complex:
             return None
         return walk_sorted(self.lists.get(key, []), descending)

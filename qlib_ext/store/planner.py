@@ -12,7 +12,7 @@ from typing import Any
 
 from bson.regex import Regex
 
-from qlib_ext.store.indexes import COMPLEX, RANK_NULL, FieldIndex, scalar_key
+from qlib_ext.store.indexes import COMPLEX, RANK_NULL, FieldIndex, scalar_key, value_key
 
 _RANGE_OPS = {"$gt", "$gte", "$lt", "$lte"}
 
@@ -75,8 +75,11 @@ def field_candidates(index: FieldIndex, cond: Any) -> set | None:
             return None
         key = scalar_key(cond)
         return None if key is COMPLEX else index.equal([key])
+    if cond and not any(k.startswith("$") for k in cond):
+        key = value_key(cond)  # embedded-document equality, e.g. Qlib's {"filter": task}
+        return None if key is COMPLEX else index.equal([key])
     if not cond or not all(k.startswith("$") for k in cond):
-        return None  # exact sub-document match: leave it to the matcher
+        return None
     result: set | None = None
     for part in (_eq_part(index, cond), _in_part(index, cond), _range_part(index, cond)):
         if part is not None:
