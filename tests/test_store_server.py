@@ -82,3 +82,38 @@ def test_non_loopback_host_warns(tmp_path, caplog):
     with open_store(tmp_path / "s", host="0.0.0.0") as store:
         assert store.url.startswith("mongodb://127.0.0.1:")
     assert "NO authentication" in caplog.text and "real MongoDB" in caplog.text
+
+
+def _roundtrip(url: str, message: bytes) -> bytes:
+    with socket.create_connection(_host_port(url), timeout=5) as sock:
+        sock.sendall(message)
+        header = sock.recv(16, socket.MSG_WAITALL)
+        length = struct.unpack("<i", header[:4])[0]
+        return header + sock.recv(length - 16, socket.MSG_WAITALL)
+
+
+def test_legacy_op_query_is_master_handshake(mongo_url):
+    import bson
+
+    body = b"admin.$cmd\x00" + struct.pack("<ii", 0, -1) + bson.encode({"isMaster": 1})
+    msg = struct.pack("<i", 0) + body  # flags
+    reply = _roundtrip(mongo_url, struct.pack("<iiii", 16 + len(msg), 7, 0, 2004) + msg)
+    _, _, response_to, op_code = struct.unpack("<iiii", reply[:16])
+    assert (response_to, op_code) == (7, 1)  # OP_REPLY to our request
+    doc = bson.decode(reply[16 + 20:])
+    assert doc["ok"] == 1 and doc["ismaster"] is True and doc["maxWireVersion"] >= 9
+
+
+def test_op_msg_with_checksum(mongo_url):
+    import bson
+
+    from qlib_ext.store.wire import crc32c
+
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    body = struct.pack("<I", 1) + b"\x00" + bson.encode({"ping": 1, "$db": "admin"})
+    head = struct.pack("<iiii", 16 + len(body) + 4, 9, 0, 2013)
+    good = head + body + struct.pack("<I", crc32c(head + body))
+    assert bson.decode(_roundtrip(mongo_url, good)[21:])["ok"] == 1
+    with socket.create_connection(_host_port(mongo_url), timeout=5) as sock:
+        sock.sendall(good[:-4] + b"\x00\x00\x00\x00")  # wrong checksum: hang up
+        assert _hung_up(sock)
