@@ -117,3 +117,16 @@ def test_op_msg_with_checksum(mongo_url):
     with socket.create_connection(_host_port(mongo_url), timeout=5) as sock:
         sock.sendall(good[:-4] + b"\x00\x00\x00\x00")  # wrong checksum: hang up
         assert _hung_up(sock)
+
+
+def test_background_store_exits_when_idle(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "qlib_ext.store", "serve", "--dir", str(tmp_path / "s"),
+                             "--port", "0", "--idle-exit", "1"], stderr=subprocess.DEVNULL)
+    try:
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+    assert running_url(tmp_path / "s") is None
