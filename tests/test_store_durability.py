@@ -101,3 +101,33 @@ def test_torn_journal_tail_is_cut_off(tmp_path):
     third = _engine(tmp_path)
     assert len(third.collection("db", "c").docs) == 11
     third.close()
+
+
+def test_group_commit_shares_fsyncs_between_concurrent_writers(tmp_path, monkeypatch):
+    import time
+
+    from qlib_ext.store import journal as journal_mod
+
+    calls = []
+
+    def slow_sync(fd):
+        calls.append(fd)
+        time.sleep(0.05)  # a slow disk: writers pile up behind the flush in progress
+
+    monkeypatch.setattr(journal_mod, "_datasync", slow_sync)
+    journal = Journal(tmp_path, 1 << 30)
+    list(journal.open())
+    engine_lock = threading.Lock()
+
+    def writer(i: int) -> None:
+        with engine_lock:
+            lsn = journal.append([{"o": "create", "db": "d", "c": f"c{i}"}])
+        journal.wait_durable(lsn)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert 1 <= len(calls) <= 4  # 16 acknowledged writes, a handful of flushes
+    journal.close()
