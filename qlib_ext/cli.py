@@ -34,12 +34,14 @@ class _Group(click.Group):
 @click.pass_context
 def main(ctx: click.Context, verbose: int, profile_path: Path | None) -> None:
     """Run grids of Qlib research tasks on a TaskManager pool with many worker processes."""
-    from qlib_ext.profile import load_default_map
+    from qlib_ext.profile import load_default_map, redact_url_passwords
 
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Subcommand contexts are made after this callback, so they inherit the profile's defaults.
     ctx.default_map = load_default_map(main, profile_path)
+    # Qlib logs sys.argv as the MLflow param cmd-sys.argv in every run: no URL passwords there.
+    sys.argv[:] = [redact_url_passwords(a) for a in sys.argv]
 
 
 # --------------------------------------------------------------------------- data
@@ -473,11 +475,15 @@ def mlflow_group() -> None:
 @click.option("--port", default=5000, show_default=True, help="TCP port.")
 @click.option("--server-workers", default=1, show_default=True, type=click.IntRange(1, 8),
               help="MLflow server worker processes.")
+@click.option("--basic-auth", is_flag=True, help="Require logins (MLflow's basic-auth app; users in DIR/basic_auth.db; "
+                                                 "first start needs MLFLOW_AUTH_ADMIN_PASSWORD).")
 @click.pass_context
-def mlflow_serve(ctx: click.Context, dir_: Path | None, host: str, port: int, server_workers: int) -> None:
+def mlflow_serve(ctx: click.Context, dir_: Path | None, host: str, port: int, server_workers: int,
+                 basic_auth: bool) -> None:
     """Run MLflow's tracking server (sqlite backend, proxied artifacts) in the foreground and print the
     --mlflow-uri for workers. Stops on SIGTERM/SIGINT."""
     from qlib_ext import defaults
     from qlib_ext.mlflow_server import serve
 
-    ctx.exit(serve(dir_ or defaults.home() / "mlflow-server", host=host, port=port, workers=server_workers))
+    ctx.exit(serve(dir_ or defaults.home() / "mlflow-server", host=host, port=port, workers=server_workers,
+                   basic_auth=basic_auth))

@@ -23,13 +23,18 @@ STOP_SECONDS = 20.0
 """How long the server gets to exit after SIGTERM before it is killed, seconds."""
 
 
-def server_command(directory: Path, host: str, port: int, workers: int = 1) -> list[str]:
-    """The ``mlflow server`` command line for a server keeping everything in ``directory``."""
+def server_command(directory: Path, host: str, port: int, workers: int = 1, basic_auth: bool = False) -> list[str]:
+    """The ``mlflow server`` command line for a server keeping everything in ``directory``.
+
+    ``basic_auth`` adds MLflow's own basic-auth app (users and permissions in ``basic_auth.db``,
+    created in the server's working directory, which :func:`serve` sets to ``directory``).
+    """
     directory = directory.resolve()
     return [sys.executable, "-m", "mlflow", "server",
             "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
             "--artifacts-destination", str(directory / "mlartifacts"), "--serve-artifacts",
-            "--host", host, "--port", str(port), "--workers", str(workers)]
+            "--host", host, "--port", str(port), "--workers", str(workers),
+            *(["--app-name", "basic-auth"] if basic_auth else [])]
 
 
 def is_loopback(host: str) -> bool:
@@ -48,7 +53,8 @@ def client_url(host: str, port: int) -> str:
     return f"http://{shown}:{port}"
 
 
-def serve(directory: Path, host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> int:
+def serve(directory: Path, host: str = "127.0.0.1", port: int = 5000, workers: int = 1,
+          basic_auth: bool = False) -> int:
     """Run the MLflow server in the foreground until it exits or we get SIGTERM/SIGINT.
 
     Args:
@@ -56,17 +62,21 @@ def serve(directory: Path, host: str = "127.0.0.1", port: int = 5000, workers: i
         host: address to bind; anything but loopback gets a no-authentication warning.
         port: TCP port.
         workers: server worker processes (1 or 2 is plenty for a pool's workers).
+        basic_auth: require MLflow's basic-auth logins (the first start needs
+            ``MLFLOW_AUTH_ADMIN_PASSWORD`` in the environment).
 
     Returns:
         The server's exit code (0 after a forwarded stop signal).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    if not is_loopback(host):
+    if not is_loopback(host) and not basic_auth:
         logger.warning("mlflow: listening on %s without authentication: anyone who can reach port %d can read "
-                       "and change every run. For a shared lab add --app-name basic-auth to mlflow server "
-                       "(see docs/multi-machine.md) or put it behind a firewall/VPN.", host, port)
+                       "and change every run. For a shared lab add --basic-auth (MLflow's basic-auth app, "
+                       "see docs/multi-machine.md) or keep the port behind a firewall/VPN.", host, port)
     # Own process group: the server's worker processes get our forwarded signal, not a stray Ctrl-C.
-    proc = subprocess.Popen(server_command(directory, host, port, workers), start_new_session=True)
+    command = server_command(directory, host, port, workers, basic_auth)
+    logger.info("mlflow: running %s", " ".join(command))
+    proc = subprocess.Popen(command, cwd=directory, start_new_session=True)
     url = client_url(host, port)
     print(f"mlflow server: {url}  (data in {directory})\n"
           f"  workers: --mlflow-uri {url}   or   export MLFLOW_TRACKING_URI={url}", flush=True)

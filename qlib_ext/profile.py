@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,14 @@ PROFILE_ENV = "QLIB_EXT_PROFILE"
 
 PROFILE_NAME = "qlib-ext.toml"
 """File name looked up in the working directory and in the qlib-ext home."""
+
+
+_URL_PASSWORD = re.compile(r"(\w[\w+.-]*://[^:/@\s]+):[^@\s]+@")
+
+
+def redact_url_passwords(text: str) -> str:
+    """``mongodb://user:secret@host`` -> ``mongodb://user:***@host`` (for anything that gets logged)."""
+    return _URL_PASSWORD.sub(r"\1:***@", text)
 
 
 def find_profile(explicit: str | Path | None = None) -> Path | None:

@@ -99,7 +99,7 @@ def test_profile_sets_nested_group_command(tmp_path, monkeypatch):
     got = {}
     monkeypatch.setattr("qlib_ext.mlflow_server.serve", lambda d, **kw: got.update(kw) or 0)
     assert invoke(["mlflow", "serve"]).exit_code == 0
-    assert got == {"host": "10.0.0.5", "port": 5111, "workers": 1}
+    assert got == {"host": "10.0.0.5", "port": 5111, "workers": 1, "basic_auth": False}
 
 
 # ---------------------------------------------------------------------- worker data check
@@ -132,3 +132,14 @@ def test_worker_data_check_missing_directory(tmp_path, synth_provider):
     with pytest.raises(ConfigError, match=r"not-mounted \(the path recorded at submit\) is not a Qlib dataset "
                                           r"on this host.*--provider-uri"):
         check_worker_data("p", meta)
+
+
+def test_url_passwords_never_reach_the_command_line_qlib_logs(monkeypatch, seen):
+    # Qlib logs " ".join(sys.argv) as the MLflow param cmd-sys.argv of every run.
+    argv = ["qlib-ext", "worker", "--pool", "p", "--mongo-url", "mongodb://qlib:s3cret@10.0.0.1:27017/?authSource=admin"]
+    monkeypatch.setattr("sys.argv", list(argv))
+    assert invoke(argv[1:]).exit_code == 0
+    assert seen["mongo_url"] == argv[-1]  # the worker still gets the real URL
+    import sys
+
+    assert sys.argv[-1] == "mongodb://qlib:***@10.0.0.1:27017/?authSource=admin"
