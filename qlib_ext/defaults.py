@@ -20,8 +20,9 @@ STORE_HOST = "127.0.0.1"
 MAX_MESSAGE_BYTES = 48 * 1000 * 1000
 """Largest wire message the embedded store accepts (MongoDB's maxMessageSizeBytes), bytes."""
 
-TASK_DB_NAME = "qlib_ext"
-"""MongoDB database that holds the task pools (one collection per pool)."""
+TASK_DB_NAME = "default_task_db"
+"""MongoDB database that holds the task pools (one collection per pool): Qlib's own default, so
+``python -m qlib.workflow.task.manage -t POOL task_stat`` finds them without configuration."""
 
 LEASE_SECONDS = 600.0
 """How long a claimed task stays owned without a heartbeat, seconds."""

@@ -42,7 +42,7 @@ def test_grid_runs_on_two_workers_into_mlflow_and_ranks(tmp_path, synth_provider
     assert "4 new of 4" in out
     assert "mlflow ui --backend-store-uri " + mlflow_uri in out
 
-    db = pymongo.MongoClient(mongo_url)["qlib_ext"]
+    db = pymongo.MongoClient(mongo_url)["default_task_db"]
     docs = list(db["e2e"].find({}))
     assert [d["status"] for d in docs] == ["done"] * 4
     assert len({d["worker"] for d in docs}) == 2, "both worker processes should have taken tasks"
@@ -80,7 +80,7 @@ def test_plain_qrun_yaml_runs_as_one_task(tmp_path, synth_provider, mongo_url, m
     wf = write_workflow(tmp_path / "plain.yaml", synth_provider)
     out = cli("run", str(wf), "-n", "1", "--mongo-url", mongo_url, "--mlflow-uri", mlflow_uri).stdout
     assert "1 new of 1" in out
-    doc = pymongo.MongoClient(mongo_url)["qlib_ext"]["plain"].find_one({})
+    doc = pymongo.MongoClient(mongo_url)["default_task_db"]["plain"].find_one({})
     assert doc["status"] == "done"
     run = mlflow.MlflowClient(mlflow_uri).get_run(doc["result"]["run_id"])
     assert run.info.status == "FINISHED" and "IC" in run.data.metrics
@@ -93,5 +93,5 @@ def test_worker_started_separately_joins_an_existing_pool(tmp_path, synth_provid
     assert "2 new of 2" in cli("submit", str(wf), *common).stdout
     # Only the pool name and the store URL: the pool recorded provider, region and experiment.
     cli("worker", "--pool", "joined", "-n", "1", "--mongo-url", mongo_url)
-    docs = list(pymongo.MongoClient(mongo_url)["qlib_ext"]["joined"].find({}))
+    docs = list(pymongo.MongoClient(mongo_url)["default_task_db"]["joined"].find({}))
     assert [d["status"] for d in docs] == ["done", "done"]

@@ -246,14 +246,30 @@ def resolve_mongo_url(url: str | None) -> str:
     fd = os.open(path / START_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # blocks while another process is starting the store
-        return running_url(path) or start_background(path)
+        if found := running_url(path):
+            return found
+        # MongoDB's own port when it is free, so Qlib's tools (which default to localhost:27017)
+        # find the pool without configuration; any free port otherwise.
+        if _port_free(defaults.STORE_HOST, defaults.STORE_PORT):
+            with contextlib.suppress(StoreError):
+                return start_background(path, port=defaults.STORE_PORT)
+        return start_background(path)
     finally:
         os.close(fd)
 
 
-def start_background(directory: Path, timeout: float = defaults.STORE_START_SECONDS) -> str:
-    """Start a detached store process on ``directory`` (any free port) and return its URL."""
-    cmd = [sys.executable, "-m", "qlib_ext.store", "serve", "--dir", str(directory), "--port", "0",
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def start_background(directory: Path, timeout: float = defaults.STORE_START_SECONDS, port: int = 0) -> str:
+    """Start a detached store process on ``directory`` (``port`` 0: any free one) and return its URL."""
+    cmd = [sys.executable, "-m", "qlib_ext.store", "serve", "--dir", str(directory), "--port", str(port),
            "--idle-exit", str(defaults.STORE_IDLE_EXIT_SECONDS)]
     with open(directory / LOG_FILE, "ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
