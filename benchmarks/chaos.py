@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/chaos.py [--tasks 100] [--workers 4] [--chaos-seconds 60]
 
 A 100-task grid of short ``tests/fixtures.py::ChaosModel`` tasks runs on 4 worker processes
-(``qlib_ext.group.WorkerGroup``, which restarts dead workers). For ``--chaos-seconds`` a driver
-SIGKILLs a random worker every ``--kill-every`` seconds and SIGKILLs the embedded store every
+(``qlib_ext.group.WorkerGroup``, which restarts dead workers). Once the first task is done, for
+``--chaos-seconds`` a driver SIGKILLs a random worker every ``--kill-every`` seconds (one holding a
+task when there is one, so kills land mid-task) and SIGKILLs the embedded store every
 ``--store-every`` seconds, restarting it on the same port after ``--store-down`` seconds. Then it
 waits (bounded) for the workers to drain the pool and prints, from the store, the worker logs and
 MLflow: tasks done / failed / lost (not finished), tasks committed twice, and FINISHED runs per task.
@@ -99,6 +100,8 @@ def drive(store: Store, settings: object, args: argparse.Namespace) -> dict[str,
 
     group = WorkerGroup(settings, args.workers, max_restarts=10**6).start()
     rng = random.Random(args.seed)
+    began = time.monotonic()
+    _wait_first_task(store, settings)  # chaos starts once workers are up (imports take a while)
     start = time.monotonic()
     next_kill, next_store = start + args.kill_every, start + args.store_every
     did = collections.Counter()
@@ -114,10 +117,11 @@ def drive(store: Store, settings: object, args: argparse.Namespace) -> dict[str,
             break
         if now - start < args.chaos_seconds:
             if now >= next_kill:
-                victims = [p for p in group.procs if p.is_alive()]
-                if victims:
-                    os.kill(rng.choice(victims).pid, signal.SIGKILL)
+                victim = _pick_victim(group, store, settings, rng)
+                if victim is not None:
+                    os.kill(victim[0], signal.SIGKILL)
                     did["workers_killed"] += 1
+                    did["killed_mid_task"] += victim[1]
                 next_kill = now + args.kill_every
             if now >= next_store:
                 store.kill()
@@ -126,8 +130,37 @@ def drive(store: Store, settings: object, args: argparse.Namespace) -> dict[str,
                 did["store_restarts"] += 1
                 next_store = time.monotonic() + args.store_every
         time.sleep(0.2)
-    did["seconds"] = round(time.monotonic() - start)
+    did["seconds"] = round(time.monotonic() - began)
     return did
+
+
+def _running_pids(store: Store, settings: object) -> set[int]:
+    import pymongo
+
+    try:
+        with pymongo.MongoClient(store.url, serverSelectionTimeoutMS=1000) as client:
+            docs = client[settings.db_name]["chaos"].find({"status": "running"}, {"worker": 1})
+            return {int(d["worker"].rsplit(":", 1)[1]) for d in docs}
+    except pymongo.errors.PyMongoError:
+        return set()
+
+
+def _pick_victim(group: object, store: Store, settings: object, rng: random.Random) -> tuple[int, int] | None:
+    """A random worker holding a task (so the kill lands mid-task), else any live one: (pid, mid-task)."""
+    alive = {p.pid for p in group.procs if p.is_alive()}
+    busy = sorted(alive & _running_pids(store, settings))
+    if busy:
+        return rng.choice(busy), 1
+    return (rng.choice(sorted(alive)), 0) if alive else None
+
+
+def _wait_first_task(store: Store, settings: object, timeout: float = 600) -> None:
+    import pymongo
+
+    deadline = time.monotonic() + timeout
+    with pymongo.MongoClient(store.url) as client:
+        while time.monotonic() < deadline and not client[settings.db_name]["chaos"].find_one({"status": "done"}):
+            time.sleep(0.5)
 
 
 def measure(store: Store, settings: object, log_text: str) -> dict[str, object]:
@@ -167,8 +200,8 @@ def main() -> int:
     p.add_argument("--task-seconds", type=float, default=0.5, help="Sleep inside each task, s.")
     p.add_argument("--chaos-seconds", type=float, default=60, help="How long the driver kills things, s.")
     p.add_argument("--drain-seconds", type=float, default=300, help="Bound on the calm phase after, s.")
-    p.add_argument("--kill-every", type=float, default=4, help="Interval between worker SIGKILLs, s.")
-    p.add_argument("--store-every", type=float, default=10, help="Interval between store SIGKILLs, s.")
+    p.add_argument("--kill-every", type=float, default=5, help="Interval between worker SIGKILLs, s.")
+    p.add_argument("--store-every", type=float, default=12, help="Interval between store SIGKILLs, s.")
     p.add_argument("--store-down", type=float, default=2, help="How long the store stays down, s.")
     p.add_argument("--lease", type=float, default=6, help="Lease length, s.")
     p.add_argument("--heartbeat", type=float, default=0.5, help="Heartbeat interval, s.")

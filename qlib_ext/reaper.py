@@ -10,6 +10,10 @@ leaves a FINISHED run that is not the task's result. The reaper compares each ru
 * a FINISHED run of a ``done`` task that is not the committed run is set KILLED and tagged
   ``qlib_ext.discarded`` (so each done task has exactly one FINISHED run: the committed one).
 
+A RUNNING run without qlib-ext tags (its worker died between creating and tagging it) is matched
+to its task by run name and ended once that task is no longer running, or was claimed again after
+the run started.
+
 Runs are read before task documents: a run is tagged only after its task was claimed, so a run we
 see belongs to a claim the documents already show, and a live run is never mistaken for a ghost.
 Safe to run from several processes at once (ending a run twice is harmless).
@@ -17,6 +21,8 @@ Safe to run from several processes at once (ending a run twice is harmless).
 
 from __future__ import annotations
 
+import collections
+import datetime as dt
 import logging
 from typing import Any
 
@@ -44,12 +50,12 @@ def reap_runs(tm: GridTaskManager, mlflow_uri: str, task_ids: list[Any] | None =
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
     runs = _pool_runs(client, tm.pool_name, task_ids)
+    ended = _reap_untagged(client, tm) if task_ids is None else 0
     if not runs:
-        return 0
+        return ended
     ids = {_oid(r.data.tags.get("qlib_ext.task_id")) for r in runs} - {None}
     docs = {d["_id"]: d for d in tm.task_pool.find({"_id": {"$in": list(ids)}},
                                                     {"status": 1, "attempt": 1, "worker": 1, "result.run_id": 1})}
-    ended = 0
     for run in runs:
         verdict = _verdict(run, docs.get(_oid(run.data.tags.get("qlib_ext.task_id"))))
         if verdict is not None:
@@ -77,6 +83,8 @@ def _verdict(run: Any, doc: dict | None) -> str | None:
     if doc is None:
         return None  # its task is gone (dropped pool): not ours to judge
     tags, status = run.data.tags, run.info.status
+    if status == "RUNNING" and "qlib_ext.attempt" not in tags:
+        return None  # still being tagged, or died while tagging: _reap_untagged decides once it is over
     live = (doc.get("status") == TaskStatus.RUNNING.value and str(doc.get("attempt")) == tags.get("qlib_ext.attempt")
             and doc.get("worker") == tags.get("qlib_ext.worker"))
     if status == "RUNNING" and not live:
@@ -85,6 +93,42 @@ def _verdict(run: Any, doc: dict | None) -> str | None:
     if status == "FINISHED" and doc.get("status") == TaskStatus.DONE.value and committed != run.info.run_id:
         return f"result not committed: the task's committed run is {committed}"
     return None
+
+
+def _reap_untagged(client: Any, tm: GridTaskManager) -> int:
+    """End RUNNING runs of the pool's experiment that never got their qlib-ext tags (the worker died
+    between creating the run and tagging it). Such a run is matched to its task by run name; it is
+    dead when the task is not running, or was claimed again after the run started."""
+    from qlib_ext.queue import POOLS_COLLECTION
+
+    meta = tm.task_pool.database[POOLS_COLLECTION].find_one({"_id": tm.pool_name}, {"experiment": 1}) or {}
+    exp = client.get_experiment_by_name(meta["experiment"]) if meta.get("experiment") else None
+    if exp is None:
+        return 0
+    untagged = [r for r in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'", max_results=5000)
+                if "qlib_ext.task_id" not in r.data.tags and r.info.run_name]
+    if not untagged:
+        return 0
+    docs = collections.defaultdict(list)
+    for d in tm.task_pool.find({"filter.qlib_ext.run_name": {"$in": [r.info.run_name for r in untagged]}},
+                               {"status": 1, "started_at": 1, "filter.qlib_ext.run_name": 1}):
+        docs[d["filter"]["qlib_ext"]["run_name"]].append(d)
+    ended = 0
+    for run in untagged:
+        started = dt.datetime.fromtimestamp(run.info.start_time / 1000, dt.timezone.utc).replace(tzinfo=None)
+        matches = docs.get(run.info.run_name, [])
+        if matches and all(_claimed_after(d, started) for d in matches):
+            _end(client, run, "its worker died before tagging it")
+            ended += 1
+    return ended
+
+
+def _claimed_after(doc: dict, run_started: dt.datetime) -> bool:
+    """Whether ``doc``'s current claim cannot own a run started at ``run_started`` (clock slack 5 s)."""
+    if doc.get("status") != TaskStatus.RUNNING.value:
+        return True
+    claimed = doc.get("started_at")
+    return isinstance(claimed, dt.datetime) and claimed - dt.timedelta(seconds=5) > run_started
 
 
 def _end(client: Any, run: Any, reason: str) -> None:

@@ -28,7 +28,7 @@ from qlib_ext.runner import submit
 pytestmark = pytest.mark.slow
 
 TESTS_DIR = Path(__file__).resolve().parent
-FAST = ["--lease-seconds", "2", "--heartbeat-seconds", "0.5", "--no-cache", "--threads", "1"]
+FAST = ["--lease-seconds", "3", "--heartbeat-seconds", "0.5", "--no-cache", "--threads", "1"]
 """Short leases and heartbeats so that recovery happens within seconds."""
 
 
