@@ -136,6 +136,16 @@ def store_url(dir_: Path | None) -> None:
     click.echo(url)
 
 
+@store.command("stop")
+@click.option("--dir", "dir_", type=click.Path(path_type=Path), default=None,
+              help="Data directory (default: $QLIB_EXT_HOME/store).")
+def store_stop(dir_: Path | None) -> None:
+    """Stop the store running on DIR (SIGTERM; it finishes pending writes first)."""
+    from qlib_ext.store import stop
+
+    click.echo("stopped" if stop(dir_) else "no store was running there")
+
+
 # --------------------------------------------------------------------------- grid
 @main.command("expand")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -226,6 +236,12 @@ def _worker_options(f):
     return f
 
 
+def _limit_option(f):
+    return click.option("--limit", default=None, type=click.IntRange(min=1),
+                        help="Submit only N tasks, evenly spread over the grid (first and last included): "
+                             "a smoke test before the full run.")(f)
+
+
 def _settings(pool, mongo_url, mlflow_uri, provider_uri, workers, threads, no_cache, **knobs):
     """Worker settings: the pool's recorded ``workers:`` section, then the flags that were given."""
     import os
@@ -256,13 +272,14 @@ def _stopped(pool: str, mongo_url: str) -> bool:
 @_provider_option
 @click.option("--max-attempts", default=None, type=click.IntRange(min=1),
               help="Attempts before a task is marked failed (default: workers.max_attempts, 3).")
+@_limit_option
 def submit_cmd(file: Path, mongo_url: str, mlflow_uri: str | None, provider_uri: str | None,
-               max_attempts: int | None) -> None:
+               max_attempts: int | None, limit: int | None) -> None:
     """Expand FILE (a qrun YAML with an optional grid: section) and add its new tasks to the pool."""
     from qlib_ext.runner import submit
 
     click.echo(submit(file, mongo_url=mongo_url, mlflow_uri=mlflow_uri, provider_uri=provider_uri,
-                      max_attempts=max_attempts))
+                      max_attempts=max_attempts, limit=limit))
 
 
 @main.command("worker")
@@ -289,9 +306,10 @@ def worker_cmd(ctx: click.Context, pool: str, mongo_url: str, mlflow_uri: str | 
 @_provider_option
 @_worker_options
 @click.option("--metric", default="IC", show_default=True, help="Metric that ranks the leaderboard.")
+@_limit_option
 @click.pass_context
 def run_cmd(ctx: click.Context, file: Path, mongo_url: str, mlflow_uri: str | None, provider_uri: str | None,
-            metric: str, **opts) -> None:
+            metric: str, limit: int | None, **opts) -> None:
     """Submit FILE, run local workers with a live progress line, then print the leaderboard."""
     from qlib_ext.group import run_workers
     from qlib_ext.progress import Progress
@@ -299,10 +317,10 @@ def run_cmd(ctx: click.Context, file: Path, mongo_url: str, mlflow_uri: str | No
     from qlib_ext.runner import submit
 
     sub = submit(file, mongo_url=mongo_url, mlflow_uri=mlflow_uri, provider_uri=provider_uri,
-                 max_attempts=opts.pop("max_attempts"))
+                 max_attempts=opts.pop("max_attempts"), limit=limit)
     click.echo(sub)
-    settings, n = _settings(sub.pool, sub.mongo_url, sub.mlflow_uri, provider_uri, **opts)
-    click.echo(f"starting {n} workers x {settings.threads} threads")
+    settings, n = _settings(sub.pool, sub.mongo_url, sub.mlflow_uri, provider_uri, log_to_files=True, **opts)
+    click.echo(f"starting {n} workers x {settings.threads} threads (worker logs: {settings.log_dir})")
     progress = Progress(sub.pool, sub.mongo_url)
     code = run_workers(settings, n, on_tick=progress.tick)
     progress.finish()
@@ -408,9 +426,37 @@ def demo_cmd(ctx: click.Context, workdir: Path | None, workers: int | None) -> N
     quickstart = Path(__file__).resolve().parent.parent / "workflows" / "quickstart.yaml"
     if not quickstart.exists():
         raise click.ClickException(f"{quickstart} not found: run the demo from a source checkout (pip install -e .)")
+    # Every option left out takes its default: the demo runs on the built-in defaults only.
     ctx.invoke(run_cmd, file=quickstart, mongo_url="embedded", mlflow_uri=None, provider_uri=str(data_dir),
-               metric="IC", workers=workers, threads=None, lease_seconds=None, grace_seconds=None,
-               heartbeat_seconds=None, task_timeout=None, max_attempts=None, exit_when_idle=None, no_cache=False)
+               workers=workers)
+
+
+# --------------------------------------------------------------------------- mlflow
+@main.group("mlflow", cls=_Group)
+def mlflow_group() -> None:
+    """MLflow tracking server for workers on several machines."""
+
+
+@mlflow_group.command("serve")
+@click.option("--dir", "dir_", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Holds mlflow.db and mlartifacts/ (default: $QLIB_EXT_HOME/mlflow-server).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; workers on other hosts need a LAN address (no authentication!).")
+@click.option("--port", default=5000, show_default=True, help="TCP port.")
+@click.option("--server-workers", default=1, show_default=True, type=click.IntRange(1, 8),
+              help="MLflow server worker processes.")
+@click.option("--basic-auth", is_flag=True, help="Require logins (MLflow's basic-auth app; users in DIR/basic_auth.db; "
+                                                 "first start needs MLFLOW_AUTH_ADMIN_PASSWORD).")
+@click.pass_context
+def mlflow_serve(ctx: click.Context, dir_: Path | None, host: str, port: int, server_workers: int,
+                 basic_auth: bool) -> None:
+    """Run MLflow's tracking server (sqlite backend, proxied artifacts) in the foreground and print the
+    --mlflow-uri for workers. Stops on SIGTERM/SIGINT."""
+    from qlib_ext import defaults
+    from qlib_ext.mlflow_server import serve
+
+    ctx.exit(serve(dir_ or defaults.home() / "mlflow-server", host=host, port=port, workers=server_workers,
+                   basic_auth=basic_auth))
 
 
 # --- cache
@@ -459,31 +505,3 @@ def cache_clear(dir_: Path | None, older_than: float | None) -> None:
 
     folder = dir_ or defaults.cache_dir()
     click.echo(f"deleted {len(clear(folder, older_than))} entries from {folder}")
-
-
-# --------------------------------------------------------------------------- mlflow
-@main.group("mlflow", cls=_Group)
-def mlflow_group() -> None:
-    """MLflow tracking server for workers on several machines."""
-
-
-@mlflow_group.command("serve")
-@click.option("--dir", "dir_", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Holds mlflow.db and mlartifacts/ (default: $QLIB_EXT_HOME/mlflow-server).")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to bind; workers on other hosts need a LAN address (no authentication!).")
-@click.option("--port", default=5000, show_default=True, help="TCP port.")
-@click.option("--server-workers", default=1, show_default=True, type=click.IntRange(1, 8),
-              help="MLflow server worker processes.")
-@click.option("--basic-auth", is_flag=True, help="Require logins (MLflow's basic-auth app; users in DIR/basic_auth.db; "
-                                                 "first start needs MLFLOW_AUTH_ADMIN_PASSWORD).")
-@click.pass_context
-def mlflow_serve(ctx: click.Context, dir_: Path | None, host: str, port: int, server_workers: int,
-                 basic_auth: bool) -> None:
-    """Run MLflow's tracking server (sqlite backend, proxied artifacts) in the foreground and print the
-    --mlflow-uri for workers. Stops on SIGTERM/SIGINT."""
-    from qlib_ext import defaults
-    from qlib_ext.mlflow_server import serve
-
-    ctx.exit(serve(dir_ or defaults.home() / "mlflow-server", host=host, port=port, workers=server_workers,
-                   basic_auth=basic_auth))

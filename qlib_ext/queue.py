@@ -36,7 +36,14 @@ POOLS_COLLECTION = "_qlib_ext_pools"
 
 
 def task_hash(task: dict) -> str:
-    """Stable identity of a task definition: sha1 of its canonical JSON."""
+    """Stable identity of a task definition: sha1 of its canonical JSON.
+
+    The grid hash is left out: editing a grid (adding a value to one axis) changes it for every
+    point, and the points that were already run must stay deduplicated.
+    """
+    meta = task.get("qlib_ext")
+    if isinstance(meta, dict) and "grid_hash" in meta:
+        task = {**task, "qlib_ext": {k: v for k, v in meta.items() if k != "grid_hash"}}
     blob = json.dumps(task, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha1(blob.encode()).hexdigest()
 

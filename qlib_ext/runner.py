@@ -96,13 +96,24 @@ def _describe(identity: dict) -> str:
             f"({identity.get('days')} days), {identity.get('instruments')} instruments")
 
 
+def spread_sample(items: list, limit: int | None) -> list:
+    """At most ``limit`` items, evenly spread over the list, first and last included."""
+    if not limit or limit >= len(items):
+        return items
+    if limit == 1:
+        return items[:1]
+    return [items[round(i * (len(items) - 1) / (limit - 1))] for i in range(limit)]
+
+
 def submit(path: str | Path, *, mongo_url: str | None = None, mlflow_uri: str | None = None,
            provider_uri: str | None = None, db_name: str = defaults.TASK_DB_NAME,
-           max_attempts: int | None = None) -> Submitted:
+           max_attempts: int | None = None, limit: int | None = None) -> Submitted:
     """Expand a workflow and insert its new tasks into its pool (``qlib-ext submit``).
 
     ``max_attempts`` (the ``--max-attempts`` flag) wins over ``workers.max_attempts``; it is stamped
     on each new task, and also on the pool's tasks not yet finished, so a resubmit can change it.
+    ``limit`` (``--limit``) submits only an evenly spread sample of that many tasks (first and last
+    included): a smoke test of a big grid before spending hours on it.
     """
     from qlib_ext.config import load_workflow
     from qlib_ext.gen import expand
@@ -113,7 +124,7 @@ def submit(path: str | Path, *, mongo_url: str | None = None, mlflow_uri: str | 
     wf = load_workflow(path)
     qlib_init = dict(wf.config.get("qlib_init") or {})
     provider = resolve_provider(provider_uri, qlib_init, str(path))
-    tasks = expand(wf, provider_uri=provider)
+    tasks = spread_sample(expand(wf, provider_uri=provider), limit)
     mlflow_uri = mlflow_uri or defaults.default_mlflow_uri()
     ensure_experiment(mlflow_uri, wf.experiment_name)
     url = resolve_mongo_url(mongo_url)

@@ -37,6 +37,17 @@ def test_create_tasks_dedups_on_resubmit_and_keeps_qlib_shape(tm):
     assert tm.task_stat() == tm.counts() == {"waiting": 7}
 
 
+def test_editing_the_grid_keeps_finished_points_deduplicated(tm):
+    tasks = [_task(i) for i in range(3)]
+    for t in tasks:
+        t["qlib_ext"]["grid_hash"] = "before"
+    tm.create_tasks(tasks)
+    edited = [_task(i) for i in range(4)]
+    for t in edited:
+        t["qlib_ext"]["grid_hash"] = "after"
+    assert tm.create_tasks(edited) == (1, 4)
+
+
 def test_claims_are_exclusive_stamp_a_lease_and_follow_priority(tm):
     tm.create_tasks([_task(i) for i in range(3)])
     tm.task_pool.update_one({"hash": task_hash(_task(2))}, {"$set": {"priority": 5}})
