@@ -8,6 +8,7 @@ us (SIGTERM/SIGINT are forwarded to its whole process group).
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import logging
 import os
@@ -16,6 +17,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from qlib_ext.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +70,13 @@ def serve(directory: Path, host: str = "127.0.0.1", port: int = 5000, workers: i
 
     Returns:
         The server's exit code (0 after a forwarded stop signal).
+
+    Raises:
+        ConfigError: ``basic_auth`` without MLflow's auth extra installed.
     """
+    if basic_auth and importlib.util.find_spec("flask_wtf") is None:
+        raise ConfigError("--basic-auth needs MLflow's auth extra (Flask-WTF): pip install 'qlib-ext[auth]' "
+                          "(= 'mlflow[auth]')")
     directory.mkdir(parents=True, exist_ok=True)
     if not is_loopback(host) and not basic_auth:
         logger.warning("mlflow: listening on %s without authentication: anyone who can reach port %d can read "

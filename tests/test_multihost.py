@@ -61,6 +61,31 @@ def test_leases_use_the_store_clock_not_a_skewed_worker_clock(mongo_url, task_db
     assert db["skew"].find_one({"_id": claim.id})["status"] == "waiting"
 
 
+# ---------------------------------------------------------------------- mlflow serve (fast)
+def test_mlflow_server_command_keeps_everything_in_its_directory(tmp_path):
+    from qlib_ext.mlflow_server import client_url, server_command
+
+    cmd = server_command(tmp_path / "srv", "10.0.0.1", 5001, basic_auth=True)
+    assert cmd[:4] == [sys.executable, "-m", "mlflow", "server"]
+    flags = {cmd[i]: cmd[i + 1] for i in range(4, len(cmd) - 1)}  # each flag -> the word after it
+    assert flags["--backend-store-uri"] == f"sqlite:///{tmp_path / 'srv' / 'mlflow.db'}"
+    assert flags["--artifacts-destination"] == str(tmp_path / "srv" / "mlartifacts") and "--serve-artifacts" in cmd
+    assert (flags["--host"], flags["--port"], flags["--app-name"]) == ("10.0.0.1", "5001", "basic-auth")
+    assert client_url("0.0.0.0", 5000) == "http://<this-host's-address>:5000"
+
+
+def test_mlflow_serve_basic_auth_without_the_extra_is_a_clear_error(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from qlib_ext import cli
+
+    real = __import__("importlib.util").util.find_spec
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "flask_wtf" else real(name, *a))
+    result = CliRunner().invoke(cli.main, ["mlflow", "serve", "--basic-auth", "--dir", str(tmp_path / "srv")])
+    assert result.exit_code == 2 and "pip install 'qlib-ext[auth]'" in result.output
+    assert not (tmp_path / "srv").exists()
+
+
 # ---------------------------------------------------------------------- three hosts (slow, root)
 def _netns_unavailable() -> str | None:
     """Why the namespace test cannot run here, or None."""
