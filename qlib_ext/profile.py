@@ -83,10 +83,12 @@ def read_profile(path: Path) -> dict[str, Any]:
     """Parse a profile file (TOML).
 
     Raises:
-        ConfigError: the file is not valid TOML.
+        ConfigError: the file is not valid TOML (or this Python has no ``tomllib``).
     """
-    import tomllib
-
+    try:
+        import tomllib
+    except ImportError as e:  # setup.cfg still admits Python 3.10
+        raise ConfigError(f"profile {path}: reading TOML needs Python 3.11+ (tomllib)") from e
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
