@@ -164,8 +164,10 @@ def expand_cmd(file: Path, provider_uri: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(tasks, indent=2))
         return
+    swept = sum(len(t["qlib_ext"].get("sweep", [])) for t in tasks)
     click.echo(f"{len(tasks)} tasks for pool {wf.pool} (experiment {wf.experiment_name}, "
-               f"grid {tasks[0]['qlib_ext']['grid_hash'] if tasks else '-'})")
+               f"grid {tasks[0]['qlib_ext']['grid_hash'] if tasks else '-'})"
+               + (f", then {swept} strategy backtests on their predictions" if swept else ""))
     click.echo(_coords_table([t["qlib_ext"] for t in tasks]))
 
 
@@ -176,10 +178,16 @@ def _coords_table(metas: list[dict]) -> str:
     paths = list(dict.fromkeys(p for m in metas for p in m["coords"] if not p.startswith(STRATEGY_PREFIX)))
     header = ["#", *paths, "model", "strategy", "window"]
     rows = [header] + [[str(i), *(_cell(m["coords"].get(p, "")) for p in paths), m["model"],
-                        " ".join(f"{k}={_cell(v)}" for k, v in m["strategy"].items()) or "-",
+                        _strategy_cell(m),
                         _window_cell(m["window"])] for i, m in enumerate(metas)]
     widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def _strategy_cell(meta: dict) -> str:
+    if meta.get("sweep"):
+        return f"sweep of {len(meta['sweep'])}"
+    return " ".join(f"{k}={_cell(v)}" for k, v in meta["strategy"].items()) or "-"
 
 
 def _cell(value: object) -> str:

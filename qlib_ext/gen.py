@@ -61,7 +61,9 @@ def expand(wf: Workflow, provider_uri: str | None = None) -> list[dict]:
     Returns:
         Plain task dicts (``model``, ``dataset``, ``record``, ...) each with a ``qlib_ext`` block:
         ``pool``, ``experiment``, ``grid_hash``, ``config_id``, ``coords``, ``model``, ``strategy``,
-        ``window``, ``run_name``. Every value is BSON-encodable.
+        ``window``, ``run_name``. Every value is BSON-encodable. With ``grid.train_once`` (the
+        default), points that differ only in their ``PortAnaRecord`` configs are one training task
+        whose ``qlib_ext.sweep`` lists them (see :mod:`qlib_ext.sweep`).
 
     Raises:
         ConfigError: the calendar is missing (rolling) or too short, a backtest ends on the
@@ -81,6 +83,10 @@ def expand(wf: Workflow, provider_uri: str | None = None) -> list[dict]:
         check_bson(task, wf.path, task[META]["run_name"])
         if calendar:
             check_backtest_end(task, calendar, wf.path)
+    if wf.grid.train_once:
+        from qlib_ext.sweep import train_once  # sweep builds on this module; a top import would be circular
+
+        tasks = train_once(tasks, lambda t: _finish(t, wf, grid_hash, labels), wf.path)
     return tasks
 
 
@@ -366,6 +372,8 @@ def _finish(task: dict, wf: Workflow, grid_hash: str, labels: dict[str, str]) ->
         "coords": coords, "model": model, "strategy": meta["strategy"], "window": window,
         "run_name": " ".join(parts + ([f"w{window['index']}"] if window else [])),
     }
+    if "sweep" in meta:
+        task[META]["sweep"] = meta["sweep"]
     normalise_dates(task)
 
 

@@ -36,7 +36,9 @@ def leaderboard(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | No
                 metric: str = DEFAULT_METRIC, top: int | None = None, db_name: str | None = None) -> list[dict]:
     """Rows best first: one per committed task whose MLflow run FINISHED; rolling windows of one
     configuration become one row with the metric's mean/std over windows and on the stitched
-    out-of-sample predictions."""
+    out-of-sample predictions. A strategy sweep shows one row per backtest (model x strategy); its
+    training run is not a row, and windows group per configuration *and* strategy point (each
+    point has its own ``config_id``)."""
     import mlflow
 
     from qlib_ext import defaults
@@ -48,9 +50,11 @@ def leaderboard(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | No
     exp = client.get_experiment_by_name(meta["experiment"])
     runs = _search_pool_runs(client, exp.experiment_id, pool) if exp else {}
     rows = []
-    for res in GridTaskManager(pool, db).results():
+    results = GridTaskManager(pool, db).results()
+    committed = {str(res["_id"]): res.get("run_id") for res in results}
+    for res in results:
         run = runs.get(res.get("run_id"))
-        if run is None or run.info.status != "FINISHED":
+        if run is None or run.info.status != "FINISHED" or not _ranked(res["meta"], committed):
             continue
         rows.append({
             "run_id": run.info.run_id, "run_name": run.info.run_name, "task_id": str(res["_id"]),
@@ -60,6 +64,17 @@ def leaderboard(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | No
     rows = _aggregate_windows(client, rows, metric)
     rows.sort(key=lambda r: _sort_key(r["metrics"].get(metric)))
     return rows[:top] if top else rows
+
+
+def _ranked(meta: dict, committed: dict[str, str | None]) -> bool:
+    """Whether a committed task is a leaderboard row: a training task with a strategy sweep is
+    represented by its backtests (each has model and strategy params), and a backtest only counts
+    when its training run is the one its training task committed (a retried training task queues
+    backtests of its own)."""
+    if meta.get("sweep"):
+        return False
+    parent_task = meta.get("parent_task_id")
+    return parent_task is None or committed.get(parent_task, meta.get("parent_run_id")) == meta.get("parent_run_id")
 
 
 def _sort_key(value: float | None) -> tuple[int, float]:

@@ -82,6 +82,7 @@ class GridSpec:
     models: dict[str, ModelSpec] = field(default_factory=dict)  # short name -> alternative task.model
     strategies: dict[str, Values] = field(default_factory=dict)  # key inside strategy.kwargs -> axis
     rolling: RollingSpec | None = None  # walk-forward windows; None = the segments as written
+    train_once: bool = True  # one training task per model config, its strategy points as backtest tasks
 
 
 @dataclass
@@ -236,6 +237,10 @@ def parse_grid(raw: Any, config: dict, file: Path) -> GridSpec:
     spec.params = _parse_params(raw.get("params"), config, file, search, bool(spec.models))
     spec.strategies = _parse_strategies(raw.get("strategies"), config, file, search)
     spec.rolling = _parse_rolling(raw.get("rolling"), config, file)
+    spec.train_once = raw.get("train_once", True)
+    if not isinstance(spec.train_once, bool):
+        raise _err(file, "grid.train_once", f"{type(spec.train_once).__name__} value {spec.train_once!r}",
+                   "true (train each model once, backtest every strategy on it) or false")
     if search == "random" and _space_size(spec) < spec.n_trials:
         raise _err(file, "grid.n_trials", f"n_trials {spec.n_trials} exceeds the {_space_size(spec)} "
                    "distinct points of the search space", "fewer trials, more values, or search: grid")

@@ -15,7 +15,7 @@ import math
 import resource
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -48,8 +48,9 @@ def mlflow_params(task: dict) -> dict[str, Any]:
     model short name and class, strategy settings and the rolling window."""
     meta = task.get("qlib_ext", {})
     params: dict[str, Any] = dict(meta.get("coords", {}))
-    params["model"] = meta.get("model") or task["model"].get("class")
-    params["model.class"] = task["model"].get("class")
+    model_class = meta.get("model_class") or (task.get("model") or {}).get("class")  # a backtest has no model
+    params["model"] = meta.get("model") or model_class
+    params["model.class"] = model_class
     for key, value in (meta.get("strategy") or {}).items():
         params[f"strategy.{key}"] = value
     window = meta.get("window") or {}
@@ -62,9 +63,10 @@ def mlflow_params(task: dict) -> dict[str, Any]:
 
 
 def mlflow_tags(task: dict, task_id: str, worker: str, attempt: int) -> dict[str, str]:
-    """Tags that let a run be traced back to its pool, task, grid and worker."""
+    """Tags that let a run be traced back to its pool, task, grid and worker (and training run)."""
     meta = task.get("qlib_ext", {})
     return {
+        **_sweep_tags(meta),
         "qlib_ext.pool": str(meta.get("pool", "")),
         "qlib_ext.task_id": str(task_id),
         "qlib_ext.grid_hash": str(meta.get("grid_hash", "")),
@@ -74,6 +76,16 @@ def mlflow_tags(task: dict, task_id: str, worker: str, attempt: int) -> dict[str
         "qlib_ext.attempt": str(attempt),
         "hostname": socket.gethostname(),
     }
+
+
+def _sweep_tags(meta: dict) -> dict[str, str]:
+    """A backtest run names its training run; ``mlflow.parentRunId`` makes the MLflow UI nest it."""
+    if meta.get("kind") == "backtest":
+        parent = str(meta.get("parent_run_id", ""))
+        return {"mlflow.parentRunId": parent, "qlib_ext.parent_run_id": parent, "qlib_ext.kind": "backtest"}
+    if meta.get("sweep"):
+        return {"qlib_ext.kind": "train", "qlib_ext.sweep": str(len(meta["sweep"]))}
+    return {}
 
 
 def _plain(value: Any) -> Any:
@@ -89,7 +101,23 @@ def run_grid_task(task: dict, *, task_id: str = "", worker: str = "", attempt: i
     Must run in a process where ``qlib.init`` set the provider and the MLflow experiment manager.
     A raising task ends its run FAILED (Qlib's ``R.start`` does that), an interrupted one KILLED.
     ``cache_dir`` shares prepared datasets between tasks and workers (None: build every time).
+    A task with ``qlib_ext.kind: backtest`` only backtests its training run's predictions; a
+    training task with a ``qlib_ext.sweep`` returns those backtest tasks under ``follow_up``.
     """
+    meta = task.get("qlib_ext", {})
+    if meta.get("kind") == "backtest":
+        return _in_run(task, lambda rec, timings: _backtest(task, rec, timings), task_id, worker, attempt)
+    result = _in_run(task, lambda rec, timings: _train_and_record(task, rec, timings, cache_dir), task_id, worker,
+                     attempt)
+    if meta.get("sweep"):
+        from qlib_ext.sweep import follow_up_tasks
+
+        result["follow_up"] = follow_up_tasks(task, result["run_id"], task_id)
+    return result
+
+
+def _in_run(task: dict, body: Callable[[Any, dict[str, float]], None], task_id: str, worker: str, attempt: int) -> dict:
+    """Run ``body(recorder, timings)`` inside the task's MLflow run, logging tags, params and timings."""
     from qlib.workflow import R
 
     meta = task.get("qlib_ext", {})
@@ -100,7 +128,7 @@ def run_grid_task(task: dict, *, task_id: str = "", worker: str = "", attempt: i
         R.set_tags(**mlflow_tags(task, task_id, worker, attempt))
         R.log_params(**mlflow_params(task))
         R.save_objects(task=task)
-        _train_and_record(task, recorder, timings, cache_dir)
+        body(recorder, timings)
         extra = {f"time.{k}_s": round(v, 4) for k, v in timings.items()}
         extra["peak_rss_mb"] = round(_peak_rss_mb(), 1)
         R.log_metrics(**extra)
@@ -140,6 +168,41 @@ def _train_and_record(task: dict, recorder: Any, timings: dict[str, float], cach
                                       try_kwargs={"model": model, "dataset": dataset})
         with _stage(timings, "backtest" if isinstance(rec, PortAnaRecord) else "signal"):
             rec.generate()
+
+
+def _backtest(task: dict, recorder: Any, timings: dict[str, float]) -> None:
+    """Backtest the training run's predictions with this task's ``PortAnaRecord`` configs."""
+    from qlib.utils import init_instance_by_config
+    from qlib.workflow import R
+
+    from qlib_ext.sweep import SIGNAL_METRICS
+
+    parent = task["qlib_ext"]["parent_run_id"]
+    with _stage(timings, "load"):
+        _copy_signal(recorder, parent)
+    # the leaderboard ranks backtest rows by IC too: the signal metrics are the training run's
+    signal = recorder.client.get_run(parent).data.metrics
+    R.log_metrics(**{k: v for k, v in signal.items() if k in SIGNAL_METRICS})
+    for record in task["record"]:
+        rec = init_instance_by_config(record, recorder=recorder, default_module="qlib.workflow.record_temp")
+        rec.check()  # Qlib's generate() only logs a warning and skips when pred.pkl/label.pkl are missing
+        with _stage(timings, "backtest"):
+            rec.generate()
+
+
+def _copy_signal(recorder: Any, parent: str) -> None:
+    """Copy ``pred.pkl`` and ``label.pkl`` of the training run into this run, byte for byte."""
+    import tempfile
+
+    from qlib_ext.errors import TaskError
+
+    with tempfile.TemporaryDirectory(prefix="qlib-ext-signal-") as tmp:
+        for name in ("pred.pkl", "label.pkl"):
+            try:
+                recorder.client.download_artifacts(parent, name, tmp)
+            except Exception as e:
+                raise TaskError(f"training run {parent} has no {name} (SignalRecord) to backtest: {e}") from e
+        recorder.save_objects(local_path=tmp)
 
 
 def _dataset(config: dict, cache_dir: str | None) -> Any:

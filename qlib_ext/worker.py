@@ -248,7 +248,20 @@ class Worker:
             return
         finally:
             self.stop.task_ended()
+        if not self._queue_follow_up(claim, result):
+            return
         self._commit(claim, result)
+
+    def _queue_follow_up(self, claim: Claim, result: dict) -> bool:
+        """Queue a training task's sweep backtests before it commits (never a finished-looking pool in
+        between); False when the lease was lost, and the run is discarded."""
+        from qlib_ext.sweep import enqueue
+
+        follow_up = result.pop("follow_up", None)
+        if follow_up and not enqueue(self.tm, claim, follow_up, self.s.lease_seconds):
+            self._discard(result, "lease lost before its backtests were queued")
+            return False
+        return True
 
     # ------------------------------------------------------------------ outcomes
     def _interrupted(self, claim: Claim, reason: str) -> None:

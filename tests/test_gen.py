@@ -18,9 +18,9 @@ from qlib_ext.gen import expand, model_short_name
 
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 
-SHIPPED_COUNTS = {"quickstart": 4, "lgb_grid": 8, "random_search": 12, "multi_model": 4, "strategy_grid": 4,
+SHIPPED_COUNTS = {"quickstart": 4, "lgb_grid": 8, "random_search": 12, "multi_model": 4, "strategy_grid": 1,
                   "rolling": 8, "plain_qrun": 1}
-"""Tasks each shipped workflow expands to (rolling on the default synthetic calendar)."""
+"""Tasks each shipped workflow expands to (rolling on the default synthetic calendar; strategy_grid trains once)."""
 
 LINEAR = """\
         linear:
@@ -142,6 +142,7 @@ def test_models_axis_with_per_model_params(tmp_path):
 
 def test_models_times_params_times_strategies(tmp_path):
     tasks = _expand(tmp_path, "grid:\n    params: {data_handler_config.start_time: [2017-01-03, 2017-02-01]}\n"
+                              "    train_once: false\n"
                               "    strategies: {topk: [20, 50], n_drop: [2]}\n    models:\n" + LINEAR)
     assert len(tasks) == 3 * 2 * 2
     assert len(set(_meta(tasks, "config_id"))) == 12
@@ -151,7 +152,8 @@ def test_strategies_reach_every_port_ana_record(tmp_path):
     extra_record = ("        - {class: PortAnaRecord, module_path: qlib.workflow.record_temp, kwargs: {config: "
                     "{strategy: {class: TopkDropoutStrategy, module_path: qlib.contrib.strategy, "
                     "kwargs: {topk: 5, n_drop: 1}}, backtest: {}}}}\n")
-    tasks = _expand(tmp_path, "grid:\n    strategies: {topk: [20, 30], n_drop: [2]}\n", base=BASE + extra_record)
+    tasks = _expand(tmp_path, "grid:\n    train_once: false\n    strategies: {topk: [20, 30], n_drop: [2]}\n",
+                    base=BASE + extra_record)
     assert len(tasks) == 2
     for task, topk in zip(tasks, (20, 30), strict=True):
         strategies = [r["kwargs"]["config"]["strategy"]["kwargs"] for r in task["record"][2:]]
@@ -221,6 +223,7 @@ def test_random_search_covers_a_finite_space_exactly(tmp_path):
         grid:
             search: random
             n_trials: 6
+            train_once: false
             params: {task.model.kwargs.num_leaves: [8, 16, 32]}
             strategies: {topk: [20, 50]}
         """)
@@ -307,7 +310,9 @@ def test_shipped_workflow_loads_and_expands(name, synth_calendar):
         bson.encode(task)
         test_end = task["dataset"]["kwargs"]["segments"]["test"][1]
         assert test_end < calendar_end
-        assert task["record"][2]["kwargs"]["config"]["backtest"]["end_time"] <= test_end
+        backtests = [task["record"][2:], *(point["record"] for point in task["qlib_ext"].get("sweep", []))]
+        ends = [r["kwargs"]["config"]["backtest"]["end_time"] for records in backtests for r in records]
+        assert ends and all(end <= test_end for end in ends)
 
 
 def test_every_shipped_workflow_is_tested():
@@ -318,9 +323,10 @@ def test_cli_expand_prints_count_and_coordinates():
     result = CliRunner().invoke(main, ["expand", str(WORKFLOWS / "strategy_grid.yaml")])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0].startswith("4 tasks for pool strategy_grid")
+    assert lines[0].startswith("1 tasks for pool strategy_grid")
+    assert lines[0].endswith("then 4 strategy backtests on their predictions")
     assert lines[1].split() == ["#", "model", "strategy", "window"]
-    assert lines[2].split() == ["0", "lgb", "topk=20", "n_drop=2", "-"]
+    assert lines[2].split() == ["0", "lgb", "sweep", "of", "4", "-"]
 
 
 def test_cli_expand_json_and_errors(tmp_path):

@@ -1,0 +1,151 @@
+"""Train once, sweep strategies: H model configurations x S strategy points train H models, not H x S.
+
+At expansion (:func:`train_once`), grid tasks that differ only in their ``PortAnaRecord`` configs
+(strategy kwargs, backtest settings) become one training task without those records; the points
+are listed under ``qlib_ext.sweep``. After training, :func:`follow_up_tasks` turns the sweep into
+backtest tasks (``qlib_ext.kind: backtest``) that name the training run, and the worker queues them
+before committing the training task (:func:`enqueue`): ordinary waiting tasks, so every worker
+backtests in parallel, each in its own MLflow run nested under the training run.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qlib_ext import defaults
+from qlib_ext.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+META = "qlib_ext"
+"""Key of the coordinates block of a task dict (the same as ``qlib_ext.gen.META``)."""
+
+BACKTEST = "backtest"
+"""``qlib_ext.kind`` of a task that backtests a training run's predictions."""
+
+SIGNAL_METRICS = ("IC", "ICIR", "Rank IC", "Rank ICIR")
+"""SigAnaRecord metrics copied from the training run into each of its backtest runs."""
+
+_MISSING = object()
+
+
+def is_port_ana(record: Any) -> bool:
+    """Whether a record config is a ``PortAnaRecord`` (the part a sweep varies)."""
+    return isinstance(record, dict) and str(record.get("class", "")).rsplit(".", 1)[-1] == "PortAnaRecord"
+
+
+def split_records(task: dict) -> tuple[list, list]:
+    """The task's records as (everything else, ``PortAnaRecord`` configs), in order."""
+    records = task.get("record") or []
+    records = [records] if isinstance(records, dict) else list(records)
+    return [r for r in records if not is_port_ana(r)], [r for r in records if is_port_ana(r)]
+
+
+def training_key(task: dict) -> str:
+    """Identity of what a task trains: the task without its PortAnaRecords, coordinates and names."""
+    meta = task[META]
+    body = {k: v for k, v in task.items() if k != META}
+    body["record"] = split_records(task)[0]
+    blob = json.dumps({"task": body, "model": meta["model"], "window": meta["window"]}, sort_keys=True,
+                      default=str, separators=(",", ":"))
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
+def train_once(tasks: list[dict], finish: Callable[[dict], None], file: Path) -> list[dict]:
+    """Merge tasks that train the same model into one training task with a sweep of backtests.
+
+    Args:
+        tasks: finished grid tasks (each with its full ``qlib_ext`` block).
+        finish: fills a training task's ``qlib_ext`` block (config id, run name) from its
+            ``coords``/``model``/``strategy``/``window``; keeps ``sweep``.
+        file: the workflow, for error messages.
+
+    Returns:
+        The tasks in their order, each group of two or more replaced (at its first member) by one
+        training task; a task alone in its group is left whole (one run, as without a sweep).
+
+    Raises:
+        ConfigError: a PortAnaRecord needs the model or dataset object, which a backtest task lacks.
+    """
+    groups: dict[str, list[dict]] = {}
+    for task in tasks:
+        groups.setdefault(training_key(task), []).append(task)
+    out = []
+    for members in groups.values():
+        if len(members) == 1 or not split_records(members[0])[1]:
+            out.extend(members)
+            continue
+        task = _training_task(members, file)
+        finish(task)
+        out.append(task)
+    return out
+
+
+def _training_task(members: list[dict], file: Path) -> dict:
+    first = members[0]
+    meta = first[META]
+    coords = {k: v for k, v in meta["coords"].items()
+              if all(m[META]["coords"].get(k, _MISSING) == v for m in members)}
+    task = {k: copy.deepcopy(v) for k, v in first.items() if k != META}
+    task["record"] = split_records(first)[0]
+    task[META] = {"coords": coords, "model": meta["model"], "strategy": {}, "window": meta["window"],
+                  "sweep": [_sweep_entry(m, file) for m in members]}
+    return task
+
+
+def _sweep_entry(task: dict, file: Path) -> dict:
+    meta = task[META]
+    records = [_signal_from_pred(r, file, meta["run_name"]) for r in split_records(task)[1]]
+    return {"run_name": meta["run_name"], "config_id": meta["config_id"], "coords": meta["coords"],
+            "strategy": meta["strategy"], "record": records}
+
+
+def _signal_from_pred(record: dict, file: Path, run_name: str) -> dict:
+    """A strategy given ``model: <MODEL>, dataset: <DATASET>`` predicts the test segment, which is
+    exactly the training run's ``pred.pkl``: give it ``signal: <PRED>`` instead."""
+    record = copy.deepcopy(record)
+    kwargs = record["kwargs"]["config"]["strategy"].setdefault("kwargs", {})
+    if kwargs.get("model") == "<MODEL>" and kwargs.get("dataset") == "<DATASET>":
+        del kwargs["model"], kwargs["dataset"]
+        kwargs["signal"] = "<PRED>"
+    text = json.dumps(record, default=str)
+    if "<MODEL>" in text or "<DATASET>" in text:
+        raise ConfigError(f"a PortAnaRecord of task '{run_name}' in {file} uses <MODEL> or <DATASET>, which a "
+                          "sweep backtest does not have (it reads the training run's pred.pkl); use "
+                          "strategy kwargs signal: <PRED>, or set grid.train_once: false")
+    return record
+
+
+def follow_up_tasks(task: dict, run_id: str, task_id: str) -> list[dict]:
+    """The backtest tasks of a finished training task: one per sweep point, naming its run.
+
+    Plain BSON-encodable dicts; each carries the training task's pool, experiment, model and window,
+    and the sweep point's coordinates, strategy, config id and run name.
+    """
+    meta = task[META]
+    shared = {k: meta.get(k) for k in ("pool", "experiment", "grid_hash", "model", "window")}
+    model_class = (task.get("model") or {}).get("class")
+    return [{"record": copy.deepcopy(point["record"]),
+             META: {**shared, "config_id": point["config_id"], "coords": point["coords"],
+                    "strategy": point["strategy"], "run_name": point["run_name"], "kind": BACKTEST,
+                    "model_class": model_class, "parent_run_id": run_id, "parent_task_id": str(task_id)}}
+            for point in meta.get("sweep") or []]
+
+
+def enqueue(tm: Any, claim: Any, tasks: list[dict], lease_seconds: float) -> bool:
+    """Queue a training task's backtests while its lease is still held; False if it was lost.
+
+    Called before the training task commits, so the pool never looks finished in between; a
+    retried training task queues its own set (the leaderboard keeps the committed run's only).
+    """
+    if not tm.renew(claim, lease_seconds):
+        return False
+    new, total = tm.create_tasks(tasks, max_attempts=claim.task.get("max_attempts") or defaults.MAX_ATTEMPTS)
+    logger.info("sweep: task %s queued %d of %d backtests", claim.id, new, total)
+    return True
