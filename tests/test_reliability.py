@@ -22,6 +22,7 @@ import pytest
 from fixtures import MARKS_ENV, write_chaos_workflow
 from store_fixtures import StoreProcess
 
+from qlib_ext.defaults import TASK_DB_NAME
 from qlib_ext.progress import status_report
 from qlib_ext.runner import submit
 
@@ -73,7 +74,7 @@ class Pool:
 
     def docs(self) -> dict[int, dict]:
         with pymongo.MongoClient(self.mongo_url) as client:
-            docs = list(client["qlib_ext"][self.name].find({}))
+            docs = list(client[TASK_DB_NAME][self.name].find({}))
         return {d["filter"]["model"]["kwargs"]["i"]: d for d in docs}
 
     def runs(self) -> dict[str, list[str]]:
@@ -161,7 +162,7 @@ def test_worker_whose_lease_was_stolen_cannot_commit(tmp_path, synth_provider, m
     proc = pool.worker()
     pool.started()
     with pymongo.MongoClient(mongo_url) as client:
-        tm = GridTaskManager("stolen", client["qlib_ext"])
+        tm = GridTaskManager("stolen", client[TASK_DB_NAME])
         # Another worker takes the task over (as after a partition): expire, sweep, claim, commit.
         tm.task_pool.update_one({}, {"$set": {"lease_until": tm.now() - __import__("datetime").timedelta(1)}})
         assert tm.recover_expired() == 1

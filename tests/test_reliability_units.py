@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from qlib_ext import spool
 from qlib_ext.cli import main
+from qlib_ext.defaults import TASK_DB_NAME
 from qlib_ext.queue import GridTaskManager, save_pool_meta
 from qlib_ext.timeouts import ChildProcessTask, ChildTaskFailed, InProcessTask, TaskInterrupted, TaskTimeout
 from qlib_ext.worker import StopState, Worker, WorkerSettings
@@ -154,7 +155,7 @@ def test_cancel_stops_claims_and_fences_running_tasks_out_retry_requeues(tm):
 
 
 def test_retry_and_cancel_commands(mongo_url):
-    db = pymongo.MongoClient(mongo_url)["qlib_ext"]
+    db = pymongo.MongoClient(mongo_url)[TASK_DB_NAME]
     save_pool_meta(db, "cmd", {"mlflow_uri": "sqlite:///unused.db", "experiment": "cmd"})
     tm = GridTaskManager("cmd", db)
     tm.create_tasks([_task(i) for i in range(3)], max_attempts=1)
