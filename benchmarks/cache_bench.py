@@ -20,6 +20,7 @@ import argparse
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -131,6 +132,7 @@ def bench_build_load(provider: Path, repeat: int) -> tuple[dict, dict]:
             barrier = ctx.Barrier(CORES)
             _run(ctx, [(load_child, (fmt, str(provider), cache_dir, pickle_path, barrier, out))] * CORES)
             loads[fmt] += [out.get() for _ in range(CORES)]
+    shutil.rmtree(work, ignore_errors=True)  # the entry and the pickle: hundreds of MB at full size
     return build, {fmt: {k: median([r[k] for r in rows]) for k in rows[0]} for fmt, rows in loads.items()}
 
 
@@ -182,6 +184,7 @@ def bench_grid(provider: Path, repeat: int) -> dict[str, float]:
     for _ in range(repeat):
         times["no cache"].append(run_grid(workflow, "--no-cache"))
         times["cache"].append(run_grid(workflow))
+    shutil.rmtree(work, ignore_errors=True)
     return {k: median(v) for k, v in times.items()}
 
 
