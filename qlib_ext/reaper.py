@@ -96,9 +96,9 @@ def _verdict(run: Any, doc: dict | None) -> str | None:
 
 
 def _reap_untagged(client: Any, tm: GridTaskManager) -> int:
-    """End RUNNING runs of the pool's experiment that never got their qlib-ext tags (the worker died
-    between creating the run and tagging it). Such a run is matched to its task by run name; it is
-    dead when the task is not running, or was claimed again after the run started."""
+    """End RUNNING runs of the pool's experiment that never got all their qlib-ext tags (the worker died
+    between creating the run and tagging it: Qlib sets tags one by one). Such a run is matched to its
+    task by run name; it is dead when the task is not running, or was claimed again after it started."""
     from qlib_ext.queue import POOLS_COLLECTION
 
     meta = tm.task_pool.database[POOLS_COLLECTION].find_one({"_id": tm.pool_name}, {"experiment": 1}) or {}
@@ -106,7 +106,7 @@ def _reap_untagged(client: Any, tm: GridTaskManager) -> int:
     if exp is None:
         return 0
     untagged = [r for r in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'", max_results=5000)
-                if "qlib_ext.task_id" not in r.data.tags and r.info.run_name]
+                if "qlib_ext.attempt" not in r.data.tags and r.info.run_name]
     if not untagged:
         return 0
     docs = collections.defaultdict(list)
