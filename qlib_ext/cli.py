@@ -513,3 +513,39 @@ def cache_clear(dir_: Path | None, older_than: float | None) -> None:
 
     folder = dir_ or defaults.cache_dir()
     click.echo(f"deleted {len(clear(folder, older_than))} entries from {folder}")
+
+
+# --------------------------------------------------------------------------- bench
+BENCHES = {
+    # script: (arguments with --quick, arguments for the full run)
+    "queue_bench.py": (["--quick"], []),
+    "store_bench.py": (["--seconds", "1"], []),
+    "cache_bench.py": (["--quick", "--repeat", "1"], []),
+    "scaling_bench.py": (["--quick"], []),
+    "train_once_bench.py": (["--repeat", "1"], []),
+    "chaos.py": (["--chaos-seconds", "30"], []),
+}
+"""The benchmark suite in the order ``qlib-ext bench`` runs it."""
+
+
+@main.command("bench")
+@click.option("--quick", is_flag=True, help="Small sizes and one repetition (minutes, not an hour).")
+@click.option("--only", multiple=True, type=click.Choice(sorted(BENCHES)), help="Run only these scripts.")
+def bench_cmd(quick: bool, only: tuple[str, ...]) -> None:
+    """Run the benchmark suite in benchmarks/ one script after another; each prints its table and
+    writes its section of docs/performance.md."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not root.is_dir():
+        raise click.ClickException(f"{root} not found: run the benchmarks from a source checkout (pip install -e .)")
+    failed = []
+    for script, (quick_args, full_args) in BENCHES.items():
+        if only and script not in only:
+            continue
+        click.echo(f"=== {script}")
+        code = subprocess.call([sys.executable, script, *(quick_args if quick else full_args)], cwd=root)
+        if code:
+            failed.append(script)
+    if failed:
+        raise click.ClickException(f"failed: {', '.join(failed)}")
