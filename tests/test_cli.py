@@ -28,7 +28,7 @@ def test_the_promised_commands_exist():
     names = {" ".join(c) for c in COMMANDS}
     for expected in ("run", "submit", "worker", "status", "leaderboard", "expand", "demo", "store serve",
                      "store url", "data synth", "data import-csv", "data info", "cache ls", "cache clear",
-                     "retry", "cancel", "mlflow serve"):
+                     "retry", "cancel", "mlflow serve", "bench"):
         assert expected in names, expected
 
 
