@@ -12,6 +12,7 @@ import contextlib
 import copy
 import logging
 import math
+import os
 import resource
 import socket
 import time
@@ -74,6 +75,9 @@ def mlflow_tags(task: dict, task_id: str, worker: str, attempt: int) -> dict[str
         "qlib_ext.worker": worker,
         "qlib_ext.host": worker.rsplit(":", 1)[0] if ":" in worker else socket.gethostname(),
         "qlib_ext.attempt": str(attempt),
+        # What the worker's thread limits were, so oversubscription is visible in the MLflow UI.
+        "qlib_ext.threads": os.environ.get("OMP_NUM_THREADS", ""),
+        "qlib_ext.lgb_num_threads": str(task.get("model", {}).get("kwargs", {}).get("num_threads", "")),
         "hostname": socket.gethostname(),
     }
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -63,6 +64,9 @@ def test_grid_runs_on_two_workers_into_mlflow_and_ranks(tmp_path, synth_provider
             assert key in m, key
         assert t["qlib_ext.pool"] == "e2e" and t["qlib_ext.grid_hash"] and t["qlib_ext.worker"]
         assert t["qlib_ext.task_id"] in {str(d["_id"]) for d in docs}
+        # 2 workers on this machine's cores: threads per worker = cores // 2, in OpenMP and LightGBM alike.
+        threads = str(max(1, (os.cpu_count() or 1) // 2))
+        assert t["qlib_ext.threads"] == threads and t["qlib_ext.lgb_num_threads"] == threads
         assert "lr=" in run.info.run_name
 
     rows = json.loads(cli("leaderboard", "e2e", "--json", "--metric", "ICIR", *common).stdout)
