@@ -9,7 +9,6 @@ us (SIGTERM/SIGINT are forwarded to its whole process group).
 from __future__ import annotations
 
 import importlib.util
-import ipaddress
 import logging
 import os
 import signal
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 
 from qlib_ext.errors import ConfigError
+from qlib_ext.store.lifecycle import is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -38,16 +38,6 @@ def server_command(directory: Path, host: str, port: int, workers: int = 1, basi
             "--artifacts-destination", str(directory / "mlartifacts"), "--serve-artifacts",
             "--host", host, "--port", str(port), "--workers", str(workers),
             *(["--app-name", "basic-auth"] if basic_auth else [])]
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is reachable from this machine only."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def client_url(host: str, port: int) -> str:

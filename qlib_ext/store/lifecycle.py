@@ -54,7 +54,8 @@ def url_for(host: str, port: int) -> str:
     return f"mongodb://[{host}]:{port}/" if ":" in host else f"mongodb://{host}:{port}/"
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (the safe default for a server without auth)."""
     if host == "localhost":
         return True
     try:
@@ -139,7 +140,7 @@ def open_store(directory: Path | str | None, host: str = defaults.STORE_HOST, po
     """Lock ``directory``, load it and listen; the caller runs ``store.server.serve_forever()``."""
     path = _resolve_dir(directory)
     with _dir_lock(path):
-        if not _is_loopback(host):
+        if not is_loopback(host):
             logger.warning("store: listening on %s, which is not loopback. The embedded store has NO "
                            "authentication: anyone who can reach this port can read and change every "
                            "task. For a team, point task_url at a real MongoDB instead.", host)
