@@ -205,7 +205,9 @@ def main() -> int:
     p.add_argument("--store-down", type=float, default=2, help="How long the store stays down, s.")
     p.add_argument("--lease", type=float, default=6, help="Lease length, s.")
     p.add_argument("--heartbeat", type=float, default=0.5, help="Heartbeat interval, s.")
-    p.add_argument("--max-attempts", type=int, default=3, help="Attempts per task (a killed one counts).")
+    p.add_argument("--max-attempts", type=int, default=10,
+                   help="Attempts per task. A killed attempt counts (so a task that crashes its worker every time "
+                        "ends failed); the driver aims at busy workers, so 3 can be used up by chaos alone.")
     p.add_argument("--task-timeout", type=float, default=None, help="Run tasks in timed child processes, s.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=None, help="Kept for inspection (default: a temp dir).")
