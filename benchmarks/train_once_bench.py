@@ -97,6 +97,7 @@ def report(times: dict[str, list[float]], sums: dict[str, list[dict]], args: arg
         "Σ columns add each stage over all runs (CPU-seconds of task work, not wall time). Naive trains "
         "and predicts once per strategy point; train once trains once per model configuration and runs "
         "each strategy as a backtest task that copies the training run's predictions (the `load` stage). "
+        "Not in the Σ columns: worker start-up, Qlib/MLflow initialisation and per-run logging. "
         "The machine is shared: compare the two modes within a repetition, not across tables.",
     ])
     write_section("train_once_bench", text)
