@@ -35,6 +35,14 @@ POOLS_COLLECTION = "_qlib_ext_pools"
 """Collection holding one metadata document per pool (qlib_init, experiment, MLflow URI)."""
 
 
+SUBMIT_CHUNK = 500
+"""Tasks per lookup / insert command when submitting."""
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
 def task_hash(task: dict) -> str:
     """Stable identity of a task definition: sha1 of its canonical JSON.
 
@@ -124,23 +132,30 @@ class GridTaskManager(TaskManager):
         """Insert the tasks not yet in the pool, in bulk. Returns ``(new, total)``.
 
         Unlike ``TaskManager.create_task`` (one ``find_one`` on the whole filter per task), this looks
-        up all hashes with one indexed query and inserts with one ``insert_many``; a concurrent
-        submitter of the same task loses on the unique index and is counted as "already there".
+        up hashes with indexed ``$in`` queries and inserts with ``insert_many``, both in chunks of
+        ``SUBMIT_CHUNK`` so that no single command holds the store for long while workers claim. A
+        concurrent submitter of the same task loses on the unique index and counts it as "already there".
         """
         self.ensure_indexes()
         by_hash = {task_hash(t): t for t in tasks}
-        existing = {d["hash"] for d in self.task_pool.find({"hash": {"$in": list(by_hash)}}, {"hash": 1})}
-        docs = [self._new_doc(h, t, max_attempts) for h, t in by_hash.items() if h not in existing]
-        if not docs:
-            return 0, len(tasks)
-        try:
-            inserted = len(self.task_pool.insert_many(docs, ordered=False).inserted_ids)
-        except BulkWriteError as e:
-            dup = [w for w in e.details.get("writeErrors", []) if w.get("code") == 11000]
-            if len(dup) != len(e.details.get("writeErrors", [])):
-                raise
-            inserted = e.details.get("nInserted", 0)
+        hashes = list(by_hash)
+        existing: set[str] = set()
+        for part in _chunks(hashes, SUBMIT_CHUNK):
+            existing.update(d["hash"] for d in self.task_pool.find({"hash": {"$in": part}}, {"hash": 1, "_id": 0}))
+        new = [h for h in hashes if h not in existing]
+        inserted = 0
+        for part in _chunks(new, SUBMIT_CHUNK):
+            inserted += self._insert_new([self._new_doc(h, by_hash[h], max_attempts) for h in part])
         return inserted, len(tasks)
+
+    def _insert_new(self, docs: list[dict]) -> int:
+        try:
+            return len(self.task_pool.insert_many(docs, ordered=False).inserted_ids)
+        except BulkWriteError as e:
+            errors = e.details.get("writeErrors", [])
+            if any(w.get("code") != 11000 for w in errors):
+                raise
+            return e.details.get("nInserted", 0)
 
     def _new_doc(self, h: str, task: dict, max_attempts: int) -> dict:
         doc = {"def": task, "filter": task, "status": TaskStatus.WAITING.value, "priority": 0, "hash": h,
