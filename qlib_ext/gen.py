@@ -109,10 +109,14 @@ class ParamGen(TaskGen):
         out = []
         for combo in itertools.product(*self.axes.values()):
             root = copy.deepcopy(task)
-            for path, value in zip(self.axes, combo, strict=True):
-                apply_param(root, path, value)
+            for key, value in zip(self.axes, combo, strict=True):
+                self.apply(root, key, value)
             out.append(root)
         return out
+
+    @staticmethod
+    def apply(root: dict, key: str, value: Any) -> None:
+        apply_param(root, key, value)
 
 
 class ModelGen(TaskGen):
@@ -131,21 +135,12 @@ class ModelGen(TaskGen):
         return out
 
 
-class StrategyGen(TaskGen):
+class StrategyGen(ParamGen):
     """The ``grid.strategies`` axis: keys set in every ``PortAnaRecord``'s strategy kwargs."""
 
-    def __init__(self, axes: dict[str, list]):
-        self.axes = axes
-
-    def generate(self, task: dict) -> list[dict]:
-        """Return one copy of ``task`` per combination of strategy values."""
-        out = []
-        for combo in itertools.product(*self.axes.values()):
-            root = copy.deepcopy(task)
-            for key, value in zip(self.axes, combo, strict=True):
-                apply_strategy(root, key, value)
-            out.append(root)
-        return out
+    @staticmethod
+    def apply(root: dict, key: str, value: Any) -> None:
+        apply_strategy(root, key, value)
 
 
 class RandomGen(TaskGen):
