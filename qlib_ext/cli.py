@@ -38,10 +38,23 @@ def main(ctx: click.Context, verbose: int, profile_path: Path | None) -> None:
 
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_gym_banner()
     # Subcommand contexts are made after this callback, so they inherit the profile's defaults.
     ctx.default_map = load_default_map(main, profile_path)
     # Qlib logs sys.argv as the MLflow param cmd-sys.argv in every run: no URL passwords there.
     sys.argv[:] = [redact_url_passwords(a) for a in sys.argv]
+
+
+def _quiet_gym_banner() -> None:
+    """pyqlib's strategy module imports gym, which prints a multi-line "Gym has been unmaintained"
+    banner to stderr on import; qlib-ext never uses gym. gym reads the banner from
+    ``gym_notices.notices``: an empty stand-in module there keeps every command's output readable."""
+    import types
+
+    if "gym_notices.notices" not in sys.modules:
+        stand_in = types.ModuleType("gym_notices.notices")
+        stand_in.notices = {}
+        sys.modules["gym_notices.notices"] = stand_in
 
 
 # --------------------------------------------------------------------------- data
