@@ -266,7 +266,7 @@ class Lab:
 def lab(tmp_path):
     reason = _netns_unavailable()
     if reason:
-        pytest.skip(reason)
+        pytest.skip(reason=f"the three-host test needs root and working `ip netns`: {reason}")
     lab = Lab(tmp_path)
     try:
         lab.build()
