@@ -15,11 +15,6 @@ DEFAULT_METRIC = "IC"
 """Metric the leaderboard sorts by unless ``--metric`` says otherwise (higher is better)."""
 
 
-def _grid_params(params: dict[str, str]) -> dict[str, str]:
-    """The params qlib-ext logged for comparison (coordinates, model, strategy, window)."""
-    return dict(sorted(params.items()))
-
-
 def _search_pool_runs(client: Any, experiment_id: str, pool: str) -> dict[str, Any]:
     # sqlite-backed MLflow rejects max_results above 50,000 (Qlib asks for 100,000): page instead.
     runs, token = {}, None
@@ -59,7 +54,8 @@ def leaderboard(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | No
         rows.append({
             "run_id": run.info.run_id, "run_name": run.info.run_name, "task_id": str(res["_id"]),
             "config_id": res["meta"].get("config_id"), "window": (res["meta"].get("window") or {}).get("index"),
-            "params": _grid_params(run.data.params), "metrics": dict(run.data.metrics), "worker": res.get("worker"),
+            "params": dict(sorted(run.data.params.items())), "metrics": dict(run.data.metrics),
+            "worker": res.get("worker"),
         })
     rows = _aggregate_windows(client, rows, metric)
     rows.sort(key=lambda r: _sort_key(r["metrics"].get(metric)))
