@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,8 @@ logger = logging.getLogger(__name__)
 LOCK_TIMEOUT_SECONDS = 3600.0
 """How long a process waits for another one's build of the same entry, seconds."""
 
-__all__ = ["prepared_dataset", "load_or_build", "cache_key", "data_identity", "versions", "list_entries", "clear",
-           "stats"]
+__all__ = ["prepared_dataset", "load_or_build", "shared", "dataset_key", "cache_key", "data_identity", "versions",
+           "list_entries", "clear", "stats"]
 
 
 # --------------------------------------------------------------------------- public API
@@ -70,19 +71,39 @@ def load_or_build(handler_cfg: dict, cache_dir: Path) -> Any:
     Returns:
         The ``DataHandler`` instance with its data set up.
     """
+    return shared(Entry(cache_dir, cache_key(handler_cfg)), lambda entry: _build(handler_cfg, entry))
+
+
+def shared(entry: Entry, build: Callable[[Entry], Any]) -> Any:
+    """The object stored in ``entry``, or ``build(entry)`` (which must write it) run by one process at a time.
+
+    Args:
+        entry: the cache entry (any kind: the handler layout or a :class:`PickleEntry`).
+        build: builds the object, writes it with ``entry.write`` and returns what it wrote.
+    """
     from filelock import FileLock
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    key = cache_key(handler_cfg)
-    entry = Entry(cache_dir, key)
-    handler = entry.try_load(report=False)  # the common case: built before, no lock needed
-    if handler is not None:
-        return handler
+    entry.dir.mkdir(parents=True, exist_ok=True)
+    obj = entry.try_load(report=False)  # the common case: built before, no lock needed
+    if obj is not None:
+        return obj
     with FileLock(str(entry.lock_path), timeout=LOCK_TIMEOUT_SECONDS):
-        handler = entry.try_load(report=True)  # another process may have built it while we waited
-        if handler is None:
-            handler = _build(handler_cfg, entry)
-    return handler
+        obj = entry.try_load(report=True)  # another process may have built it while we waited
+        if obj is None:
+            obj = build(entry)
+    return obj
+
+
+def dataset_key(config: dict) -> str | None:
+    """Identity of the data ``prepared_dataset(config, ...)`` returns: its handler's cache key plus the
+    rest of the dataset config (segments, ...); None for a dataset the cache does not handle."""
+    klass, kwargs = _dataset_parts(config)
+    if klass is None:
+        return None
+    rest = {k: v for k, v in kwargs.items() if k != "handler"}
+    payload = {"handler": cache_key(kwargs["handler"]), "class": f"{klass.__module__}.{klass.__qualname__}",
+               "rest": rest}
+    return hashlib.sha256(_canonical(payload).encode()).hexdigest()
 
 
 def cache_key(handler_cfg: dict) -> str:

@@ -51,6 +51,9 @@ _verified: set[tuple] = set()
 class Entry:
     """Paths and I/O of one cache entry (see the module docstring)."""
 
+    kind = ""
+    """Prefix of this kind of entry's counters in ``stats`` (a handler entry: none)."""
+
     def __init__(self, cache_dir: Path, key: str):
         self.dir = cache_dir
         self.key = key
@@ -77,15 +80,15 @@ class Entry:
         handler = None
         if problem is None:
             try:
-                handler = _read(self.data_path, meta["header_offset"])
+                handler = self._read(self.data_path, meta["header_offset"])
             except Exception as e:  # a checksum-valid file that still fails to load: rebuild
                 problem = f"loading failed: {e!r}"
         if problem is not None:
             if report and meta is not None:
                 logger.warning("cache: entry %s is unusable (%s); rebuilding it", self.key[:12], problem)
-                stats["rebuilt_corrupt"] += 1
+                stats[f"{self.kind}rebuilt_corrupt"] += 1
             return None
-        stats["loaded"] += 1
+        stats[f"{self.kind}loaded"] += 1
         logger.info("cache: loaded %s", self.key[:12])
         with contextlib.suppress(OSError):  # "last used" for `cache ls/clear`; a read-only cache is fine
             os.utime(self.meta_path)
@@ -108,24 +111,45 @@ class Entry:
             _verified.add(ident)
         return None
 
-    def write(self, handler: Any, describe: dict) -> Any:
+    def write(self, handler: Any, describe: dict, read_back: bool = True) -> Any:
         """Store ``handler`` atomically, then its sidecar (which makes the entry visible).
 
         Returns:
-            The handler read back from the new file, memory-mapped like every loader's copy.
+            The handler read back from the new file, memory-mapped like every loader's copy
+            (None when not ``read_back``).
         """
         header_offset: list[int] = []
-        size, crc = _atomic_write(self.data_path, lambda fh: header_offset.append(_write(handler, fh)))
+        size, crc = _atomic_write(self.data_path, lambda fh: header_offset.append(self._write(handler, fh)))
         meta = {"key": self.key, "format": FORMAT_VERSION, "size": size, "crc32": crc,
                 "header_offset": header_offset[0], "created": time.time(), **describe}
         _atomic_write(self.meta_path, lambda fh: fh.write(json.dumps(meta, indent=1, default=str).encode()))
-        return _read(self.data_path, meta["header_offset"])
+        return self._read(self.data_path, meta["header_offset"]) if read_back else None
+
+    # The handler layout; another kind of entry (e.g. :class:`PickleEntry`) stores its object its own way.
+    def _write(self, obj: Any, fh: Any) -> int:
+        return _write_handler(obj, fh)
+
+    def _read(self, path: Path, header_offset: int) -> Any:
+        return _read_handler(path, header_offset)
 
     def remove(self) -> None:
         """Delete the entry's files (sidecar first, so nobody starts using a half-deleted entry)."""
         for path in (self.meta_path, self.data_path, self.dir / f"{self.key}.pkl"):  # .pkl: format 1
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+
+class PickleEntry(Entry):
+    """An entry holding one pickled object (small ones: mapping buys nothing), same sidecar and checks."""
+
+    def _write(self, obj: Any, fh: Any) -> int:
+        pickle.dump(obj, fh, protocol=5)
+        return 0
+
+    def _read(self, path: Path, header_offset: int) -> Any:
+        with open(path, "rb") as fh:
+            fh.seek(header_offset)
+            return pickle.load(fh)
 
 
 # --------------------------------------------------------------------------- the data file
@@ -137,7 +161,7 @@ def _mappable(df: Any) -> bool:
         and np.issubdtype(df.dtypes.iloc[0], np.number)
 
 
-def _write(handler: Any, fh: Any) -> int:
+def _write_handler(handler: Any, fh: Any) -> int:
     """Write the arrays, then the pickled rest of the handler; return the pickle's offset."""
     import numpy as np
 
@@ -164,7 +188,7 @@ def _write(handler: Any, fh: Any) -> int:
     return offset
 
 
-def _read(path: Path, header_offset: int) -> Any:
+def _read_handler(path: Path, header_offset: int) -> Any:
     import numpy as np
     import pandas as pd
 

@@ -104,13 +104,14 @@ def run_grid_task(task: dict, *, task_id: str = "", worker: str = "", attempt: i
 
     Must run in a process where ``qlib.init`` set the provider and the MLflow experiment manager.
     A raising task ends its run FAILED (Qlib's ``R.start`` does that), an interrupted one KILLED.
-    ``cache_dir`` shares prepared datasets between tasks and workers (None: build every time).
+    ``cache_dir`` shares prepared datasets and backtest exchanges between tasks and workers, and
+    LightGBM's binned data between a worker's fits (None: build everything every time).
     A task with ``qlib_ext.kind: backtest`` only backtests its training run's predictions; a
     training task with a ``qlib_ext.sweep`` returns those backtest tasks under ``follow_up``.
     """
     meta = task.get("qlib_ext", {})
     if meta.get("kind") == "backtest":
-        return _in_run(task, lambda rec, timings: _backtest(task, rec, timings), task_id, worker, attempt)
+        return _in_run(task, lambda rec, timings: _backtest(task, rec, timings, cache_dir), task_id, worker, attempt)
     result = _in_run(task, lambda rec, timings: _train_and_record(task, rec, timings, cache_dir), task_id, worker,
                      attempt)
     if meta.get("sweep"):
@@ -158,10 +159,12 @@ def _train_and_record(task: dict, recorder: Any, timings: dict[str, float], cach
     from qlib.workflow import R
     from qlib.workflow.record_temp import PortAnaRecord
 
+    from qlib_ext.lgb_data import reused_lgb_data
+
     with _stage(timings, "data"):
         dataset = _dataset(task["dataset"], cache_dir)
     model = init_instance_by_config(task["model"], accept_types=Model)
-    with _stage(timings, "fit"):
+    with _stage(timings, "fit"), reused_lgb_data(model, _dataset_key(task["dataset"], cache_dir), cache_dir):
         auto_filter_kwargs(model.fit)(dataset, reweighter=task.get("reweighter"))
     R.save_objects(**{"params.pkl": model})
     filled = fill_placeholder(copy.deepcopy({k: v for k, v in task.items() if k != "qlib_ext"}),
@@ -171,10 +174,11 @@ def _train_and_record(task: dict, recorder: Any, timings: dict[str, float], cach
         rec = init_instance_by_config(record, recorder=recorder, default_module="qlib.workflow.record_temp",
                                       try_kwargs={"model": model, "dataset": dataset})
         with _stage(timings, "backtest" if isinstance(rec, PortAnaRecord) else "signal"):
+            _share_exchange(rec, cache_dir)
             rec.generate()
 
 
-def _backtest(task: dict, recorder: Any, timings: dict[str, float]) -> None:
+def _backtest(task: dict, recorder: Any, timings: dict[str, float], cache_dir: str | None) -> None:
     """Backtest the training run's predictions with this task's ``PortAnaRecord`` configs."""
     from qlib.utils import init_instance_by_config
     from qlib.workflow import R
@@ -191,6 +195,7 @@ def _backtest(task: dict, recorder: Any, timings: dict[str, float]) -> None:
         rec = init_instance_by_config(record, recorder=recorder, default_module="qlib.workflow.record_temp")
         rec.check()  # Qlib's generate() only logs a warning and skips when pred.pkl/label.pkl are missing
         with _stage(timings, "backtest"):
+            _share_exchange(rec, cache_dir)
             rec.generate()
 
 
@@ -218,6 +223,21 @@ def _dataset(config: dict, cache_dir: str | None) -> Any:
     from qlib_ext.cache import prepared_dataset
 
     return prepared_dataset(config, cache_dir)
+
+
+def _dataset_key(config: dict, cache_dir: str | None) -> str | None:
+    if cache_dir is None:
+        return None
+    from qlib_ext.cache import dataset_key
+
+    return dataset_key(config)
+
+
+def _share_exchange(record: Any, cache_dir: str | None) -> None:
+    if cache_dir is not None:
+        from qlib_ext.quotes import share_exchange
+
+        share_exchange(record, cache_dir)
 
 
 @contextlib.contextmanager
