@@ -31,8 +31,8 @@ logger = logging.getLogger(__name__)
 LOCK_TIMEOUT_SECONDS = 3600.0
 """How long a process waits for another one's build of the same entry, seconds."""
 
-__all__ = ["prepared_dataset", "load_or_build", "shared", "dataset_key", "cache_key", "data_identity", "versions",
-           "list_entries", "clear", "stats"]
+__all__ = ["prepared_dataset", "load_or_build", "shared", "entry_lock", "handler_config", "dataset_key", "cache_key",
+           "data_identity", "versions", "list_entries", "clear", "stats"]
 
 
 # --------------------------------------------------------------------------- public API
@@ -81,17 +81,29 @@ def shared(entry: Entry, build: Callable[[Entry], Any]) -> Any:
         entry: the cache entry (any kind: the handler layout or a :class:`PickleEntry`).
         build: builds the object, writes it with ``entry.write`` and returns what it wrote.
     """
-    from filelock import FileLock
-
     entry.dir.mkdir(parents=True, exist_ok=True)
     obj = entry.try_load(report=False)  # the common case: built before, no lock needed
     if obj is not None:
         return obj
-    with FileLock(str(entry.lock_path), timeout=LOCK_TIMEOUT_SECONDS):
+    with entry_lock(entry):
         obj = entry.try_load(report=True)  # another process may have built it while we waited
         if obj is None:
             obj = build(entry)
     return obj
+
+
+def entry_lock(entry: Entry) -> Any:
+    """The build lock of ``entry``: one reentrant object per path in a process (so a caller already
+    holding it, like the cache warmer, can build through :func:`shared`), a ``flock`` between processes."""
+    from filelock import FileLock
+
+    entry.dir.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(entry.lock_path), timeout=LOCK_TIMEOUT_SECONDS, is_singleton=True)
+
+
+def handler_config(config: Any) -> dict | None:
+    """The handler config of a dataset config the cache handles, else None."""
+    return _dataset_parts(config)[1].get("handler")
 
 
 def dataset_key(config: dict) -> str | None:

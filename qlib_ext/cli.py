@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -341,9 +343,25 @@ def run_cmd(ctx: click.Context, file: Path, mongo_url: str, mlflow_uri: str | No
                  max_attempts=opts.pop("max_attempts"), limit=limit)
     click.echo(sub)
     settings, n = _settings(sub.pool, sub.mongo_url, sub.mlflow_uri, provider_uri, log_to_files=True, **opts)
+    warmer = None
+    if settings.cache_dir:  # fill the cache with every core while the workers start up
+        from qlib_ext.warm import Warmer
+
+        warmer = Warmer(settings).start()
+        settings = replace(settings, start_after=str(warmer.ready))
+        click.echo("cache: preparing datasets and backtest exchanges with all cores ...")
     click.echo(f"starting {n} workers x {settings.threads} threads (worker logs: {settings.log_dir})")
     progress = Progress(sub.pool, sub.mongo_url)
-    code = run_workers(settings, n, on_tick=progress.tick)
+
+    def tick() -> None:
+        nonlocal warmer
+        if warmer is not None and _warm_report(warmer.poll) is not None:
+            warmer = None
+        progress.tick()
+
+    code = run_workers(settings, n, on_tick=tick)
+    if warmer is not None:  # the workers ended (Ctrl-C) before the warmer
+        _warm_report(warmer.wait)
     progress.finish()
     if _stopped(sub.pool, sub.mongo_url):
         click.echo(f"stopped: unfinished tasks stay in pool {sub.pool}; resume with "
@@ -352,6 +370,18 @@ def run_cmd(ctx: click.Context, file: Path, mongo_url: str, mlflow_uri: str | No
     click.echo(format_table(rows, metric))
     click.echo(f"\ncompare runs: {mlflow_ui_command(sub.mlflow_uri)}")
     ctx.exit(code)
+
+
+def _warm_report(result: Callable[[], object]) -> object:
+    """Print what the cache warmer did (``result()``: its outcome, None while it runs); return it."""
+    try:
+        outcome = result()
+    except RuntimeError as e:  # the workers build what they need: slower, not wrong
+        click.echo(f"\nwarning: {e}; the workers build what they need", err=True)
+        return e
+    if outcome is not None:
+        click.echo(f"\n{outcome}")
+    return outcome
 
 
 @main.command("status")
@@ -513,6 +543,22 @@ def cache_ls(dir_: Path | None) -> None:
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     click.echo("\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows))
     click.echo(f"{len(rows) - 1} entries in {folder}")
+
+
+@cache_group.command("warm")
+@click.argument("pool")
+@_mongo_option
+@_provider_option
+@_cache_dir_option
+def cache_warm(pool: str, mongo_url: str, provider_uri: str | None, dir_: Path | None) -> None:
+    """Build the datasets and backtest exchanges POOL's waiting tasks need, with every core of this host
+    (`qlib-ext run` does this itself; use it before starting workers on other hosts)."""
+    from qlib_ext.runner import worker_settings
+    from qlib_ext.warm import Warmer
+
+    settings = worker_settings(pool, mongo_url=mongo_url, provider_uri=provider_uri,
+                               log_level=logging.getLogger().getEffectiveLevel())
+    _warm_report(Warmer(replace(settings, cache_dir=str(dir_)) if dir_ else settings).start().wait)
 
 
 @cache_group.command("clear")

@@ -130,8 +130,7 @@ def _in_run(task: dict, body: Callable[[Any, dict[str, float]], None], task_id: 
     timings: dict[str, float] = {}
     with _killed_on_interrupt(), R.start(experiment_name=experiment, recorder_name=meta.get("run_name")):
         recorder = R.get_recorder()
-        R.set_tags(**mlflow_tags(task, task_id, worker, attempt))
-        R.log_params(**mlflow_params(task))
+        _tag_run(recorder, mlflow_tags(task, task_id, worker, attempt), mlflow_params(task))
         R.save_objects(task=task)
         body(recorder, timings)
         extra = {f"time.{k}_s": round(v, 4) for k, v in timings.items()}
@@ -150,6 +149,19 @@ def _in_run(task: dict, body: Callable[[Any, dict[str, float]], None], task_id: 
         "worker": worker,
         "attempt": attempt,
     }
+
+
+def _tag_run(recorder: Any, tags: dict[str, str], params: dict[str, Any]) -> None:
+    """Tags and params in one synchronous MLflow batch per 100 (Qlib's ``set_tags`` logs them one by one
+    from a background thread): the reaper then finds a run either fully tagged or not tagged at all,
+    never with the pool tag but without its attempt, even when the worker dies right after this."""
+    from mlflow.entities import Param, RunTag
+
+    tag_list = [RunTag(k, str(v)) for k, v in tags.items()]
+    param_list = [Param(k, str(v)) for k, v in params.items()]
+    recorder.client.log_batch(recorder.id, tags=tag_list[:100], params=param_list[:100])
+    for i in range(100, max(len(tag_list), len(param_list)), 100):
+        recorder.client.log_batch(recorder.id, tags=tag_list[i:i + 100], params=param_list[i:i + 100])
 
 
 def _train_and_record(task: dict, recorder: Any, timings: dict[str, float], cache_dir: str | None) -> None:

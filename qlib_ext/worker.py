@@ -56,6 +56,7 @@ class WorkerSettings:
     cache_dir: str | None = None  # shared prepared-dataset cache directory (None: no cache)
     log_dir: str | None = None  # worker stdout/stderr go to LOG_DIR/worker-<pid>.log (None: inherit)
     log_level: int = logging.WARNING  # level of the worker's log output
+    start_after: str | None = None  # claim nothing until this file exists (the cache warmer's signal)
     qlib_kwargs: dict = field(default_factory=dict)  # further qlib.init arguments from the workflow
 
 
@@ -188,6 +189,8 @@ class Worker:
 
     def loop(self) -> int:
         """Run until stopped or the pool is finished; return the number of tasks run."""
+        while self.s.start_after and not os.path.exists(self.s.start_after) and not self.stop.event.is_set():
+            self.stop.event.wait(0.1)
         n = 0
         while not self.stop.event.is_set():
             try:

@@ -41,6 +41,7 @@ def test_grid_runs_on_two_workers_into_mlflow_and_ranks(tmp_path, synth_provider
     common = ["--mongo-url", mongo_url, "--mlflow-uri", mlflow_uri]
     out = cli("run", str(wf), "-n", "2", *common).stdout
     assert "4 new of 4" in out
+    assert "cache: 1 datasets and 1 backtest exchanges for 4 waiting tasks ready" in out and "(2 built)" in out
     assert "mlflow ui --backend-store-uri " + mlflow_uri in out
 
     db = pymongo.MongoClient(mongo_url)["default_task_db"]

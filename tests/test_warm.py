@@ -1,0 +1,48 @@
+"""Warming the cache for a pool before workers start: real store, real Qlib in a child process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from grid_yaml import write_workflow
+
+from qlib_ext.warm import _distinct, backtests
+
+GRID = """
+grid:
+    pool: warm
+    params:
+        task.model.kwargs.learning_rate: [0.05, 0.2]
+"""
+
+
+def cli(*args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "qlib_ext", *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"qlib-ext {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_cache_warm_builds_each_entry_once(tmp_path, synth_provider, mongo_url):
+    wf = write_workflow(tmp_path / "warm.yaml", synth_provider, GRID)
+    cli("submit", str(wf), "--mongo-url", mongo_url, "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    first = cli("cache", "warm", "warm", "--mongo-url", mongo_url)
+    assert "1 datasets and 1 backtest exchanges for 2 waiting tasks" in first and "(2 built)" in first
+    again = cli("cache", "warm", "warm", "--mongo-url", mongo_url)
+    assert "(0 built)" in again
+    listing = cli("cache", "ls")
+    assert "Alpha158" in listing and "Exchange" in listing and "2 entries" in listing
+
+
+def test_backtests_are_the_port_ana_record_configs():
+    backtest = {"start_time": "2020-01-02", "end_time": "2020-06-30"}
+    task = {"record": [{"class": "SignalRecord"}, {"class": "SigAnaRecord", "kwargs": {}},
+                       {"class": "PortAnaRecord", "kwargs": {"config": {"backtest": backtest}}}]}
+    assert backtests(task) == [backtest]
+    assert backtests({"record": {"class": "PortAnaRecord", "kwargs": {"config": {"backtest": backtest}}}}) == [backtest]
+    assert backtests({"model": {}}) == []
+
+
+def test_distinct_keeps_one_of_each_and_drops_none():
+    a, b = {"x": 1, "y": [1, 2]}, {"y": [1, 2], "x": 1}
+    assert _distinct([a, None, b, {"x": 2}]) == [a, {"x": 2}]
