@@ -5,10 +5,9 @@
    (``handler.to_pickle(dump_all=True)`` loaded through ``DatasetH(handler="file://...")``);
    memory after loading and after ``prepare`` of train+valid (learn) and test (infer) as USS
    (private to the process), RSS and PSS (shared pages split between the processes);
-2. a grid of 8 LightGBM configurations through the real CLI, ``qlib-ext run FILE -n cores`` with
-   and without ``--no-cache``, each in a fresh QLIB_EXT_HOME (cold cache), medians of repeats.
+(the whole 8-config grid with the cache on and off is ``benchmarks/scaling_bench.py``).
 
-    python benchmarks/cache_bench.py [--quick] [--repeat N] [--no-grid]
+    python benchmarks/cache_bench.py [--quick] [--repeat N]
 
 --quick: 60 stocks x 600 days; default: 300 stocks x 1500 days (the issue's size).
 Writes the cache_bench section of docs/performance.md.
@@ -21,14 +20,11 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
-from _common import ROOT, machine_line, median, table, write_section
+from _common import machine_line, median, table, write_section
 
 CORES = os.cpu_count() or 1
 HANDLER = {"class": "Alpha158", "module_path": "qlib.contrib.data.handler",
@@ -37,8 +33,6 @@ HANDLER = {"class": "Alpha158", "module_path": "qlib.contrib.data.handler",
 """Two years of Alpha158, inside both data sizes (600 days from 2015-01-05 end in April 2017)."""
 SEGMENTS = {"train": ("2015-06-01", "2016-06-30"), "valid": ("2016-07-01", "2016-10-31"),
             "test": ("2016-11-01", "2017-03-31")}
-BACKTEST_END = "2017-03-30"
-"""A backtest must end before the data does (Qlib fails on the last calendar day)."""
 
 
 def dataset_config() -> dict:
@@ -146,50 +140,8 @@ def _run(ctx, targets: list[tuple]) -> None:
             raise RuntimeError(f"benchmark child failed with exit code {p.exitcode}")
 
 
-# --------------------------------------------------------------------------- 2. grid via the CLI
-def grid_workflow(provider: Path, work: Path) -> Path:
-    """workflows/lgb_grid.yaml (8 LightGBM configs) moved onto the benchmark data and window."""
-    wf = yaml.safe_load((ROOT / "workflows" / "lgb_grid.yaml").read_text())
-    wf["qlib_init"]["provider_uri"] = str(provider)
-    task = wf["task"]
-    task["dataset"]["kwargs"]["handler"]["kwargs"] = dict(HANDLER["kwargs"])
-    task["dataset"]["kwargs"]["segments"] = {k: list(v) for k, v in SEGMENTS.items()}
-    for record in task.get("record", []):
-        backtest = record.get("kwargs", {}).get("config", {}).get("backtest")
-        if backtest:
-            backtest["start_time"], backtest["end_time"] = SEGMENTS["test"][0], BACKTEST_END
-    path = work / "grid.yaml"
-    path.write_text(yaml.safe_dump(wf, sort_keys=False))
-    return path
-
-
-def run_grid(workflow: Path, *flags: str) -> float:
-    with tempfile.TemporaryDirectory(prefix="qlib-ext-cache-bench-home-") as home:
-        env = {**os.environ, "QLIB_EXT_HOME": home}
-        cmd = [sys.executable, "-m", "qlib_ext", "run", str(workflow), "-n", str(CORES), "--mongo-url", "embedded",
-               "--mlflow-uri", f"sqlite:///{home}/mlflow.db", *flags]
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        seconds = time.perf_counter() - start
-        subprocess.run([sys.executable, "-m", "qlib_ext", "store", "stop"], env=env, capture_output=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    return seconds
-
-
-def bench_grid(provider: Path, repeat: int) -> dict[str, float]:
-    work = Path(tempfile.mkdtemp(prefix="qlib-ext-cache-bench-grid-"))
-    workflow = grid_workflow(provider, work)
-    times: dict[str, list[float]] = {"no cache": [], "cache": []}
-    for _ in range(repeat):
-        times["no cache"].append(run_grid(workflow, "--no-cache"))
-        times["cache"].append(run_grid(workflow))
-    shutil.rmtree(work, ignore_errors=True)
-    return {k: median(v) for k, v in times.items()}
-
-
 # --------------------------------------------------------------------------- report
-def report(size: str, build: dict, loads: dict, grid: dict | None, repeat: int, grid_repeat: int) -> str:
+def report(size: str, build: dict, loads: dict, repeat: int) -> str:
     p, m = loads["pickle"], loads["mapped"]
     rows = [[name, f"{r['load']:.3f}", f"{r['again']:.3f}", f"{r['loaded_uss']:.0f}", f"{r['prepared_uss']:.0f}",
              f"{r['prepared_rss']:.0f}", f"{r['prepared_pss']:.0f}", f"{r['prepared_pss'] * CORES:.0f}"]
@@ -211,15 +163,8 @@ def report(size: str, build: dict, loads: dict, grid: dict | None, repeat: int, 
         "pages between the processes that map them. `prepare` copies each segment out of the frames "
         "(per task, cached or not), which is why the saving after `prepare` is smaller than at load.",
     ]
-    if grid:
-        text += ["", table([f"8 LightGBM configs, qlib-ext run -n {CORES}", "wall s", "speed-up"],
-                           [["--no-cache", f"{grid['no cache']:.1f}", "1.0x"],
-                            ["cache (cold: built once)", f"{grid['cache']:.1f}",
-                             f"{grid['no cache'] / grid['cache']:.2f}x"]]),
-                 "", f"Grid: median of {grid_repeat} run(s) each, interleaved, each in a fresh QLIB_EXT_HOME. "
-                 "Cold cache: one worker builds while the others wait on the lock; the rest of each task "
-                 "(fit, signal, backtest) costs the same with and without the cache, so the speed-up is bounded "
-                 "by (build + rest) / rest per task."]
+    text += ["", "The whole 8-config grid with the cache on and off (cold and warm) is in the grid wall time "
+                 "section (`benchmarks/scaling_bench.py`)."]
     return "\n".join(text)
 
 
@@ -227,16 +172,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="60 stocks x 600 days instead of 300 x 1500")
     parser.add_argument("--repeat", type=int, default=3, help="repetitions (medians are reported)")
-    parser.add_argument("--no-grid", action="store_true", help="skip the CLI grid (build vs load only)")
-    parser.add_argument("--grid-repeat", type=int, default=None, help="repetitions of the grid (default: --repeat)")
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
     instruments, days = (60, 600) if args.quick else (300, 1500)
     provider = synth_data(instruments, days)
     build, loads = bench_build_load(provider, args.repeat)
-    grid = None if args.no_grid else bench_grid(provider, args.grid_repeat or args.repeat)
-    text = report(f"synthetic data {instruments} stocks x {days} days", build, loads, grid, args.repeat,
-                  args.grid_repeat or args.repeat)
+    text = report(f"synthetic data {instruments} stocks x {days} days", build, loads, args.repeat)
     text += f"\n\nLoad average (1 min) at start / end: {load_before:.1f} / {os.getloadavg()[0]:.1f}."
     print(text)
     write_section("cache_bench", text)

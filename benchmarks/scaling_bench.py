@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,12 +69,20 @@ def run_qrun_loop(workflow: Path, provider: Path) -> float:
         return time.perf_counter() - start
 
 
-def run_qlib_ext(workflow: Path, provider: Path, workers: int, *flags: str) -> tuple[float, list[dict]]:
-    """Wall time of ``qlib-ext run`` in a fresh home, and the runs' metrics."""
+def run_qlib_ext(workflow: Path, provider: Path, workers: int, *flags: str,
+                 cache: Path | None = None) -> tuple[float, list[dict]]:
+    """Wall time of ``qlib-ext run`` in a fresh home, and the runs' metrics.
+
+    ``cache``: a directory that receives the run's cache when it is empty (a cold run) and is used as
+    the run's cache when it is not (a warm run: a later grid over the same data).
+    """
     import mlflow
 
     with tempfile.TemporaryDirectory(prefix="bench-run-") as home:
         env = {**os.environ, "QLIB_EXT_HOME": home}
+        warm = cache is not None and cache.is_dir() and any(cache.iterdir())
+        if warm:
+            shutil.copytree(cache, Path(home) / "cache")
         cmd = [sys.executable, "-m", "qlib_ext", "run", str(workflow), "-n", str(workers),
                "--provider-uri", str(provider), *flags]
         start = time.perf_counter()
@@ -81,6 +90,9 @@ def run_qlib_ext(workflow: Path, provider: Path, workers: int, *flags: str) -> t
         elapsed = time.perf_counter() - start
         subprocess.run([sys.executable, "-m", "qlib_ext", "store", "stop"], env=env, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
+        if cache is not None and not warm:
+            shutil.rmtree(cache, ignore_errors=True)
+            shutil.move(Path(home) / "cache", cache)
         client = mlflow.MlflowClient(f"sqlite:///{home}/mlflow.db")
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
         metrics = [{**r.data.metrics, "worker": r.data.tags.get("qlib_ext.worker")} for r in runs]
@@ -108,7 +120,7 @@ def plot(rows: dict[str, float], stages: dict[str, dict], path: Path) -> None:
     base = rows["qlib-ext 1 worker, no cache"]
     workers = [1, CORES]
     ax1.plot(workers, [1, base / rows[f"qlib-ext {CORES} workers, no cache"]], "o-", label="no cache")
-    ax1.plot(workers, [base / rows["qlib-ext 1 worker, cache"], base / rows[f"qlib-ext {CORES} workers, cache"]],
+    ax1.plot(workers, [base / rows["qlib-ext 1 worker, cache"], base / rows[f"qlib-ext {CORES} workers, cache (cold)"]],
              "s-", label="cache")
     ax1.plot(workers, workers, "k--", lw=0.8, label="linear")
     ax1.set(xlabel="workers", ylabel="speed-up vs 1 worker, no cache", title="Grid speed-up")
@@ -130,45 +142,65 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="60 stocks, 4-task quickstart grid")
     parser.add_argument("--repeat", type=int, default=None, help="repetitions (default 1 quick, 3 full)")
+    parser.add_argument("--cases", nargs="+", default=None, choices=["qrun", "1nc", "1c", "nc", "c", "warm", "over"],
+                        help="only these cases, in this order (default: all; warm needs c before it)")
+    parser.add_argument("--once", nargs="+", default=[], metavar="CASE",
+                        help="cases run in the first repetition only (e.g. qrun: the slowest)")
     args = parser.parse_args()
     repeat = args.repeat or (1 if args.quick else 3)
     workflow = ROOT / "workflows" / ("quickstart.yaml" if args.quick else "lgb_grid.yaml")
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         provider = make_data(Path(tmp), 60 if args.quick else 300)
-        cases = {
-            "qrun loop": lambda: (run_qrun_loop(workflow, provider), []),
-            "qlib-ext 1 worker, no cache": lambda: run_qlib_ext(workflow, provider, 1, "--no-cache"),
-            "qlib-ext 1 worker, cache": lambda: run_qlib_ext(workflow, provider, 1),
-            f"qlib-ext {CORES} workers, no cache": lambda: run_qlib_ext(workflow, provider, CORES, "--no-cache"),
-            f"qlib-ext {CORES} workers, cache": lambda: run_qlib_ext(workflow, provider, CORES),
-            f"qlib-ext {CORES} workers, cache, {CORES} threads each (oversubscribed)":
-                lambda: run_qlib_ext(workflow, provider, CORES, "--threads", str(CORES)),
+        kept = Path(tmp) / "kept-cache"  # the cold run's cache, reused by the warm run of the same repetition
+        cases = {  # short key: (row name, how to run it)
+            "qrun": ("qrun loop", lambda: (run_qrun_loop(workflow, provider), [])),
+            "1nc": ("qlib-ext 1 worker, no cache", lambda: run_qlib_ext(workflow, provider, 1, "--no-cache")),
+            "1c": ("qlib-ext 1 worker, cache", lambda: run_qlib_ext(workflow, provider, 1)),
+            "nc": (f"qlib-ext {CORES} workers, no cache",
+                   lambda: run_qlib_ext(workflow, provider, CORES, "--no-cache")),
+            "c": (f"qlib-ext {CORES} workers, cache (cold)",
+                  lambda: run_qlib_ext(workflow, provider, CORES, cache=kept)),
+            "warm": (f"qlib-ext {CORES} workers, cache (warm)",
+                     lambda: run_qlib_ext(workflow, provider, CORES, cache=kept)),
+            "over": (f"qlib-ext {CORES} workers, cache, {CORES} threads each (oversubscribed)",
+                     lambda: run_qlib_ext(workflow, provider, CORES, "--threads", str(CORES))),
         }
+        keys = args.cases or list(cases)
+        once = {cases[k][0] for k in args.once}
+        cases = dict(cases[k] for k in keys)
         times: dict[str, list[float]] = {name: [] for name in cases}
         metrics: dict[str, list[dict]] = {name: [] for name in cases}
         for rep in range(repeat):  # interleaved, so drift in machine speed hits every case alike
+            shutil.rmtree(kept, ignore_errors=True)
             for name, case in cases.items():
+                if rep and name in once:
+                    continue
                 elapsed, ms = case()
                 times[name].append(elapsed)
                 metrics[name].extend(ms)
                 print(f"rep {rep + 1}/{repeat}  {name}: {elapsed:.1f}s", flush=True)
     med = {name: median(ts) for name, ts in times.items()}
-    loop, one = med["qrun loop"], med["qlib-ext 1 worker, no cache"]
+    loop, one, many = (med.get(n) for n in ("qrun loop", "qlib-ext 1 worker, no cache",
+                                             f"qlib-ext {CORES} workers, no cache"))
     rows = []
     for name, t in med.items():
         workers = CORES if f"{CORES} workers" in name else 1
-        rows.append([name, f"{t:.1f}", f"{loop / t:.2f}x", f"{one / t:.2f}x",
-                     f"{one / t / workers * 100:.0f} %" if "qrun" not in name else "-"])
+        rows.append([name, f"{t:.1f}", *(f"{base / t:.2f}x" if base else "-" for base in (loop, one, many)),
+                     f"{one / t / workers * 100:.0f} %" if one and "qrun" not in name else "-"])
     stages = {n: stage_summary(m) for n, m in metrics.items() if m}
     stage_rows = [[n, *(f"{s[k]:.1f}" for k in ["time.data_s", "time.fit_s", "time.signal_s", "time.backtest_s"]),
                    f"{s['rss_per_worker']:.0f}", f"{s['rss_total']:.0f}"] for n, s in stages.items()]
     png = ROOT / "docs" / "performance_scaling.png"
     size = "quick: 60 stocks, quickstart.yaml, 4 tasks" if args.quick else "300 stocks, lgb_grid.yaml, 8 tasks"
-    plot(med, stages, png)
+    if {"qlib-ext 1 worker, no cache", "qlib-ext 1 worker, cache"} <= set(med):
+        plot(med, stages, png)
     text = "\n\n".join([
         f"## Grid wall time ({size})",
-        machine_line() + f"; median of {repeat} interleaved repetition(s), each in a fresh home (cold cache)",
-        table(["how", "wall s", "vs qrun loop", "vs 1 worker", "parallel efficiency"], rows),
+        machine_line() + f"; median of {repeat} interleaved repetition(s)"
+        + (f" ({', '.join(sorted(once))}: 1)" if once and repeat > 1 else "") + ", each in a fresh home (fresh store, "
+        "MLflow DB and cache; the warm case gets a copy of the cache its repetition's cold run built)",
+        table(["how", "wall s", "vs qrun loop", "vs 1 worker", f"vs {CORES} workers no cache", "parallel efficiency"],
+              rows),
         "Parallel efficiency = speed-up over 1 worker (no cache) / workers: above 100 % means the cache "
         "removed repeated work on top of the parallelism.",
         "### Per task: stage medians (s) and peak RSS per worker (MB)",
