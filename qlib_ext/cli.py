@@ -352,16 +352,21 @@ def run_cmd(ctx: click.Context, file: Path, mongo_url: str, mlflow_uri: str | No
         click.echo("cache: preparing datasets and backtest exchanges with all cores ...")
     click.echo(f"starting {n} workers x {settings.threads} threads (worker logs: {settings.log_dir})")
     progress = Progress(sub.pool, sub.mongo_url)
+    reported = warmer is None
 
     def tick() -> None:
-        nonlocal warmer
-        if warmer is not None and _warm_report(warmer.poll) is not None:
-            warmer = None
+        nonlocal reported
+        if not reported:
+            reported = _warm_report(warmer.poll) is not None
         progress.tick()
 
-    code = run_workers(settings, n, on_tick=tick)
-    if warmer is not None:  # the workers ended (Ctrl-C) before the warmer
-        _warm_report(warmer.wait)
+    try:
+        code = run_workers(settings, n, on_tick=tick)
+        if not reported:  # the workers ended (Ctrl-C) before the warmer
+            _warm_report(warmer.wait)
+    finally:
+        if warmer is not None:
+            warmer.close()
     progress.finish()
     if _stopped(sub.pool, sub.mongo_url):
         click.echo(f"stopped: unfinished tasks stay in pool {sub.pool}; resume with "
@@ -558,7 +563,11 @@ def cache_warm(pool: str, mongo_url: str, provider_uri: str | None, dir_: Path |
 
     settings = worker_settings(pool, mongo_url=mongo_url, provider_uri=provider_uri,
                                log_level=logging.getLogger().getEffectiveLevel())
-    _warm_report(Warmer(replace(settings, cache_dir=str(dir_)) if dir_ else settings).start().wait)
+    warmer = Warmer(replace(settings, cache_dir=str(dir_)) if dir_ else settings).start()
+    try:
+        _warm_report(warmer.wait)
+    finally:
+        warmer.close()
 
 
 @cache_group.command("clear")

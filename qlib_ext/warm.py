@@ -73,11 +73,14 @@ class Warmer:
         """
         if self._proc.exitcode is None:
             return None
-        self.ready.touch()
-        shutil.rmtree(self._dir, ignore_errors=True)  # workers that saw the file are past it; others see none
+        self.ready.touch()  # kept until close(): a worker still starting up must find it
         if self._proc.exitcode != 0:
             raise RuntimeError(f"preparing the cache failed (exit code {self._proc.exitcode})")
         return Warmed(**self._queue.get(timeout=5))
+
+    def close(self) -> None:
+        """Remove the ready file; call once no worker waits for it any more."""
+        shutil.rmtree(self._dir, ignore_errors=True)
 
     def wait(self) -> Warmed:
         """Wait for the child to end; what it did (see :meth:`poll`)."""

@@ -23,15 +23,17 @@ def cli(*args: str) -> str:
     return proc.stdout
 
 
-def test_cache_warm_builds_each_entry_once(tmp_path, synth_provider, mongo_url):
+def test_cache_warm_builds_each_entry_once_and_a_warm_run_uses_them(tmp_path, synth_provider, mongo_url):
     wf = write_workflow(tmp_path / "warm.yaml", synth_provider, GRID)
-    cli("submit", str(wf), "--mongo-url", mongo_url, "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    common = ["--mongo-url", mongo_url, "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    cli("submit", str(wf), *common)
     first = cli("cache", "warm", "warm", "--mongo-url", mongo_url)
     assert "1 datasets and 1 backtest exchanges for 2 waiting tasks" in first and "(2 built)" in first
-    again = cli("cache", "warm", "warm", "--mongo-url", mongo_url)
-    assert "(0 built)" in again
+    # everything is there: the warmer signals at once, and the workers (still starting) must not miss it
+    run = cli("run", str(wf), "-n", "2", *common)
+    assert "(0 built)" in run and "done 2" in run
     listing = cli("cache", "ls")
-    assert "Alpha158" in listing and "Exchange" in listing and "2 entries" in listing
+    assert "3 entries" in listing and "Alpha158" in listing and "Exchange" in listing and "binned" in listing
 
 
 def test_backtests_are_the_port_ana_record_configs():
