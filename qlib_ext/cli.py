@@ -542,9 +542,9 @@ def cache_ls(dir_: Path | None) -> None:
     rows = [["key", "handler", "instruments", "time range", "size", "created", "last used"]]
     for e in list_entries(folder):
         handler = (e["handler"] or "").rsplit(".", 1)[-1] if e["complete"] else "(incomplete)"
-        rows.append([e["key"][:12], handler, str(e["instruments"]),
-                     f"{e['start_time']}..{e['end_time']}", f"{e['size'] / 2**20:.1f} MB", when(e["created"]),
-                     when(e["last_used"])])
+        span = f"{e['start_time']}..{e['end_time']}" if e["start_time"] or e["end_time"] else "-"
+        rows.append([e["key"][:12], handler, "-" if e["instruments"] is None else str(e["instruments"]), span,
+                     f"{e['size'] / 2**20:.1f} MB", when(e["created"]), when(e["last_used"])])
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     click.echo("\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows))
     click.echo(f"{len(rows) - 1} entries in {folder}")
