@@ -99,14 +99,15 @@ def run_qlib_ext(workflow: Path, provider: Path, workers: int, *flags: str,
         return elapsed, metrics
 
 
-def stage_summary(metrics: list[dict]) -> dict[str, float]:
+def stage_summary(metrics: list[dict], runs: int = 1) -> dict[str, float]:
+    """Median stage times per task; peak RSS per worker (median) and of all workers of one run (mean over ``runs``)."""
     keys = ["time.data_s", "time.fit_s", "time.signal_s", "time.backtest_s"]
     out = {k: median([m[k] for m in metrics if k in m]) for k in keys}
     by_worker: dict[str, float] = {}
     for m in metrics:
         by_worker[m["worker"]] = max(by_worker.get(m["worker"], 0.0), m.get("peak_rss_mb", 0.0))
     out["rss_per_worker"] = median(list(by_worker.values()))
-    out["rss_total"] = sum(by_worker.values())
+    out["rss_total"] = sum(by_worker.values()) / runs
     return out
 
 
@@ -187,7 +188,7 @@ def main() -> None:
         workers = CORES if f"{CORES} workers" in name else 1
         rows.append([name, f"{t:.1f}", *(f"{base / t:.2f}x" if base else "-" for base in (loop, one, many)),
                      f"{one / t / workers * 100:.0f} %" if one and "qrun" not in name else "-"])
-    stages = {n: stage_summary(m) for n, m in metrics.items() if m}
+    stages = {n: stage_summary(m, len(times[n])) for n, m in metrics.items() if m}
     stage_rows = [[n, *(f"{s[k]:.1f}" for k in ["time.data_s", "time.fit_s", "time.signal_s", "time.backtest_s"]),
                    f"{s['rss_per_worker']:.0f}", f"{s['rss_total']:.0f}"] for n, s in stages.items()]
     png = ROOT / "docs" / "performance_scaling.png"
