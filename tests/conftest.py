@@ -10,6 +10,9 @@ def _isolated_home(tmp_path, monkeypatch):
     home = tmp_path / "qlib-ext-home"
     home.mkdir()
     monkeypatch.setenv("QLIB_EXT_HOME", str(home))
+    # mlflow.set_tracking_uri (called by Qlib's recorder in in-process tests) also sets this variable,
+    # which `qlib-ext --mlflow-uri` reads: without the reset, a later test's workers log to a dead DB.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return home
 
 
