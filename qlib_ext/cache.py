@@ -115,7 +115,7 @@ def dataset_key(config: dict) -> str | None:
     rest = {k: v for k, v in kwargs.items() if k != "handler"}
     payload = {"handler": cache_key(kwargs["handler"]), "class": f"{klass.__module__}.{klass.__qualname__}",
                "rest": rest}
-    return hashlib.sha256(_canonical(payload).encode()).hexdigest()
+    return digest(payload)
 
 
 def cache_key(handler_cfg: dict) -> str:
@@ -128,7 +128,7 @@ def cache_key(handler_cfg: dict) -> str:
         A 64-character hex digest.
     """
     payload = {"handler": handler_cfg, "data": data_identity(), "versions": versions(), "format": FORMAT_VERSION}
-    return hashlib.sha256(_canonical(payload).encode()).hexdigest()
+    return digest(payload)
 
 
 def data_identity() -> dict:
@@ -154,7 +154,12 @@ def versions() -> dict:
 
 
 # --------------------------------------------------------------------------- key helpers
-def _canonical(obj: Any) -> str:
+def digest(obj: Any) -> str:
+    """Hex sha256 of :func:`canonical` ``obj``: the one way every cache key is made."""
+    return hashlib.sha256(canonical(obj).encode()).hexdigest()
+
+
+def canonical(obj: Any) -> str:
     # Dates from YAML, Timestamps and Paths all become strings; key order never matters.
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 

@@ -21,8 +21,6 @@ waiting on a lock would cost as long as binning.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -30,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from qlib_ext.cache import digest
 from qlib_ext.cache_entry import PickleEntry, stats
 
 logger = logging.getLogger("qlib_ext.cache")
@@ -63,8 +62,7 @@ def entry_key(dataset_key: str, params: dict) -> str:
     import lightgbm
 
     binning = {k: v for k, v in params.items() if k not in BOOSTING_ONLY}
-    payload = json.dumps([dataset_key, binning, lightgbm.__version__], sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    return digest([dataset_key, binning, lightgbm.__version__])
 
 
 @contextlib.contextmanager

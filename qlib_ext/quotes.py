@@ -15,7 +15,6 @@ from the predictions.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -23,7 +22,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from qlib_ext.cache import _canonical, data_identity, shared, versions
+from qlib_ext.cache import data_identity, digest, shared, versions
 from qlib_ext.cache_entry import PickleEntry, stats
 
 logger = logging.getLogger("qlib_ext.cache")
@@ -92,7 +91,7 @@ def exchange_key(kwargs: dict) -> str:
 
     defaults = {name: C.get(name) for name in ("limit_threshold", "deal_price", "trade_unit")}
     payload = {"exchange": kwargs, "defaults": defaults, "data": data_identity(), "versions": versions()}
-    return hashlib.sha256(_canonical(payload).encode()).hexdigest()
+    return digest(payload)
 
 
 def _build(kwargs: dict, entry: QuoteEntry) -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -156,8 +155,10 @@ def backtests(task: dict) -> list[dict]:
 
 
 def _distinct(items) -> list:
+    from qlib_ext.cache import canonical
+
     seen: dict[str, object] = {}
     for item in items:
         if item is not None:
-            seen.setdefault(json.dumps(item, sort_keys=True, default=str), item)
+            seen.setdefault(canonical(item), item)
     return list(seen.values())
