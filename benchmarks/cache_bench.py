@@ -65,7 +65,7 @@ def _mem() -> dict:
 # --------------------------------------------------------------------------- 1. build vs load
 def build_child(provider: str, cache_dir: str, pickle_path: str, out: mp.Queue) -> None:
     """Build the entry through the cache, then write the same handler as one plain pickle."""
-    from qlib_ext import cache
+    from qlib_ext.cache import datasets as cache
 
     _init(provider)
     start = time.perf_counter()
@@ -84,7 +84,7 @@ def load_child(fmt: str, provider: str, cache_dir: str, pickle_path: str, barrie
     from qlib.data.dataset import DatasetH
     from qlib.data.dataset.handler import DataHandlerLP
 
-    from qlib_ext import cache
+    from qlib_ext.cache import datasets as cache
 
     _init(provider)
     base = _mem()

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/chaos.py [--tasks 100] [--workers 4] [--chaos-seconds 60]
 
 A 100-task grid of short ``tests/fixtures.py::ChaosModel`` tasks runs on 4 worker processes
-(``qlib_ext.group.WorkerGroup``, which restarts dead workers). Once the first task is done, for
+(``qlib_ext.worker.group.WorkerGroup``, which restarts dead workers). Once the first task is done, for
 ``--chaos-seconds`` a driver SIGKILLs a random worker every ``--kill-every`` seconds (one holding a
 task when there is one, so kills land mid-task) and SIGKILLs the embedded store every
 ``--store-every`` seconds, restarting it on the same port after ``--store-down`` seconds. Then it
@@ -75,8 +75,9 @@ def setup(work: Path, args: argparse.Namespace) -> tuple[Store, object]:
     """Data, store, MLflow DB, the submitted pool and the worker settings."""
     from fixtures import write_chaos_workflow
 
+    from qlib_ext.api import submit
     from qlib_ext.data.synth import write_synthetic
-    from qlib_ext.runner import submit, worker_settings
+    from qlib_ext.worker.settings import worker_settings
 
     os.environ["QLIB_EXT_HOME"] = str(work / "home")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
@@ -96,7 +97,7 @@ def setup(work: Path, args: argparse.Namespace) -> tuple[Store, object]:
 
 def drive(store: Store, settings: object, args: argparse.Namespace) -> dict[str, int]:
     """Run the workers under chaos, then until they finish; return what the driver did."""
-    from qlib_ext.group import WorkerGroup
+    from qlib_ext.worker.group import WorkerGroup
 
     group = WorkerGroup(settings, args.workers, max_restarts=10**6).start()
     rng = random.Random(args.seed)

@@ -60,7 +60,7 @@ def _url(db) -> str:
 
 
 def ours_submit(db, pool: str, tasks: list[dict]) -> float:
-    from qlib_ext.queue import GridTaskManager
+    from qlib_ext.pool.manager import GridTaskManager
 
     start = time.perf_counter()
     GridTaskManager(pool, db).create_tasks(tasks)
@@ -79,7 +79,7 @@ def timed(fn, repeat: int = 3) -> float:
 def submit_and_status(url: str, sizes: list[int], budget: float) -> list[list[object]]:
     from qlib.workflow.task.manage import TaskManager
 
-    from qlib_ext.queue import GridTaskManager
+    from qlib_ext.pool.manager import GridTaskManager
 
     db = pymongo.MongoClient(url)[f"bench_{uuid.uuid4().hex[:8]}"]
     rows = []
@@ -101,7 +101,7 @@ def submit_and_status(url: str, sizes: list[int], budget: float) -> list[list[ob
 
 def overhead(url: str, n: int = 200) -> dict[str, float]:
     """Median ms of claim, renew and commit per task on a pool of n tasks."""
-    from qlib_ext.queue import GridTaskManager
+    from qlib_ext.pool.manager import GridTaskManager
 
     db = pymongo.MongoClient(url)[f"bench_{uuid.uuid4().hex[:8]}"]
     tm = GridTaskManager("overhead", db)

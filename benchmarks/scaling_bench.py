@@ -40,8 +40,8 @@ def make_data(root: Path, instruments: int) -> Path:
 
 def qrun_yamls(workflow: Path, provider: Path, outdir: Path, mlflow_uri: str) -> list[Path]:
     """One plain qrun YAML per grid point: the same tasks qlib-ext runs, as a user would write them."""
-    from qlib_ext.config import load_workflow
-    from qlib_ext.gen import expand
+    from qlib_ext.workflow.expand import expand
+    from qlib_ext.workflow.load import load_workflow
 
     wf = load_workflow(workflow)
     paths = []

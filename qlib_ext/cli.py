@@ -171,8 +171,8 @@ def expand_cmd(file: Path, provider_uri: str | None, as_json: bool) -> None:
     """Expand FILE's grid into Qlib tasks and print them (count and coordinates); submits nothing."""
     import json
 
-    from qlib_ext.config import load_workflow
-    from qlib_ext.gen import expand
+    from qlib_ext.workflow.expand import expand
+    from qlib_ext.workflow.load import load_workflow
 
     wf = load_workflow(file)
     tasks = expand(wf, provider_uri=provider_uri)
@@ -188,7 +188,7 @@ def expand_cmd(file: Path, provider_uri: str | None, as_json: bool) -> None:
 
 def _coords_table(metas: list[dict]) -> str:
     """One row per task: its varied dotted paths, model, strategy and window, aligned in columns."""
-    from qlib_ext.gen import STRATEGY_PREFIX
+    from qlib_ext.workflow.expand import STRATEGY_PREFIX
 
     paths = list(dict.fromkeys(p for m in metas for p in m["coords"] if not p.startswith(STRATEGY_PREFIX)))
     header = ["#", *paths, "model", "strategy", "window"]
@@ -269,7 +269,7 @@ def _settings(pool, mongo_url, mlflow_uri, provider_uri, workers, threads, no_ca
     """Worker settings: the pool's recorded ``workers:`` section, then the flags that were given."""
     import os
 
-    from qlib_ext.runner import worker_settings
+    from qlib_ext.worker.settings import worker_settings
 
     n = workers or os.cpu_count() or 1
     settings = worker_settings(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, provider_uri=provider_uri,
@@ -280,7 +280,7 @@ def _settings(pool, mongo_url, mlflow_uri, provider_uri, workers, threads, no_ca
 
 def _stopped(pool: str, mongo_url: str) -> bool:
     """Whether the pool still has unfinished tasks after the workers exited (a Ctrl-C stop)."""
-    from qlib_ext.queue import GridTaskManager, open_db
+    from qlib_ext.pool.manager import GridTaskManager, open_db
 
     try:
         return GridTaskManager(pool, open_db(mongo_url)).unfinished() > 0
@@ -299,7 +299,7 @@ def _stopped(pool: str, mongo_url: str) -> bool:
 def submit_cmd(file: Path, mongo_url: str, mlflow_uri: str | None, provider_uri: str | None,
                max_attempts: int | None, limit: int | None) -> None:
     """Expand FILE (a qrun YAML with an optional grid: section) and add its new tasks to the pool."""
-    from qlib_ext.runner import submit
+    from qlib_ext.api import submit
 
     click.echo(submit(file, mongo_url=mongo_url, mlflow_uri=mlflow_uri, provider_uri=provider_uri,
                       max_attempts=max_attempts, limit=limit))
@@ -315,7 +315,7 @@ def submit_cmd(file: Path, mongo_url: str, mlflow_uri: str | None, provider_uri:
 def worker_cmd(ctx: click.Context, pool: str, mongo_url: str, mlflow_uri: str | None, provider_uri: str | None,
                **opts) -> None:
     """Start worker processes that drain POOL; they exit when the pool is finished."""
-    from qlib_ext.group import run_workers
+    from qlib_ext.worker.group import run_workers
 
     settings, n = _settings(pool, mongo_url, mlflow_uri, provider_uri, **opts)
     click.echo(f"pool {pool}: starting {n} workers x {settings.threads} threads")
@@ -334,10 +334,10 @@ def worker_cmd(ctx: click.Context, pool: str, mongo_url: str, mlflow_uri: str | 
 def run_cmd(ctx: click.Context, file: Path, mongo_url: str, mlflow_uri: str | None, provider_uri: str | None,
             metric: str, limit: int | None, **opts) -> None:
     """Submit FILE, run local workers with a live progress line, then print the leaderboard."""
-    from qlib_ext.group import run_workers
-    from qlib_ext.progress import Progress
-    from qlib_ext.report import format_table, leaderboard, mlflow_ui_command
-    from qlib_ext.runner import submit
+    from qlib_ext.api import submit
+    from qlib_ext.pool.progress import Progress
+    from qlib_ext.tracking.leaderboard import format_table, leaderboard, mlflow_ui_command
+    from qlib_ext.worker.group import run_workers
 
     sub = submit(file, mongo_url=mongo_url, mlflow_uri=mlflow_uri, provider_uri=provider_uri,
                  max_attempts=opts.pop("max_attempts"), limit=limit)
@@ -345,7 +345,7 @@ def run_cmd(ctx: click.Context, file: Path, mongo_url: str, mlflow_uri: str | No
     settings, n = _settings(sub.pool, sub.mongo_url, sub.mlflow_uri, provider_uri, log_to_files=True, **opts)
     warmer = None
     if settings.cache_dir:  # fill the cache with every core while the workers start up
-        from qlib_ext.warm import Warmer
+        from qlib_ext.worker.warm import Warmer
 
         warmer = Warmer(settings).start()
         settings = replace(settings, start_after=str(warmer.ready))
@@ -394,13 +394,13 @@ def _warm_report(result: Callable[[], object]) -> object:
 @_mongo_option
 def status_cmd(pool: str, mongo_url: str) -> None:
     """Counts per status, running tasks (worker, age) and failed tasks (last error) of POOL."""
-    from qlib_ext.progress import status_report
+    from qlib_ext.pool.progress import status_report
 
     click.echo(status_report(pool, mongo_url))
 
 
 def _pool_tm(pool: str, mongo_url: str):
-    from qlib_ext.queue import GridTaskManager, load_pool_meta, open_db
+    from qlib_ext.pool.manager import GridTaskManager, load_pool_meta, open_db
 
     db = open_db(mongo_url)
     load_pool_meta(db, pool)  # a typo in POOL is an error listing the known pools, not "0 tasks"
@@ -452,7 +452,7 @@ def leaderboard_cmd(pool: str, mongo_url: str, mlflow_uri: str | None, metric: s
     """Rank POOL's finished runs by a metric (rolling windows aggregated per configuration)."""
     import json
 
-    from qlib_ext.report import format_table, leaderboard
+    from qlib_ext.tracking.leaderboard import format_table, leaderboard
 
     rows = leaderboard(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric, top=top)
     click.echo(json.dumps(rows, indent=2, default=str) if as_json else format_table(rows, metric))
@@ -509,7 +509,7 @@ def mlflow_serve(ctx: click.Context, dir_: Path | None, host: str, port: int, se
     """Run MLflow's tracking server (sqlite backend, proxied artifacts) in the foreground and print the
     --mlflow-uri for workers. Stops on SIGTERM/SIGINT."""
     from qlib_ext import defaults
-    from qlib_ext.mlflow_server import serve
+    from qlib_ext.tracking.server import serve
 
     ctx.exit(serve(dir_ or defaults.home() / "mlflow-server", host=host, port=port, workers=server_workers,
                    basic_auth=basic_auth))
@@ -533,7 +533,7 @@ def cache_ls(dir_: Path | None) -> None:
     import datetime
 
     from qlib_ext import defaults
-    from qlib_ext.cache import list_entries
+    from qlib_ext.cache.datasets import list_entries
 
     def when(ts: float | None) -> str:
         return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M") if ts else "-"
@@ -558,8 +558,8 @@ def cache_ls(dir_: Path | None) -> None:
 def cache_warm(pool: str, mongo_url: str, provider_uri: str | None, dir_: Path | None) -> None:
     """Build the datasets and backtest exchanges POOL's waiting tasks need, with every core of this host
     (`qlib-ext run` does this itself; use it before starting workers on other hosts)."""
-    from qlib_ext.runner import worker_settings
-    from qlib_ext.warm import Warmer
+    from qlib_ext.worker.settings import worker_settings
+    from qlib_ext.worker.warm import Warmer
 
     settings = worker_settings(pool, mongo_url=mongo_url, provider_uri=provider_uri,
                                log_level=logging.getLogger().getEffectiveLevel())
@@ -577,7 +577,7 @@ def cache_warm(pool: str, mongo_url: str, provider_uri: str | None, dir_: Path |
 def cache_clear(dir_: Path | None, older_than: float | None) -> None:
     """Delete cache entries; safe while workers run (they rebuild or keep their mapped copy)."""
     from qlib_ext import defaults
-    from qlib_ext.cache import clear
+    from qlib_ext.cache.datasets import clear
 
     folder = dir_ or defaults.cache_dir()
     click.echo(f"deleted {len(clear(folder, older_than))} entries from {folder}")

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from data_fixtures import SYNTH_SEGMENTS, init_qlib
 
-from qlib_ext import cache
+from qlib_ext.cache import datasets as cache
 
 FEW = ["SH600000", "SZ000001", "SH600001", "SZ000002"]
 """A few instruments: Alpha158 on them builds in about a second, so tests can afford rebuilds."""

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from qlib_ext import defaults
-from qlib_ext.config import load_workflow, normalise_dates
 from qlib_ext.errors import ConfigError
-from qlib_ext.spec import Dist, GridSpec, WorkersSpec
+from qlib_ext.workflow.load import load_workflow, normalise_dates
+from qlib_ext.workflow.spec import Dist, GridSpec, WorkersSpec
 
 BASE = """\
 qlib_init:

@@ -12,9 +12,9 @@ from data_fixtures import SYNTH_SEGMENTS
 from test_config import BASE, write_yaml
 
 from qlib_ext.cli import main
-from qlib_ext.config import load_workflow
 from qlib_ext.errors import ConfigError
-from qlib_ext.gen import expand, model_short_name
+from qlib_ext.workflow.expand import expand, model_short_name
+from qlib_ext.workflow.load import load_workflow
 
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 

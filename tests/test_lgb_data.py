@@ -10,8 +10,9 @@ import pytest
 from data_fixtures import init_qlib
 from test_cache import dataset_config
 
-from qlib_ext import cache, lgb_data
-from qlib_ext.cache_entry import stats
+from qlib_ext.cache import datasets as cache
+from qlib_ext.cache import lgb_bins as lgb_data
+from qlib_ext.cache.entry import stats
 
 PARAMS = {"loss": "mse", "num_boost_round": 30, "early_stopping_rounds": 10, "num_leaves": 16, "max_depth": 4,
           "learning_rate": 0.1, "num_threads": 1}

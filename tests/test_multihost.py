@@ -27,12 +27,12 @@ from pathlib import Path
 import pytest
 from grid_yaml import write_workflow
 
-from qlib_ext.queue import GridTaskManager, open_db
+from qlib_ext.pool.manager import GridTaskManager, open_db
 
 
 # ---------------------------------------------------------------------- clock skew (fast)
 class _SkewedClock:
-    """A stand-in for the ``datetime`` module in :mod:`qlib_ext.queue` whose wall clock is off."""
+    """A stand-in for the ``datetime`` module in :mod:`qlib_ext.pool.manager` whose wall clock is off."""
 
     def __init__(self, skew: dt.timedelta):
         skewed = type("SkewedDatetime", (dt.datetime,), {
@@ -47,13 +47,13 @@ def test_leases_use_the_store_clock_not_a_skewed_worker_clock(mongo_url, task_db
 
     # `ahead` read the store clock above with a correct wall clock; now its clock steps an hour ahead
     # (an NTP or admin step). `behind` first reads the store clock while an hour slow.
-    monkeypatch.setattr("qlib_ext.queue.dt", _SkewedClock(dt.timedelta(hours=1)).module)
+    monkeypatch.setattr("qlib_ext.pool.manager.dt", _SkewedClock(dt.timedelta(hours=1)).module)
     claim = ahead.claim(lease_seconds=2, worker="ahead:1")
     lease_until = db["skew"].find_one({"_id": claim.id})["lease_until"]
     store_now = db.client.admin.command("hello")["localTime"].replace(tzinfo=None)
     assert abs((lease_until - store_now).total_seconds() - 2) < 1.0, "lease stamped in the worker's clock"
 
-    monkeypatch.setattr("qlib_ext.queue.dt", _SkewedClock(dt.timedelta(hours=-1)).module)
+    monkeypatch.setattr("qlib_ext.pool.manager.dt", _SkewedClock(dt.timedelta(hours=-1)).module)
     assert behind.sweep() == [], "a worker with a slow clock reclaimed a live lease"
     assert behind.renew(claim, lease_seconds=2) is True  # the owner renews; still 2 s from store time
     time.sleep(2.5)
@@ -63,7 +63,7 @@ def test_leases_use_the_store_clock_not_a_skewed_worker_clock(mongo_url, task_db
 
 # ---------------------------------------------------------------------- mlflow serve (fast)
 def test_mlflow_server_command_keeps_everything_in_its_directory(tmp_path):
-    from qlib_ext.mlflow_server import client_url, server_command
+    from qlib_ext.tracking.server import client_url, server_command
 
     cmd = server_command(tmp_path / "srv", "10.0.0.1", 5001, basic_auth=True)
     assert cmd[:4] == [sys.executable, "-m", "mlflow", "server"]

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from qlib_ext import cli
 from qlib_ext.errors import ConfigError
-from qlib_ext.runner import check_worker_data, data_identity
+from qlib_ext.worker.settings import check_worker_data, data_identity
 
 
 @pytest.fixture
@@ -25,8 +25,8 @@ def seen(monkeypatch):
         got["n"] = n
         return 0
 
-    monkeypatch.setattr("qlib_ext.runner.worker_settings", fake_settings)
-    monkeypatch.setattr("qlib_ext.group.run_workers", fake_run)
+    monkeypatch.setattr("qlib_ext.worker.settings.worker_settings", fake_settings)
+    monkeypatch.setattr("qlib_ext.worker.group.run_workers", fake_run)
     return got
 
 
@@ -97,7 +97,7 @@ def test_profile_sets_nested_group_command(tmp_path, monkeypatch):
     (tmp_path / "qlib-ext.toml").write_text('[mlflow.serve]\nhost = "10.0.0.5"\nport = 5111\n')
     monkeypatch.chdir(tmp_path)
     got = {}
-    monkeypatch.setattr("qlib_ext.mlflow_server.serve", lambda d, **kw: got.update(kw) or 0)
+    monkeypatch.setattr("qlib_ext.tracking.server.serve", lambda d, **kw: got.update(kw) or 0)
     assert invoke(["mlflow", "serve"]).exit_code == 0
     assert got == {"host": "10.0.0.5", "port": 5111, "workers": 1, "basic_auth": False}
 

@@ -7,7 +7,7 @@ import datetime as dt
 import pymongo
 import pytest
 
-from qlib_ext.queue import GridTaskManager, task_hash
+from qlib_ext.pool.manager import GridTaskManager, task_hash
 
 
 def _task(i: int) -> dict:

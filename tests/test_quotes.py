@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from data_fixtures import SYNTH_SEGMENTS, init_qlib
 
-from qlib_ext import quotes
-from qlib_ext.cache_entry import stats
+from qlib_ext.cache import exchange as quotes
+from qlib_ext.cache.entry import stats
 
 START, END = SYNTH_SEGMENTS["test"]
 EXCHANGE = {"limit_threshold": 0.095, "deal_price": "close", "open_cost": 0.0005, "close_cost": 0.0015, "min_cost": 5}

@@ -22,9 +22,9 @@ import pytest
 from fixtures import MARKS_ENV, write_chaos_workflow
 from store_fixtures import StoreProcess
 
+from qlib_ext.api import submit
 from qlib_ext.defaults import TASK_DB_NAME
-from qlib_ext.progress import status_report
-from qlib_ext.runner import submit
+from qlib_ext.pool.progress import status_report
 
 pytestmark = pytest.mark.slow
 
@@ -156,7 +156,7 @@ def test_sigterm_hands_the_running_task_back_and_exits_0(tmp_path, synth_provide
 
 
 def test_worker_whose_lease_was_stolen_cannot_commit(tmp_path, synth_provider, mongo_url):
-    from qlib_ext.queue import GridTaskManager
+    from qlib_ext.pool.manager import GridTaskManager
 
     pool = Pool(tmp_path, synth_provider, mongo_url, "stolen", 1, seconds=8)
     proc = pool.worker()

@@ -14,12 +14,13 @@ import pymongo
 import pytest
 from click.testing import CliRunner
 
-from qlib_ext import spool
 from qlib_ext.cli import main
 from qlib_ext.defaults import TASK_DB_NAME
-from qlib_ext.queue import GridTaskManager, save_pool_meta
-from qlib_ext.timeouts import ChildProcessTask, ChildTaskFailed, InProcessTask, TaskInterrupted, TaskTimeout
-from qlib_ext.worker import StopState, Worker, WorkerSettings
+from qlib_ext.pool.manager import GridTaskManager, save_pool_meta
+from qlib_ext.worker import spool as spool
+from qlib_ext.worker.loop import StopState, Worker
+from qlib_ext.worker.settings import WorkerSettings
+from qlib_ext.worker.timeouts import ChildProcessTask, ChildTaskFailed, InProcessTask, TaskInterrupted, TaskTimeout
 
 
 def _sleep(seconds: float) -> str:

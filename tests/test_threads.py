@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qlib_ext.worker import auto_threads, limit_threads
+from qlib_ext.worker.settings import auto_threads, limit_threads
 
 
 def test_auto_threads_never_oversubscribes():

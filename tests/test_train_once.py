@@ -16,12 +16,12 @@ from grid_yaml import write_workflow
 from test_config import BASE, write_yaml
 from test_grid_e2e import cli
 
-from qlib_ext.config import load_workflow
 from qlib_ext.errors import ConfigError
-from qlib_ext.gen import expand
-from qlib_ext.queue import GridTaskManager, task_hash
-from qlib_ext.report import _ranked
-from qlib_ext.sweep import enqueue, follow_up_tasks
+from qlib_ext.pool.manager import GridTaskManager, task_hash
+from qlib_ext.tracking.leaderboard import _ranked
+from qlib_ext.workflow.expand import expand
+from qlib_ext.workflow.load import load_workflow
+from qlib_ext.workflow.sweep import enqueue, follow_up_tasks
 
 GRID = """
 grid:

@@ -7,7 +7,7 @@ import sys
 
 from grid_yaml import write_workflow
 
-from qlib_ext.warm import _distinct, backtests
+from qlib_ext.worker.warm import _distinct, backtests
 
 GRID = """
 grid:

@@ -32,8 +32,9 @@ from typing import Any
 
 logger = logging.getLogger("qlib_ext.cache")
 
-FORMAT_VERSION = 2
-"""Version of the on-disk layout; entries of another version are rebuilt (1: one plain pickle)."""
+FORMAT_VERSION = 3
+"""Version of the on-disk layout; entries of another version are rebuilt (1: one plain pickle;
+2: ``_FrameRef`` pickled as ``qlib_ext.cache_entry._FrameRef``, moved to :mod:`qlib_ext.cache.entry` in 3)."""
 
 FRAME_ATTRS = ("_data", "_infer", "_learn")
 """Handler attributes holding the prepared DataFrames (raw, inference, learning)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from qlib_ext.errors import ConfigError
-from qlib_ext.spec import GridSpec, WorkersSpec, parse_grid, parse_workers
+from qlib_ext.workflow.spec import GridSpec, WorkersSpec, parse_grid, parse_workers
 
 __all__ = ["Workflow", "load_workflow", "load_qrun_config", "normalise_dates", "date_str", "GridSpec",
            "WorkersSpec"]

@@ -7,14 +7,14 @@ import sys
 import time
 from collections import defaultdict
 
-from qlib_ext.status import TaskStatus
+from qlib_ext.pool.status import TaskStatus
 
 
 class Progress:
     """Prints done / running / failed / waiting, throughput and ETA; one line, redrawn on a TTY."""
 
     def __init__(self, pool: str, mongo_url: str, every_seconds: float = 1.0):
-        from qlib_ext.queue import GridTaskManager, open_db
+        from qlib_ext.pool.manager import GridTaskManager, open_db
 
         self.tm = GridTaskManager(pool, open_db(mongo_url))
         self.start = time.monotonic()
@@ -55,7 +55,7 @@ class Progress:
 
 def status_report(pool: str, mongo_url: str | None) -> str:
     """Counts per status, running tasks grouped by host (worker, age), failed tasks with their last error."""
-    from qlib_ext.queue import GridTaskManager, open_db
+    from qlib_ext.pool.manager import GridTaskManager, open_db
 
     tm = GridTaskManager(pool, open_db(mongo_url))
     counts = tm.counts()

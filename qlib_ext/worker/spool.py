@@ -19,7 +19,7 @@ from bson import ObjectId
 from bson.errors import InvalidId
 
 from qlib_ext import defaults
-from qlib_ext.queue import Claim
+from qlib_ext.pool.manager import Claim
 
 logger = logging.getLogger(__name__)
 

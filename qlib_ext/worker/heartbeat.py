@@ -10,7 +10,7 @@ from types import TracebackType
 from pymongo.errors import PyMongoError
 
 from qlib_ext.errors import StoreError
-from qlib_ext.queue import Claim, GridTaskManager
+from qlib_ext.pool.manager import Claim, GridTaskManager
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 
-from qlib_ext.worker import WorkerSettings, worker_main
+from qlib_ext.worker.loop import worker_main
+from qlib_ext.worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +92,8 @@ def run_workers(settings: WorkerSettings, n: int, on_tick: Callable[[], None] | 
 
 
 def _pool_unfinished(settings: WorkerSettings) -> bool:
-    from qlib_ext.queue import GridTaskManager
-    from qlib_ext.worker import task_db
+    from qlib_ext.pool.manager import GridTaskManager
+    from qlib_ext.worker.loop import task_db
 
     db = task_db(settings)
     try:

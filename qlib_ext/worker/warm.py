@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from qlib_ext.worker import WorkerSettings
+from qlib_ext.worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class Warmer:
 
 
 def _child(settings: dict, cores: int, queue: mp.Queue, ready: str) -> None:
-    from qlib_ext.worker import _init_qlib
+    from qlib_ext.worker.loop import _init_qlib
 
     logging.basicConfig(level=settings["log_level"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     s = replace(WorkerSettings(**settings), threads=cores)
@@ -104,9 +104,9 @@ def warm(settings: WorkerSettings, on_locked: Callable[[], object] = lambda: Non
     Must run after ``qlib.init``; ``settings.cache_dir`` must be set. ``on_locked()`` is called once
     the build locks of all missing entries are held (before building them).
     """
-    from qlib_ext.cache import cache_key, entry_lock, handler_config, load_or_build
-    from qlib_ext.cache_entry import Entry
-    from qlib_ext.quotes import QuoteEntry, exchange_key, exchange_kwargs, shared_exchange
+    from qlib_ext.cache.datasets import cache_key, entry_lock, handler_config, load_or_build
+    from qlib_ext.cache.entry import Entry
+    from qlib_ext.cache.exchange import QuoteEntry, exchange_key, exchange_kwargs, shared_exchange
 
     start = time.perf_counter()
     tasks = waiting_tasks(settings)
@@ -131,8 +131,8 @@ def warm(settings: WorkerSettings, on_locked: Callable[[], object] = lambda: Non
 
 def waiting_tasks(settings: WorkerSettings) -> list[dict]:
     """The task dicts of the pool's waiting tasks."""
-    from qlib_ext.queue import GridTaskManager
-    from qlib_ext.worker import task_db
+    from qlib_ext.pool.manager import GridTaskManager
+    from qlib_ext.worker.loop import task_db
 
     db = task_db(settings)
     try:
@@ -155,7 +155,7 @@ def backtests(task: dict) -> list[dict]:
 
 
 def _distinct(items) -> list:
-    from qlib_ext.cache import canonical
+    from qlib_ext.cache.datasets import canonical
 
     seen: dict[str, object] = {}
     for item in items:

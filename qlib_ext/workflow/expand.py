@@ -27,9 +27,9 @@ import pandas as pd
 from qlib.workflow.task.gen import RollingGen, TaskGen, task_generator, trunc_segments
 from qlib.workflow.task.utils import TimeAdjuster
 
-from qlib_ext.config import Workflow, date_str, normalise_dates
 from qlib_ext.errors import ConfigError
-from qlib_ext.spec import Dist, GridSpec, ModelSpec, RollingSpec, Values, portana_configs, set_path
+from qlib_ext.workflow.load import Workflow, date_str, normalise_dates
+from qlib_ext.workflow.spec import Dist, GridSpec, ModelSpec, RollingSpec, Values, portana_configs, set_path
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def expand(wf: Workflow, provider_uri: str | None = None) -> list[dict]:
         ``pool``, ``experiment``, ``grid_hash``, ``config_id``, ``coords``, ``model``, ``strategy``,
         ``window``, ``run_name``. Every value is BSON-encodable. With ``grid.train_once`` (the
         default), points that differ only in their ``PortAnaRecord`` configs are one training task
-        whose ``qlib_ext.sweep`` lists them (see :mod:`qlib_ext.sweep`).
+        whose ``qlib_ext.workflow.sweep`` lists them (see :mod:`qlib_ext.workflow.sweep`).
 
     Raises:
         ConfigError: the calendar is missing (rolling) or too short, a backtest ends on the
@@ -84,7 +84,7 @@ def expand(wf: Workflow, provider_uri: str | None = None) -> list[dict]:
         if calendar:
             check_backtest_end(task, calendar, wf.path)
     if wf.grid.train_once:
-        from qlib_ext.sweep import train_once  # sweep builds on this module; a top import would be circular
+        from qlib_ext.workflow.sweep import train_once  # sweep builds on this module; a top import would be circular
 
         tasks = train_once(tasks, lambda t: _finish(t, wf, grid_hash, labels), wf.path)
     return tasks

@@ -22,8 +22,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from qlib_ext.cache import data_identity, digest, shared, versions
-from qlib_ext.cache_entry import PickleEntry, stats
+from qlib_ext.cache.datasets import data_identity, digest, shared, versions
+from qlib_ext.cache.entry import PickleEntry, stats
 
 logger = logging.getLogger("qlib_ext.cache")
 

@@ -2,7 +2,7 @@
 
 At expansion (:func:`train_once`), grid tasks that differ only in their ``PortAnaRecord`` configs
 (strategy kwargs, backtest settings) become one training task without those records; the points
-are listed under ``qlib_ext.sweep``. After training, :func:`follow_up_tasks` turns the sweep into
+are listed under ``qlib_ext.workflow.sweep``. After training, :func:`follow_up_tasks` turns the sweep into
 backtest tasks (``qlib_ext.kind: backtest``) that name the training run, and the worker queues them
 before committing the training task (:func:`enqueue`): ordinary waiting tasks, so every worker
 backtests in parallel, each in its own MLflow run nested under the training run.
@@ -24,7 +24,7 @@ from qlib_ext.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 META = "qlib_ext"
-"""Key of the coordinates block of a task dict (the same as ``qlib_ext.gen.META``)."""
+"""Key of the coordinates block of a task dict (the same as ``qlib_ext.workflow.expand.META``)."""
 
 BACKTEST = "backtest"
 """``qlib_ext.kind`` of a task that backtests a training run's predictions."""

@@ -1,6 +1,6 @@
 """The ``grid:`` and ``workers:`` sections of a workflow YAML: dataclasses and their validation.
 
-Everything here runs once, at load time (``qlib_ext.config.load_workflow``), so a bad grid fails
+Everything here runs once, at load time (``qlib_ext.workflow.load.load_workflow``), so a bad grid fails
 before a single task is submitted. Messages follow Hydra's style: what is wrong, in which key of
 which file, and what would be valid.
 """

@@ -28,8 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from qlib_ext.cache import digest
-from qlib_ext.cache_entry import PickleEntry, stats
+from qlib_ext.cache.datasets import digest
+from qlib_ext.cache.entry import PickleEntry, stats
 
 logger = logging.getLogger("qlib_ext.cache")
 
@@ -72,7 +72,7 @@ def reused_lgb_data(model: Any, dataset_key: str | None, cache_dir: str | os.Pat
 
     Args:
         model: the task's model; anything but Qlib's ``LGBModel`` fits as usual.
-        dataset_key: identity of the dataset's data (``qlib_ext.cache.dataset_key``); None: no reuse.
+        dataset_key: identity of the dataset's data (``qlib_ext.cache.datasets.dataset_key``); None: no reuse.
         cache_dir: the cache directory; None: no reuse.
     """
     from qlib.contrib.model.gbdt import LGBModel

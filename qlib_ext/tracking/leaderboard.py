@@ -37,7 +37,7 @@ def leaderboard(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | No
     import mlflow
 
     from qlib_ext import defaults
-    from qlib_ext.queue import GridTaskManager, load_pool_meta, open_db
+    from qlib_ext.pool.manager import GridTaskManager, load_pool_meta, open_db
 
     db = open_db(mongo_url, db_name or defaults.TASK_DB_NAME)
     meta = load_pool_meta(db, pool)

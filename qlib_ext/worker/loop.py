@@ -2,7 +2,7 @@
 
 Each worker is a separate OS process (not a thread: Qlib's data handling and backtests hold the
 GIL) that initialises Qlib once and then runs tasks until the pool is finished. The loop never
-dies on a task error or a store outage (huey's ``Worker.loop``); :mod:`qlib_ext.group` starts N
+dies on a task error or a store outage (huey's ``Worker.loop``); :mod:`qlib_ext.worker.group` starts N
 workers and restarts dead ones.
 """
 
@@ -16,7 +16,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,58 +23,14 @@ from pymongo.errors import PyMongoError
 
 from qlib_ext import defaults
 from qlib_ext.errors import StoreError
-from qlib_ext.queue import Claim
-from qlib_ext.timeouts import ChildProcessTask, ChildTaskFailed, InProcessTask, TaskInterrupted, TaskTimeout
+from qlib_ext.pool.manager import Claim
+from qlib_ext.worker.settings import THREAD_ENV_VARS, WorkerSettings, limit_threads
+from qlib_ext.worker.timeouts import ChildProcessTask, ChildTaskFailed, InProcessTask, TaskInterrupted, TaskTimeout
 
 logger = logging.getLogger(__name__)
 
-THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
-"""Thread-pool sizes set in each worker so that workers x threads stays within the cores."""
-
 STORE_ERRORS = (PyMongoError, StoreError)
 """What an unreachable store raises: retried with back-off, never fatal."""
-
-
-@dataclass
-class WorkerSettings:
-    """Everything a worker process needs; plain data so it crosses the process boundary."""
-
-    pool: str
-    mongo_url: str  # resolved MongoDB URL (never "embedded": the parent resolves it)
-    mlflow_uri: str  # MLflow tracking URI (sqlite:///... or http://...)
-    provider_uri: str  # Qlib data directory
-    region: str = "cn"  # Qlib region of the data
-    db_name: str = defaults.TASK_DB_NAME  # MongoDB database holding the pools
-    lease_seconds: float = defaults.LEASE_SECONDS  # lease length, s
-    heartbeat_seconds: float = defaults.HEARTBEAT_SECONDS  # lease renewal interval, s
-    grace_seconds: float = defaults.GRACE_SECONDS  # time a running task gets after SIGTERM, s
-    task_timeout: float | None = defaults.TASK_TIMEOUT_SECONDS  # wall-clock limit per task, s (None: in-process)
-    max_attempts: int | None = None  # overrides the limit stamped on tasks at submit (None: keep it)
-    threads: int = 1  # threads per worker for LightGBM / OpenMP / BLAS
-    exit_when_idle: bool = False  # exit as soon as nothing is waiting (else: when nothing is unfinished)
-    cache_dir: str | None = None  # shared prepared-dataset cache directory (None: no cache)
-    log_dir: str | None = None  # worker stdout/stderr go to LOG_DIR/worker-<pid>.log (None: inherit)
-    log_level: int = logging.WARNING  # level of the worker's log output
-    start_after: str | None = None  # claim nothing until this file exists (the cache warmer's signal)
-    qlib_kwargs: dict = field(default_factory=dict)  # further qlib.init arguments from the workflow
-
-
-def auto_threads(workers: int, cores: int | None = None) -> int:
-    """Threads per worker so that ``workers * threads <= cores`` (at least 1)."""
-    return max(1, (cores or os.cpu_count() or 1) // max(1, workers))
-
-
-def limit_threads(task: dict, threads: int) -> dict:
-    """Pin LightGBM's ``num_threads`` in the task's model kwargs unless the workflow set it."""
-    model = task.get("model", {})
-    if "LGB" in str(model.get("class", "")):
-        kwargs = model.setdefault("kwargs", {})
-        if "num_threads" not in kwargs and "n_jobs" not in kwargs:
-            kwargs["num_threads"] = threads
-    return task
-
-
-# ---------------------------------------------------------------------- process entry
 def worker_main(settings: WorkerSettings) -> None:
     """Entry point of one worker process: configure threads and Qlib, then drain the pool."""
     for var in THREAD_ENV_VARS:
@@ -177,7 +132,7 @@ class Worker:
     task's error nor an unreachable store ends the loop."""
 
     def __init__(self, settings: WorkerSettings, stop: StopState):
-        from qlib_ext.queue import GridTaskManager
+        from qlib_ext.pool.manager import GridTaskManager
 
         self.s = settings
         self.stop = stop
@@ -231,8 +186,8 @@ class Worker:
 
     def run_claimed(self, claim: Claim) -> None:
         """Run one claimed task under a heartbeat; commit its result or record why it did not finish."""
-        from qlib_ext.heartbeat import HeartbeatThread
-        from qlib_ext.tasks import run_grid_task
+        from qlib_ext.worker.body import run_grid_task
+        from qlib_ext.worker.heartbeat import HeartbeatThread
 
         task = limit_threads(claim.task["def"], self.s.threads)
         runner = ChildProcessTask(self.s.task_timeout) if self.s.task_timeout else InProcessTask()
@@ -258,7 +213,7 @@ class Worker:
     def _queue_follow_up(self, claim: Claim, result: dict) -> bool:
         """Queue a training task's sweep backtests before it commits (never a finished-looking pool in
         between); False when the lease was lost, and the run is discarded."""
-        from qlib_ext.sweep import enqueue
+        from qlib_ext.workflow.sweep import enqueue
 
         follow_up = result.pop("follow_up", None)
         if follow_up and not enqueue(self.tm, claim, follow_up, self.s.lease_seconds):
@@ -291,7 +246,7 @@ class Worker:
 
     def _commit(self, claim: Claim, result: dict) -> None:
         """Commit under fencing; while the store is away, keep the result spooled on local disk."""
-        from qlib_ext import spool
+        from qlib_ext.worker import spool as spool
 
         try:
             ok = self._commit_once(claim, result)
@@ -318,7 +273,7 @@ class Worker:
             "run_id"))
 
     def _discard(self, result: dict, reason: str) -> None:
-        from qlib_ext.reaper import end_run
+        from qlib_ext.tracking.reaper import end_run
 
         try:
             end_run(self.s.mlflow_uri, result["run_id"], reason)
@@ -327,7 +282,7 @@ class Worker:
 
     def _replay_spool(self) -> None:
         """Commit results spooled by dead workers of this host (a live one is still retrying its own)."""
-        from qlib_ext import spool
+        from qlib_ext.worker import spool as spool
 
         for item in spool.pending(self.s.pool):
             if _owner_alive(item.claim.worker):
@@ -340,7 +295,7 @@ class Worker:
                 self._discard(item.result, "spooled result refused: task taken over")
 
     def _reap(self, task_ids: list[Any] | None) -> None:
-        from qlib_ext.reaper import reap_runs
+        from qlib_ext.tracking.reaper import reap_runs
 
         try:
             reap_runs(self.tm, self.s.mlflow_uri, task_ids)
@@ -370,7 +325,7 @@ def _warm_up(mlflow_uri: str) -> None:
     import mlflow
     import qlib.workflow.record_temp  # noqa: F401
 
-    import qlib_ext.tasks  # noqa: F401
+    import qlib_ext.worker.body  # noqa: F401
 
     try:
         mlflow.MlflowClient(tracking_uri=mlflow_uri).search_experiments(max_results=1)

@@ -4,7 +4,7 @@ In a grid every task builds the same Alpha158 handler, which costs more than fit
 :func:`prepared_dataset` keys the handler config plus the data directory's identity and the
 library versions; the first process that needs an entry builds it under a file lock, the others
 wait for the lock and load it, memory-mapped so that workers on one host share the pages (the
-layout and its atomic writes are in :mod:`qlib_ext.cache_entry`). A partial or corrupt entry is
+layout and its atomic writes are in :mod:`qlib_ext.cache.entry`). A partial or corrupt entry is
 rebuilt, never used.
 
 Concurrency promise: any number of processes on any number of hosts may call
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qlib_ext.cache_entry import FORMAT_VERSION, Entry, stats
+from qlib_ext.cache.entry import FORMAT_VERSION, Entry, stats
 
 logger = logging.getLogger(__name__)
 

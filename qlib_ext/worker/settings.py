@@ -1,11 +1,14 @@
-"""Submit a workflow to its pool, and build worker settings from what the pool recorded."""
+"""Worker settings: the dataclass a worker process receives, derived once from the pool's metadata.
+
+Precedence of a setting: explicit argument (CLI flag, env, profile) > the workflow's ``workers:`` as recorded
+in the pool at submit > :mod:`qlib_ext.defaults`.
+"""
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
-import socket
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlib_ext import defaults
@@ -13,36 +16,50 @@ from qlib_ext.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-_QLIB_INIT_OWNED = ("provider_uri", "region", "exp_manager", "mongo")
-"""qlib_init keys qlib-ext sets itself in each worker; the rest is passed through."""
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+"""Thread-pool sizes set in each worker so that workers x threads stays within the cores."""
 
 
 @dataclass
-class Submitted:
-    """Outcome of a submit: how many tasks were new, and where the pool and runs live."""
+class WorkerSettings:
+    """Everything a worker process needs; plain data so it crosses the process boundary."""
 
     pool: str
-    new: int
-    total: int
-    mongo_url: str
-    mlflow_uri: str
-    experiment: str
+    mongo_url: str  # resolved MongoDB URL (never "embedded": the parent resolves it)
+    mlflow_uri: str  # MLflow tracking URI (sqlite:///... or http://...)
+    provider_uri: str  # Qlib data directory
+    region: str = "cn"  # Qlib region of the data
+    db_name: str = defaults.TASK_DB_NAME  # MongoDB database holding the pools
+    lease_seconds: float = defaults.LEASE_SECONDS  # lease length, s
+    heartbeat_seconds: float = defaults.HEARTBEAT_SECONDS  # lease renewal interval, s
+    grace_seconds: float = defaults.GRACE_SECONDS  # time a running task gets after SIGTERM, s
+    task_timeout: float | None = defaults.TASK_TIMEOUT_SECONDS  # wall-clock limit per task, s (None: in-process)
+    max_attempts: int | None = None  # overrides the limit stamped on tasks at submit (None: keep it)
+    threads: int = 1  # threads per worker for LightGBM / OpenMP / BLAS
+    exit_when_idle: bool = False  # exit as soon as nothing is waiting (else: when nothing is unfinished)
+    cache_dir: str | None = None  # shared prepared-dataset cache directory (None: no cache)
+    log_dir: str | None = None  # worker stdout/stderr go to LOG_DIR/worker-<pid>.log (None: inherit)
+    log_level: int = logging.WARNING  # level of the worker's log output
+    start_after: str | None = None  # claim nothing until this file exists (the cache warmer's signal)
+    qlib_kwargs: dict = field(default_factory=dict)  # further qlib.init arguments from the workflow
 
-    def __str__(self) -> str:
-        return f"pool {self.pool}: {self.new} new of {self.total} tasks (experiment {self.experiment!r})"
+
+def auto_threads(workers: int, cores: int | None = None) -> int:
+    """Threads per worker so that ``workers * threads <= cores`` (at least 1)."""
+    return max(1, (cores or os.cpu_count() or 1) // max(1, workers))
 
 
-def resolve_provider(provider_uri: str | None, qlib_init: dict, source: str) -> str:
-    """The data directory: the override, else ``qlib_init.provider_uri``; it must exist."""
-    raw = provider_uri or qlib_init.get("provider_uri")
-    if not raw:
-        raise ConfigError(f"{source}: no data directory: set qlib_init.provider_uri or pass --provider-uri")
-    path = Path(str(raw)).expanduser().resolve()
-    if not (path / "calendars").is_dir():
-        raise ConfigError(f"{source}: provider_uri {str(path)!r} is not a Qlib data directory (no calendars/); "
-                          f"make one with `qlib-ext data synth --out {path}` or pass --provider-uri")
-    return str(path)
+def limit_threads(task: dict, threads: int) -> dict:
+    """Pin LightGBM's ``num_threads`` in the task's model kwargs unless the workflow set it."""
+    model = task.get("model", {})
+    if "LGB" in str(model.get("class", "")):
+        kwargs = model.setdefault("kwargs", {})
+        if "num_threads" not in kwargs and "n_jobs" not in kwargs:
+            kwargs["num_threads"] = threads
+    return task
 
+
+# ---------------------------------------------------------------------- process entry
 
 def data_identity(provider_uri: str) -> dict:
     """What must match between the submitter's data and a worker's: calendar range, instrument count."""
@@ -63,7 +80,7 @@ def check_worker_data(pool: str, meta: dict, provider_uri: str | None = None) ->
 
     Args:
         pool: pool name (for messages).
-        meta: the pool's metadata (:func:`qlib_ext.queue.load_pool_meta`).
+        meta: the pool's metadata (:func:`qlib_ext.pool.manager.load_pool_meta`).
         provider_uri: this host's override; None uses the path recorded at submit.
 
     Returns:
@@ -96,52 +113,6 @@ def _describe(identity: dict) -> str:
             f"({identity.get('days')} days), {identity.get('instruments')} instruments")
 
 
-def spread_sample(items: list, limit: int | None) -> list:
-    """At most ``limit`` items, evenly spread over the list, first and last included."""
-    if not limit or limit >= len(items):
-        return items
-    if limit == 1:
-        return items[:1]
-    return [items[round(i * (len(items) - 1) / (limit - 1))] for i in range(limit)]
-
-
-def submit(path: str | Path, *, mongo_url: str | None = None, mlflow_uri: str | None = None,
-           provider_uri: str | None = None, db_name: str = defaults.TASK_DB_NAME,
-           max_attempts: int | None = None, limit: int | None = None) -> Submitted:
-    """Expand a workflow and insert its new tasks into its pool (``qlib-ext submit``).
-
-    ``max_attempts`` (the ``--max-attempts`` flag) wins over ``workers.max_attempts``; it is stamped
-    on each new task, and also on the pool's tasks not yet finished, so a resubmit can change it.
-    ``limit`` (``--limit``) submits only an evenly spread sample of that many tasks (first and last
-    included): a smoke test of a big grid before spending hours on it.
-    """
-    from qlib_ext.config import load_workflow
-    from qlib_ext.gen import expand
-    from qlib_ext.queue import GridTaskManager, open_db, save_pool_meta
-    from qlib_ext.store import resolve_mongo_url
-    from qlib_ext.tracking import ensure_experiment
-
-    wf = load_workflow(path)
-    qlib_init = dict(wf.config.get("qlib_init") or {})
-    provider = resolve_provider(provider_uri, qlib_init, str(path))
-    tasks = spread_sample(expand(wf, provider_uri=provider), limit)
-    mlflow_uri = mlflow_uri or defaults.default_mlflow_uri()
-    ensure_experiment(mlflow_uri, wf.experiment_name)
-    url = resolve_mongo_url(mongo_url)
-    db = open_db(url, db_name)
-    save_pool_meta(db, wf.pool, {
-        "workflow": str(Path(path).resolve()), "provider_uri": provider, "region": qlib_init.get("region", "cn"),
-        "qlib_init": {k: v for k, v in qlib_init.items() if k not in _QLIB_INIT_OWNED},
-        "mlflow_uri": mlflow_uri, "experiment": wf.experiment_name, "workers": asdict(wf.workers),
-        "data": data_identity(provider), "submitted_at": dt.datetime.now(dt.timezone.utc),
-        "submitted_from": socket.gethostname(),
-    })
-    tm = GridTaskManager(wf.pool, db)
-    new, total = tm.create_tasks(tasks, max_attempts=max_attempts or wf.workers.max_attempts)
-    if max_attempts is not None:
-        tm.task_pool.update_many({"status": {"$in": ["waiting", "running"]}}, {"$set": {"max_attempts": max_attempts}})
-    return Submitted(wf.pool, new, total, url, mlflow_uri, wf.experiment_name)
-
 
 def worker_settings(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = None,
                     provider_uri: str | None = None, workers: int = 1, threads: int | None = None,
@@ -152,9 +123,8 @@ def worker_settings(pool: str, *, mongo_url: str | None = None, mlflow_uri: str 
     ``overrides`` are ``WorkerSettings`` fields (lease_seconds, grace_seconds, exit_when_idle...);
     None values are ignored so CLI flags left unset fall back to the workflow's ``workers:``.
     """
-    from qlib_ext.queue import load_pool_meta, open_db
+    from qlib_ext.pool.manager import load_pool_meta, open_db
     from qlib_ext.store import resolve_mongo_url
-    from qlib_ext.worker import WorkerSettings, auto_threads
 
     url = resolve_mongo_url(mongo_url)
     meta = load_pool_meta(open_db(url, db_name), pool)

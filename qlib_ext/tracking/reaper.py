@@ -3,7 +3,7 @@
 A worker killed with ``kill -9``, a task child killed at its timeout and a host that vanished all
 leave their MLflow run RUNNING; a worker that finished its run but lost its lease before committing
 leaves a FINISHED run that is not the task's result. The reaper compares each run of a pool
-(tags ``qlib_ext.task_id``, ``qlib_ext.attempt``, ``qlib_ext.worker``) with its task document:
+(tags ``qlib_ext.task_id``, ``qlib_ext.attempt``, ``qlib_ext.worker.loop``) with its task document:
 
 * a RUNNING run is live only while the task is ``running`` under that same worker and attempt;
   otherwise it is ended KILLED;
@@ -29,8 +29,8 @@ from typing import Any
 from bson import ObjectId
 from bson.errors import InvalidId
 
-from qlib_ext.queue import GridTaskManager
-from qlib_ext.status import TaskStatus
+from qlib_ext.pool.manager import GridTaskManager
+from qlib_ext.pool.status import TaskStatus
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def _reap_untagged(client: Any, tm: GridTaskManager) -> int:
     """End RUNNING runs of the pool's experiment that never got all their qlib-ext tags (the worker died
     between creating the run and tagging it: Qlib sets tags one by one). Such a run is matched to its
     task by run name; it is dead when the task is not running, or was claimed again after it started."""
-    from qlib_ext.queue import POOLS_COLLECTION
+    from qlib_ext.pool.manager import POOLS_COLLECTION
 
     meta = tm.task_pool.database[POOLS_COLLECTION].find_one({"_id": tm.pool_name}, {"experiment": 1}) or {}
     exp = client.get_experiment_by_name(meta["experiment"]) if meta.get("experiment") else None

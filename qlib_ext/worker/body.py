@@ -107,7 +107,7 @@ def run_grid_task(task: dict, *, task_id: str = "", worker: str = "", attempt: i
     ``cache_dir`` shares prepared datasets and backtest exchanges between tasks and workers, and
     LightGBM's binned data between a worker's fits (None: build everything every time).
     A task with ``qlib_ext.kind: backtest`` only backtests its training run's predictions; a
-    training task with a ``qlib_ext.sweep`` returns those backtest tasks under ``follow_up``.
+    training task with a ``qlib_ext.workflow.sweep`` returns those backtest tasks under ``follow_up``.
     """
     meta = task.get("qlib_ext", {})
     if meta.get("kind") == "backtest":
@@ -115,7 +115,7 @@ def run_grid_task(task: dict, *, task_id: str = "", worker: str = "", attempt: i
     result = _in_run(task, lambda rec, timings: _train_and_record(task, rec, timings, cache_dir), task_id, worker,
                      attempt)
     if meta.get("sweep"):
-        from qlib_ext.sweep import follow_up_tasks
+        from qlib_ext.workflow.sweep import follow_up_tasks
 
         result["follow_up"] = follow_up_tasks(task, result["run_id"], task_id)
     return result
@@ -171,7 +171,7 @@ def _train_and_record(task: dict, recorder: Any, timings: dict[str, float], cach
     from qlib.workflow import R
     from qlib.workflow.record_temp import PortAnaRecord
 
-    from qlib_ext.lgb_data import reused_lgb_data
+    from qlib_ext.cache.lgb_bins import reused_lgb_data
 
     with _stage(timings, "data"):
         dataset = _dataset(task["dataset"], cache_dir)
@@ -195,7 +195,7 @@ def _backtest(task: dict, recorder: Any, timings: dict[str, float], cache_dir: s
     from qlib.utils import init_instance_by_config
     from qlib.workflow import R
 
-    from qlib_ext.sweep import SIGNAL_METRICS
+    from qlib_ext.workflow.sweep import SIGNAL_METRICS
 
     parent = task["qlib_ext"]["parent_run_id"]
     with _stage(timings, "load"):
@@ -232,7 +232,7 @@ def _dataset(config: dict, cache_dir: str | None) -> Any:
 
     if cache_dir is None:
         return init_instance_by_config(config, accept_types=Dataset)
-    from qlib_ext.cache import prepared_dataset
+    from qlib_ext.cache.datasets import prepared_dataset
 
     return prepared_dataset(config, cache_dir)
 
@@ -240,14 +240,14 @@ def _dataset(config: dict, cache_dir: str | None) -> Any:
 def _dataset_key(config: dict, cache_dir: str | None) -> str | None:
     if cache_dir is None:
         return None
-    from qlib_ext.cache import dataset_key
+    from qlib_ext.cache.datasets import dataset_key
 
     return dataset_key(config)
 
 
 def _share_exchange(record: Any, cache_dir: str | None) -> None:
     if cache_dir is not None:
-        from qlib_ext.quotes import share_exchange
+        from qlib_ext.cache.exchange import share_exchange
 
         share_exchange(record, cache_dir)
 

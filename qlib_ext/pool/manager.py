@@ -27,7 +27,7 @@ from qlib.workflow.task.manage import TaskManager
 
 from qlib_ext import defaults
 from qlib_ext.errors import StoreError
-from qlib_ext.status import UNFINISHED, TaskStatus
+from qlib_ext.pool.status import UNFINISHED, TaskStatus
 
 logger = logging.getLogger(__name__)
 
