@@ -20,6 +20,7 @@ from bson.raw_bson import RawBSONDocument
 from mongomock import filtering
 
 from qlib_ext.store.indexes import FieldIndex, PairIndex
+from qlib_ext.store.limits import check_insert, check_updated
 from qlib_ext.store.planner import exact_count, plain, plan
 from qlib_ext.store.uniques import UniqueIndex
 from qlib_ext.store.wire import CODEC
@@ -79,19 +80,31 @@ class Collection:
 
     # ------------------------------------------------------------------ indexes
     def create_index(self, spec: dict[str, Any]) -> None:
-        """Add a user index (validated by the caller); raises WriteFailure on duplicate data."""
-        if spec.get("unique") and list(spec["key"]) != ["_id"]:
-            unique = UniqueIndex(spec)
-            for seq, doc in self.docs.items():
-                unique.check(seq, doc)
-                unique.add(seq, doc)
-            self.uniques[spec["name"]] = unique
-        for path in spec["key"]:
-            if path != "_id" and path not in self.fields:
-                self._build(self.fields.setdefault(path, FieldIndex(path)))
-        pair = tuple(spec["key"])[:2]
-        if len(pair) == 2 and pair not in self.pairs:
-            self._build(self.pairs.setdefault(pair, PairIndex(*pair)))
+        """Add a user index (validated by the caller); raises WriteFailure on duplicate data.
+
+        All or nothing: on any error the collection's indexes are as they were.
+        """
+        saved = (dict(self.fields), dict(self.pairs), dict(self.uniques))
+        try:
+            if spec.get("unique") and list(spec["key"]) != ["_id"]:
+                unique = UniqueIndex(spec)
+                for seq, doc in self.docs.items():
+                    unique.check(seq, doc)
+                    unique.add(seq, doc)
+                self.uniques[spec["name"]] = unique
+            for path in spec["key"]:
+                if path != "_id" and path not in self.fields:
+                    index = FieldIndex(path)
+                    self._build(index)
+                    self.fields[path] = index
+            pair = tuple(spec["key"])[:2]
+            if len(pair) == 2 and pair not in self.pairs:
+                index = PairIndex(*pair)
+                self._build(index)
+                self.pairs[pair] = index
+        except BaseException:
+            self.fields, self.pairs, self.uniques = saved
+            raise
         self.specs[spec["name"]] = spec
         self._log({"o": "idx", "db": self.db, "c": self.name, "spec": spec})
 
@@ -114,26 +127,43 @@ class Collection:
 
     # ------------------------------------------------------------------ storage
     def _store(self, doc: dict[str, Any], encoded: bytes | None = None) -> None:
+        """Add ``doc`` to the documents and every index, all or nothing, then journal it."""
         seq = self.next_seq
         for unique in self.uniques.values():
             unique.check(seq, doc)
+        if encoded is None:
+            encoded = bson.encode(doc)
         self.next_seq += 1
-        self.docs[seq] = doc
-        self.ids[hid(doc["_id"])] = seq
+        try:
+            self.docs[seq] = doc
+            self.ids[hid(doc["_id"])] = seq
+            for index in self._all_indexes():
+                index.add(seq, doc)
+            for unique in self.uniques.values():
+                unique.add(seq, doc)
+        except BaseException:
+            self._unlink(seq, doc)
+            raise
+        self._put(encoded)
+
+    def _unlink(self, seq: int, doc: dict[str, Any]) -> None:
+        """Remove ``seq`` from the documents and every index (each removal is a no-op if absent)."""
+        if self.ids.get(hid(doc["_id"])) == seq:
+            del self.ids[hid(doc["_id"])]
         for index in self._all_indexes():
-            index.add(seq, doc)
+            index.remove(seq)
         for unique in self.uniques.values():
-            unique.add(seq, doc)
-        self._put(encoded if encoded is not None else bson.encode(doc))
+            unique.remove(seq)
+        self.docs.pop(seq, None)
 
     def _put(self, encoded: bytes) -> None:
         self._log({"o": "put", "db": self.db, "c": self.name, "d": RawBSONDocument(encoded)})
 
-    def insert(self, doc: dict[str, Any]) -> None:
-        """Insert one document (``_id`` added when missing)."""
+    def insert(self, doc: dict[str, Any], upsert: bool = False) -> None:
+        """Insert one document (``_id`` added when missing); nothing changes if it is refused."""
         if "_id" not in doc:
             doc = {"_id": ObjectId(), **doc}
-        encoded = bson.encode(doc)  # validates keys and types like a real server
+        encoded = check_insert(doc, upsert)  # size, depth, keys and types, like a real server
         if hid(doc["_id"]) in self.ids:
             raise WriteFailure(11000, _dup_message(self.name, "_id_", {"_id": doc["_id"]}),
                                keyPattern={"_id": 1}, keyValue={"_id": doc["_id"]})
@@ -141,12 +171,7 @@ class Collection:
 
     def delete(self, doc: dict[str, Any]) -> None:
         """Remove one stored document."""
-        seq = self.ids.pop(hid(doc["_id"]))
-        for index in self._all_indexes():
-            index.remove(seq)
-        for unique in self.uniques.values():
-            unique.remove(seq)
-        del self.docs[seq]
+        self._unlink(self.ids[hid(doc["_id"])], doc)
         self._log({"o": "del", "db": self.db, "c": self.name, "id": doc["_id"]})
 
     def get(self, value: Any) -> dict[str, Any] | None:
@@ -166,9 +191,15 @@ class Collection:
         if old is None:
             self._store(doc)
             return
+        previous = dict(old)
         old.clear()
         old.update(doc)
-        self._reindex(self.ids[hid(doc["_id"])], old)
+        try:
+            self._reindex(self.ids[hid(doc["_id"])], old, previous)
+        except BaseException:
+            old.clear()
+            old.update(previous)
+            raise
 
     # ------------------------------------------------------------------ queries
     def find(self, flt: dict[str, Any], sort: list[tuple[str, int]] | None = None) -> Iterator[dict]:
@@ -266,7 +297,8 @@ class Collection:
                    ) -> bool:
         """Apply ``update`` to stored ``doc`` in place; return whether it changed.
 
-        On any error the document is restored and nothing reaches the journal.
+        All or nothing: on any error (a limit, a duplicate key, an update mongomock refuses) the
+        document and every index are as they were and nothing reaches the journal.
         """
         before = bson.encode(doc)
         doc_id = hid(doc["_id"])
@@ -276,26 +308,33 @@ class Collection:
             if hid(doc.get("_id")) != doc_id:
                 raise WriteFailure(66, "Performing an update on the path '_id' would modify the "
                                    "immutable field '_id'")
-            after = bson.encode(doc)
+            after = check_updated(doc)
             if after != before:
                 for unique in self.uniques.values():
                     unique.check(seq, doc)
+                self._reindex(seq, doc, bson.decode(before, CODEC))
         except BaseException:
             doc.clear()
             doc.update(bson.decode(before, CODEC))
             raise
         if after == before:
             return False
-        self._reindex(seq, doc)
         self._put(after)
         return True
 
-    def _reindex(self, seq: int, doc: dict[str, Any]) -> None:
-        for index in self._all_indexes():
-            index.update(seq, doc)
-        for unique in self.uniques.values():
-            unique.remove(seq)
-            unique.add(seq, doc)
+    def _reindex(self, seq: int, doc: dict[str, Any], previous: dict[str, Any]) -> None:
+        """Re-index ``seq`` as ``doc``; on failure every index holds ``previous`` again."""
+        try:
+            for index in self._all_indexes():
+                index.update(seq, doc)
+            for unique in self.uniques.values():
+                unique.remove(seq)
+                unique.add(seq, doc)
+        except BaseException:
+            for index in [*self._all_indexes(), *self.uniques.values()]:
+                index.remove(seq)
+                index.add(seq, previous)
+            raise
 
     def upsert_doc(self, spec: dict, update: dict | list) -> dict[str, Any]:
         """Build and insert the document an upsert creates (mongomock's recipe)."""
@@ -308,7 +347,7 @@ class Collection:
         doc, _ = _HELPER._discard_operators(_HELPER._expand_dots(dict(spec, _id=_id)))
         doc = dict(doc)
         apply_update(doc, spec, update, True)
-        self.insert(doc)
+        self.insert(doc, upsert=True)
         return doc
 
 

@@ -13,7 +13,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ import bson
 from qlib_ext.store.collection import Collection
 from qlib_ext.store.errors import CommandError, error_reply
 from qlib_ext.store.journal import Journal
+from qlib_ext.store.limits import LimitError, check_command
 
 logger = logging.getLogger(__name__)
 
@@ -49,27 +50,55 @@ class Engine:
         self.cursors: dict[int, Cursor] = {}
         self.log: list[dict[str, Any]] = []  # journal ops of the command being run
         self.started = time.time()
+        self.failure = ""  # set when the journal failed: the store then refuses every command
+        self.on_failure: Callable[[], None] | None = None
         if journal is not None:
             self._replay(journal.open())
 
     # ------------------------------------------------------------------ running commands
     def execute(self, db: str, body: dict[str, Any], sequences: dict[str, list]) -> bytes:
-        """Run one command atomically; return the encoded reply once its writes are durable."""
-        from qlib_ext.store.commands import dispatch
+        """Run one command atomically; return the encoded reply once its writes are durable.
 
+        If the journal cannot be written or flushed, the store stops serving (every later
+        command fails, ``on_failure`` is called): memory may then be ahead of the disk, and
+        nothing must be acknowledged or read from it. A restart replays what was acknowledged.
+        """
         with self.lock:
+            if self.failure:
+                return bson.encode(error_reply(1, self.failure))
+            reply = self._run(db, body, sequences)
             try:
-                reply = dispatch(self, db, body, sequences)
-            except CommandError as e:
-                reply = error_reply(e.code, str(e))
-            except Exception as e:  # noqa: BLE001 - turned into a MongoDB error reply
-                reply = error_reply_for(e)
-            finally:
                 lsn = self._commit_log()
+            except OSError as e:
+                return bson.encode(error_reply(1, self._fail(f"journal write failed: {e}")))
             encoded = bson.encode(reply)
         if lsn:
-            self.journal.wait_durable(lsn)
+            try:
+                self.journal.wait_durable(lsn)
+            except OSError as e:
+                return bson.encode(error_reply(1, self._fail(f"journal flush failed: {e}")))
         return encoded
+
+    def _run(self, db: str, body: dict[str, Any], sequences: dict[str, list]) -> dict[str, Any]:
+        from qlib_ext.store.commands import dispatch
+
+        try:
+            check_command(body)
+            for docs in sequences.values():
+                for doc in docs:
+                    check_command(doc)
+            return dispatch(self, db, body, sequences)
+        except CommandError as e:
+            return error_reply(e.code, str(e))
+        except Exception as e:  # noqa: BLE001 - turned into a MongoDB error reply
+            return error_reply_for(e)
+
+    def _fail(self, reason: str) -> str:
+        self.failure = f"the embedded store stopped after a disk error ({reason}); restart it"
+        logger.critical("store: %s", self.failure)
+        if self.on_failure is not None:
+            self.on_failure()
+        return self.failure
 
     def _commit_log(self) -> int:
         ops, self.log = self.log, []
@@ -135,14 +164,21 @@ class Engine:
                     yield {"ops": [{"o": "put", "db": db, "c": name, "d": d} for d in batch]}
 
     def _replay(self, records: Iterator[dict[str, Any]]) -> None:
-        count = 0
+        """Rebuild the state; an op that cannot be applied is logged and skipped, never fatal."""
+        count = skipped = 0
         for record in records:
-            for op in record["ops"]:
-                self._apply(op)
+            for i, op in enumerate(record.get("ops") or []):
+                try:
+                    self._apply(op)
+                except Exception as e:  # noqa: BLE001 - one bad entry must not keep the store down
+                    skipped += 1
+                    logger.error("store: replay skipped op %d of record %d (%s on %s.%s): %r",
+                                 i, count, op.get("o"), op.get("db"), op.get("c"), e)
             count += 1
         self.log = []
         docs = sum(len(c.docs) for colls in self.dbs.values() for c in colls.values())
-        logger.info("store: replayed %d records, %d documents", count, docs)
+        logger.info("store: replayed %d records, %d documents%s", count, docs,
+                    f", {skipped} ops skipped" if skipped else "")
         if count and self.journal is not None and self.journal.journal_bytes:
             self.journal.compact(self.state_records())
 
@@ -178,6 +214,8 @@ def error_reply_for(exc: Exception) -> dict[str, Any]:
 
     if isinstance(exc, WriteFailure):
         return error_reply(exc.code, str(exc), **exc.details)
+    if isinstance(exc, LimitError):
+        return error_reply(exc.code, str(exc))
     if isinstance(exc, mongomock.OperationFailure):
         return error_reply(exc.code or 2, str(exc))
     if isinstance(exc, NotImplementedError):

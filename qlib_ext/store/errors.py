@@ -6,6 +6,7 @@ from typing import Any
 
 CODE_NAMES = {
     1: "InternalError", 2: "BadValue", 9: "FailedToParse", 11000: "DuplicateKey",
+    13: "Unauthorized", 15: "Overflow", 10334: "BSONObjectTooLarge", 18: "AuthenticationFailed",
     20: "IllegalOperation", 26: "NamespaceNotFound", 27: "IndexNotFound", 43: "CursorNotFound",
     48: "NamespaceExists", 59: "CommandNotFound", 66: "ImmutableField", 67: "CannotCreateIndex",
     73: "InvalidNamespace", 85: "IndexOptionsConflict", 86: "IndexKeySpecsConflict",

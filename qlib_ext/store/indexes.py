@@ -29,6 +29,9 @@ _INF = float("inf")
 RANK_NULL, RANK_NUMBER, RANK_STRING, RANK_OBJECT, RANK_ARRAY, RANK_BINARY = 1, 2, 3, 4, 5, 6
 RANK_OBJECTID, RANK_BOOL, RANK_DATE = 7, 8, 9
 
+MAX_KEY_DEPTH = 100
+"""Embedded documents/arrays deeper than this (MongoDB's storage limit) are not hashed: COMPLEX."""
+
 
 def scalar_key(value: Any) -> tuple | object:
     """Index key of one value, or :data:`COMPLEX`."""
@@ -50,20 +53,23 @@ def scalar_key(value: Any) -> tuple | object:
     return COMPLEX
 
 
-def value_key(value: Any) -> tuple | object:
+def value_key(value: Any, _depth: int = 0) -> tuple | object:
     """Hashable equality key of any value, embedded documents and arrays included, or COMPLEX.
 
     Documents compare regardless of field order (mongomock's dict ``==``), so the key is a superset
     for MongoDB's order-sensitive comparison too. Only for hash lookups: these keys do not sort the
-    way MongoDB sorts documents.
+    way MongoDB sorts documents. Values nested deeper than :data:`MAX_KEY_DEPTH` are COMPLEX, so
+    the recursion is bounded whatever a (pre-limits) journal holds.
     """
+    if isinstance(value, dict | list) and _depth >= MAX_KEY_DEPTH:
+        return COMPLEX
     if isinstance(value, dict):
-        items = [(k, value_key(v)) for k, v in value.items()]
+        items = [(k, value_key(v, _depth + 1)) for k, v in value.items()]
         if any(v is COMPLEX for _, v in items):
             return COMPLEX
         return (RANK_OBJECT, tuple(sorted(items, key=lambda item: item[0])))
     if isinstance(value, list):
-        parts = [value_key(v) for v in value]
+        parts = [value_key(v, _depth + 1) for v in value]
         return COMPLEX if any(p is COMPLEX for p in parts) else (RANK_ARRAY, tuple(parts))
     if isinstance(value, bytes):
         return (RANK_BINARY, getattr(value, "subtype", 0), bytes(value))

@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 FRAME = struct.Struct("<II")
 _datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 SNAPSHOT = "snapshot.bson"
+FILE_MODE = 0o600
+"""Snapshot and journal hold every task: readable by the store's owner only."""
 
 
 def frame(record: dict[str, Any]) -> bytes:
@@ -50,7 +52,10 @@ def read_frames(path: Path) -> tuple[list[dict[str, Any]], int, int]:
         payload = data[pos + FRAME.size: pos + FRAME.size + length]
         if len(payload) < length or zlib.crc32(payload) != crc:
             break
-        records.append(bson.decode(payload, CODEC))
+        try:
+            records.append(bson.decode(payload, CODEC))
+        except (bson.errors.BSONError, RecursionError, ValueError) as e:  # intact but unreadable: skip it
+            logger.error("store: skipping an unreadable record at byte %d of %s: %r", pos, path, e)
         pos += FRAME.size + length
     return records, pos, len(data)
 
@@ -80,6 +85,7 @@ class Journal:
         self._written = 0
         self._flushed = 0
         self._syncing = False
+        self._error: OSError | None = None  # a failed flush: no later flush may be trusted
         self._cv = threading.Condition()
 
     def _journal_path(self, gen: int) -> Path:
@@ -106,7 +112,10 @@ class Journal:
         for stale in self.dir.glob("journal-*.log"):
             if stale != path:
                 stale.unlink()
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+        os.fchmod(self._fd, FILE_MODE)  # files written by an older version were world-readable
+        if snap.exists():
+            snap.chmod(FILE_MODE)
 
     def append(self, ops: list[dict[str, Any]]) -> int:
         """Write one record (not yet durable); return its sequence number for :meth:`wait_durable`."""
@@ -123,6 +132,8 @@ class Journal:
         """Block until record ``lsn`` is on disk, sharing one fdatasync among concurrent writers."""
         with self._cv:
             while self._flushed < lsn:
+                if self._error is not None:
+                    raise OSError(f"an earlier journal flush failed: {self._error}")
                 if self._syncing:
                     self._cv.wait()
                     continue
@@ -130,6 +141,9 @@ class Journal:
                 self._cv.release()
                 try:
                     _datasync(fd)
+                except OSError as e:
+                    self._error = e
+                    raise
                 finally:
                     self._cv.acquire()
                     self._syncing = False
@@ -147,7 +161,8 @@ class Journal:
                 self._cv.wait()
             new_gen = self.gen + 1
             tmp = self.dir / (SNAPSHOT + ".tmp")
-            with open(tmp, "wb") as f:
+            tmp.unlink(missing_ok=True)
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb") as f:
                 f.write(frame({"gen": new_gen}))
                 for record in records:
                     f.write(frame(record))
@@ -156,7 +171,7 @@ class Journal:
             os.replace(tmp, self.dir / SNAPSHOT)
             _fsync_dir(self.dir)
             old_fd, old_path = self._fd, self._journal_path(self.gen)
-            self._fd = os.open(self._journal_path(new_gen), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self._fd = os.open(self._journal_path(new_gen), os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
             _fsync_dir(self.dir)
             os.close(old_fd)
             old_path.unlink(missing_ok=True)
