@@ -1,0 +1,126 @@
+"""Replacements of Qlib methods, active only inside :func:`fast_methods` and only on known Qlib versions.
+
+* ``Position.__deepcopy__``: Qlib deep-copies the whole position twice a step (the strategy's
+  working copy, the day's history entry) through ``copy.deepcopy``'s generic recursion over a dict
+  of per-stock dicts. The replacement copies each per-stock dict with ``dict(...)`` when all its
+  values are immutable scalars (they are: amount, price, weight, count) and deep-copies anything
+  else the generic way: the copy is equal, field for field, and shares nothing mutable.
+* ``PortfolioMetrics._sample_benchmark``: Qlib resamples the benchmark series for every step
+  (``resam_ts_data`` with ``(x + 1).prod()``). For a step holding one benchmark day the answer is
+  that day's ``(x + 1).prod() - 1``; it is computed once per series with the same pandas
+  reduction, day by day on one-element series, and looked up.
+
+Both are checked by ``tests/test_fast_backtest.py`` (frames equal to the stock path). On any other
+Qlib version :func:`supported` is False and the fast path is not taken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+KNOWN_QLIB = ("0.9.7",)
+"""Qlib versions whose backtest internals these replacements (and the fast path) were checked against."""
+
+_SCALARS = (int, float, str, bool, type(None), np.generic)
+_lock = threading.RLock()
+_depth = 0
+
+
+def qlib_version() -> str:
+    import qlib
+
+    return getattr(qlib, "__version__", "unknown")
+
+
+def supported() -> bool:
+    """True on a Qlib version the fast path was checked against."""
+    return qlib_version() in KNOWN_QLIB
+
+
+def _position_deepcopy(self: Any, memo: dict) -> Any:
+    new = self.__class__.__new__(self.__class__)
+    memo[id(self)] = new
+    for key, value in self.__dict__.items():
+        if key == "position" and type(value) is dict:
+            value = {k: _copy_entry(v, memo) for k, v in value.items()}
+        else:
+            value = copy.deepcopy(value, memo)
+        new.__dict__[key] = value
+    return new
+
+
+def _copy_entry(value: Any, memo: dict) -> Any:
+    if type(value) is dict and all(isinstance(v, _SCALARS) for v in value.values()):
+        return dict(value)
+    return copy.deepcopy(value, memo)
+
+
+def _sample_benchmark(self: Any, bench: Any, trade_start_time: Any, trade_end_time: Any) -> Any:
+    if self.bench is None:
+        return None
+    days = _bench_days(bench)
+    if days is not None:
+        dates, values = days
+        first = dates.searchsorted(trade_start_time, side="left")
+        last = dates.searchsorted(trade_end_time, side="right")
+        if last - first == 1:
+            return values[first]
+        if last == first:
+            return 0.0
+    return _stock_sample_benchmark(self, bench, trade_start_time, trade_end_time)
+
+
+_bench_memo: dict[int, tuple[Any, Any]] = {}
+
+
+def _bench_days(bench: Any) -> Any:
+    """(sorted unique dates, per-day answer) of a benchmark series, or None if not a plain daily one."""
+    import pandas as pd
+
+    hit = _bench_memo.get(id(bench))
+    if hit is not None and hit[0] is bench:
+        return hit[1]
+    days = None
+    index = bench.index
+    if isinstance(bench, pd.Series) and isinstance(index, pd.DatetimeIndex) and index.is_unique \
+            and index.is_monotonic_increasing:
+        one = [bench.iloc[i:i + 1] for i in range(len(bench))]
+        days = (index, [(x + 1).prod() - 1 for x in one])
+    _bench_memo.clear()  # one benchmark series per backtest; keep only the latest
+    _bench_memo[id(bench)] = (bench, days)
+    return days
+
+
+_stock_sample_benchmark: Any = None
+
+
+@contextlib.contextmanager
+def fast_methods() -> Iterator[None]:
+    """Install the replacements for the duration of a backtest (re-entrant, thread-safe)."""
+    global _depth, _stock_sample_benchmark
+    from qlib.backtest.position import Position
+    from qlib.backtest.report import PortfolioMetrics
+
+    with _lock:
+        if _depth == 0:
+            _stock_sample_benchmark = PortfolioMetrics._sample_benchmark
+            Position.__deepcopy__ = _position_deepcopy
+            PortfolioMetrics._sample_benchmark = _sample_benchmark
+        _depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                del Position.__deepcopy__
+                PortfolioMetrics._sample_benchmark = _stock_sample_benchmark
