@@ -21,3 +21,23 @@ class StoreError(QlibExtError):
 
 class TaskError(QlibExtError):
     """A task failed in a way the worker reports rather than retries."""
+
+
+class TaskRejected(TaskError):
+    """A task that can never succeed as written: it fails at once, without using its other attempts."""
+
+
+class TaskDecodeError(TaskRejected, ValueError):
+    """A pool document's ``def``/``res`` is not plain data (or not a valid task); the message names the task."""
+
+
+class ModuleNotAllowed(TaskRejected):
+    """A task names a class or module outside the worker's allow-list; the message names the key path."""
+
+
+class BadResultError(TaskRejected):
+    """A task ran but its result is meaningless (no predictions, all NaN, a backtest that never traded)."""
+
+
+class InfraError(QlibExtError):
+    """Something outside the task failed (MLflow, the store, the disk): retried without using an attempt."""

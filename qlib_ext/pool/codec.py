@@ -1,0 +1,80 @@
+"""Reading the pickled fields of a pool document (``def``, ``res``) as data, never as code.
+
+Qlib's ``TaskManager`` stores a task's ``def`` and ``res`` as pickles and unpickles them with
+``pickle.loads``: anyone who can write one document into the pool can make every worker (and the
+cache warmer) run code of their choosing. Our own pickles hold plain data only (dicts, lists,
+strings, numbers, None: checked for every shipped workflow), so they are read here through an
+unpickler that resolves no global outside :data:`SAFE_GLOBALS` — the builtin containers and
+scalars, :mod:`datetime`, :mod:`decimal` and :mod:`collections` types. It is the same idea as Qlib's
+main-branch ``qlib.utils.pickle_utils.RestrictedUnpickler``, narrower: no pandas, numpy or Qlib
+classes, and no ``builtins.type``.
+
+A field that does not decode raises :class:`~qlib_ext.errors.TaskDecodeError`, naming the task, the
+field and the refused global; the worker fails that one task with it (no retry: it is not going to
+decode next time either).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from typing import Any
+
+from qlib_ext.errors import TaskDecodeError
+
+ENCODED_PREFIXES = ("def", "res")
+"""Qlib's ``TaskManager.ENCODE_FIELDS_PREFIX``: document fields whose names start with these are pickles."""
+
+SAFE_GLOBALS: frozenset[tuple[str, str]] = frozenset({
+    *(("builtins", name) for name in ("dict", "list", "tuple", "set", "frozenset", "str", "bytes",
+                                       "bytearray", "int", "float", "bool", "complex", "slice", "range")),
+    *(("datetime", name) for name in ("date", "datetime", "time", "timedelta", "timezone")),
+    ("decimal", "Decimal"),
+    *(("collections", name) for name in ("OrderedDict", "defaultdict", "Counter", "deque")),
+})
+"""``(module, name)`` pairs a task pickle may reference; anything else is refused before it is imported."""
+
+
+class PlainUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only :data:`SAFE_GLOBALS` (stateless; one per load)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}: a pool field may hold plain data only "
+                                     f"(dict, list, str, numbers, datetime, collections)")
+
+
+def loads(blob: bytes, where: str = "pickle") -> Any:
+    """Unpickle ``blob`` allowing plain data only.
+
+    Args:
+        blob: the pickle's bytes.
+        where: what is decoded, for the error message (e.g. ``"task 65a...: field 'def'"``).
+
+    Raises:
+        TaskDecodeError: the pickle names a refused global or is not a valid pickle.
+    """
+    try:
+        return PlainUnpickler(io.BytesIO(bytes(blob))).load()
+    except Exception as e:  # noqa: BLE001 - a broken pickle raises anything from EOFError to TypeError
+        raise TaskDecodeError(f"{where} cannot be decoded as plain data: {type(e).__name__}: {e}") from e
+
+
+def dumps(value: Any) -> bytes:
+    """Pickle plain data the way :func:`loads` reads it back (checked: refuses what loads would)."""
+    blob = pickle.dumps(value, protocol=4)
+    loads(blob, "value to store")
+    return blob
+
+
+def decode_document(doc: dict) -> dict:
+    """Decode a pool document's pickled fields in place (``TaskManager._decode_task``, restricted).
+
+    Raises:
+        TaskDecodeError: a field does not decode; the message names the task and the field.
+    """
+    for key in list(doc):
+        if key.startswith(ENCODED_PREFIXES) and isinstance(doc[key], (bytes, bytearray)):
+            doc[key] = loads(doc[key], f"task {doc.get('_id')}: field {key!r}")
+    return doc
