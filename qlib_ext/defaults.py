@@ -98,3 +98,18 @@ STORE_IDLE_EXIT_SECONDS = 1800.0
 # --- multi-host
 CLOCK_RESYNC_SECONDS = 300.0
 """How often a process re-reads the store's clock for lease arithmetic, seconds."""
+
+
+# --- validity statistics (leaderboard)
+SHARPE_PERIODS_PER_YEAR = 238
+"""Days per year that annualise a daily Sharpe ratio: Qlib's ``risk_analysis`` scaler for daily data, so
+the leaderboard's Sharpe equals Qlib's ``information_ratio`` of the same series, days."""
+
+MINTRL_CONFIDENCE = 0.95
+"""Confidence level of the minimum track record length (PSR against 0 must reach it), probability."""
+
+PBO_BLOCKS = 16
+"""Row blocks S that CSCV cuts the T x N return matrix into (C(16, 8) = 12,870 splits), count."""
+
+PBO_MAX_SPLITS = 20000
+"""Most IS/OOS splits PBO evaluates; above this a seeded sample of C(S, S/2) is used, count."""
