@@ -113,3 +113,19 @@ PBO_BLOCKS = 16
 
 PBO_MAX_SPLITS = 20000
 """Most IS/OOS splits PBO evaluates; above this a seeded sample of C(S, S/2) is used, count."""
+
+
+# --- hardening: what workers trust, and faults outside the task
+ALLOWED_MODULES: tuple[str, ...] = ("qlib.", "qlib_ext.", "lightgbm")
+"""Module prefixes a task's ``class``/``func``/``module_path`` may name on a worker (``--allow-module``,
+``QLIB_EXT_ALLOWED_MODULES``, ``workers.allowed_modules`` in the profile replace it)."""
+
+ALLOWED_MODULES_ENV = "QLIB_EXT_ALLOWED_MODULES"
+"""Environment variable with a worker's comma-separated allow-list of module prefixes."""
+
+INFRA_RETRIES = 5
+"""Times a worker retries a task whose attempt failed outside the task (MLflow, store, disk full) before it
+counts as one of the task's attempts, count."""
+
+INFRA_BACKOFF_SECONDS = 2.0
+"""First back-off after an infrastructure fault (doubled per retry, capped at ``OUTAGE_MAX_SECONDS``), seconds."""
