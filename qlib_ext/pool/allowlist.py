@@ -1,0 +1,88 @@
+"""Which code a task definition may name: a worker-side allow-list of module prefixes.
+
+A plain-dict task is still code: Qlib's ``init_instance_by_config`` imports whatever a ``class``
+(``"a.b.Class"``), ``func`` or ``module_path`` names — a module path may even be a ``.py`` file — and
+unpickles a ``"file://...pkl"`` reference. Before a worker (or the cache warmer) imports anything
+for a task, :func:`check_task` walks its definition and refuses every such reference whose module
+does not start with one of the allowed prefixes. ``file://`` references are refused unless
+``file://`` itself is on the list.
+
+A class named without a module (``class: SignalRecord``) is resolved by qlib-ext or Qlib in a
+default module of their choosing (``qlib.workflow.record_temp``...), so it is not checked.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from qlib_ext import defaults
+from qlib_ext.errors import ModuleNotAllowed
+
+FILE_PREFIX = "file://"
+"""Qlib's pickle reference scheme (``init_instance_by_config("file:///x.pkl")`` unpickles the file)."""
+
+
+def parse(value: str | Iterable[str] | None) -> tuple[str, ...] | None:
+    """Prefixes from a comma-separated string or a list; None stays None (not configured)."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return tuple(s.strip() for s in items if s and s.strip())
+
+
+def resolve(flags: Iterable[str] | None = None, configured: str | Iterable[str] | None = None) -> tuple[str, ...]:
+    """The worker's allow-list: ``--allow-module`` flags, else the env var / profile value, else the default.
+
+    Args:
+        flags: ``--allow-module`` values (each may be comma-separated).
+        configured: ``workers.allowed_modules`` from the profile, when the caller has it.
+    """
+    for source in (list(flags or []) or None, os.environ.get(defaults.ALLOWED_MODULES_ENV), configured):
+        prefixes = parse(",".join(source) if isinstance(source, list) else source)
+        if prefixes:
+            return prefixes
+    return defaults.ALLOWED_MODULES
+
+
+def _allowed(module: str, prefixes: tuple[str, ...]) -> bool:
+    for prefix in prefixes:
+        if module == prefix.rstrip(".") or module.startswith(prefix if prefix.endswith((".", "/")) else prefix + "."):
+            return True
+    return False
+
+
+def references(node: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    """``(key path, module or file reference)`` of everything in ``node`` that Qlib would import or unpickle."""
+    if isinstance(node, dict):
+        for key in ("class", "func"):
+            value = node.get(key)
+            if isinstance(value, str) and "." in value:
+                yield f"{path}{key}", value.rsplit(".", 1)[0]
+        if isinstance(node.get("module_path"), str):
+            yield f"{path}module_path", node["module_path"]
+        for key, value in node.items():
+            yield from references(value, f"{path}{key}.")
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from references(value, f"{path}{i}.")
+    elif isinstance(node, str) and node.startswith(FILE_PREFIX):
+        yield path.rstrip("."), FILE_PREFIX
+
+
+def check_task(task: dict, prefixes: tuple[str, ...]) -> None:
+    """Refuse a task naming code outside ``prefixes``.
+
+    Raises:
+        ModuleNotAllowed: naming the first offending key path, what it names and the allow-list.
+    """
+    for where, module in references(task):
+        if module == FILE_PREFIX and FILE_PREFIX in prefixes:
+            continue
+        if module == FILE_PREFIX or not _allowed(module, prefixes):
+            what = "a pickle file reference (file://...)" if module == FILE_PREFIX else f"module {module!r}"
+            raise ModuleNotAllowed(
+                f"task key {where} names {what}, which is not on this worker's allow-list "
+                f"({', '.join(prefixes)}); add its prefix with --allow-module, {defaults.ALLOWED_MODULES_ENV} "
+                f"or workers.allowed_modules in the profile if you trust whoever writes this pool")
