@@ -170,7 +170,7 @@ def measure(store: Store, settings: object, log_text: str) -> dict[str, object]:
     import pymongo
 
     with pymongo.MongoClient(store.url) as client:
-        docs = list(client[settings.db_name]["chaos"].find({}, {"status": 1, "attempt": 1, "result.run_id": 1}))
+        docs = list(client[settings.db_name]["chaos"].find({}, {"status": 1, "attempt": 1, "outcome.run_id": 1}))
     statuses = collections.Counter(d["status"] for d in docs)
     commits = collections.Counter(re.findall(r"committed task ([0-9a-f]{24})", log_text))
     client = mlflow.MlflowClient(settings.mlflow_uri)
@@ -185,7 +185,7 @@ def measure(store: Store, settings: object, log_text: str) -> dict[str, object]:
         "committed_twice": sum(1 for d in docs if commits[str(d["_id"])] > 1),
         "committed_never_logged": sum(1 for d in done if commits[str(d["_id"])] == 0),
         "done_with_1_finished_run": sum(1 for d in done if runs[str(d["_id"])]["FINISHED"] == 1),
-        "finished_run_is_committed": sum(1 for d in done if client.get_run(d["result"]["run_id"]).info.status
+        "finished_run_is_committed": sum(1 for d in done if client.get_run(d["outcome"]["run_id"]).info.status
                                          == "FINISHED"),
         "runs_running": sum(c["RUNNING"] for c in runs.values()),
         "runs_killed": sum(c["KILLED"] for c in runs.values()),

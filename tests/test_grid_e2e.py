@@ -52,7 +52,7 @@ def test_grid_runs_on_two_workers_into_mlflow_and_ranks(tmp_path, synth_provider
     client = mlflow.MlflowClient(mlflow_uri)
     runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
     assert sorted(r.info.status for r in runs) == ["FINISHED"] * 4
-    committed = {d["result"]["run_id"] for d in docs}
+    committed = {d["outcome"]["run_id"] for d in docs}
     assert {r.info.run_id for r in runs} == committed
     for run in runs:
         p, m, t = run.data.params, run.data.metrics, run.data.tags

@@ -144,7 +144,7 @@ elif cmd == "tasks":
     print(json.dumps([{"id": str(d["_id"]), "status": d["status"], "host": d.get("host"),
                        "worker": d.get("worker"), "attempt": d.get("attempt"),
                        "errors": [{"worker": e["worker"], "error": e["error"]} for e in d.get("errors", [])],
-                       "run_id": (d.get("result") or {}).get("run_id")} for d in db[args[0]].find()]))
+                       "run_id": (d.get("outcome") or {}).get("run_id")} for d in db[args[0]].find()]))
 elif cmd == "runs":
     import mlflow
     client = mlflow.MlflowClient(os.environ["MLFLOW_URL"])

@@ -75,7 +75,7 @@ def test_expired_lease_is_recovered_once_and_the_old_owner_is_fenced_out(tm):
     assert not tm.commit(old, {"run_id": "stale"})
     assert tm.commit(new, {"run_id": "fresh"})
     doc = tm.task_pool.find_one({"_id": new.id})
-    assert doc["status"] == "done" and doc["result"] == {"run_id": "fresh"}
+    assert doc["status"] == "done" and doc["outcome"] == {"run_id": "fresh"}
     assert [e["worker"] for e in doc["errors"]] == ["slow:1"]
     assert "lease expired" in doc["errors"][0]["error"]
 

@@ -95,7 +95,7 @@ class Pool:
             assert "RUNNING" not in statuses, (doc["_id"], statuses)
             if doc["status"] == "done":
                 assert statuses.count("FINISHED") == 1, (doc["_id"], statuses)
-                assert client.get_run(doc["result"]["run_id"]).info.status == "FINISHED"
+                assert client.get_run(doc["outcome"]["run_id"]).info.status == "FINISHED"
 
 
 def test_kill9_worker_task_is_reclaimed_after_its_lease_and_completed(tmp_path, synth_provider, mongo_url):
@@ -170,7 +170,7 @@ def test_worker_whose_lease_was_stolen_cannot_commit(tmp_path, synth_provider, m
         assert tm.commit(thief, {"run_id": "thief-run"})
     assert pool.wait(proc) == 0
     doc = pool.docs()[0]
-    assert doc["status"] == "done" and doc["result"] == {"run_id": "thief-run"} and doc["worker"] == "thief:1"
+    assert doc["status"] == "done" and doc["outcome"] == {"run_id": "thief-run"} and doc["worker"] == "thief:1"
     assert pool.runs()[str(doc["_id"])] == ["KILLED"]  # the victim stopped its task and ended its run
     assert "lease on task" in pool.log.read_text()
 

@@ -112,7 +112,7 @@ def test_result_finished_during_an_outage_is_adopted_unless_someone_claimed_it(t
     assert tm.commit(mine, {"run_id": "late"})
     assert not tm.commit(theirs, {"run_id": "stale"})
     assert tm.commit(again, {"run_id": "fresh"})
-    assert sorted(d["result"]["run_id"] for d in tm.task_pool.find({})) == ["fresh", "late"]
+    assert sorted(d["outcome"]["run_id"] for d in tm.task_pool.find({})) == ["fresh", "late"]
 
 
 def test_spooled_result_of_a_dead_worker_is_replayed_on_the_next_start(tm, mongo_url, task_db_name):
@@ -126,7 +126,7 @@ def test_spooled_result_of_a_dead_worker_is_replayed_on_the_next_start(tm, mongo
                               db_name=task_db_name)
     Worker(settings, StopState(1))._replay_spool()
     doc = tm.task_pool.find_one({})
-    assert doc["status"] == "done" and doc["result"]["run_id"] == "spooled" and not path.exists()
+    assert doc["status"] == "done" and doc["outcome"]["run_id"] == "spooled" and not path.exists()
 
 
 def _dead_pid() -> int:

@@ -185,13 +185,13 @@ def test_two_models_times_two_strategies_train_twice_and_backtest_four_times(tmp
                                                           .experiment_id])}
     assert all(r.info.status == "FINISHED" for r in runs.values())
     fits = [r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags]
-    assert sorted(r.info.run_id for r in fits) == sorted(d["result"]["run_id"] for d in trainings.values())
+    assert sorted(r.info.run_id for r in fits) == sorted(d["outcome"]["run_id"] for d in trainings.values())
     assert all("time.fit_s" in r.data.metrics and "time.backtest_s" not in r.data.metrics for r in fits)
     assert len(runs) == 6
     for doc in backtests:
-        run = runs[doc["result"]["run_id"]]
+        run = runs[doc["outcome"]["run_id"]]
         parent_doc = trainings[doc["filter"]["qlib_ext"]["parent_task_id"]]
-        parent = runs[parent_doc["result"]["run_id"]]
+        parent = runs[parent_doc["outcome"]["run_id"]]
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.params["task.model.kwargs.num_leaves"] == parent.data.params["task.model.kwargs.num_leaves"]
         assert run.data.params["strategy.topk"] in ("5", "10") and run.data.params["model"] == "lgb"
@@ -205,5 +205,5 @@ def test_two_models_times_two_strategies_train_twice_and_backtest_four_times(tmp
 
     rows = json.loads(cli("leaderboard", "train_once_e2e", "--json", *common).stdout)
     assert len(rows) == 4
-    assert {r["run_id"] for r in rows} == {d["result"]["run_id"] for d in backtests}
+    assert {r["run_id"] for r in rows} == {d["outcome"]["run_id"] for d in backtests}
     assert all({"task.model.kwargs.num_leaves", "strategy.topk", "model"} <= set(r["params"]) for r in rows)

@@ -45,10 +45,10 @@ def test_workflow_runs(workflow, small_default_calendar, mongo_url, tmp_path):
         assert "1 new of 1" in proc.stdout, "a plain qrun YAML (no grid:) runs as one task"
     db = pymongo.MongoClient(mongo_url)["default_task_db"]
     pool = next(name for name in db.list_collection_names() if not name.startswith("_"))
-    docs = list(db[pool].find({}, {"status": 1, "result": 1, "errors": 1}))
+    docs = list(db[pool].find({}, {"status": 1, "outcome": 1, "errors": 1}))
     assert docs and all(d["status"] == "done" for d in docs), [d.get("errors") for d in docs]
     client = mlflow.MlflowClient(mlflow_uri)
     for d in docs:
-        run = client.get_run(d["result"]["run_id"])
+        run = client.get_run(d["outcome"]["run_id"])
         assert run.info.status == "FINISHED"
         assert "IC" in run.data.metrics or "1day.excess_return_with_cost.annualized_return" in run.data.metrics

@@ -4,7 +4,10 @@ fenced commits and a ``$group`` status count.
 Documents keep Qlib's shape (``def``/``filter``/``status``/``priority``/``res``) so Qlib's own
 ``python -m qlib.workflow.task.manage -t POOL task_stat`` reads them; the extra fields are ours:
 ``hash`` (unique: dedup), ``attempt``, ``worker``, ``host``, ``lease_until`` (store clock),
-``errors`` (one entry per failed attempt), ``result`` (the committed result as plain BSON).
+``errors`` (one entry per failed attempt), ``outcome`` (the committed result as plain BSON); every
+name is in :mod:`qlib_ext.pool.record`. Qlib unpickles every field whose name starts with ``def`` or
+``res``, so ours never do; 0.1.0 called ``outcome`` ``result``, and :meth:`GridTaskManager.migrate`
+renames it when a pool is opened.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from qlib.workflow.task.manage import TaskManager
 
 from qlib_ext import defaults
 from qlib_ext.errors import StoreError
+from qlib_ext.pool.record import DOC_FORMAT, META, Doc, PoolMeta
 from qlib_ext.pool.status import UNFINISHED, TaskStatus
 
 logger = logging.getLogger(__name__)
@@ -49,9 +53,9 @@ def task_hash(task: dict) -> str:
     The grid hash is left out: editing a grid (adding a value to one axis) changes it for every
     point, and the points that were already run must stay deduplicated.
     """
-    meta = task.get("qlib_ext")
+    meta = task.get(META)
     if isinstance(meta, dict) and "grid_hash" in meta:
-        task = {**task, "qlib_ext": {k: v for k, v in meta.items() if k != "grid_hash"}}
+        task = {**task, META: {k: v for k, v in meta.items() if k != "grid_hash"}}
     blob = json.dumps(task, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha1(blob.encode()).hexdigest()
 
@@ -81,10 +85,11 @@ class GridTaskManager(TaskManager):
 
     Every state change is one atomic single-document operation guarded by the expected state
     (compare-and-set), so no locks are held and a lost race simply means "try the next task".
-    Lease arithmetic uses the store's clock (from ``hello.localTime``), not the worker's.
+    Lease arithmetic uses the store's clock (from ``hello.localTime``), not the worker's. Opening a
+    pool migrates documents written by 0.1.0 (:meth:`migrate`).
     """
 
-    def __init__(self, task_pool: str, db: Database | None = None):
+    def __init__(self, task_pool: str, db: Database | None = None, migrate: bool = True):
         if db is None:
             super().__init__(task_pool)
         else:
@@ -94,6 +99,39 @@ class GridTaskManager(TaskManager):
             self.logger = get_module_logger(self.__class__.__name__)
         self.pool_name = task_pool
         self._clock: tuple[dt.datetime, float] | None = None  # (store time, time.monotonic()) at last sync
+        self.migrated = False
+        if migrate:  # a worker defers it to its first step, where an unreachable store is retried
+            self.migrate()
+
+    # ------------------------------------------------------------------ format
+    def migrate(self) -> int:
+        """Rename 0.1.0's ``result`` field to ``outcome`` in every document that has it; return how many.
+
+        Qlib 0.9.7 unpickles every field starting with ``res``, so its ``task_stat``/``query`` and the
+        ``manage`` CLI failed on a 0.1.0 pool holding a finished task. One ``update_many`` with
+        ``$rename`` guarded by ``$exists``: each document is renamed atomically, a second run (or one
+        from another process at the same time) finds nothing left, and workers running meanwhile
+        never touch ``result`` (stop 0.1.0 workers before upgrading). Documents are migrated before this
+        process reads any of them. The pool's metadata then records ``doc_format`` so later opens skip the
+        scan (a pool without metadata, made by hand, is scanned each time).
+        """
+        pools = self.task_pool.database[POOLS_COLLECTION]
+        try:
+            meta = pools.find_one({"_id": self.pool_name}, {PoolMeta.DOC_FORMAT: 1})
+            if meta and meta.get(PoolMeta.DOC_FORMAT, 1) >= DOC_FORMAT:
+                self.migrated = True
+                return 0
+            done = self.task_pool.update_many({Doc.LEGACY_RESULT: {"$exists": True}},
+                                              {"$rename": {Doc.LEGACY_RESULT: Doc.OUTCOME}}).modified_count
+            if meta:
+                pools.update_one({"_id": self.pool_name}, {"$set": {PoolMeta.DOC_FORMAT: DOC_FORMAT}})
+        except PyMongoError as e:
+            raise StoreError(f"pool {self.pool_name}: cannot migrate 0.1.0 '{Doc.LEGACY_RESULT}' fields: {e}") from e
+        self.migrated = True
+        if done:
+            logger.warning("pool %s: renamed the 0.1.0 field %r to %r in %d tasks", self.pool_name,
+                           Doc.LEGACY_RESULT, Doc.OUTCOME, done)
+        return done
 
     # ------------------------------------------------------------------ clock
     def now(self) -> dt.datetime:
@@ -205,7 +243,7 @@ class GridTaskManager(TaskManager):
         """
         adoptable = {"_id": claim.id, "attempt": claim.attempt,
                      "status": {"$in": [TaskStatus.WAITING.value, TaskStatus.FAILED.value]}}
-        update = {"$set": {"status": status, "res": Binary(pickle.dumps(result)), "result": result,
+        update = {"$set": {"status": status, "res": Binary(pickle.dumps(result)), Doc.OUTCOME: result,
                            "worker": claim.worker, "finished_at": self.now()},
                   "$unset": {"lease_until": ""}}
         ok = self.task_pool.update_one({"$or": [self._held(claim), adoptable]}, update).matched_count == 1
@@ -276,7 +314,7 @@ class GridTaskManager(TaskManager):
             statuses = [TaskStatus.FAILED.value] + ([] if failed_only else [TaskStatus.CANCELLED.value])
             flt = {"status": {"$in": statuses}}
         update = {"$set": {"status": TaskStatus.WAITING.value, "attempt": 0, "requeued_at": self.now()},
-                  "$unset": {"lease_until": "", "result": "", "res": ""}}
+                  "$unset": {"lease_until": "", Doc.OUTCOME: "", "res": ""}}
         return self.task_pool.update_many(flt, update).modified_count
 
     def cancel(self, now: bool = False) -> int:
@@ -314,9 +352,9 @@ class GridTaskManager(TaskManager):
     def results(self) -> list[dict]:
         """Committed results of done tasks, with their task meta, without unpickling anything."""
         cur = self.task_pool.find({"status": TaskStatus.DONE.value},
-                                  {"result": 1, "filter.qlib_ext": 1, "attempt": 1, "worker": 1})
-        return [{"_id": d["_id"], "meta": d.get("filter", {}).get("qlib_ext", {}), "attempt": d.get("attempt"),
-                 "worker": d.get("worker"), **(d.get("result") or {})} for d in cur]
+                                  {Doc.OUTCOME: 1, f"filter.{META}": 1, "attempt": 1, "worker": 1})
+        return [{"_id": d["_id"], "meta": d.get("filter", {}).get(META, {}), "attempt": d.get("attempt"),
+                 "worker": d.get("worker"), **(d.get(Doc.OUTCOME) or {})} for d in cur]
 
 
 # ---------------------------------------------------------------------- connection and pool metadata

@@ -55,7 +55,7 @@ def reap_runs(tm: GridTaskManager, mlflow_uri: str, task_ids: list[Any] | None =
         return ended
     ids = {_oid(r.data.tags.get("qlib_ext.task_id")) for r in runs} - {None}
     docs = {d["_id"]: d for d in tm.task_pool.find({"_id": {"$in": list(ids)}},
-                                                    {"status": 1, "attempt": 1, "worker": 1, "result.run_id": 1})}
+                                                    {"status": 1, "attempt": 1, "worker": 1, "outcome.run_id": 1})}
     for run in runs:
         verdict = _verdict(run, docs.get(_oid(run.data.tags.get("qlib_ext.task_id"))))
         if verdict is not None:
@@ -89,7 +89,7 @@ def _verdict(run: Any, doc: dict | None) -> str | None:
             and doc.get("worker") == tags.get("qlib_ext.worker"))
     if status == "RUNNING" and not live:
         return f"attempt {tags.get('qlib_ext.attempt')} by {tags.get('qlib_ext.worker')} is over"
-    committed = (doc.get("result") or {}).get("run_id")
+    committed = (doc.get("outcome") or {}).get("run_id")
     if status == "FINISHED" and doc.get("status") == TaskStatus.DONE.value and committed != run.info.run_id:
         return f"result not committed: the task's committed run is {committed}"
     return None

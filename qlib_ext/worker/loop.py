@@ -136,7 +136,7 @@ class Worker:
 
         self.s = settings
         self.stop = stop
-        self.tm = GridTaskManager(settings.pool, task_db(settings))
+        self.tm = GridTaskManager(settings.pool, task_db(settings), migrate=False)
         self._backoff = defaults.POLL_MIN_SECONDS
         self._outage = False
         if settings.task_timeout:
@@ -173,6 +173,8 @@ class Worker:
 
     def step(self) -> bool | None:
         """True: ran a task. None: nothing to claim yet. False: the pool is finished for us."""
+        if not self.tm.migrated:
+            self.tm.migrate()
         self._replay_spool()
         recovered = self.tm.sweep(self.s.max_attempts)
         if recovered:
@@ -268,8 +270,8 @@ class Worker:
         """One fenced commit; True also when an earlier try of ours got through but its reply was lost."""
         if self.tm.commit(claim, result):
             return True
-        doc = self.tm.task_pool.find_one({"_id": claim.id}, {"status": 1, "result.run_id": 1})
-        return bool(doc and doc.get("status") == "done" and (doc.get("result") or {}).get("run_id") == result.get(
+        doc = self.tm.task_pool.find_one({"_id": claim.id}, {"status": 1, "outcome.run_id": 1})
+        return bool(doc and doc.get("status") == "done" and (doc.get("outcome") or {}).get("run_id") == result.get(
             "run_id"))
 
     def _discard(self, result: dict, reason: str) -> None:
