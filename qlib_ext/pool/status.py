@@ -6,7 +6,8 @@ from enum import Enum
 
 
 class TaskStatus(str, Enum):
-    """Status of a task document. The first four are Qlib's ``TaskManager`` states; ``failed`` is ours."""
+    """Status of a task document. The first four are Qlib's ``TaskManager`` states; the rest are ours:
+    ``pruned`` is a rolling window a search's pruner dropped before it was ever queued."""
 
     WAITING = "waiting"
     RUNNING = "running"
@@ -14,6 +15,7 @@ class TaskStatus(str, Enum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    PRUNED = "pruned"
 
     def __str__(self) -> str:
         return self.value
