@@ -73,7 +73,10 @@ def submit(path: str | Path, *, mongo_url: str | None = None, mlflow_uri: str | 
     wf = load_workflow(path)
     qlib_init = dict(wf.config.get("qlib_init") or {})
     provider = resolve_provider(provider_uri, qlib_init, str(path))
-    tasks = spread_sample(expand(wf, provider_uri=provider), limit)
+    from qlib_ext.search.proposer import is_search
+
+    searching = is_search(wf.grid)  # a proposer queues the tasks as the search goes (qlib-ext search)
+    tasks = [] if searching else spread_sample(expand(wf, provider_uri=provider), limit)
     mlflow_uri = mlflow_uri or defaults.default_mlflow_uri()
     ensure_experiment(mlflow_uri, wf.experiment_name)
     url = resolve_mongo_url(mongo_url)
@@ -84,6 +87,7 @@ def submit(path: str | Path, *, mongo_url: str | None = None, mlflow_uri: str | 
         "mlflow_uri": mlflow_uri, "experiment": wf.experiment_name, "workers": asdict(wf.workers),
         "data": data_identity(provider), "submitted_at": dt.datetime.now(dt.timezone.utc),
         "submitted_from": socket.gethostname(),
+        **({"search": {"search": wf.grid.search, "n_trials": wf.grid.n_trials}} if searching else {}),
     })
     tm = GridTaskManager(wf.pool, db)
     new, total = tm.create_tasks(tasks, max_attempts=max_attempts or wf.workers.max_attempts)
