@@ -129,3 +129,11 @@ counts as one of the task's attempts, count."""
 
 INFRA_BACKOFF_SECONDS = 2.0
 """First back-off after an infrastructure fault (doubled per retry, capped at ``OUTAGE_MAX_SECONDS``), seconds."""
+
+
+# --- search (Optuna proposer)
+SEARCH_POLL_SECONDS = 0.5
+"""Interval between two rounds of a search proposer (read results, tell, ask), seconds."""
+
+SEARCH_HOLD_SECONDS = 60.0
+"""A proposer holds its pool open this long after its last round (workers wait instead of exiting), seconds."""
