@@ -346,8 +346,15 @@ class GridTaskManager(TaskManager):
         return {d["_id"]: d["n"] for d in self.task_pool.aggregate(pipeline)}
 
     def unfinished(self) -> int:
-        """Tasks still waiting, running or part-done."""
-        return self.task_pool.count_documents({"status": {"$in": list(UNFINISHED)}})
+        """Tasks still waiting, running or part-done; plus one while a search proposer holds the pool open
+        (it queues more tasks as results come in, so workers must not exit when the queue runs dry)."""
+        return self.task_pool.count_documents({"status": {"$in": list(UNFINISHED)}}) + int(self.search_open())
+
+    def search_open(self) -> bool:
+        """Whether a search proposer renewed its hold on this pool recently (``search_until`` in the future)."""
+        meta = self.task_pool.database[POOLS_COLLECTION].find_one({"_id": self.pool_name}, {"search_until": 1})
+        until = (meta or {}).get("search_until")
+        return isinstance(until, dt.datetime) and until > self.now()
 
     def results(self) -> list[dict]:
         """Committed results of done tasks, with their task meta, without unpickling anything."""
