@@ -8,6 +8,7 @@ which file, and what would be valid.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import math
 import re
@@ -18,8 +19,17 @@ from typing import Any
 from qlib_ext import defaults
 from qlib_ext.errors import ConfigError
 
-SEARCHES = ("grid", "random")
+SAMPLERS = ("tpe", "cmaes", "gp", "qmc")
+"""Model-based searches: an Optuna sampler proposes each point (``qlib_ext.search``)."""
+
+SEARCHES = ("grid", "random", *SAMPLERS)
 """Values of ``grid.search``."""
+
+DIRECTIONS = ("maximize", "minimize")
+"""Values of ``grid.objective.direction``."""
+
+PRUNE_METHODS = ("successive_halving", "median", "wilcoxon")
+"""Values of ``grid.prune.method`` (Optuna's pruners, stepping on the rolling window index)."""
 
 DISTS = ("int", "uniform", "loguniform")
 """Distributions a random-search axis may use."""
@@ -52,6 +62,22 @@ Values = list | Dist
 """One axis: a list (every value in a grid, a uniform choice in random search) or a ``Dist``."""
 
 
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """What ranks configurations: a committed metric and whether higher or lower is better."""
+
+    metric: str = "IC"  # a key of the committed result's metrics (rolling: mean over windows)
+    direction: str = "maximize"  # maximize | minimize
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """Walk-forward pruning: judge a configuration after each window, drop the ones falling behind."""
+
+    method: str = "successive_halving"  # one of PRUNE_METHODS
+    min_windows: int = 2  # windows every configuration runs before it can be pruned
+
+
 @dataclass
 class ModelSpec:
     """One alternative ``task.model`` block of the ``grid.models`` axis."""
@@ -75,9 +101,12 @@ class GridSpec:
     """The ``grid:`` section: which axes to vary and how to search them."""
 
     pool: str | None = None  # task pool (Mongo collection) name; None = the YAML file's stem
-    search: str = "grid"  # grid = cartesian product of all axes; random = n_trials seeded samples
-    n_trials: int | None = None  # number of random-search samples (random only)
-    seed: int = 0  # random-search seed: same YAML + same seed = same tasks
+    search: str = "grid"  # grid = cartesian product; random = n_trials seeded samples; tpe|cmaes|gp|qmc = Optuna
+    n_trials: int | None = None  # number of random-search samples / sampler trials (random and samplers)
+    seed: int = 0  # random-search / sampler seed: same YAML + same seed = same tasks (random)
+    batch: str | int = "auto"  # sampler trials in flight at once; auto = the number of workers
+    objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)  # what the samplers and pruners optimise
+    prune: PruneSpec | None = None  # walk-forward pruning (needs rolling); None = every window runs
     params: dict[str, Values] = field(default_factory=dict)  # dotted path from the YAML root -> axis
     models: dict[str, ModelSpec] = field(default_factory=dict)  # short name -> alternative task.model
     strategies: dict[str, Values] = field(default_factory=dict)  # key inside strategy.kwargs -> axis
@@ -203,9 +232,9 @@ def _values(raw: Any, file: Path, key: str, search: str) -> Values:
     _mapping(raw, file, key, ("dist", "low", "high"))
     if raw["dist"] not in DISTS:
         raise _err(file, f"{key}.dist", f"unknown dist '{raw['dist']}'", "one of: " + ", ".join(DISTS))
-    if search != "random":
+    if search == "grid":
         raise _err(file, key, f"distribution '{raw['dist']}' with search: {search}",
-                   "a list of values, or grid.search: random")
+                   "a list of values, or grid.search: " + " | ".join(s for s in SEARCHES if s != "grid"))
     integer = raw["dist"] == "int"
     low, high = (_number(raw.get(b), file, f"{key}.{b}", integer=integer, low=None) for b in ("low", "high"))
     if low >= high:
@@ -227,16 +256,22 @@ def parse_grid(raw: Any, config: dict, file: Path) -> GridSpec:
         raise _err(file, "grid.search", f"unknown search '{search}'", "one of: " + ", ".join(SEARCHES))
     spec = GridSpec(pool=_pool(raw.get("pool"), file), search=search,
                     seed=_number(raw.get("seed", 0), file, "grid.seed", integer=True, low=None))
-    if search == "random":
+    if search != "grid":
         if raw.get("n_trials") is None:
-            raise _err(file, "grid.n_trials", "missing n_trials for search: random", "an integer > 0")
+            raise _err(file, "grid.n_trials", f"missing n_trials for search: {search}", "an integer > 0")
         spec.n_trials = _number(raw["n_trials"], file, "grid.n_trials", integer=True)
+    spec.batch = _batch(raw.get("batch", "auto"), file)
+    spec.objective = _parse_objective(raw.get("objective"), file)
+    if search == "gp" and importlib.util.find_spec("torch") is None:
+        raise _err(file, "grid.search", "search: gp needs PyTorch (Optuna's GPSampler), which is not installed",
+                   "pip install torch, or one of: " + ", ".join(s for s in SEARCHES if s != "gp"))
     if "models" in raw and not raw["models"]:
         raise _err(file, "grid.models", "empty mapping", "short name -> {class, module_path, kwargs}")
     spec.models = _parse_models(raw.get("models"), file, search)
     spec.params = _parse_params(raw.get("params"), config, file, search, bool(spec.models))
     spec.strategies = _parse_strategies(raw.get("strategies"), config, file, search)
     spec.rolling = _parse_rolling(raw.get("rolling"), config, file)
+    spec.prune = _parse_prune(raw.get("prune"), file, spec.rolling)
     spec.train_once = raw.get("train_once", True)
     if not isinstance(spec.train_once, bool):
         raise _err(file, "grid.train_once", f"{type(spec.train_once).__name__} value {spec.train_once!r}",
@@ -244,6 +279,37 @@ def parse_grid(raw: Any, config: dict, file: Path) -> GridSpec:
     if search == "random" and _space_size(spec) < spec.n_trials:
         raise _err(file, "grid.n_trials", f"n_trials {spec.n_trials} exceeds the {_space_size(spec)} "
                    "distinct points of the search space", "fewer trials, more values, or search: grid")
+    return spec
+
+
+def _batch(raw: Any, file: Path) -> str | int:
+    if raw == "auto":
+        return raw
+    if isinstance(raw, str):
+        raise _err(file, "grid.batch", f"unknown batch {raw!r}", "auto (the number of workers) or an integer > 0")
+    return _number(raw, file, "grid.batch", integer=True)
+
+
+def _parse_objective(raw: Any, file: Path) -> ObjectiveSpec:
+    raw = _mapping(raw, file, "grid.objective", ("metric", "direction"))
+    spec = ObjectiveSpec(**raw)
+    if not isinstance(spec.metric, str) or not spec.metric:
+        raise _err(file, "grid.objective.metric", f"metric {spec.metric!r}", "a metric name such as IC or ICIR")
+    if spec.direction not in DIRECTIONS:
+        raise _err(file, "grid.objective.direction", f"unknown direction {spec.direction!r}",
+                   "one of: " + ", ".join(DIRECTIONS))
+    return spec
+
+
+def _parse_prune(raw: Any, file: Path, rolling: RollingSpec | None) -> PruneSpec | None:
+    if raw is None:
+        return None
+    spec = PruneSpec(**_mapping(raw, file, "grid.prune", ("method", "min_windows")))
+    if spec.method not in PRUNE_METHODS:
+        raise _err(file, "grid.prune.method", f"unknown method {spec.method!r}", "one of: " + ", ".join(PRUNE_METHODS))
+    _number(spec.min_windows, file, "grid.prune.min_windows", integer=True)
+    if rolling is None:
+        raise _err(file, "grid.prune", "prune without rolling", "a grid.rolling section (pruning judges windows)")
     return spec
 
 

@@ -1,0 +1,309 @@
+"""The proposer: Optuna's ask-and-tell over the task pool, with the pool as the only source of truth.
+
+Each :meth:`Proposer.step` reads the pool's trial documents (:mod:`qlib_ext.search.trials`) and the tasks
+they point to, tells its in-memory Optuna study what finished, reports rolling windows to the pruner,
+queues the next window of configurations that survive, and asks for new trials while fewer than
+``batch`` are running. There is no second database: a proposer that starts (or restarts after
+``kill -9``) replays every trial document into a fresh in-memory study — params through
+``enqueue_trial`` + ``ask``, intermediate values, recorded pruning decisions, final states — and goes on
+from there; so no trial is lost or counted twice, and the search stops at exactly ``n_trials``.
+
+For ``search: grid | random`` with ``prune:``, the trials are the expanded configurations in order (no
+sampler), and the pruner alone decides which windows run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import socket
+import statistics
+import threading
+import warnings
+from typing import Any
+
+from pymongo.database import Database
+from pymongo.errors import PyMongoError
+
+from qlib_ext import defaults
+from qlib_ext.errors import StoreError
+from qlib_ext.pool.manager import GridTaskManager, task_hash
+from qlib_ext.pool.status import TaskStatus
+from qlib_ext.search import pruning, queue
+from qlib_ext.search.trials import FINISHED, TrialState, TrialStore, close_search, open_search
+from qlib_ext.workflow.load import Workflow
+from qlib_ext.workflow.spec import SAMPLERS, GridSpec
+
+logger = logging.getLogger(__name__)
+
+PRUNE, CONTINUE = "prune", "continue"
+"""Pruning decisions recorded per step in a trial document."""
+
+
+def is_search(grid: GridSpec) -> bool:
+    """Whether a workflow's tasks come from a proposer (a sampler, or pruning) rather than ``submit``."""
+    return grid.search in SAMPLERS or grid.prune is not None
+
+
+def make_sampler(grid: GridSpec) -> Any:
+    """The Optuna sampler of ``grid.search`` (a no-op random sampler for grid/random with pruning).
+
+    TPE keeps Optuna's constant liar (running trials count as bad, so a batch spreads out) and models
+    the parameters jointly; its first ``startup_trials`` trials are random.
+    """
+    import optuna
+
+    startup = max(2, min(10, (grid.n_trials or 0) // 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if grid.search == "tpe":
+            return optuna.samplers.TPESampler(seed=grid.seed, constant_liar=True, multivariate=True,
+                                              group=bool(grid.models), n_startup_trials=startup,
+                                              warn_independent_sampling=False)
+        if grid.search == "cmaes":
+            return optuna.samplers.CmaEsSampler(seed=grid.seed, n_startup_trials=startup,
+                                                warn_independent_sampling=False)
+        if grid.search == "gp":
+            return optuna.samplers.GPSampler(seed=grid.seed, n_startup_trials=startup, warn_independent_sampling=False)
+        if grid.search == "qmc":
+            return optuna.samplers.QMCSampler(seed=grid.seed, scramble=True, warn_independent_sampling=False,
+                                              warn_asynchronous_seeding=False)
+        return optuna.samplers.RandomSampler(seed=grid.seed)
+
+
+class Proposer:
+    """Drives one pool's search. One thread uses one ``Proposer``; any number of proposers (threads,
+    processes, hosts) may drive the same pool at once, coordinated only through the store."""
+
+    def __init__(self, wf: Workflow, db: Database, *, batch: int, provider_uri: str | None = None,
+                 max_attempts: int | None = None, mlflow_uri: str | None = None):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.wf, self.grid, self.db = wf, wf.grid, db
+        self.batch, self.mlflow_uri = batch, mlflow_uri
+        self.max_attempts = max_attempts or wf.workers.max_attempts
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+        self.tm = GridTaskManager(wf.pool, db)
+        self.store = TrialStore(db, wf.pool)
+        self.fixed = wf.grid.search not in SAMPLERS
+        if self.fixed:
+            self.configs = _configs(wf, provider_uri)
+            self.n_trials = len(self.configs)
+        else:
+            from qlib_ext.workflow.space import PointBuilder
+
+            self.builder = PointBuilder(wf, provider_uri)
+            self.n_trials = int(wf.grid.n_trials)
+        self.study = optuna.create_study(direction=wf.grid.objective.direction, sampler=make_sampler(wf.grid),
+                                         pruner=pruning.make_pruner(wf.grid.prune))
+        self.local: dict[int, Any] = {}  # trial number -> the Optuna trial standing for it
+        self.reported: dict[int, int] = {}  # trial number -> windows reported to the pruner
+        self.told: dict[int, str] = {}  # trial number -> the state it was told (once)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, stop: threading.Event | None = None) -> bool:
+        """Step until every trial has finished or ``stop`` is set; True when the search is done."""
+        stop = stop or threading.Event()
+        done = False
+        try:
+            while not stop.is_set():
+                try:
+                    done = self.step()
+                except (PyMongoError, StoreError) as e:
+                    logger.warning("search %s: task store unreachable (%s); retrying", self.wf.pool, e)
+                if done:
+                    break
+                stop.wait(defaults.SEARCH_POLL_SECONDS)
+        finally:
+            try:
+                close_search(self.db, self.wf.pool, done)
+            except PyMongoError as e:
+                logger.warning("search %s: could not release the pool (%s); it expires by itself", self.wf.pool, e)
+        logger.info("search %s: %s", self.wf.pool, "done" if done else "stopped")
+        return done
+
+    def step(self) -> bool:
+        """One round: advance every trial, propose while fewer than ``batch`` run. True: all finished."""
+        self.hold()
+        docs = self.store.all()
+        states = [self._advance(doc) for doc in docs]
+        running, total = states.count(TrialState.RUNNING.value), len(docs)
+        while running < self.batch and total < self.n_trials:
+            if self._propose() is None:
+                break
+            running, total = running + 1, total + 1
+        return total >= self.n_trials and running == 0 and self.store.count() >= self.n_trials
+
+    def hold(self) -> None:
+        """Keep the pool open for workers for another ``SEARCH_HOLD_SECONDS`` (store clock)."""
+        import datetime as dt
+
+        open_search(self.db, self.wf.pool, self.tm.now() + dt.timedelta(seconds=defaults.SEARCH_HOLD_SECONDS),
+                    self.owner)
+
+    # ------------------------------------------------------------------ proposing
+    def _propose(self) -> int | None:
+        """Ask for one trial and queue its first windows; None when the budget is spent."""
+        trial = None if self.fixed else self.study.ask()
+        if trial is not None:
+            from qlib_ext.workflow.space import suggest
+
+            tasks, params = self.builder.tasks(suggest(trial, self.grid)), dict(trial.params)
+        number = self.store.reserve(self.n_trials, lambda k: self._doc(*(
+            (self.configs[k], {}) if self.fixed else (tasks, params))))
+        if number is None:
+            if trial is not None:  # another proposer took the last number: this local trial never ran
+                import optuna
+
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return None
+        if trial is not None:
+            self.local[number], self.reported[number] = trial, 0
+        doc = self.store.get(number)
+        self._queue(doc, 0, doc["released"])
+        logger.info("search %s: trial %d proposed (%s)", self.wf.pool, number, doc["tasks"][0]["qlib_ext"]["run_name"])
+        return number
+
+    def _doc(self, tasks: list[dict], params: dict) -> dict:
+        return {"params": params, "tasks": tasks, "hashes": [task_hash(t) for t in tasks],
+                "released": pruning.first_release(self.grid.prune, len(tasks)), "sampler": self.grid.search,
+                "config_id": tasks[0]["qlib_ext"]["config_id"], "objective": dataclasses.asdict(self.grid.objective),
+                "judged": {}, "proposer": self.owner}
+
+    def _queue(self, doc: dict, start: int, stop: int, status: str = TaskStatus.WAITING.value) -> None:
+        for i in range(start, stop):
+            queue.insert(self.tm, [doc["tasks"][i]], doc["number"], i, status=status, max_attempts=self.max_attempts)
+
+    # ------------------------------------------------------------------ advancing a trial
+    def _local(self, doc: dict) -> Any:
+        """The in-memory Optuna trial of a trial document (replayed from its params when new here)."""
+        number = doc["number"]
+        if number not in self.local:
+            if doc["params"]:
+                self.study.enqueue_trial(doc["params"])
+            trial = self.study.ask()
+            if not self.fixed:
+                from qlib_ext.workflow.space import suggest
+
+                suggest(trial, self.grid)  # returns the enqueued params
+            self.local[number], self.reported[number] = trial, 0
+        return self.local[number]
+
+    def _advance(self, doc: dict) -> str:
+        """Bring one trial up to date with its tasks; return its state."""
+        number = doc["number"]
+        if number in self.told:
+            return self.told[number]
+        trial = self._local(doc)
+        states = queue.states(self.tm, doc["hashes"])
+        if doc["state"] == TrialState.RUNNING.value and any(h not in states for h in doc["hashes"][:doc["released"]]):
+            self._queue(doc, 0, doc["released"])  # a proposer died between reserving and queueing
+            states = queue.states(self.tm, doc["hashes"])
+        values, failed = _window_values(doc, states, self.grid.objective.metric)
+        if failed and doc["state"] == TrialState.RUNNING.value:
+            doc = self._finish(doc, TrialState.FAIL.value, None, states)
+        doc = self._report(doc, trial, values, states)
+        if doc["state"] == TrialState.RUNNING.value and len(values) == len(doc["hashes"]):
+            doc = self._finish(doc, TrialState.COMPLETE.value, statistics.fmean(values), states)
+        if doc["state"] in FINISHED:
+            self._tell(trial, doc)
+        return doc["state"]
+
+    def _report(self, doc: dict, trial: Any, values: list[float], states: dict) -> dict:
+        """Report windows done in time order; judge, then prune or queue the next window."""
+        number, windows = doc["number"], len(doc["hashes"])
+        for step in range(self.reported[number], len(values)):
+            trial.report(pruning.reported_value(self.grid.prune, values[:step + 1]), step)
+            self.reported[number] = step + 1
+            if not pruning.judged(self.grid.prune, step, windows):
+                continue
+            wants = PRUNE if trial.should_prune() else CONTINUE  # also feeds the pruner's own bookkeeping
+            running = doc["state"] == TrialState.RUNNING.value
+            decision = self.store.judge(number, step, wants) if running else doc["judged"].get(str(step), CONTINUE)
+            if decision == PRUNE:
+                if running:
+                    doc = self._finish(doc, TrialState.PRUNED.value, statistics.fmean(values[:step + 1]), states)
+                break
+            if running and doc["released"] == step + 1 and self.store.release(number, step + 1):
+                doc["released"] = step + 2
+                self._queue(doc, step + 1, step + 2)
+        return doc
+
+    def _finish(self, doc: dict, state: str, value: float | None, states: dict) -> dict:
+        """Move the trial to ``state`` in the store (once, whoever wins); the winner tags the MLflow runs."""
+        after = self.store.finish(doc["number"], state, value, by=self.owner)
+        if after.get("finished_by") == self.owner and after["state"] == state:
+            if state == TrialState.PRUNED.value:
+                self._queue(after, after["released"], len(after["tasks"]), status=TaskStatus.PRUNED.value)
+            logger.info("search %s: trial %d %s (value %s)", self.wf.pool, doc["number"], state, value)
+            self._tag_runs(after, states)
+        return after
+
+    def _tell(self, trial: Any, doc: dict) -> None:
+        import optuna
+
+        state = doc["state"]
+        if state == TrialState.COMPLETE.value:
+            self.study.tell(trial, doc["value"])
+        else:
+            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED if state == TrialState.PRUNED.value
+                            else optuna.trial.TrialState.FAIL)
+        self.told[doc["number"]] = state
+        self.local.pop(doc["number"], None)
+
+    def _tag_runs(self, doc: dict, states: dict) -> None:
+        """Trial number, sampler and state as tags of the trial's MLflow runs (best effort)."""
+        runs = [states[h].run_id for h in doc["hashes"] if h in states and states[h].run_id]
+        if not runs or not self.mlflow_uri:
+            return
+        tags = {"qlib_ext.trial": str(doc["number"]), "qlib_ext.sampler": doc["sampler"],
+                "qlib_ext.trial_state": doc["state"]}
+        if doc["state"] == TrialState.PRUNED.value:
+            tags["qlib_ext.pruned"] = "true"
+        try:
+            import mlflow
+
+            client = mlflow.MlflowClient(tracking_uri=self.mlflow_uri)
+            for run_id in runs:
+                for key, value in tags.items():
+                    client.set_tag(run_id, key, value)
+        except Exception as e:  # noqa: BLE001 - tags are for people; the search goes on without them
+            logger.warning("search %s: could not tag the runs of trial %d (%s)", self.wf.pool, doc["number"], e)
+
+
+def _window_values(doc: dict, states: dict[str, queue.TaskState], metric: str) -> tuple[list[float], bool]:
+    """Objective values of the windows done in time order (stopping at the first not done), and whether
+    the trial failed: a task ended ``failed``, or a done task has no finite ``metric``."""
+    values: list[float] = []
+    for h in doc["hashes"]:
+        state = states.get(h)
+        if state is None or state.status != TaskStatus.DONE.value:
+            break
+        value = state.metrics.get(metric)
+        if value is None or not math.isfinite(value):
+            logger.warning("search: trial %d: a task has no %s among its metrics %s", doc["number"], metric,
+                           sorted(state.metrics))
+            return values, True
+        values.append(float(value))
+    failed = any(states.get(h) is not None and states[h].status == TaskStatus.FAILED.value
+                 for h in doc["hashes"][:doc["released"]])
+    return values, failed
+
+
+def _configs(wf: Workflow, provider_uri: str | None) -> list[list[dict]]:
+    """The configurations of a grid/random workflow, each its windows oldest first (no train-once sweep)."""
+    from qlib_ext.workflow.expand import expand
+
+    plain = dataclasses.replace(wf, grid=dataclasses.replace(wf.grid, train_once=False))
+    groups: dict[str, list[dict]] = {}
+    for task in expand(plain, provider_uri=provider_uri):
+        groups.setdefault(task["qlib_ext"]["config_id"], []).append(task)
+    return [sorted(g, key=lambda t: (t["qlib_ext"]["window"] or {}).get("index", 0)) for g in groups.values()]
+
+
+def batch_size(grid: GridSpec, workers: int) -> int:
+    """``grid.batch`` as a number: ``auto`` is the number of workers."""
+    return workers if grid.batch == "auto" else int(grid.batch)
