@@ -343,6 +343,7 @@ def run_cmd(ctx: click.Context, file: Path, mongo_url: str, mlflow_uri: str | No
                  max_attempts=opts.pop("max_attempts"), limit=limit)
     click.echo(sub)
     settings, n = _settings(sub.pool, sub.mongo_url, sub.mlflow_uri, provider_uri, log_to_files=True, **opts)
+    searcher = _start_search(file, sub, n)
     warmer = None
     if settings.cache_dir:  # fill the cache with every core while the workers start up
         from qlib_ext.worker.warm import Warmer
@@ -368,6 +369,9 @@ def run_cmd(ctx: click.Context, file: Path, mongo_url: str, mlflow_uri: str | No
         if warmer is not None:
             warmer.close()
     progress.finish()
+    if searcher is not None:
+        searcher.stop()
+        _echo_search(sub.pool, sub.mongo_url)
     if _stopped(sub.pool, sub.mongo_url):
         click.echo(f"stopped: unfinished tasks stay in pool {sub.pool}; resume with "
                    f"`qlib-ext worker --pool {sub.pool}` (the store keeps running in the background)")
@@ -397,6 +401,55 @@ def status_cmd(pool: str, mongo_url: str) -> None:
     from qlib_ext.pool.progress import status_report
 
     click.echo(status_report(pool, mongo_url))
+    _echo_search(pool, mongo_url)
+
+
+# --------------------------------------------------------------------------- search
+def _start_search(file: Path, sub, workers: int):
+    """For a search workflow (a sampler, or pruning), a proposer thread already holding the pool open."""
+    from qlib_ext.search.proposer import is_search
+    from qlib_ext.workflow.load import load_workflow
+
+    wf = load_workflow(file)
+    if not is_search(wf.grid):
+        return None
+    from qlib_ext.pool.manager import load_pool_meta, open_db
+    from qlib_ext.search.runner import SearchThread
+
+    db = open_db(sub.mongo_url)
+    click.echo(f"search {wf.grid.search}" + (f" with {wf.grid.prune.method} pruning" if wf.grid.prune else "")
+               + ": the proposer queues trials as results come in")
+    return SearchThread(wf, db, workers=workers, provider_uri=load_pool_meta(db, sub.pool)["provider_uri"],
+                        mlflow_uri=sub.mlflow_uri).start()
+
+
+def _echo_search(pool: str, mongo_url: str) -> None:
+    from qlib_ext.pool.manager import open_db
+    from qlib_ext.search.summary import summary_lines
+
+    for line in summary_lines(open_db(mongo_url), pool):
+        click.echo(line)
+
+
+@main.command("search")
+@click.argument("pool")
+@_mongo_option
+@_mlflow_option
+@_provider_option
+@click.option("--workflow", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="The pool's workflow YAML on this host (default: the path recorded at submit).")
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help="Trials in flight (default: grid.batch; auto = this host's core count).")
+def search_cmd(pool: str, mongo_url: str, mlflow_uri: str | None, provider_uri: str | None, workflow: Path | None,
+               batch: int | None) -> None:
+    """Propose POOL's trials (Optuna ask-and-tell) until n_trials have finished; workers on any host run them.
+
+    The pool is the study: a restarted proposer (even after kill -9) rebuilds it from the pool's trials
+    and continues, and several proposers on one pool never exceed n_trials."""
+    from qlib_ext.search.runner import run_search
+
+    click.echo(run_search(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, provider_uri=provider_uri,
+                          workflow=workflow, batch=batch))
 
 
 def _pool_tm(pool: str, mongo_url: str):
