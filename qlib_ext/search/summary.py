@@ -1,0 +1,42 @@
+"""What ``status`` and ``run`` show of a search: trials per state, the best trial, how the best improved."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from pymongo.database import Database
+
+from qlib_ext.search.trials import TrialState, TrialStore
+
+
+def best_so_far(docs: list[dict]) -> list[tuple[int, float]]:
+    """``(trial number, value)`` each time a completed trial beat every earlier one, in trial order."""
+    out: list[tuple[int, float]] = []
+    for doc in sorted(docs, key=lambda d: d["number"]):
+        if doc["state"] != TrialState.COMPLETE.value or doc.get("value") is None:
+            continue
+        sign = 1 if doc["objective"]["direction"] == "maximize" else -1
+        if not out or sign * doc["value"] > sign * out[-1][1]:
+            out.append((doc["number"], doc["value"]))
+    return out
+
+
+def summary_lines(db: Database, pool: str) -> list[str]:
+    """Lines about ``pool``'s search; none when the pool has no search."""
+    docs = TrialStore(db, pool).all()
+    if not docs:
+        return []
+    counts = Counter(d["state"] for d in docs)
+    meta = db["_qlib_ext_pools"].find_one({"_id": pool}, {"search": 1}) or {}
+    n_trials = (meta.get("search") or {}).get("n_trials") or len(docs)
+    objective = docs[0]["objective"]
+    lines = [f"search {docs[0]['sampler']}: {len(docs)} of {n_trials} trials — "
+             + ", ".join(f"{s.value} {counts[s.value]}" for s in TrialState if counts[s.value])]
+    improved = best_so_far(docs)
+    if improved:
+        number, value = improved[-1]
+        best = next(d for d in docs if d["number"] == number)
+        lines.append(f"best {objective['metric']} {value:.4f} ({objective['direction']}) at trial {number}: "
+                     f"{best['tasks'][0]['qlib_ext']['run_name'].rsplit(' w', 1)[0]}")
+        lines.append("best so far: " + ", ".join(f"#{n} {v:.4f}" for n, v in improved))
+    return lines
