@@ -50,6 +50,9 @@ class Store:
             with pymongo.MongoClient(self.url, serverSelectionTimeoutMS=200) as client:
                 try:
                     client.admin.command("ping")
+                    from qlib_ext.store import running_url
+
+                    self.url = running_url(self.dir) or self.url  # with the store's credentials
                     return
                 except pymongo.errors.PyMongoError:
                     time.sleep(0.1)

@@ -15,7 +15,7 @@ STORE_PORT = 27017
 """TCP port the embedded store tries first (MongoDB's own default)."""
 
 STORE_HOST = "127.0.0.1"
-"""Address the embedded store binds by default: loopback only, it has no authentication."""
+"""Address the embedded store binds by default: loopback only (others need authentication, and TLS on a LAN)."""
 
 MAX_MESSAGE_BYTES = 48 * 1000 * 1000
 """Largest wire message the embedded store accepts (MongoDB's maxMessageSizeBytes), bytes."""
@@ -98,6 +98,18 @@ STORE_IDLE_EXIT_SECONDS = 1800.0
 # --- multi-host
 CLOCK_RESYNC_SECONDS = 300.0
 """How often a process re-reads the store's clock for lease arithmetic, seconds."""
+
+
+# --- store connections and security
+STORE_MAX_CONNECTIONS = 4096
+"""Client connections the embedded store serves at once (one thread each); more are refused, count."""
+
+STORE_IDLE_CONNECTION_SECONDS = 900.0
+"""The embedded store closes a connection that sends nothing for this long, seconds (pymongo's
+monitor pings every 10 s; a pool connection closed while idle is replaced transparently)."""
+
+STORE_READ_TIMEOUT_SECONDS = 30.0
+"""Once a message has started, the rest (and a TLS handshake) must arrive within this, seconds."""
 
 
 # --- validity statistics (leaderboard)

@@ -25,6 +25,7 @@ from store_fixtures import StoreProcess
 from qlib_ext.api import submit
 from qlib_ext.defaults import TASK_DB_NAME
 from qlib_ext.pool.progress import status_report
+from qlib_ext.store import running_url
 
 pytestmark = pytest.mark.slow
 
@@ -199,6 +200,7 @@ class FixedPortStore(StoreProcess):
             with pymongo.MongoClient(self.url, serverSelectionTimeoutMS=200) as c:
                 try:
                     c.admin.command("ping")
+                    self.url = running_url(self.dir) or self.url  # with the store's credentials
                     return self.url
                 except pymongo.errors.PyMongoError:
                     time.sleep(0.1)

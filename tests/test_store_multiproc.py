@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 
+import pymongo
 import pytest
 
 pytest.importorskip("qlib")
@@ -54,7 +55,11 @@ def test_concurrent_resolve_starts_one_background_store(_isolated_home):
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
              for _ in range(4)]
     urls = {p.communicate(timeout=60)[0].strip() for p in procs}
-    assert len(urls) == 1 and urls.pop().startswith("mongodb://127.0.0.1:")
+    assert len(urls) == 1
+    url = urls.pop()
+    assert pymongo.uri_parser.parse_uri(url)["nodelist"][0][0] == "127.0.0.1"
+    with pymongo.MongoClient(url, serverSelectionTimeoutMS=5000) as client:  # credentials included
+        assert client.db.c.insert_one({"x": 1}).acknowledged
     state = json.loads((_isolated_home / "store" / "store.json").read_text())
     import psutil
 
@@ -77,8 +82,8 @@ def _port_free(port: int) -> bool:
 @pytest.mark.slow
 def test_qlib_manage_cli_task_stat(tmp_path):
     """``python -m qlib.workflow.task.manage -t POOL task_stat`` has no URL flag: qlib's auto_init
-    uses the default config (mongodb://localhost:27017/, db default_task_db), so the store must
-    listen on 27017 for it."""
+    uses the default config (mongodb://localhost:27017/, db default_task_db, no credentials), so
+    the store must listen on 27017 for it, without authentication (``--no-auth``, loopback only)."""
     if os.environ.get("QLIB_EXT_TEST_MONGO_URL"):
         pytest.skip("uses its own embedded store on port 27017")
     if not _port_free(27017):
@@ -87,7 +92,7 @@ def test_qlib_manage_cli_task_stat(tmp_path):
 
     server = StoreProcess(tmp_path / "data")
     server.dir.mkdir()
-    url = server.start(port=27017)
+    url = server.start(port=27017, args=("--no-auth",))
     try:
         from qlib.config import C
 

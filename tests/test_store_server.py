@@ -15,8 +15,7 @@ from qlib_ext.store import open_store, running_url, stop
 
 
 def _host_port(url: str) -> tuple[str, int]:
-    host, port = url.split("://")[1].strip("/").rsplit(":", 1)
-    return host, int(port)
+    return pymongo.uri_parser.parse_uri(url)["nodelist"][0]
 
 
 def _hung_up(sock: socket.socket) -> bool:
@@ -77,11 +76,14 @@ def test_store_json_and_stop(tmp_path):
     assert stop(directory) is False
 
 
-def test_non_loopback_host_warns(tmp_path, caplog):
+def test_non_loopback_host_needs_auth_and_warns_without_tls(tmp_path, caplog):
+    with pytest.raises(StoreError, match="without authentication"):
+        with open_store(tmp_path / "s", host="0.0.0.0", auth=False):
+            pass
     caplog.set_level(logging.WARNING, logger="qlib_ext.store")
     with open_store(tmp_path / "s", host="0.0.0.0") as store:
-        assert store.url.startswith("mongodb://127.0.0.1:")
-    assert "NO authentication" in caplog.text and "real MongoDB" in caplog.text
+        assert _host_port(store.url) == ("127.0.0.1", store.server.port)
+    assert "without TLS" in caplog.text and "--tls-cert-file" in caplog.text
 
 
 def _roundtrip(url: str, message: bytes) -> bytes:

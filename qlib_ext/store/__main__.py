@@ -1,4 +1,5 @@
-"""``python -m qlib_ext.store serve --dir DIR [--host H] [--port P] [--idle-exit S]``.
+"""``python -m qlib_ext.store serve --dir DIR [--host H] [--port P] [--idle-exit S] [--no-auth]
+[--tls-cert-file PEM [--tls-key-file PEM] [--tls-ca-file PEM]]``.
 
 The process :func:`qlib_ext.store.resolve_mongo_url` starts in the background. Kept free of click
 so the detached store starts fast.
@@ -25,10 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default=defaults.STORE_HOST)
     p.add_argument("--port", type=int, default=defaults.STORE_PORT)
     p.add_argument("--idle-exit", type=float, default=None, help="exit after S seconds with no client")
+    p.add_argument("--no-auth", action="store_true", help="no authentication (loopback binds only)")
+    p.add_argument("--tls-cert-file", type=Path, default=None, help="PEM certificate: serve TLS only")
+    p.add_argument("--tls-key-file", type=Path, default=None, help="PEM private key of the certificate")
+    p.add_argument("--tls-ca-file", type=Path, default=None, help="CA local clients verify with")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        serve(args.dir, host=args.host, port=args.port, idle_exit=args.idle_exit)
+        serve(args.dir, host=args.host, port=args.port, idle_exit=args.idle_exit, auth=not args.no_auth,
+              tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file, tls_ca_file=args.tls_ca_file)
     except StoreError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,8 +1,13 @@
 """Starting, finding and stopping a store: the lock on its directory and ``store.json``.
 
 A store directory holds the data (snapshot + journal), ``store.lock`` (held with ``flock`` by the
-serving process for its whole life, so the kernel releases it even on ``kill -9``) and
-``store.json`` (url, pid, host, port) for clients to find it.
+serving process for its whole life, so the kernel releases it even on ``kill -9``),
+``store.json`` (url without credentials, pid, host, port, auth, tls) for clients to find it, and
+``credentials.json``. Everything in it is created owner-only (the directory 0700, files 0600):
+the journal holds every task, the credentials file the password.
+
+:func:`running_url` and :func:`resolve_mongo_url` return the URL *with* the credentials (and the
+TLS options), so every caller connects without knowing there is authentication.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +35,7 @@ import bson
 
 from qlib_ext import defaults
 from qlib_ext.errors import StoreError
+from qlib_ext.store.auth import Verifier, create_credentials, mask, read_credentials
 from qlib_ext.store.engine import Engine
 from qlib_ext.store.journal import Journal
 from qlib_ext.store.server import StoreServer
@@ -43,8 +51,18 @@ LOG_FILE = "store.log"
 
 def _resolve_dir(directory: Path | str | None) -> Path:
     path = Path(directory).expanduser().resolve() if directory else defaults.store_dir()
-    path.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.mkdir(parents=True, mode=0o700)
     return path
+
+
+def _owner_only(directory: Path) -> None:
+    """Make the store directory and its files readable by their owner only (serving side)."""
+    if directory.stat().st_mode & 0o077:
+        directory.chmod(0o700)
+    for path in directory.iterdir():
+        if path.is_file() and path.stat().st_mode & 0o077:
+            path.chmod(0o600)
 
 
 def url_for(host: str, port: int) -> str:
@@ -66,7 +84,7 @@ def is_loopback(host: str) -> bool:
 
 @contextlib.contextmanager
 def _dir_lock(path: Path) -> Iterator[None]:
-    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         if not _try_flock(fd, patience=1.0):
             state = read_state(path) or {}
@@ -116,36 +134,108 @@ def read_state(directory: Path) -> dict[str, Any] | None:
 
 def _write_state(directory: Path, state: dict[str, Any]) -> None:
     tmp = directory / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
+    tmp.unlink(missing_ok=True)
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(json.dumps(state, indent=1))
     os.replace(tmp, directory / STATE_FILE)
 
 
-class RunningStore:
-    """A store serving in this process (see :func:`open_store`); ``url`` is where it listens."""
+def client_url(directory: Path, state: dict[str, Any]) -> str:
+    """The URL a local client uses: ``state["url"]`` plus credentials and TLS options.
 
-    def __init__(self, directory: Path, host: str, port: int):
+    Raises:
+        StoreError: the store requires authentication and its credentials cannot be read.
+    """
+    url = state["url"]
+    params = {}
+    if state.get("auth"):
+        creds = read_credentials(directory)
+        if creds is None:
+            raise StoreError(f"the store serving {directory} requires authentication, but "
+                             f"{directory / 'credentials.json'} is missing")
+        quoted = f"{urllib.parse.quote(creds.user, safe='')}:{urllib.parse.quote(creds.password, safe='')}@"
+        url = url.replace("://", "://" + quoted, 1)
+        params["authSource"] = "admin"
+    if state.get("tls"):
+        params.update(tls="true", tlsCAFile=state["tls_ca_file"], tlsAllowInvalidHostnames="true")
+    return url + ("?" + urllib.parse.urlencode(params) if params else "")
+
+
+def tls_context(cert_file: Path | str, key_file: Path | str | None) -> ssl.SSLContext:
+    """Server-side TLS context (TLS 1.2 or newer) from a PEM certificate and key.
+
+    Raises:
+        StoreError: the files cannot be loaded.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+    except (OSError, ssl.SSLError) as e:
+        raise StoreError(f"cannot load the TLS certificate {cert_file} / key {key_file}: {e}") from e
+    return ctx
+
+
+class RunningStore:
+    """A store serving in this process (see :func:`open_store`); ``url`` is the URL a local client
+    uses (credentials included: never log it unmasked)."""
+
+    def __init__(self, directory: Path, host: str, port: int, auth: bool = True,
+                 tls: tuple[Path, Path | None, Path | None] | None = None):
         self.dir = directory
+        verifier = Verifier(create_credentials(directory)) if auth else None
+        context = tls_context(tls[0], tls[1]) if tls else None
         self.engine = Engine(Journal(directory, defaults.STORE_COMPACT_BYTES))
         try:
-            self.server = StoreServer(self.engine, host, port)
+            self.server = StoreServer(self.engine, host, port, verifier=verifier, tls=context)
         except OSError as e:
             self.engine.close()
             raise StoreError(f"cannot listen on {host}:{port}: {e}") from e
-        self.url = url_for(host, self.server.port)
+        self.state = {"url": url_for(host, self.server.port), "pid": os.getpid(), "host": host,
+                      "port": self.server.port, "auth": auth, "tls": bool(tls)}
+        if tls:
+            self.state["tls_ca_file"] = str(Path(tls[2] or tls[0]).resolve())
+        self.url = client_url(directory, self.state)
 
 
 @contextlib.contextmanager
-def open_store(directory: Path | str | None, host: str = defaults.STORE_HOST, port: int = 0
+def open_store(directory: Path | str | None, host: str = defaults.STORE_HOST, port: int = 0,
+               auth: bool = True, tls_cert_file: Path | str | None = None,
+               tls_key_file: Path | str | None = None, tls_ca_file: Path | str | None = None,
                ) -> Iterator[RunningStore]:
-    """Lock ``directory``, load it and listen; the caller runs ``store.server.serve_forever()``."""
+    """Lock ``directory``, load it and listen; the caller runs ``store.server.serve_forever()``.
+
+    Args:
+        directory: data directory; None means :func:`qlib_ext.defaults.store_dir`.
+        host: address to bind; anything but loopback requires ``auth``.
+        port: TCP port; 0 picks a free one.
+        auth: require SCRAM-SHA-256 authentication (credentials generated at first start).
+        tls_cert_file: PEM certificate (chain): serve TLS only. Key in it or in ``tls_key_file``.
+        tls_key_file: PEM private key of the certificate.
+        tls_ca_file: CA file local clients verify the server with (default: the certificate
+            itself, right for a self-signed one).
+
+    Raises:
+        StoreError: the directory is locked, the address is unusable, a non-loopback bind was
+            asked for without authentication, or the TLS files cannot be loaded.
+    """
     path = _resolve_dir(directory)
+    if not is_loopback(host) and not auth:
+        raise StoreError(f"refusing to listen on {host} without authentication: anyone who can reach "
+                         "that address could read and change every task (and so run code on the "
+                         "workers). Drop --no-auth, or bind 127.0.0.1.")
+    if tls_key_file and not tls_cert_file:
+        raise StoreError("--tls-key-file needs --tls-cert-file")
     with _dir_lock(path):
-        if not is_loopback(host):
-            logger.warning("store: listening on %s, which is not loopback. The embedded store has NO "
-                           "authentication: anyone who can reach this port can read and change every "
-                           "task. For a team, point task_url at a real MongoDB instead.", host)
-        store = RunningStore(path, host, port)
-        _write_state(path, {"url": store.url, "pid": os.getpid(), "host": host, "port": store.server.port})
+        _owner_only(path)
+        if not is_loopback(host) and not tls_cert_file:
+            logger.warning("store: listening on %s without TLS: authentication protects the password, "
+                           "but tasks and results cross the network in clear. Use --tls-cert-file/"
+                           "--tls-key-file on a LAN.", host)
+        tls = (Path(tls_cert_file), Path(tls_key_file) if tls_key_file else None,
+               Path(tls_ca_file) if tls_ca_file else None) if tls_cert_file else None
+        store = RunningStore(path, host, port, auth=auth, tls=tls)
+        _write_state(path, store.state)
         try:
             yield store
         finally:
@@ -157,51 +247,86 @@ def open_store(directory: Path | str | None, host: str = defaults.STORE_HOST, po
 
 
 def serve(dir: Path | None, host: str = defaults.STORE_HOST, port: int = defaults.STORE_PORT,
-          idle_exit: float | None = None) -> None:
+          idle_exit: float | None = None, auth: bool = True, tls_cert_file: Path | str | None = None,
+          tls_key_file: Path | str | None = None, tls_ca_file: Path | str | None = None) -> None:
     """Run a store in the foreground until SIGTERM/SIGINT.
 
     Args:
         dir: data directory; None means :func:`qlib_ext.defaults.store_dir`.
-        host: address to bind; anything but loopback logs a no-authentication warning.
+        host: address to bind; anything but loopback requires authentication.
         port: TCP port; 0 picks a free one (the real one goes to ``store.json``).
         idle_exit: exit after this many seconds without any connection (None: never).
+        auth: require authentication (the default); see :func:`open_store` for TLS.
+        tls_cert_file: PEM certificate: serve TLS.
+        tls_key_file: PEM private key.
+        tls_ca_file: CA local clients verify with (default: the certificate).
 
     Raises:
-        StoreError: the directory is locked by another store, or the address is unusable.
+        StoreError: see :func:`open_store`.
     """
-    with open_store(dir, host, port) as store:
+    with open_store(dir, host, port, auth=auth, tls_cert_file=tls_cert_file, tls_key_file=tls_key_file,
+                    tls_ca_file=tls_ca_file) as store:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: store.server.shutdown())
-        logger.warning("store: serving %s at %s (pid %d)", store.dir, store.url, os.getpid())
+        logger.warning("store: serving %s at %s (pid %d; authentication %s, TLS %s)", store.dir,
+                       mask(store.url), os.getpid(), "on" if auth else "OFF", "on" if tls_cert_file else "off")
         store.server.serve_forever(idle_exit=idle_exit)
+    if store.engine.failure:
+        raise StoreError(store.engine.failure)
     logger.warning("store: stopped cleanly")
 
 
-def ping(url: str, timeout: float = 2.0) -> bool:
-    """Whether a MongoDB-protocol server answers ``ping`` at ``url`` (``mongodb://host:port/``)."""
-    hostport = url.split("://", 1)[-1].split("/", 1)[0]
+def ping(url: str, timeout: float = 2.0, tls: bool = False) -> bool:
+    """Whether a MongoDB-protocol server answers ``ping`` at ``url`` (``mongodb://host:port/``).
+
+    ``ping`` needs no authentication; with ``tls`` the probe speaks TLS without verifying the
+    certificate (it only asks whether the server is alive; real clients verify).
+    """
+    hostport = url.split("://", 1)[-1].split("/", 1)[0].rpartition("@")[2]
     host, _, port = hostport.rpartition(":")
     body = bson.encode({"ping": 1, "$db": "admin"})
     msg = struct.pack("<IB", 0, 0) + body
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as raw:
+            sock = raw
+            if tls:
+                ctx = ssl.create_default_context()
+                ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+                sock = ctx.wrap_socket(raw)
             sock.sendall(HEADER.pack(HEADER.size + len(msg), 1, 0, OP_MSG) + msg)
-            header = sock.recv(HEADER.size, socket.MSG_WAITALL)
+            header = _recv_all(sock, HEADER.size)
             length = HEADER.unpack(header)[0]
-            reply = sock.recv(length - HEADER.size, socket.MSG_WAITALL)
+            reply = _recv_all(sock, length - HEADER.size)
         return bson.decode(reply[5:]).get("ok") == 1
     except (OSError, ValueError, struct.error, bson.errors.BSONError):
         return False
 
 
+def _recv_all(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise OSError("connection closed")
+        data += chunk
+    return data
+
+
 def running_url(dir: Path | None = None) -> str | None:
-    """URL of the store serving ``dir`` (default dir when None) if it is alive and answers, else None."""
+    """URL (credentials and TLS options included) of the store serving ``dir`` if it is alive and
+    answers, else None.
+
+    Raises:
+        StoreError: the store requires authentication and this user cannot read its credentials.
+    """
     path = _resolve_dir(dir)
     state = read_state(path)
     if not state or not is_locked(path) or not _pid_alive(int(state.get("pid", -1))):
         return None
-    return state["url"] if ping(state["url"]) else None
+    if not ping(state["url"], tls=bool(state.get("tls"))):
+        return None
+    return client_url(path, state)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -244,7 +369,7 @@ def resolve_mongo_url(url: str | None) -> str:
     found = running_url(path)
     if found:
         return found
-    fd = os.open(path / START_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path / START_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # blocks while another process is starting the store
         if found := running_url(path):
@@ -272,14 +397,14 @@ def start_background(directory: Path, timeout: float = defaults.STORE_START_SECO
     """Start a detached store process on ``directory`` (``port`` 0: any free one) and return its URL."""
     cmd = [sys.executable, "-m", "qlib_ext.store", "serve", "--dir", str(directory), "--port", str(port),
            "--idle-exit", str(defaults.STORE_IDLE_EXIT_SECONDS)]
-    with open(directory / LOG_FILE, "ab") as log:
+    with open(os.open(directory / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, close_fds=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         url = running_url(directory)
         if url:
-            logger.info("store: started in the background at %s (pid %d, log %s)", url, proc.pid,
+            logger.info("store: started in the background at %s (pid %d, log %s)", mask(url), proc.pid,
                         directory / LOG_FILE)
             return url
         if proc.poll() is not None:
