@@ -367,14 +367,14 @@ class GridTaskManager(TaskManager):
 # ---------------------------------------------------------------------- connection and pool metadata
 def open_db(mongo_url: str | None, db_name: str = defaults.TASK_DB_NAME) -> Database:
     """Connect to the task database; ``None``/``"embedded"`` means the embedded store (started if needed)."""
-    from qlib_ext.store import resolve_mongo_url
+    from qlib_ext.store import mask_url, resolve_mongo_url
 
     url = resolve_mongo_url(mongo_url)
     try:
         client = pymongo.MongoClient(url, serverSelectionTimeoutMS=10_000, tz_aware=False)
         client.admin.command("ping")
     except PyMongoError as e:
-        raise StoreError(f"cannot reach the task store at {url}: {e}") from e
+        raise StoreError(f"cannot reach the task store at {mask_url(url)}: {e}") from e
     return client[db_name]
 
 

@@ -8,10 +8,12 @@ Public API:
   background when needed); any other URL unchanged.
 * :func:`stop` - SIGTERM the store of a directory and wait for it.
 * :func:`open_store` - a store inside this process (tests, benchmarks).
+* :func:`mask_url` - a URL (or any text) with its passwords replaced by ``***``, for logs.
 """
 
 from __future__ import annotations
 
+from qlib_ext.store.auth import mask as mask_url
 from qlib_ext.store.lifecycle import open_store, resolve_mongo_url, running_url, serve, stop
 
-__all__ = ["open_store", "resolve_mongo_url", "running_url", "serve", "stop"]
+__all__ = ["mask_url", "open_store", "resolve_mongo_url", "running_url", "serve", "stop"]
