@@ -1,4 +1,10 @@
-"""The leaderboard: committed results of a pool joined with their FINISHED MLflow runs."""
+"""The leaderboard: committed results of a pool joined with their FINISHED MLflow runs, ranked by the
+grid's objective, with the numbers that say whether the ranking means anything (see docs/validity.md).
+
+Series (daily excess return with cost, daily IC) come from the committed results in the pool
+(``result["validity"]``, written by the worker); MLflow gives run status, names, params and every
+logged metric. :func:`leaderboard_frame` is the entry point for notebooks and reports.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +15,29 @@ import tempfile
 from collections import defaultdict
 from typing import Any
 
+from qlib_ext import defaults
+from qlib_ext.errors import ConfigError
+from qlib_ext.tracking import flags as fl
+from qlib_ext.tracking.grid_stats import STAT_KEYS, annotate
+from qlib_ext.tracking.series import VALIDITY, to_pandas
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_METRIC = "IC"
-"""Metric the leaderboard sorts by unless ``--metric`` says otherwise (higher is better)."""
+"""Metric a model grid ranks by when ``grid.objective`` does not say (higher is better)."""
+
+SWEEP_METRIC = "1day.excess_return_with_cost.information_ratio"
+"""Metric a strategy sweep ranks by by default: its rows share one model, so IC cannot tell them apart."""
+
+COMPARED_METRICS = ("IC", "ICIR", "Rank IC", "Rank ICIR", "1day.excess_return_with_cost.annualized_return",
+                    "1day.excess_return_with_cost.information_ratio", "1day.excess_return_with_cost.max_drawdown")
+"""Metrics that must all be equal for an axis to count as having changed nothing."""
+
+DSR_TAG = "qlib_ext.dsr"
+"""MLflow tag ``leaderboard --tag-runs`` sets: the row's Deflated Sharpe Ratio."""
+
+TABLE_METRICS = ("IC", "ICIR", "1day.excess_return_with_cost.annualized_return")
+"""Metric columns of the text table besides the ranking metric and the validity columns."""
 
 
 def _search_pool_runs(client: Any, experiment_id: str, pool: str) -> dict[str, Any]:
@@ -28,15 +53,66 @@ def _search_pool_runs(client: Any, experiment_id: str, pool: str) -> dict[str, A
 
 
 def leaderboard(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = None,
-                metric: str = DEFAULT_METRIC, top: int | None = None, db_name: str | None = None) -> list[dict]:
-    """Rows best first: one per committed task whose MLflow run FINISHED; rolling windows of one
-    configuration become one row with the metric's mean/std over windows and on the stitched
-    out-of-sample predictions. A strategy sweep shows one row per backtest (model x strategy); its
-    training run is not a row, and windows group per configuration *and* strategy point (each
-    point has its own ``config_id``)."""
+                metric: str | None = None, top: int | None = None, db_name: str | None = None,
+                trials: int | None = None, blocks: int = defaults.PBO_BLOCKS) -> list[dict]:
+    """Rows best first (plain data, no series); see :func:`ranked` for what a row holds."""
+    rows, _ = ranked(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric, db_name=db_name,
+                     trials=trials, blocks=blocks)
+    return rows[:top] if top else rows
+
+
+def leaderboard_frame(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = None,
+                      metric: str | None = None, trials: int | None = None,
+                      blocks: int = defaults.PBO_BLOCKS) -> tuple[Any, dict]:
+    """The leaderboard as a pandas DataFrame (one row per configuration, best first) and the grid's numbers.
+
+    Args:
+        pool: pool name.
+        mongo_url: task store URL (None: the embedded store).
+        mlflow_uri: tracking URI (None: the one recorded at submit).
+        metric: metric to rank by, matched case-insensitively (None: ``grid.objective``, else
+            the sweep/IC default).
+        trials: configurations tried outside this pool, added to N for the DSR.
+        blocks: S, the number of CSCV blocks for PBO.
+
+    Returns:
+        ``(frame, grid)``: columns ``rank, run_name, <metric>, sharpe, psr, dsr, min_trl, T, skew,
+        kurtosis, flags`` (a comma-joined string), every other metric, then ``config_id, run_id,
+        windows``; ``grid`` is ``{"pool", "metric", "direction", "rows", "trials", "trials_in_pool",
+        "trials_declared", "failed_tasks", "pbo": {...}}``.
+
+    Raises:
+        ConfigError: ``metric`` is not one the runs logged (the message lists them).
+    """
+    import pandas as pd
+
+    rows, grid = ranked(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric, trials=trials,
+                        blocks=blocks)
+    records = []
+    for i, r in enumerate(rows, 1):
+        rec = {"rank": i, "run_name": r["run_name"], grid["metric"]: r["metrics"].get(grid["metric"])}
+        rec.update({k: r["stats"].get(k) for k in STAT_KEYS})
+        rec["flags"] = ",".join(r["flags"])
+        rec.update({k: v for k, v in r["metrics"].items() if k not in rec})
+        rec.update({"config_id": r["config_id"], "run_id": r["run_id"], "windows": r["metrics"].get("windows")})
+        records.append(rec)
+    return pd.DataFrame.from_records(records), grid
+
+
+def ranked(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = None, metric: str | None = None,
+           db_name: str | None = None, trials: int | None = None,
+           blocks: int = defaults.PBO_BLOCKS) -> tuple[list[dict], dict]:
+    """Rows best first and the grid's numbers.
+
+    A row is one committed task whose MLflow run FINISHED; rolling windows of one configuration
+    become one row (every metric's mean over windows, ``<metric>.std``, and the stitched
+    out-of-sample series). A strategy sweep shows one row per backtest (model x strategy); its
+    training run is not a row. Each row: ``run_id, run_name, task_id, config_id, window, params,
+    metrics, stats`` (Sharpe, PSR, DSR, MinTRL, T, skew, kurtosis of the daily excess return with
+    cost), ``flags`` and ``worker`` (``runs`` for a rolling row).
+    """
     import mlflow
 
-    from qlib_ext import defaults
     from qlib_ext.pool.manager import GridTaskManager, load_pool_meta, open_db
 
     db = open_db(mongo_url, db_name or defaults.TASK_DB_NAME)
@@ -44,22 +120,57 @@ def leaderboard(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | No
     client = mlflow.MlflowClient(tracking_uri=mlflow_uri or meta["mlflow_uri"])
     exp = client.get_experiment_by_name(meta["experiment"])
     runs = _search_pool_runs(client, exp.experiment_id, pool) if exp else {}
-    rows = []
-    results = GridTaskManager(pool, db).results()
+    tm = GridTaskManager(pool, db)
+    results = tm.results()
+    rows = _rows(results, runs)
+    rows = _aggregate_windows(client, rows)
+    objective = meta.get("objective") or {}
+    name, direction = _choose_metric(rows, metric, objective, pool)
+    grid = annotate(rows, trials=trials, blocks=blocks, failed=tm.counts().get("failed", 0))
+    rows.sort(key=lambda r: _sort_key(_value(r, name), direction))
+    for r in rows:
+        for internal in ("returns", "compare", "validity"):
+            r.pop(internal, None)
+        r["metrics"].update({k: v for k, v in r["stats"].items() if k in ("sharpe", "psr", "dsr")})
+    return rows, {"pool": pool, "metric": name, "direction": direction, "rows": len(rows),
+                  "mlflow_uri": mlflow_uri or meta["mlflow_uri"], **grid}
+
+
+def _rows(results: list[dict], runs: dict[str, Any]) -> list[dict]:
     committed = {str(res["_id"]): res.get("run_id") for res in results}
+    rows = []
     for res in results:
         run = runs.get(res.get("run_id"))
         if run is None or run.info.status != "FINISHED" or not _ranked(res["meta"], committed):
             continue
+        meta, validity = res["meta"], res.get(VALIDITY) or {}
+        coords = dict(meta.get("coords") or {})
+        if meta.get("model"):
+            coords["model"] = meta["model"]
+        metrics = dict(run.data.metrics)
         rows.append({
             "run_id": run.info.run_id, "run_name": run.info.run_name, "task_id": str(res["_id"]),
-            "config_id": res["meta"].get("config_id"), "window": (res["meta"].get("window") or {}).get("index"),
-            "params": dict(sorted(run.data.params.items())), "metrics": dict(run.data.metrics),
-            "worker": res.get("worker"),
+            "config_id": meta.get("config_id"), "window": (meta.get("window") or {}).get("index"),
+            "params": dict(sorted(run.data.params.items())), "metrics": metrics, "worker": res.get("worker"),
+            "coords": coords, "validity": validity, "returns": to_pandas(validity.get("returns")),
+            "flags": fl.run_flags(validity, metrics, rolling=meta.get("window") is not None),
+            "kind": meta.get("kind"), "parent_run_id": meta.get("parent_run_id"),
         })
-    rows = _aggregate_windows(client, rows, metric)
-    rows.sort(key=lambda r: _sort_key(r["metrics"].get(metric)))
-    return rows[:top] if top else rows
+    _inherit_model_checks(rows, results)
+    return rows
+
+
+def _inherit_model_checks(rows: list[dict], results: list[dict]) -> None:
+    """A sweep backtest's model is its training run's: it inherits that run's model flags."""
+    by_run = {res.get("run_id"): res for res in results}
+    for row in rows:
+        parent = by_run.get(row.get("parent_run_id"))
+        if parent is None:
+            continue
+        validity = parent.get(VALIDITY) or {}
+        model_only = {k: validity[k] for k in ("best_iteration", "pred_flat_share") if k in validity}
+        if fl.LEARNED_NOTHING in fl.run_flags(model_only, {}, rolling=False) and fl.LEARNED_NOTHING not in row["flags"]:
+            row["flags"].append(fl.LEARNED_NOTHING)
 
 
 def _ranked(meta: dict, committed: dict[str, str | None]) -> bool:
@@ -73,12 +184,45 @@ def _ranked(meta: dict, committed: dict[str, str | None]) -> bool:
     return parent_task is None or committed.get(parent_task, meta.get("parent_run_id")) == meta.get("parent_run_id")
 
 
-def _sort_key(value: float | None) -> tuple[int, float]:
+def _choose_metric(rows: list[dict], metric: str | None, objective: dict, pool: str) -> tuple[str, str]:
+    """The ranking metric's exact name (case-insensitive match) and direction.
+
+    Raises:
+        ConfigError: an explicit ``metric`` (or ``grid.objective.metric``) no run logged.
+    """
+    available = sorted({k for r in rows for k in r["metrics"]} | ({"sharpe", "psr", "dsr"} if rows else set()))
+    by_lower = {k.lower(): k for k in available}
+    if metric:
+        wanted, where = metric, "--metric"
+    else:
+        wanted, where = objective.get("metric"), f"grid.objective.metric of pool {pool}"
+    same = wanted is not None and wanted.lower() == str(objective.get("metric", "")).lower()
+    direction = _DIRECTIONS.get(str(objective.get("direction", "max")), "max") if same else "max"
+    if wanted:
+        if rows and wanted.lower() not in by_lower:
+            raise ConfigError(f"unknown metric '{wanted}' in {where}; the runs logged: {', '.join(available)}")
+        return by_lower.get(wanted.lower(), wanted), direction
+    sweep = any(r.get("kind") == "backtest" for r in rows)
+    for candidate in ([SWEEP_METRIC] if sweep else []) + [DEFAULT_METRIC, SWEEP_METRIC, "sharpe"]:
+        if candidate.lower() in by_lower:
+            return by_lower[candidate.lower()], "max"
+    return DEFAULT_METRIC, "max"
+
+
+_DIRECTIONS = {"max": "max", "maximize": "max", "min": "min", "minimize": "min"}
+
+
+def _value(row: dict, name: str) -> Any:
+    value = row["metrics"].get(name)
+    return row["stats"].get(name) if value is None and name in STAT_KEYS else value
+
+
+def _sort_key(value: float | None, direction: str = "max") -> tuple[int, float]:
     missing = value is None or (isinstance(value, float) and math.isnan(value))
-    return (1, 0.0) if missing else (0, -value)
+    return (1, 0.0) if missing else (0, -value if direction == "max" else value)
 
 
-def _aggregate_windows(client: Any, rows: list[dict], metric: str) -> list[dict]:
+def _aggregate_windows(client: Any, rows: list[dict]) -> list[dict]:
     """Collapse the rolling windows of each configuration into one row."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
@@ -86,26 +230,57 @@ def _aggregate_windows(client: Any, rows: list[dict], metric: str) -> list[dict]
     out = []
     for members in groups.values():
         if len(members) == 1 and members[0]["window"] is None:
+            members[0]["compare"] = {k: members[0]["metrics"].get(k) for k in COMPARED_METRICS}
             out.append(members[0])
             continue
-        values = [m["metrics"][metric] for m in members if metric in m["metrics"]]
-        first = min(members, key=lambda m: m["window"])
-        params = {k: v for k, v in first["params"].items() if not k.startswith("window.")}
-        metrics = {metric: statistics.fmean(values) if values else None,
-                   f"{metric}.std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                   "windows": len(members)}
-        stitched = stitched_ic([m["run_id"] for m in members], client)
-        if stitched is not None:
-            metrics["stitched.IC"] = stitched
-        out.append({"run_id": first["run_id"], "run_name": first["run_name"].rsplit(" w", 1)[0],
-                    "task_id": first["task_id"], "config_id": first["config_id"], "window": None,
-                    "params": params, "metrics": metrics, "runs": [m["run_id"] for m in members],
-                    "worker": first["worker"]})
+        out.append(_window_row(client, sorted(members, key=lambda m: m["window"])))
     return out
 
 
+def _window_row(client: Any, members: list[dict]) -> dict:
+    """One row for a configuration's windows: mean and std of every metric, the stitched series."""
+    first = members[0]
+    metrics: dict[str, Any] = {}
+    for key in sorted({k for m in members for k in m["metrics"]}):
+        values = [m["metrics"][key] for m in members if _number(m["metrics"].get(key))]
+        metrics[key] = statistics.fmean(values) if values else None
+        metrics[f"{key}.std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    metrics["windows"] = len(members)
+    returns = _stitch([m["returns"] for m in members])
+    ic = _stitch([to_pandas(m["validity"].get("ic")) for m in members])
+    if ic is not None and len(ic.dropna()):
+        metrics["stitched.IC"] = float(ic.mean())
+        metrics["stitched.ICIR"] = float(ic.mean() / ic.std()) if ic.std() > 0 else None
+    else:
+        stitched = stitched_ic([m["run_id"] for m in members], client)
+        if stitched is not None:
+            metrics["stitched.IC"] = stitched
+    params = {k: v for k, v in first["params"].items() if not k.startswith("window.")}
+    return {"run_id": first["run_id"], "run_name": first["run_name"].rsplit(" w", 1)[0],
+            "task_id": first["task_id"], "config_id": first["config_id"], "window": None,
+            "params": params, "metrics": metrics, "runs": [m["run_id"] for m in members],
+            "worker": first["worker"], "coords": first["coords"], "returns": returns, "kind": first.get("kind"),
+            "validity": {}, "flags": sorted({f for m in members for f in m["flags"]}),
+            "compare": {k: metrics.get(k) for k in COMPARED_METRICS}}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value))
+
+
+def _stitch(parts: list[Any]) -> Any:
+    """Windows' daily series concatenated in time (a later window wins a shared day); None if one is missing."""
+    import pandas as pd
+
+    if not parts or any(p is None for p in parts):
+        return None
+    series = pd.concat(parts)
+    return series[~series.index.duplicated(keep="last")].sort_index()
+
+
 def stitched_ic(run_ids: list[str], client: Any) -> float | None:
-    """Mean daily IC of the windows' out-of-sample predictions concatenated in time."""
+    """Mean daily IC of the windows' out-of-sample predictions concatenated in time, from the runs'
+    artifacts: the fallback for results committed before workers stored their daily IC."""
     import pandas as pd
 
     preds, labels = [], []
@@ -126,22 +301,72 @@ def stitched_ic(run_ids: list[str], client: Any) -> float | None:
     return float(daily.mean()) if len(daily) else None
 
 
-def format_table(rows: list[dict], metric: str) -> str:
-    """A plain-text leaderboard: rank, run name, the metric, a few key metrics, the run id."""
+def format_table(rows: list[dict], grid: dict | str | None = None, top: int | None = None) -> str:
+    """A plain-text leaderboard: N tried, the ranking metric, key metrics, Sharpe/PSR/DSR, flags, PBO.
+
+    ``grid`` is what :func:`ranked` returns (a bare metric name is accepted too)."""
+    grid = {"metric": grid, "direction": "max"} if isinstance(grid, str) else grid or {
+        "metric": DEFAULT_METRIC, "direction": "max"}
     if not rows:
         return "no finished runs yet"
-    extra = ["ICIR", "1day.excess_return_with_cost.annualized_return"]
-    header = ["#", "run", metric, *[e for e in extra if e != metric], "run_id"]
+    metric = grid["metric"]
+    shown = rows[:top] if top else rows
+    extra = [m for m in TABLE_METRICS if m != metric]
+    std = f"{metric}.std" if any(f"{metric}.std" in r["metrics"] for r in shown) else None
+    header = ["#", "run", metric, *([std] if std else []), *[_SHORT.get(m, m) for m in extra],
+              "Sharpe", "PSR", "DSR", "T", "flags", "run_id"]
     lines = [header]
-    for i, r in enumerate(rows, 1):
-        vals = [_fmt(r["metrics"].get(m)) for m in [metric, *[e for e in extra if e != metric]]]
-        lines.append([str(i), r["run_name"] or "", *vals, r["run_id"]])
+    for i, r in enumerate(shown, 1):
+        st = r.get("stats") or {}
+        vals = [_fmt(_value(r, m)) for m in [metric, *([std] if std else []), *extra]]
+        lines.append([str(i), r["run_name"] or "", *vals, _fmt(st.get("sharpe")), _fmt(st.get("psr")),
+                      _fmt(st.get("dsr")), _fmt(st.get("T")), ",".join(r.get("flags") or []) or "-", r["run_id"]])
     widths = [max(len(str(row[c])) for row in lines) for c in range(len(header))]
-    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)) for row in lines)
+    table = "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in lines)
+    return "\n".join([_trials_line(grid, len(rows), len(shown)), table, _pbo_line(grid)])
+
+
+_SHORT = {"1day.excess_return_with_cost.annualized_return": "ann.return",
+          "1day.excess_return_with_cost.information_ratio": "IR", "1day.excess_return_with_cost.max_drawdown": "MDD"}
+
+
+def _trials_line(grid: dict, total: int, shown: int) -> str:
+    if "trials" not in grid:
+        return f"ranked by {grid['metric']} ({grid['direction']})"
+    declared = f" + {grid['trials_declared']} declared with --trials" if grid.get("trials_declared") else ""
+    failed = f"; {grid['failed_tasks']} failed tasks not counted" if grid.get("failed_tasks") else ""
+    cut = f"; showing {shown} of {total}" if shown < total else ""
+    return (f"{grid['trials']} configurations tried (N for the DSR: {grid['trials_in_pool']} with returns in this "
+            f"pool{declared}{failed}); ranked by {grid['metric']} ({grid['direction']}){cut}")
+
+
+def _pbo_line(grid: dict) -> str:
+    p = grid.get("pbo") or {}
+    if "pbo" not in p:
+        return f"PBO: not computed ({p.get('error', 'no returns')})"
+    return (f"PBO (CSCV, S={p['blocks']}, {p['splits']} splits, {p['strategies']} configurations x {p['days']} days): "
+            f"{p['pbo']:.3f}; OOS-vs-IS Sharpe slope {_fmt(p['slope'])}; P[OOS loss] {p['prob_oos_loss']:.3f}")
 
 
 def _fmt(value: Any) -> str:
-    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def tag_flags(rows: list[dict], grid: dict) -> int:
+    """Set ``qlib_ext.flags`` (every flag of the row) and ``qlib_ext.dsr`` on each row's runs; returns runs tagged."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=grid["mlflow_uri"])
+    n = 0
+    for row in rows:
+        dsr = (row.get("stats") or {}).get("dsr")
+        for run_id in row.get("runs") or [row["run_id"]]:
+            client.set_tag(run_id, fl.FLAGS_TAG, ",".join(row.get("flags") or []))
+            client.set_tag(run_id, DSR_TAG, "" if dsr is None else f"{dsr:.4f}")
+            n += 1
+    return n
 
 
 def mlflow_ui_command(mlflow_uri: str) -> str:
@@ -149,4 +374,3 @@ def mlflow_ui_command(mlflow_uri: str) -> str:
     if mlflow_uri.startswith("http"):
         return f"open {mlflow_uri} in a browser"
     return f"mlflow ui --backend-store-uri {mlflow_uri}"
-

@@ -47,10 +47,11 @@ class SharpeStats:
 
     def as_dict(self) -> dict[str, Any]:
         """Plain floats (JSON/BSON friendly); NaN and inf become None."""
-        return {k: _finite(v) for k, v in asdict(self).items()}
+        return {k: finite(v) for k, v in asdict(self).items()}
 
 
-def _finite(value: Any) -> Any:
+def finite(value: Any) -> Any:
+    """``value``, or None when it is a NaN or infinite float (JSON and BSON friendly)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
@@ -171,11 +172,11 @@ class PBOResult:
     def summary(self) -> dict[str, Any]:
         """Plain numbers for JSON: PBO, sizes, degradation, P[OOS loss], logit quantiles."""
         q = np.quantile(self.logits, [0.05, 0.25, 0.5, 0.75, 0.95]) if len(self.logits) else [math.nan] * 5
-        return {"pbo": _finite(self.pbo), "blocks": self.blocks, "splits": self.splits,
-                "strategies": self.n_strategies, "days": self.n_obs, "slope": _finite(self.slope),
-                "intercept": _finite(self.intercept), "prob_oos_loss": _finite(self.prob_oos_loss),
-                "logit_mean": _finite(float(np.mean(self.logits))) if len(self.logits) else None,
-                "logit_quantiles": {k: _finite(float(v)) for k, v in zip(("5%", "25%", "50%", "75%", "95%"), q,
+        return {"pbo": finite(self.pbo), "blocks": self.blocks, "splits": self.splits,
+                "strategies": self.n_strategies, "days": self.n_obs, "slope": finite(self.slope),
+                "intercept": finite(self.intercept), "prob_oos_loss": finite(self.prob_oos_loss),
+                "logit_mean": finite(float(np.mean(self.logits))) if len(self.logits) else None,
+                "logit_quantiles": {k: finite(float(v)) for k, v in zip(("5%", "25%", "50%", "75%", "95%"), q,
                                                                           strict=True)}}
 
 
