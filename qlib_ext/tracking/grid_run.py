@@ -1,0 +1,210 @@
+"""A finished grid's summary on its parent run: counts, best objective, PBO/DSR, the rolling
+configurations' means, and the grid plots (``qlib_ext.tracking.plots``).
+
+:func:`finish_grid` is safe to call any number of times (``qlib-ext run`` and ``worker`` call it
+when their workers exit, ``qlib-ext report`` before writing the page): it overwrites the metrics
+and plots, and ends the grid run FINISHED once no task is waiting or running.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qlib_ext.pool.record import Tag
+from qlib_ext.tracking import mlflow_ui, plots
+
+logger = logging.getLogger(__name__)
+
+SERIES_ARTIFACT = "portfolio_analysis/report_normal_1day.pkl"
+"""PortAnaRecord's daily report, the source of the return series drawn per grid."""
+
+
+@dataclass
+class GridData:
+    """What the report and the grid run show: ranked rows, the grid's numbers, series and counts."""
+
+    pool: str
+    metric: str
+    rows: list[dict]
+    grid: dict
+    counts: dict[str, int]
+    experiment_id: str
+    runs: mlflow_ui.GridRuns | None
+    mlflow_uri: str
+    series: dict[str, Any] = field(default_factory=dict)  # run name -> daily excess return with cost
+    windows: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # run name -> (window, metric)
+    first_error: str | None = None
+
+
+def ranked_rows(pool: str, mongo_url: str | None, mlflow_uri: str | None,
+                metric: str | None) -> tuple[list[dict], dict]:
+    """Leaderboard rows best first and the grid's numbers (metric, PBO, ...) from the leaderboard module."""
+    from qlib_ext.tracking import leaderboard as lb
+
+    if hasattr(lb, "ranked"):
+        return lb.ranked(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric)
+    name = metric or lb.DEFAULT_METRIC
+    return lb.leaderboard(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=name), {"metric": name}
+
+
+def collect(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = None,
+            metric: str | None = None) -> GridData:
+    """Read everything the grid's summary needs from the pool and MLflow."""
+    import mlflow
+
+    from qlib_ext.pool.manager import GridTaskManager, load_pool_meta, open_db
+
+    db = open_db(mongo_url)
+    meta = load_pool_meta(db, pool)
+    uri = mlflow_uri or meta["mlflow_uri"]
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    rows, grid = ranked_rows(pool, mongo_url, uri, metric)
+    tm = GridTaskManager(pool, db)
+    exp = client.get_experiment_by_name(meta["experiment"])
+    data = GridData(pool, grid.get("metric") or metric or "IC", rows, grid, dict(tm.counts()),
+                    exp.experiment_id if exp else "", None, uri)
+    data.runs = mlflow_ui.grid_runs(client, data.experiment_id, pool) if exp else None
+    data.first_error = _first_error(tm)
+    _read_series(client, data)
+    return data
+
+
+def _first_error(tm: Any) -> str | None:
+    doc = tm.task_pool.find_one({"status": "failed"}, {"errors": 1})
+    errors = (doc or {}).get("errors") or []
+    return str(errors[-1].get("error", ""))[-2000:] if errors else None
+
+
+def _read_series(client: Any, data: GridData, limit: int = 200) -> None:
+    """Each row's daily excess return with cost (windows stitched) and each window's metric."""
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory(prefix="qlib-ext-grid-") as tmp:
+        for i, row in enumerate(data.rows[:limit]):
+            name = f"#{i + 1} {row.get('run_name') or row['run_id'][:8]}"
+            parts = []
+            for run_id in row.get("runs") or [row["run_id"]]:
+                try:
+                    report = pd.read_pickle(client.download_artifacts(run_id, SERIES_ARTIFACT, tmp))
+                    parts.append(report["return"] - report["bench"] - report["cost"])
+                except Exception:  # no backtest in this task
+                    pass
+            if parts:
+                s = pd.concat(parts).sort_index()
+                data.series[name] = s[~s.index.duplicated(keep="last")]
+            if row.get("runs"):
+                data.windows[name] = [(int(r.data.params.get("window.index", j)), r.data.metrics[data.metric])
+                                      for j, r in enumerate(client.get_run(x) for x in row["runs"])
+                                      if data.metric in r.data.metrics]
+
+
+def draw(data: GridData, out: Path) -> dict[str, Path]:
+    """The grid plots as PNGs in ``out``; a plot that cannot be drawn is left out with a WARNING."""
+    axes = list((data.runs.axes if data.runs else {}) or {})
+    if not axes and data.rows:
+        axes = [k for k in data.rows[0]["params"] if not k.startswith(("window.", "model.class"))]
+    todo = {
+        "heatmap": lambda p: plots.heatmap(data.rows, axes, data.metric, p),
+        "top_returns": lambda p: plots.top_returns(dict(list(data.series.items())[:plots.TOP_N]), p),
+        "windows": lambda p: plots.window_metrics(dict(list(data.windows.items())[:10]), data.metric, p),
+        "stage_times": lambda p: plots.stage_times({r.get("run_name") or r["run_id"]: r["metrics"]
+                                                    for r in data.rows}, p),
+        "pbo": lambda p: _pbo_plot(data, p),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    drawn = {}
+    for name, fn in todo.items():
+        try:
+            path = fn(out / f"{name}.png")
+        except Exception as e:
+            logger.warning("plots: grid %s: no %s plot: %s", data.pool, name, e)
+            path = None
+        if path is not None:
+            drawn[name] = path
+    return drawn
+
+
+def _pbo_plot(data: GridData, path: Path) -> Path | None:
+    try:
+        from qlib_ext.tracking import stats
+    except ImportError:
+        return None
+    if len(data.series) < 2:
+        return None
+    import pandas as pd
+
+    matrix = pd.concat(data.series, axis=1).dropna()
+    blocks = int((data.grid.get("pbo") or {}).get("blocks") or 8)
+    if len(matrix) < 2 * blocks:
+        return None
+    result = stats.pbo_cscv(matrix.to_numpy(), blocks=blocks)
+    return plots.pbo_figure(result.logits, result.is_sharpe, result.oos_sharpe, result.pbo, path)
+
+
+def grid_metrics(data: GridData) -> dict[str, float]:
+    """The grid run's metrics: tasks, done, failed, trials, best objective (under its column name), PBO, DSR."""
+    best = data.rows[0] if data.rows else None
+    out = {"tasks": sum(data.counts.values()), "done": data.counts.get("done", 0),
+           "failed": data.counts.get("failed", 0), "trials": data.grid.get("trials", len(data.rows))}
+    if best is not None:
+        value = best["metrics"].get(data.metric)
+        out[f"best.{data.metric}"] = value
+        out[mlflow_ui.metric_column(data.metric)] = value
+        dsr = (best.get("stats") or {}).get("dsr", best["metrics"].get("dsr"))
+        out["best.dsr"] = dsr
+    out["pbo"] = (data.grid.get("pbo") or {}).get("pbo")
+    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and not math.isnan(v)}
+
+
+def finish_grid(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = None,
+                metric: str | None = None) -> GridData | None:
+    """Update the grid run: metrics, config runs' means, plots; end it once the pool is finished.
+
+    Never raises: a summary must not fail a run that succeeded (logs a WARNING, returns None).
+    """
+    try:
+        data = collect(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric)
+        if data.runs is None:
+            return data
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=data.mlflow_uri)
+        _log_metrics(client, data.runs.grid_run_id, grid_metrics(data))
+        for row in data.rows:
+            run_id = data.runs.config_runs.get(row.get("config_id")) if row.get("runs") else None
+            if run_id:
+                metrics = {k: v for k, v in row["metrics"].items() if _number(v)}
+                metrics.update(mlflow_ui.headline_metrics(metrics))
+                _log_metrics(client, run_id, metrics)
+                client.set_terminated(run_id, "FINISHED")
+        with tempfile.TemporaryDirectory(prefix="qlib-ext-plots-") as tmp:
+            if draw(data, Path(tmp) / "plots"):
+                client.log_artifacts(data.runs.grid_run_id, str(Path(tmp) / "plots"), "plots")
+        if not data.counts.get("waiting") and not data.counts.get("running"):
+            status = "FAILED" if data.counts.get("failed") and not data.counts.get("done") else "FINISHED"
+            client.set_terminated(data.runs.grid_run_id, status)
+            client.set_tag(data.runs.grid_run_id, Tag.KIND, mlflow_ui.KIND_GRID)
+        return data
+    except Exception as e:
+        logger.warning("grid %s: summary not updated: %s", pool, e)
+        return None
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def _log_metrics(client: Any, run_id: str, metrics: dict[str, float]) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    for i in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[i:i + 500])
