@@ -355,3 +355,24 @@ def ui_command(mlflow_uri: str, port: int = 5000) -> str:
 def ui_base(mlflow_uri: str, port: int = 5000) -> str:
     """Where the UI answers: the tracking server itself, or ``mlflow ui`` on localhost."""
     return mlflow_uri.rstrip("/") if mlflow_uri.startswith("http") else f"http://127.0.0.1:{port}"
+
+
+def finish_run(recorder: Any, task: dict, metrics: dict[str, float]) -> None:
+    """After a task's run ended: the headline metrics under short names and the run's plot.
+
+    Never raises (logs a WARNING): the task's result is already complete.
+    """
+    from qlib_ext.tracking.plots import log_run_plots
+
+    try:
+        short = headline_metrics(metrics)
+        if short:
+            import time
+
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            recorder.client.log_batch(recorder.id, metrics=[Metric(k, float(v), now, 0) for k, v in short.items()])
+    except Exception as e:
+        logger.warning("mlflow ui: no short metric names on run %s: %s", recorder.id, e)
+    log_run_plots(recorder, str(task.get("qlib_ext", {}).get("run_name", "")))
