@@ -60,8 +60,7 @@ def make_sampler(grid: GridSpec) -> Any:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if grid.search == "tpe":
             return optuna.samplers.TPESampler(seed=grid.seed, constant_liar=True, multivariate=True,
-                                              group=bool(grid.models), n_startup_trials=startup,
-                                              warn_independent_sampling=False)
+                                              group=bool(grid.models), n_startup_trials=startup)
         if grid.search == "cmaes":
             return optuna.samplers.CmaEsSampler(seed=grid.seed, n_startup_trials=startup,
                                                 warn_independent_sampling=False)

@@ -34,7 +34,11 @@ def make_pruner(spec: PruneSpec | None) -> Any:
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(first, 1), reduction_factor=SH_REDUCTION_FACTOR)
     if spec.method == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=MEDIAN_STARTUP_TRIALS, n_warmup_steps=first)
-    return optuna.pruners.WilcoxonPruner(p_threshold=WILCOXON_P, n_startup_steps=spec.min_windows)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.pruners.WilcoxonPruner(p_threshold=WILCOXON_P, n_startup_steps=spec.min_windows)
 
 
 def reported_value(spec: PruneSpec | None, values: list[float]) -> float:
