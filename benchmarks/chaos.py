@@ -84,6 +84,7 @@ def setup(work: Path, args: argparse.Namespace) -> tuple[Store, object]:
 
     os.environ["QLIB_EXT_HOME"] = str(work / "home")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    os.environ["QLIB_EXT_ALLOWED_MODULES"] = "qlib.,qlib_ext.,fixtures"  # the workers' allow-list: the tasks' code
     write_synthetic(work / "data", instruments=5, days=120, seed=0)
     (work / "store").mkdir()
     store = Store(work / "store", _free_port())

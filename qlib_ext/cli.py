@@ -264,6 +264,10 @@ def _worker_options(f):
                      help="Exit as soon as nothing is waiting (default: when nothing is unfinished)."),
         click.option("--no-cache", is_flag=True, default=False,
                      help="Build every dataset anew instead of sharing prepared ones (for measurement)."),
+        click.option("--allow-module", "allow_module", multiple=True, default=None, metavar="PREFIX",
+                     help="Module prefix a task's class/module_path may name (repeatable; replaces the default "
+                          "qlib., qlib_ext., lightgbm and the workflow's workers.allowed_modules). "
+                          "Env: QLIB_EXT_ALLOWED_MODULES (comma-separated). See docs/security.md."),
     ]
     for option in reversed(options):
         f = option(f)

@@ -23,7 +23,7 @@ from fixtures import MARKS_ENV, write_chaos_workflow
 from store_fixtures import StoreProcess
 
 from qlib_ext.api import submit
-from qlib_ext.defaults import TASK_DB_NAME
+from qlib_ext.defaults import ALLOWED_MODULES_ENV, TASK_DB_NAME
 from qlib_ext.pool.progress import status_report
 from qlib_ext.store import running_url
 
@@ -50,7 +50,8 @@ class Pool:
     def worker(self, *flags: str, n: int = 1) -> subprocess.Popen:
         """Start ``qlib-ext worker`` (its own process group, so signals reach only what we aim at)."""
         env = {**os.environ, MARKS_ENV: str(self.marks),
-               "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
+               "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
+               ALLOWED_MODULES_ENV: "qlib.,qlib_ext.,fixtures"}  # tests/fixtures.py is the tasks' code
         with open(self.log, "ab") as log:
             return subprocess.Popen([sys.executable, "-m", "qlib_ext", "-v", "worker", "--pool", self.name,
                                      "--mongo-url", self.mongo_url, "-n", str(n), *FAST, *flags],

@@ -32,18 +32,23 @@ def parse(value: str | Iterable[str] | None) -> tuple[str, ...] | None:
     return tuple(s.strip() for s in items if s and s.strip())
 
 
-def resolve(flags: Iterable[str] | None = None, configured: str | Iterable[str] | None = None) -> tuple[str, ...]:
-    """The worker's allow-list: ``--allow-module`` flags, else the env var / profile value, else the default.
+def resolve(explicit: Iterable[str] | None = None, workflow: Iterable[str] | None = None) -> tuple[str, ...]:
+    """The worker's allow-list.
+
+    The worker side decides: ``--allow-module`` values (or ``allow_module`` in the profile), else
+    ``$QLIB_EXT_ALLOWED_MODULES``, replace the default outright and ignore the workflow. Only when neither
+    is set does the workflow's ``workers.allowed_modules`` (recorded in the pool) add to the default:
+    whoever can write the pool can write that too, so it guards against mistakes, not attackers.
 
     Args:
-        flags: ``--allow-module`` values (each may be comma-separated).
-        configured: ``workers.allowed_modules`` from the profile, when the caller has it.
+        explicit: worker-side prefixes (each item may be comma-separated).
+        workflow: the pool's ``workers.allowed_modules``.
     """
-    for source in (list(flags or []) or None, os.environ.get(defaults.ALLOWED_MODULES_ENV), configured):
-        prefixes = parse(",".join(source) if isinstance(source, list) else source)
+    for source in (explicit, os.environ.get(defaults.ALLOWED_MODULES_ENV)):
+        prefixes = parse(",".join(source) if source is not None and not isinstance(source, str) else source)
         if prefixes:
             return prefixes
-    return defaults.ALLOWED_MODULES
+    return tuple(dict.fromkeys((*defaults.ALLOWED_MODULES, *(parse(workflow) or ()))))
 
 
 def _allowed(module: str, prefixes: tuple[str, ...]) -> bool:

@@ -78,3 +78,34 @@ def decode_document(doc: dict) -> dict:
         if key.startswith(ENCODED_PREFIXES) and isinstance(doc[key], (bytes, bytearray)):
             doc[key] = loads(doc[key], f"task {doc.get('_id')}: field {key!r}")
     return doc
+
+
+def check_task(task: Any, task_id: Any = None) -> dict:
+    """Return ``task`` if it has the shape a worker runs, else raise naming what is wrong.
+
+    A training task needs ``model`` and ``dataset`` dicts; a backtest task (``qlib_ext.kind: backtest``)
+    needs ``record`` and ``qlib_ext.parent_run_id``; ``qlib_ext`` and ``record``, when present, must be a
+    dict and a dict or list.
+
+    Raises:
+        TaskDecodeError: the definition is not a dict, or a key is missing or of the wrong type.
+    """
+    where = f"task {task_id}: 'def'" if task_id is not None else "task 'def'"
+    if not isinstance(task, dict):
+        raise TaskDecodeError(f"{where} is a {type(task).__name__}, not a task dict")
+    meta = task.get("qlib_ext", {})
+    if not isinstance(meta, dict):
+        raise TaskDecodeError(f"{where}: key 'qlib_ext' is a {type(meta).__name__}, expected a dict")
+    if "record" in task and not isinstance(task["record"], (dict, list)):
+        raise TaskDecodeError(f"{where}: key 'record' is a {type(task['record']).__name__}, expected a list")
+    if meta.get("kind") == "backtest":
+        required = {"record": (dict, list)}
+        if not meta.get("parent_run_id"):
+            raise TaskDecodeError(f"{where}: a backtest task needs key 'qlib_ext.parent_run_id'")
+    else:
+        required = {"model": dict, "dataset": dict}
+    for key, kind in required.items():
+        if not isinstance(task.get(key), kind):
+            got = "missing" if key not in task else f"a {type(task[key]).__name__}"
+            raise TaskDecodeError(f"{where}: key {key!r} is {got}; a task needs keys {', '.join(required)}")
+    return task

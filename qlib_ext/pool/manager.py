@@ -29,7 +29,7 @@ from pymongo.errors import BulkWriteError, PyMongoError
 from qlib.workflow.task.manage import TaskManager
 
 from qlib_ext import defaults
-from qlib_ext.errors import StoreError
+from qlib_ext.errors import StoreError, TaskDecodeError
 from qlib_ext.pool.record import DOC_FORMAT, META, Doc, PoolMeta
 from qlib_ext.pool.status import UNFINISHED, TaskStatus
 
@@ -221,7 +221,23 @@ class GridTaskManager(TaskManager):
         )
         if doc is None:
             return None
-        return Claim(task=self._decode_task(doc), worker=worker, attempt=doc["attempt"])
+        claim = Claim(task=doc, worker=worker, attempt=doc["attempt"])
+        try:
+            self._decode_task(doc)
+        except TaskDecodeError as e:
+            e.claim = claim  # the task is ours now: the worker fails it with this reason
+            raise
+        return claim
+
+    def _decode_task(self, task: dict) -> dict:
+        """Qlib's decoding of ``def``/``res``, allowing plain data only (:mod:`qlib_ext.pool.codec`).
+
+        Raises:
+            TaskDecodeError: a field is not plain data; the message names the task and the field.
+        """
+        from qlib_ext.pool.codec import decode_document
+
+        return decode_document(task)
 
     def _held(self, claim: Claim) -> dict:
         """The fencing filter: the task is still ours only if worker and attempt still match."""
@@ -253,13 +269,15 @@ class GridTaskManager(TaskManager):
         return ok
 
     def fail(self, claim: Claim, error: str, count_attempt: bool = True, guard: dict | None = None,
-             max_attempts: int | None = None) -> str | None:
+             max_attempts: int | None = None, infra: bool = False) -> str | None:
         """Record a failed attempt: back to waiting while attempts remain, else ``failed``.
 
         ``count_attempt=False`` hands the task back without using up an attempt (graceful stop);
         ``guard`` adds conditions to the compare-and-set (the recovery sweep requires an expired lease);
-        ``max_attempts`` overrides the limit stamped on the task at submit (``worker --max-attempts``).
-        Returns the new status, or None if the lease was already lost.
+        ``max_attempts`` overrides the limit stamped on the task at submit (``worker --max-attempts``);
+        ``max_attempts=claim.attempt`` fails the task now (it can never succeed). ``infra`` (with
+        ``count_attempt=False``) records a fault outside the task: ``infra_retries`` counts them and
+        ``infra_error`` keeps the last one. Returns the new status, or None if the lease was already lost.
         """
         if max_attempts is None:
             doc = self.task_pool.find_one({"_id": claim.id}, {"max_attempts": 1})
@@ -272,6 +290,9 @@ class GridTaskManager(TaskManager):
             update["$push"] = {"errors": entry}
         else:
             update["$inc"] = {"attempt": -1}
+        if infra and not count_attempt:
+            update["$inc"]["infra_retries"] = 1
+            update["$set"]["infra_error"] = entry
         ok = self.task_pool.update_one({**self._held(claim), **(guard or {})}, update).matched_count == 1
         return status if ok else None
 

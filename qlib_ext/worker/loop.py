@@ -14,7 +14,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 from pymongo.errors import PyMongoError
 
 from qlib_ext import defaults
-from qlib_ext.errors import StoreError
+from qlib_ext.errors import StoreError, TaskDecodeError
 from qlib_ext.pool.manager import Claim
 from qlib_ext.worker.settings import THREAD_ENV_VARS, WorkerSettings, limit_threads
 from qlib_ext.worker.timeouts import ChildProcessTask, ChildTaskFailed, InProcessTask, TaskInterrupted, TaskTimeout
@@ -155,6 +154,10 @@ class Worker:
                 logger.warning("worker %s: task store unreachable (%s); retrying in %.1fs", os.getpid(), e,
                                self._backoff)
                 ran = None
+            except Exception:  # noqa: BLE001 - the loop never dies (huey): log, back off, go on
+                logger.exception("worker %s: unexpected error in the worker loop; retrying in %.1fs", os.getpid(),
+                                 self._backoff)
+                ran = None
             else:
                 if self._outage:
                     logger.warning("worker %s: task store reachable again", os.getpid())
@@ -179,7 +182,11 @@ class Worker:
         recovered = self.tm.sweep(self.s.max_attempts)
         if recovered:
             self._reap([c.id for c in recovered])
-        claim = self.tm.claim(self.s.lease_seconds)
+        try:
+            claim = self.tm.claim(self.s.lease_seconds)
+        except TaskDecodeError as e:  # claimed, but its def/res is not plain data: fail it, go on
+            self._rejected(e.claim, f"{type(e).__name__}: {e}")
+            return True
         if claim is None:
             finished = self.s.exit_when_idle or self.tm.unfinished() == 0
             return False if finished else None
@@ -191,11 +198,11 @@ class Worker:
         from qlib_ext.worker.body import run_grid_task
         from qlib_ext.worker.heartbeat import HeartbeatThread
 
-        task = limit_threads(claim.task["def"], self.s.threads)
         runner = ChildProcessTask(self.s.task_timeout) if self.s.task_timeout else InProcessTask()
         logger.info("worker %s: claimed task %s (attempt %d)", claim.worker, claim.id, claim.attempt)
         self.stop.task_started(runner)
         try:
+            task = self._checked(claim)
             with HeartbeatThread(self.tm, claim, self.s.lease_seconds, self.s.heartbeat_seconds,
                                  on_lost=lambda: runner.interrupt("lease lost")):
                 result = runner.run(run_grid_task, task, task_id=str(claim.id), worker=claim.worker,
@@ -208,7 +215,13 @@ class Worker:
             return
         finally:
             self.stop.task_ended()
-        if not self._queue_follow_up(claim, result):
+        try:
+            if not self._queue_follow_up(claim, result):
+                return
+        except STORE_ERRORS:
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. a sweep that does not expand: the task's failure
+            self._failed(claim, e)
             return
         self._commit(claim, result)
 
@@ -233,13 +246,53 @@ class Worker:
             self._store(lambda: self.tm.fail(claim, reason, count_attempt=False))
         self._reap([claim.id])
 
+    def _checked(self, claim: Claim) -> dict:
+        """The claimed task's definition, checked before anything of it is imported: its shape, then
+        the allow-list of modules; with LightGBM's threads pinned."""
+        from qlib_ext.pool.allowlist import check_task as check_modules
+        from qlib_ext.pool.codec import check_task
+
+        task = check_task(claim.task.get("def"), claim.id)
+        check_modules(task, tuple(self.s.allowed_modules))
+        return limit_threads(task, self.s.threads)
+
+    def _rejected(self, claim: Claim, error: str) -> None:
+        """Fail a task that can never succeed as written, now, without using its other attempts."""
+        logger.error("worker %s: task %s rejected: %s", claim.worker, claim.id, error.strip().splitlines()[-1])
+        status = self._store(lambda: self.tm.fail(claim, error, max_attempts=claim.attempt))
+        logger.warning("worker %s: task %s -> %s", claim.worker, claim.id, status or "(lease lost)")
+        self._reap([claim.id])
+
+    def _infra(self, claim: Claim, error: str) -> bool:
+        """Hand a task back without using an attempt after a fault outside it (MLflow, store, disk), then
+        back off; False once the task has had ``INFRA_RETRIES`` such retries (it then counts as an attempt)."""
+        retries = int(claim.task.get("infra_retries") or 0)
+        if retries >= defaults.INFRA_RETRIES:
+            return False
+        cause = error.strip().splitlines()[-1]
+        delay = min(defaults.INFRA_BACKOFF_SECONDS * 2 ** retries, defaults.OUTAGE_MAX_SECONDS)
+        logger.error("worker %s: task %s hit an infrastructure fault (%s); handed back without using an attempt "
+                     "(%d of %d), backing off %.1fs", claim.worker, claim.id, cause, retries + 1,
+                     defaults.INFRA_RETRIES, delay)
+        self._store(lambda: self.tm.fail(claim, error, count_attempt=False, infra=True))
+        self._reap([claim.id])
+        self.stop.event.wait(delay)
+        return True
+
     def _failed(self, claim: Claim, exc: Exception) -> None:
+        from qlib_ext.worker.faults import INFRA, REJECTED, classify, describe
+
         if isinstance(exc, ChildTaskFailed):
-            error = str(exc)
+            error, kind = str(exc), exc.kind
         elif isinstance(exc, TaskTimeout):
-            error = f"TaskTimeout: {exc}"
+            error, kind = f"TaskTimeout: {exc}", None
         else:
-            error = traceback.format_exc()
+            error, kind = describe(exc), classify(exc)
+        if kind == REJECTED:
+            self._rejected(claim, error)
+            return
+        if kind == INFRA and self._infra(claim, error):
+            return
         logger.error("worker %s: task %s failed (attempt %d): %s", claim.worker, claim.id, claim.attempt,
                      error.strip().splitlines()[-1] if error.strip() else exc)
         status = self._store(lambda: self.tm.fail(claim, error, max_attempts=self.s.max_attempts))

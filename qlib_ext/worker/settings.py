@@ -42,6 +42,7 @@ class WorkerSettings:
     log_level: int = logging.WARNING  # level of the worker's log output
     start_after: str | None = None  # claim nothing until this file exists (the cache warmer's signal)
     qlib_kwargs: dict = field(default_factory=dict)  # further qlib.init arguments from the workflow
+    allowed_modules: tuple[str, ...] = defaults.ALLOWED_MODULES  # module prefixes a task may name (pool/allowlist.py)
 
 
 def auto_threads(workers: int, cores: int | None = None) -> int:
@@ -123,6 +124,7 @@ def worker_settings(pool: str, *, mongo_url: str | None = None, mlflow_uri: str 
     ``overrides`` are ``WorkerSettings`` fields (lease_seconds, grace_seconds, exit_when_idle...);
     None values are ignored so CLI flags left unset fall back to the workflow's ``workers:``.
     """
+    from qlib_ext.pool import allowlist
     from qlib_ext.pool.manager import load_pool_meta, open_db
     from qlib_ext.store import resolve_mongo_url
 
@@ -137,6 +139,8 @@ def worker_settings(pool: str, *, mongo_url: str | None = None, mlflow_uri: str 
         "grace_seconds": spec.get("grace_seconds", defaults.GRACE_SECONDS),
         "task_timeout": spec.get("task_timeout", defaults.TASK_TIMEOUT_SECONDS),
     }
+    explicit = overrides.pop("allow_module", None)
+    fields["allowed_modules"] = allowlist.resolve(explicit or None, spec.get("allowed_modules"))
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return WorkerSettings(
         pool=pool, mongo_url=url, mlflow_uri=mlflow_uri or meta["mlflow_uri"], provider_uri=provider,

@@ -47,7 +47,12 @@ class TaskInterrupted(TaskError):
 
 
 class ChildTaskFailed(TaskError):
-    """The task raised in its child process; ``str(e)`` is the child's formatted traceback."""
+    """The task raised in its child process; ``str(e)`` is the child's formatted traceback, ``kind``
+    whose fault it was (:func:`qlib_ext.worker.faults.classify`: "rejected", "infra" or None)."""
+
+    def __init__(self, text: str, kind: str | None = None):
+        super().__init__(text)
+        self.kind = kind
 
 
 class _Interrupt(KeyboardInterrupt):
@@ -138,13 +143,13 @@ class ChildProcessTask:
         while True:
             if recv.poll(0.1):
                 try:
-                    kind, payload = recv.recv()
+                    kind, payload, *fault = recv.recv()
                 except EOFError:  # the child died right after sending nothing
-                    kind, payload = "died", None
+                    kind, payload, fault = "died", None, []
                 if kind == "ok":
                     return payload
                 if kind == "error":
-                    raise ChildTaskFailed(payload)
+                    raise ChildTaskFailed(payload, *fault)
                 break
             if self._stop.is_set():
                 self._kill(child)
@@ -180,10 +185,12 @@ def _child_main(send: Any, fn: Callable[..., Any], args: tuple, kwargs: dict) ->
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C goes to the worker, which decides
     signal.signal(signal.SIGTERM, _raise_interrupt)
     _drop_inherited_connections()
+    from qlib_ext.worker.faults import classify, describe
+
     try:
         message = ("ok", fn(*args, **kwargs))
-    except BaseException:  # noqa: BLE001 - everything goes back to the parent as text
-        message = ("error", traceback.format_exc())
+    except BaseException as e:  # noqa: BLE001 - everything goes back to the parent as text
+        message = ("error", describe(e), classify(e))
     try:
         send.send(message)
     except Exception:  # noqa: BLE001 - e.g. an unpicklable result: report that instead

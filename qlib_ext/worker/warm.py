@@ -130,16 +130,32 @@ def warm(settings: WorkerSettings, on_locked: Callable[[], object] = lambda: Non
 
 
 def waiting_tasks(settings: WorkerSettings) -> list[dict]:
-    """The task dicts of the pool's waiting tasks."""
+    """The task dicts of the pool's waiting tasks that a worker would run.
+
+    Decoded as plain data and checked like a worker checks them (shape, module allow-list); a task that
+    fails a check is skipped with a warning and left to the worker that claims it, which fails it.
+    """
+    from qlib_ext.errors import TaskRejected
+    from qlib_ext.pool.allowlist import check_task as check_modules
+    from qlib_ext.pool.codec import check_task, decode_document
     from qlib_ext.pool.manager import GridTaskManager
     from qlib_ext.worker.loop import task_db
 
     db = task_db(settings)
+    tasks = []
     try:
         tm = GridTaskManager(settings.pool, db)
-        return [tm._decode_task(doc)["def"] for doc in tm.task_pool.find({"status": "waiting"}, {"def": 1})]
+        for doc in tm.task_pool.find({"status": "waiting"}, {"def": 1}):
+            try:
+                task = check_task(decode_document(doc).get("def"), doc["_id"])
+                check_modules(task, tuple(settings.allowed_modules))
+            except TaskRejected as e:
+                logger.warning("cache: skipping task %s: %s", doc["_id"], e)
+                continue
+            tasks.append(task)
     finally:
         db.client.close()
+    return tasks
 
 
 def backtests(task: dict) -> list[dict]:

@@ -124,6 +124,7 @@ class WorkersSpec:
     task_timeout: float | None = defaults.TASK_TIMEOUT_SECONDS  # wall-clock limit per task, s; None = none
     grace_seconds: float = defaults.GRACE_SECONDS  # time to finish after SIGTERM before handing back, s
     threads_per_worker: str | int = defaults.THREADS_PER_WORKER  # 'auto' (cores // workers) or a count
+    allowed_modules: tuple[str, ...] = ()  # module prefixes added to the workers' default allow-list
 
 
 # --------------------------------------------------------------------------- dotted paths
@@ -464,4 +465,8 @@ def parse_workers(raw: Any, file: Path) -> WorkersSpec:
     _number(spec.grace_seconds, file, "workers.grace_seconds", strict=False)
     if spec.threads_per_worker != "auto":
         _number(spec.threads_per_worker, file, "workers.threads_per_worker", integer=True)
+    modules = spec.allowed_modules
+    if not isinstance(modules, (list, tuple)) or not all(isinstance(m, str) and m for m in modules):
+        raise _err(file, "workers.allowed_modules", f"got {modules!r}", "a list of module prefixes, e.g. [mylab.]")
+    spec.allowed_modules = tuple(modules)
     return spec
