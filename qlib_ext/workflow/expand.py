@@ -28,13 +28,11 @@ from qlib.workflow.task.gen import RollingGen, TaskGen, task_generator, trunc_se
 from qlib.workflow.task.utils import TimeAdjuster
 
 from qlib_ext.errors import ConfigError
+from qlib_ext.pool.record import META
 from qlib_ext.workflow.load import Workflow, date_str, normalise_dates
 from qlib_ext.workflow.spec import Dist, GridSpec, ModelSpec, RollingSpec, Values, portana_configs, set_path
 
 logger = logging.getLogger(__name__)
-
-META = "qlib_ext"
-"""Key of the coordinates block added to every task dict."""
 
 STRATEGY_PREFIX = "port_analysis_config.strategy.kwargs."
 """Coordinate name prefix of strategy keys (the same name a ``grid.params`` path would have)."""

@@ -20,14 +20,9 @@ from typing import Any
 
 from qlib_ext import defaults
 from qlib_ext.errors import ConfigError
+from qlib_ext.pool.record import KIND_BACKTEST, META
 
 logger = logging.getLogger(__name__)
-
-META = "qlib_ext"
-"""Key of the coordinates block of a task dict (the same as ``qlib_ext.workflow.expand.META``)."""
-
-BACKTEST = "backtest"
-"""``qlib_ext.kind`` of a task that backtests a training run's predictions."""
 
 SIGNAL_METRICS = ("IC", "ICIR", "Rank IC", "Rank ICIR")
 """SigAnaRecord metrics copied from the training run into each of its backtest runs."""
@@ -133,7 +128,7 @@ def follow_up_tasks(task: dict, run_id: str, task_id: str) -> list[dict]:
     model_class = (task.get("model") or {}).get("class")
     return [{"record": copy.deepcopy(point["record"]),
              META: {**shared, "config_id": point["config_id"], "coords": point["coords"],
-                    "strategy": point["strategy"], "run_name": point["run_name"], "kind": BACKTEST,
+                    "strategy": point["strategy"], "run_name": point["run_name"], "kind": KIND_BACKTEST,
                     "model_class": model_class, "parent_run_id": run_id, "parent_task_id": str(task_id)}}
             for point in meta.get("sweep") or []]
 
