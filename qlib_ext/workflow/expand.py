@@ -67,6 +67,10 @@ def expand(wf: Workflow, provider_uri: str | None = None) -> list[dict]:
         ConfigError: the calendar is missing (rolling) or too short, a backtest ends on the
             calendar's last day or later, or a value cannot be stored in MongoDB.
     """
+    if wf.grid.search not in ("grid", "random"):
+        raise ConfigError(f"search: {wf.grid.search} in grid.search of {wf.path} proposes its points while it runs "
+                          "(qlib_ext.search), so there is no list of tasks to expand; expected `qlib-ext run`, or "
+                          "`qlib-ext submit` then `qlib-ext search POOL`")
     root = copy.deepcopy(wf.config)
     root[META] = {"coords": {}, "model": None, "strategy": {}, "window": None}
     tasks = [_to_task(r) for r in task_generator(root, axis_generators(wf.grid))]
