@@ -87,7 +87,8 @@ def submit(path: str | Path, *, mongo_url: str | None = None, mlflow_uri: str | 
         "mlflow_uri": mlflow_uri, "experiment": wf.experiment_name, "workers": asdict(wf.workers),
         "data": data_identity(provider), "submitted_at": dt.datetime.now(dt.timezone.utc),
         "submitted_from": socket.gethostname(),
-        **({"search": {"search": wf.grid.search, "n_trials": wf.grid.n_trials}} if searching else {}),
+        **({"search": {"search": wf.grid.search, "n_trials": min(wf.grid.n_trials or limit or 0, limit or 10**9)
+                       or None}} if searching else {}),
     })
     tm = GridTaskManager(wf.pool, db)
     new, total = tm.create_tasks(tasks, max_attempts=max_attempts or wf.workers.max_attempts)
