@@ -358,7 +358,7 @@ def run_cmd(ctx: click.Context, file: Path, mongo_url: str, mlflow_uri: str | No
                  max_attempts=opts.pop("max_attempts"), limit=limit)
     click.echo(sub)
     settings, n = _settings(sub.pool, sub.mongo_url, sub.mlflow_uri, provider_uri, log_to_files=True, **opts)
-    searcher = _start_search(file, sub, n)
+    searcher = _start_search(file, sub, n, limit)
     warmer = None
     if settings.cache_dir:  # fill the cache with every core while the workers start up
         from qlib_ext.worker.warm import Warmer
@@ -420,8 +420,9 @@ def status_cmd(pool: str, mongo_url: str) -> None:
 
 
 # --------------------------------------------------------------------------- search
-def _start_search(file: Path, sub, workers: int):
-    """For a search workflow (a sampler, or pruning), a proposer thread already holding the pool open."""
+def _start_search(file: Path, sub, workers: int, limit: int | None = None):
+    """For a search workflow (a sampler, or pruning), a proposer thread already holding the pool open;
+    ``limit`` (``run --limit``) caps the number of trials."""
     from qlib_ext.search.proposer import is_search
     from qlib_ext.workflow.load import load_workflow
 
@@ -435,7 +436,7 @@ def _start_search(file: Path, sub, workers: int):
     click.echo(f"search {wf.grid.search}" + (f" with {wf.grid.prune.method} pruning" if wf.grid.prune else "")
                + ": the proposer queues trials as results come in")
     return SearchThread(wf, db, workers=workers, provider_uri=load_pool_meta(db, sub.pool)["provider_uri"],
-                        mlflow_uri=sub.mlflow_uri).start()
+                        mlflow_uri=sub.mlflow_uri, n_trials=limit).start()
 
 
 def _echo_search(pool: str, mongo_url: str) -> None:
