@@ -77,7 +77,8 @@ class Proposer:
     processes, hosts) may drive the same pool at once, coordinated only through the store."""
 
     def __init__(self, wf: Workflow, db: Database, *, batch: int, provider_uri: str | None = None,
-                 max_attempts: int | None = None, mlflow_uri: str | None = None):
+                 max_attempts: int | None = None, mlflow_uri: str | None = None, n_trials: int | None = None):
+        """``n_trials`` caps the workflow's number of trials (``run --limit``)."""
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -96,6 +97,7 @@ class Proposer:
 
             self.builder = PointBuilder(wf, provider_uri)
             self.n_trials = int(wf.grid.n_trials)
+        self.n_trials = min(self.n_trials, n_trials or self.n_trials)
         self.study = optuna.create_study(direction=wf.grid.objective.direction, sampler=make_sampler(wf.grid),
                                          pruner=pruning.make_pruner(wf.grid.prune))
         self.local: dict[int, Any] = {}  # trial number -> the Optuna trial standing for it

@@ -20,9 +20,9 @@ class SearchThread:
     workers started afterwards wait for proposals; ``stop`` ends the proposer (the search can resume)."""
 
     def __init__(self, wf: Workflow, db: Database, *, workers: int, provider_uri: str | None,
-                 mlflow_uri: str | None, max_attempts: int | None = None):
+                 mlflow_uri: str | None, max_attempts: int | None = None, n_trials: int | None = None):
         self.proposer = Proposer(wf, db, batch=batch_size(wf.grid, workers), provider_uri=provider_uri,
-                                 max_attempts=max_attempts, mlflow_uri=mlflow_uri)
+                                 max_attempts=max_attempts, mlflow_uri=mlflow_uri, n_trials=n_trials)
         self.event = threading.Event()
         self.done = False
         self._thread = threading.Thread(target=self._run, name=f"search-{wf.pool}", daemon=True)
