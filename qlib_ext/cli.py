@@ -182,6 +182,7 @@ def expand_cmd(file: Path, provider_uri: str | None, as_json: bool) -> None:
     """Expand FILE's grid into Qlib tasks and print them (count and coordinates); submits nothing."""
     import json
 
+    from qlib_ext.pool.record import META
     from qlib_ext.workflow.expand import expand
     from qlib_ext.workflow.load import load_workflow
 
@@ -190,11 +191,11 @@ def expand_cmd(file: Path, provider_uri: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(tasks, indent=2))
         return
-    swept = sum(len(t["qlib_ext"].get("sweep", [])) for t in tasks)
+    swept = sum(len(t[META].get("sweep", [])) for t in tasks)
     click.echo(f"{len(tasks)} tasks for pool {wf.pool} (experiment {wf.experiment_name}, "
-               f"grid {tasks[0]['qlib_ext']['grid_hash'] if tasks else '-'})"
+               f"grid {tasks[0][META]['grid_hash'] if tasks else '-'})"
                + (f", then {swept} strategy backtests on their predictions" if swept else ""))
-    click.echo(_coords_table([t["qlib_ext"] for t in tasks]))
+    click.echo(_coords_table([t[META] for t in tasks]))
 
 
 def _coords_table(metas: list[dict]) -> str:
@@ -343,7 +344,8 @@ def worker_cmd(ctx: click.Context, pool: str, mongo_url: str, mlflow_uri: str | 
 @_mlflow_option
 @_provider_option
 @_worker_options
-@click.option("--metric", default="IC", show_default=True, help="Metric that ranks the leaderboard.")
+@click.option("--metric", default=None, help="Metric that ranks the leaderboard (default: grid.objective, else "
+              "IC; a strategy sweep: 1day.excess_return_with_cost.information_ratio).")
 @_limit_option
 @click.pass_context
 def run_cmd(ctx: click.Context, file: Path, mongo_url: str, mlflow_uri: str | None, provider_uri: str | None,
@@ -351,7 +353,7 @@ def run_cmd(ctx: click.Context, file: Path, mongo_url: str, mlflow_uri: str | No
     """Submit FILE, run local workers with a live progress line, then print the leaderboard."""
     from qlib_ext.api import submit
     from qlib_ext.pool.progress import Progress
-    from qlib_ext.tracking.leaderboard import format_table, leaderboard, mlflow_ui_command
+    from qlib_ext.tracking.leaderboard import format_table, mlflow_ui_command, ranked
     from qlib_ext.worker.group import run_workers
 
     sub = submit(file, mongo_url=mongo_url, mlflow_uri=mlflow_uri, provider_uri=provider_uri,
@@ -390,8 +392,8 @@ def run_cmd(ctx: click.Context, file: Path, mongo_url: str, mlflow_uri: str | No
     if _stopped(sub.pool, sub.mongo_url):
         click.echo(f"stopped: unfinished tasks stay in pool {sub.pool}; resume with "
                    f"`qlib-ext worker --pool {sub.pool}` (the store keeps running in the background)")
-    rows = leaderboard(sub.pool, mongo_url=sub.mongo_url, mlflow_uri=sub.mlflow_uri, metric=metric, top=20)
-    click.echo(format_table(rows, metric))
+    rows, grid = ranked(sub.pool, mongo_url=sub.mongo_url, mlflow_uri=sub.mlflow_uri, metric=metric)
+    click.echo(format_table(rows, grid, top=20))
     click.echo(f"\ncompare runs: {mlflow_ui_command(sub.mlflow_uri)}")
     ctx.exit(code)
 
@@ -513,18 +515,32 @@ def cancel_cmd(pool: str, mongo_url: str, now: bool) -> None:
 @click.argument("pool")
 @_mongo_option
 @_mlflow_option
-@click.option("--metric", default="IC", show_default=True, help="Metric to rank by (higher is better).")
-@click.option("--top", default=None, type=int, help="Show only the best K rows.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of rows, best first.")
-def leaderboard_cmd(pool: str, mongo_url: str, mlflow_uri: str | None, metric: str, top: int | None,
-                    as_json: bool) -> None:
-    """Rank POOL's finished runs by a metric (rolling windows aggregated per configuration)."""
+@click.option("--metric", default=None, help="Metric to rank by, any the runs logged (case-insensitive) or "
+              "sharpe/psr/dsr (default: grid.objective, else IC; a strategy sweep: "
+              "1day.excess_return_with_cost.information_ratio).")
+@click.option("--top", default=None, type=click.IntRange(min=1), help="Show only the best K rows.")
+@click.option("--trials", default=None, type=click.IntRange(min=0),
+              help="Configurations tried outside this pool, added to N for the Deflated Sharpe.")
+@click.option("--blocks", default=16, show_default=True, type=click.IntRange(min=2),
+              help="CSCV blocks S for the PBO (even).")
+@click.option("--tag-runs", is_flag=True, help="Also set the tags qlib_ext.flags and qlib_ext.dsr on the runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print {rows: [...best first], grid: {N, PBO, ...}} as JSON.")
+def leaderboard_cmd(pool: str, mongo_url: str, mlflow_uri: str | None, metric: str | None, top: int | None,
+                    trials: int | None, blocks: int, tag_runs: bool, as_json: bool) -> None:
+    """Rank POOL's finished runs (rolling windows aggregated per configuration), with N tried,
+    Sharpe, PSR, Deflated Sharpe, sanity flags and PBO (docs/validity.md)."""
     import json
 
-    from qlib_ext.tracking.leaderboard import format_table, leaderboard
+    from qlib_ext.tracking.leaderboard import format_table, ranked, tag_flags
 
-    rows = leaderboard(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric, top=top)
-    click.echo(json.dumps(rows, indent=2, default=str) if as_json else format_table(rows, metric))
+    rows, grid = ranked(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric, trials=trials,
+                        blocks=blocks)
+    if tag_runs:
+        tag_flags(rows, grid)
+    if as_json:
+        click.echo(json.dumps({"rows": rows[:top] if top else rows, "grid": grid}, indent=2, default=str))
+    else:
+        click.echo(format_table(rows, grid, top=top))
 
 
 # --------------------------------------------------------------------------- demo

@@ -70,8 +70,9 @@ def test_grid_runs_on_two_workers_into_mlflow_and_ranks(tmp_path, synth_provider
         assert t["qlib_ext.threads"] == threads and t["qlib_ext.lgb_num_threads"] == threads
         assert "lr=" in run.info.run_name
 
-    rows = json.loads(cli("leaderboard", "e2e", "--json", "--metric", "ICIR", *common).stdout)
-    assert len(rows) == 4
+    board = json.loads(cli("leaderboard", "e2e", "--json", "--metric", "icir", *common).stdout)
+    rows = board["rows"]
+    assert len(rows) == 4 and board["grid"]["metric"] == "ICIR" and board["grid"]["trials"] == 4
     icir = [r["metrics"]["ICIR"] for r in rows]
     assert icir == sorted(icir, reverse=True)
     assert {r["run_id"] for r in rows} == committed

@@ -32,7 +32,7 @@ def test_windows_aggregate_per_configuration(tmp_path, synth_provider, mongo_url
     assert run.returncode == 0, run.stdout + run.stderr
     out = subprocess.run([sys.executable, "-m", "qlib_ext", "leaderboard", "roll", "--json", *common],
                          capture_output=True, text=True, timeout=300, check=True).stdout
-    rows = json.loads(out)
+    rows = json.loads(out)["rows"]
     assert len(rows) == 2, "one row per learning rate"
     client = mlflow.MlflowClient(mlflow_uri)
     for row in rows:

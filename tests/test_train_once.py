@@ -203,7 +203,10 @@ def test_two_models_times_two_strategies_train_twice_and_backtest_four_times(tmp
               for r in runs.values() if "mlflow.parentRunId" in r.data.tags}
     assert points == {("8", "5"), ("8", "10"), ("32", "5"), ("32", "10")}
 
-    rows = json.loads(cli("leaderboard", "train_once_e2e", "--json", *common).stdout)
+    board = json.loads(cli("leaderboard", "train_once_e2e", "--json", *common).stdout)
+    rows = board["rows"]
     assert len(rows) == 4
+    # its rows share one model per num_leaves: a sweep ranks by a backtest metric, not by IC
+    assert board["grid"]["metric"] == "1day.excess_return_with_cost.information_ratio"
     assert {r["run_id"] for r in rows} == {d["outcome"]["run_id"] for d in backtests}
     assert all({"task.model.kwargs.num_leaves", "strategy.topk", "model"} <= set(r["params"]) for r in rows)

@@ -19,6 +19,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from qlib_ext.pool.record import KIND_BACKTEST, KIND_TRAIN, META, Outcome, Tag, TaskMeta
+from qlib_ext.tracking import mlflow_ui
+from qlib_ext.tracking.series import VALIDITY
+
 logger = logging.getLogger(__name__)
 
 KEY_METRICS = (
@@ -47,14 +51,14 @@ def _peak_rss_mb() -> float:
 def mlflow_params(task: dict) -> dict[str, Any]:
     """Params that make runs comparable in the MLflow UI: grid coordinates under dotted names,
     model short name and class, strategy settings and the rolling window."""
-    meta = task.get("qlib_ext", {})
-    params: dict[str, Any] = dict(meta.get("coords", {}))
-    model_class = meta.get("model_class") or (task.get("model") or {}).get("class")  # a backtest has no model
-    params["model"] = meta.get("model") or model_class
+    meta = TaskMeta.of(task)
+    params: dict[str, Any] = dict(meta.coords or {})
+    model_class = meta.model_class or (task.get("model") or {}).get("class")  # a backtest has no model
+    params["model"] = meta.model or model_class
     params["model.class"] = model_class
-    for key, value in (meta.get("strategy") or {}).items():
+    for key, value in (meta.strategy or {}).items():
         params[f"strategy.{key}"] = value
-    window = meta.get("window") or {}
+    window = meta.window or {}
     for seg in ("train", "valid", "test"):
         if seg in window:
             params[f"window.{seg}_start"], params[f"window.{seg}_end"] = window[seg]
@@ -65,30 +69,30 @@ def mlflow_params(task: dict) -> dict[str, Any]:
 
 def mlflow_tags(task: dict, task_id: str, worker: str, attempt: int) -> dict[str, str]:
     """Tags that let a run be traced back to its pool, task, grid and worker (and training run)."""
-    meta = task.get("qlib_ext", {})
+    meta = TaskMeta.of(task)
     return {
         **_sweep_tags(meta),
-        "qlib_ext.pool": str(meta.get("pool", "")),
-        "qlib_ext.task_id": str(task_id),
-        "qlib_ext.grid_hash": str(meta.get("grid_hash", "")),
-        "qlib_ext.config_id": str(meta.get("config_id", "")),
-        "qlib_ext.worker": worker,
-        "qlib_ext.host": worker.rsplit(":", 1)[0] if ":" in worker else socket.gethostname(),
-        "qlib_ext.attempt": str(attempt),
+        Tag.POOL: str(meta.pool or ""),
+        Tag.TASK_ID: str(task_id),
+        Tag.GRID_HASH: str(meta.grid_hash or ""),
+        Tag.CONFIG_ID: str(meta.config_id or ""),
+        Tag.WORKER: worker,
+        Tag.HOST: worker.rsplit(":", 1)[0] if ":" in worker else socket.gethostname(),
+        Tag.ATTEMPT: str(attempt),
         # What the worker's thread limits were, so oversubscription is visible in the MLflow UI.
-        "qlib_ext.threads": os.environ.get("OMP_NUM_THREADS", ""),
-        "qlib_ext.lgb_num_threads": str(task.get("model", {}).get("kwargs", {}).get("num_threads", "")),
-        "hostname": socket.gethostname(),
+        Tag.THREADS: os.environ.get("OMP_NUM_THREADS", ""),
+        Tag.LGB_NUM_THREADS: str(task.get("model", {}).get("kwargs", {}).get("num_threads", "")),
+        Tag.HOSTNAME: socket.gethostname(),
     }
 
 
-def _sweep_tags(meta: dict) -> dict[str, str]:
+def _sweep_tags(meta: TaskMeta) -> dict[str, str]:
     """A backtest run names its training run; ``mlflow.parentRunId`` makes the MLflow UI nest it."""
-    if meta.get("kind") == "backtest":
-        parent = str(meta.get("parent_run_id", ""))
-        return {"mlflow.parentRunId": parent, "qlib_ext.parent_run_id": parent, "qlib_ext.kind": "backtest"}
-    if meta.get("sweep"):
-        return {"qlib_ext.kind": "train", "qlib_ext.sweep": str(len(meta["sweep"]))}
+    if meta.is_backtest:
+        parent = str(meta.parent_run_id or "")
+        return {Tag.MLFLOW_PARENT: parent, Tag.PARENT_RUN_ID: parent, Tag.KIND: KIND_BACKTEST}
+    if meta.sweep:
+        return {Tag.KIND: KIND_TRAIN, Tag.SWEEP: str(len(meta.sweep))}
     return {}
 
 
@@ -109,46 +113,76 @@ def run_grid_task(task: dict, *, task_id: str = "", worker: str = "", attempt: i
     A task with ``qlib_ext.kind: backtest`` only backtests its training run's predictions; a
     training task with a ``qlib_ext.workflow.sweep`` returns those backtest tasks under ``follow_up``.
     """
-    meta = task.get("qlib_ext", {})
-    if meta.get("kind") == "backtest":
+    meta = TaskMeta.of(task)
+    if meta.is_backtest:
         return _in_run(task, lambda rec, timings: _backtest(task, rec, timings, cache_dir), task_id, worker, attempt)
     result = _in_run(task, lambda rec, timings: _train_and_record(task, rec, timings, cache_dir), task_id, worker,
                      attempt)
-    if meta.get("sweep"):
+    if meta.sweep:
         from qlib_ext.workflow.sweep import follow_up_tasks
 
         result["follow_up"] = follow_up_tasks(task, result["run_id"], task_id)
     return result
 
 
-def _in_run(task: dict, body: Callable[[Any, dict[str, float]], None], task_id: str, worker: str, attempt: int) -> dict:
-    """Run ``body(recorder, timings)`` inside the task's MLflow run, logging tags, params and timings."""
+def _in_run(task: dict, body: Callable[[Any, dict[str, float]], Any], task_id: str, worker: str, attempt: int) -> dict:
+    """Run ``body(recorder, timings)`` inside the task's MLflow run, logging tags, params and timings.
+
+    ``body`` returns the fitted model (or None); the result's ``validity`` block holds the daily series
+    and model checks the leaderboard's statistics and flags need (``qlib_ext.tracking.series``)."""
     from qlib.workflow import R
 
-    meta = task.get("qlib_ext", {})
-    experiment = meta.get("experiment") or "workflow"
+    meta = TaskMeta.of(task)
+    experiment = meta.experiment or "workflow"
     timings: dict[str, float] = {}
-    with _killed_on_interrupt(), R.start(experiment_name=experiment, recorder_name=meta.get("run_name")):
+    with _killed_on_interrupt(), R.start(experiment_name=experiment, recorder_name=meta.run_name):
         recorder = R.get_recorder()
-        _tag_run(recorder, mlflow_tags(task, task_id, worker, attempt), mlflow_params(task))
+        ui_tags, params = mlflow_ui.run_decoration(recorder.client, recorder.experiment_id, task, task_id)
+        _tag_run(recorder, {**mlflow_tags(task, task_id, worker, attempt), **ui_tags}, params)
         R.save_objects(task=task)
-        body(recorder, timings)
+        model = body(recorder, timings)
+        with _stage(timings, "validity"):
+            validity = _validity(recorder, task, model)
         extra = {f"time.{k}_s": round(v, 4) for k, v in timings.items()}
         extra["peak_rss_mb"] = round(_peak_rss_mb(), 1)
         R.log_metrics(**extra)
     # Qlib logs some metrics asynchronously; they are all in MLflow once the run has ended.
     logged = recorder.client.get_run(recorder.id).data.metrics
+    mlflow_ui.finish_run(recorder, task, logged)  # short metric names and plots/run.png
     metrics = {k: _plain(v) for k, v in logged.items()}
+    validity["flags"] = _flag_run(recorder, task, validity, metrics)
     return {
-        "run_id": recorder.id,
-        "experiment": experiment,
-        "experiment_id": recorder.experiment_id,
-        "tracking_uri": recorder.uri,
-        "metrics": {k: metrics[k] for k in KEY_METRICS if k in metrics},
-        "timings": extra,
-        "worker": worker,
-        "attempt": attempt,
+        Outcome.RUN_ID: recorder.id,
+        Outcome.EXPERIMENT: experiment,
+        Outcome.EXPERIMENT_ID: recorder.experiment_id,
+        Outcome.TRACKING_URI: recorder.uri,
+        Outcome.METRICS: {k: metrics[k] for k in KEY_METRICS if k in metrics},
+        Outcome.TIMINGS: extra,
+        Outcome.WORKER: worker,
+        Outcome.ATTEMPT: attempt,
+        VALIDITY: validity,
     }
+
+
+def _validity(recorder: Any, task: dict, model: Any) -> dict:
+    """The validity block; a failure here is logged, never fails the task (the statistics are then missing)."""
+    from qlib_ext.tracking.series import collect
+
+    try:
+        return collect(recorder, task, model)
+    except Exception:
+        logger.warning("worker: run %s: could not collect the validity series", recorder.id, exc_info=True)
+        return {}
+
+
+def _flag_run(recorder: Any, task: dict, validity: dict, metrics: dict) -> list[str]:
+    """The run's sanity flags, also set as the MLflow tag ``qlib_ext.flags`` (comma-separated)."""
+    from qlib_ext.tracking.flags import FLAGS_TAG, run_flags
+
+    flags = run_flags(validity, metrics, rolling=bool(TaskMeta.of(task).window))
+    if flags:
+        recorder.client.set_tag(recorder.id, FLAGS_TAG, ",".join(flags))
+    return flags
 
 
 def _tag_run(recorder: Any, tags: dict[str, str], params: dict[str, Any]) -> None:
@@ -164,7 +198,7 @@ def _tag_run(recorder: Any, tags: dict[str, str], params: dict[str, Any]) -> Non
         recorder.client.log_batch(recorder.id, tags=tag_list[i:i + 100], params=param_list[i:i + 100])
 
 
-def _train_and_record(task: dict, recorder: Any, timings: dict[str, float], cache_dir: str | None) -> None:
+def _train_and_record(task: dict, recorder: Any, timings: dict[str, float], cache_dir: str | None) -> Any:
     """Qlib's ``_exe_task`` with each stage timed: data, fit, signal records, backtest."""
     from qlib.model.base import Model
     from qlib.utils import auto_filter_kwargs, fill_placeholder, init_instance_by_config
@@ -179,7 +213,7 @@ def _train_and_record(task: dict, recorder: Any, timings: dict[str, float], cach
     with _stage(timings, "fit"), reused_lgb_data(model, _dataset_key(task["dataset"], cache_dir), cache_dir):
         auto_filter_kwargs(model.fit)(dataset, reweighter=task.get("reweighter"))
     R.save_objects(**{"params.pkl": model})
-    filled = fill_placeholder(copy.deepcopy({k: v for k, v in task.items() if k != "qlib_ext"}),
+    filled = fill_placeholder(copy.deepcopy({k: v for k, v in task.items() if k != META}),
                               {"<MODEL>": model, "<DATASET>": dataset})
     records = filled.get("record", [])
     for record in [records] if isinstance(records, dict) else records:
@@ -188,6 +222,7 @@ def _train_and_record(task: dict, recorder: Any, timings: dict[str, float], cach
         with _stage(timings, "backtest" if isinstance(rec, PortAnaRecord) else "signal"):
             _share_exchange(rec, cache_dir)
             rec.generate()
+    return model
 
 
 def _backtest(task: dict, recorder: Any, timings: dict[str, float], cache_dir: str | None) -> None:
@@ -197,7 +232,7 @@ def _backtest(task: dict, recorder: Any, timings: dict[str, float], cache_dir: s
 
     from qlib_ext.workflow.sweep import SIGNAL_METRICS
 
-    parent = task["qlib_ext"]["parent_run_id"]
+    parent = TaskMeta.of(task).parent_run_id
     with _stage(timings, "load"):
         _copy_signal(recorder, parent)
     # the leaderboard ranks backtest rows by IC too: the signal metrics are the training run's
