@@ -377,6 +377,31 @@ class GridTaskManager(TaskManager):
         until = (meta or {}).get("search_until")
         return isinstance(until, dt.datetime) and until > self.now()
 
+    def owners(self, task_ids: list[Any]) -> dict[Any, dict]:
+        """``_id`` -> status, attempt, worker and committed run id of each of ``task_ids`` that exists."""
+        cur = self.task_pool.find({Doc.ID: {"$in": list(task_ids)}},
+                                  {Doc.STATUS: 1, Doc.ATTEMPT: 1, Doc.WORKER: 1, f"{Doc.OUTCOME}.run_id": 1})
+        return {d[Doc.ID]: d for d in cur}
+
+    def by_run_name(self, run_names: list[str]) -> dict[str, list[dict]]:
+        """Run name -> the documents (status, started_at) of the tasks with that ``qlib_ext.run_name``."""
+        key = f"{Doc.FILTER}.{META}.run_name"
+        out: dict[str, list[dict]] = {}
+        for d in self.task_pool.find({key: {"$in": list(run_names)}}, {Doc.STATUS: 1, Doc.STARTED_AT: 1, key: 1}):
+            out.setdefault(d[Doc.FILTER][META]["run_name"], []).append(d)
+        return out
+
+    def committed_run(self, task_id: Any) -> tuple[str | None, str | None]:
+        """``(status, committed run id)`` of one task; ``(None, None)`` if it is gone."""
+        doc = self.task_pool.find_one({Doc.ID: task_id}, {Doc.STATUS: 1, f"{Doc.OUTCOME}.run_id": 1})
+        if doc is None:
+            return None, None
+        return doc.get(Doc.STATUS), (doc.get(Doc.OUTCOME) or {}).get("run_id")
+
+    def meta(self) -> dict:
+        """This pool's metadata document (written at submit), ``{}`` if it has none."""
+        return self.task_pool.database[POOLS_COLLECTION].find_one({"_id": self.pool_name}) or {}
+
     def results(self) -> list[dict]:
         """Committed results of done tasks, with their task meta, without unpickling anything."""
         cur = self.task_pool.find({"status": TaskStatus.DONE.value},

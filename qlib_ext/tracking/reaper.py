@@ -3,7 +3,7 @@
 A worker killed with ``kill -9``, a task child killed at its timeout and a host that vanished all
 leave their MLflow run RUNNING; a worker that finished its run but lost its lease before committing
 leaves a FINISHED run that is not the task's result. The reaper compares each run of a pool
-(tags ``qlib_ext.task_id``, ``qlib_ext.attempt``, ``qlib_ext.worker.loop``) with its task document:
+(tags ``qlib_ext.task_id``, ``qlib_ext.attempt``, ``qlib_ext.worker``) with its task document:
 
 * a RUNNING run is live only while the task is ``running`` under that same worker and attempt;
   otherwise it is ended KILLED;
@@ -21,7 +21,6 @@ Safe to run from several processes at once (ending a run twice is harmless).
 
 from __future__ import annotations
 
-import collections
 import datetime as dt
 import logging
 from typing import Any
@@ -30,12 +29,14 @@ from bson import ObjectId
 from bson.errors import InvalidId
 
 from qlib_ext.pool.manager import GridTaskManager
+from qlib_ext.pool.record import Doc, PoolMeta, Tag
 from qlib_ext.pool.status import TaskStatus
 
 logger = logging.getLogger(__name__)
 
-DISCARDED_TAG = "qlib_ext.discarded"
+DISCARDED_TAG = Tag.DISCARDED
 """Tag on a FINISHED run whose result was never committed (another attempt's was)."""
+
 
 
 def reap_runs(tm: GridTaskManager, mlflow_uri: str, task_ids: list[Any] | None = None) -> int:
@@ -53,11 +54,10 @@ def reap_runs(tm: GridTaskManager, mlflow_uri: str, task_ids: list[Any] | None =
     ended = _reap_untagged(client, tm) if task_ids is None else 0
     if not runs:
         return ended
-    ids = {_oid(r.data.tags.get("qlib_ext.task_id")) for r in runs} - {None}
-    docs = {d["_id"]: d for d in tm.task_pool.find({"_id": {"$in": list(ids)}},
-                                                    {"status": 1, "attempt": 1, "worker": 1, "outcome.run_id": 1})}
+    ids = {_oid(r.data.tags.get(Tag.TASK_ID)) for r in runs} - {None}
+    docs = tm.owners(list(ids))
     for run in runs:
-        verdict = _verdict(run, docs.get(_oid(run.data.tags.get("qlib_ext.task_id"))))
+        verdict = _verdict(run, docs.get(_oid(run.data.tags.get(Tag.TASK_ID))))
         if verdict is not None:
             _end(client, run, verdict)
             ended += 1
@@ -66,12 +66,12 @@ def reap_runs(tm: GridTaskManager, mlflow_uri: str, task_ids: list[Any] | None =
 
 def _pool_runs(client: Any, pool: str, task_ids: list[Any] | None) -> list[Any]:
     exp_ids = [e.experiment_id for e in client.search_experiments()]
-    flt = f"tags.`qlib_ext.pool` = '{pool}' and attributes.status != 'KILLED' and attributes.status != 'FAILED'"
+    flt = f"tags.`{Tag.POOL}` = '{pool}' and attributes.status != 'KILLED' and attributes.status != 'FAILED'"
     wanted = None if task_ids is None else {str(t) for t in task_ids}
     runs, token = [], None
     while exp_ids:
         page = client.search_runs(exp_ids, filter_string=flt, max_results=5000, page_token=token)
-        runs.extend(r for r in page if wanted is None or r.data.tags.get("qlib_ext.task_id") in wanted)
+        runs.extend(r for r in page if wanted is None or r.data.tags.get(Tag.TASK_ID) in wanted)
         token = page.token
         if not token:
             break
@@ -83,13 +83,13 @@ def _verdict(run: Any, doc: dict | None) -> str | None:
     if doc is None:
         return None  # its task is gone (dropped pool): not ours to judge
     tags, status = run.data.tags, run.info.status
-    if status == "RUNNING" and "qlib_ext.attempt" not in tags:
+    if status == "RUNNING" and Tag.ATTEMPT not in tags:
         return None  # still being tagged, or died while tagging: _reap_untagged decides once it is over
-    live = (doc.get("status") == TaskStatus.RUNNING.value and str(doc.get("attempt")) == tags.get("qlib_ext.attempt")
-            and doc.get("worker") == tags.get("qlib_ext.worker"))
+    live = (doc.get("status") == TaskStatus.RUNNING.value and str(doc.get(Doc.ATTEMPT)) == tags.get(Tag.ATTEMPT)
+            and doc.get(Doc.WORKER) == tags.get(Tag.WORKER))
     if status == "RUNNING" and not live:
-        return f"attempt {tags.get('qlib_ext.attempt')} by {tags.get('qlib_ext.worker')} is over"
-    committed = (doc.get("outcome") or {}).get("run_id")
+        return f"attempt {tags.get(Tag.ATTEMPT)} by {tags.get(Tag.WORKER)} is over"
+    committed = (doc.get(Doc.OUTCOME) or {}).get("run_id")
     if status == "FINISHED" and doc.get("status") == TaskStatus.DONE.value and committed != run.info.run_id:
         return f"result not committed: the task's committed run is {committed}"
     return None
@@ -99,20 +99,15 @@ def _reap_untagged(client: Any, tm: GridTaskManager) -> int:
     """End RUNNING runs of the pool's experiment that never got all their qlib-ext tags (the worker died
     between creating the run and tagging it: Qlib sets tags one by one). Such a run is matched to its
     task by run name; it is dead when the task is not running, or was claimed again after it started."""
-    from qlib_ext.pool.manager import POOLS_COLLECTION
-
-    meta = tm.task_pool.database[POOLS_COLLECTION].find_one({"_id": tm.pool_name}, {"experiment": 1}) or {}
-    exp = client.get_experiment_by_name(meta["experiment"]) if meta.get("experiment") else None
+    experiment = tm.meta().get(PoolMeta.EXPERIMENT)
+    exp = client.get_experiment_by_name(experiment) if experiment else None
     if exp is None:
         return 0
     untagged = [r for r in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'", max_results=5000)
-                if "qlib_ext.attempt" not in r.data.tags and r.info.run_name]
+                if Tag.ATTEMPT not in r.data.tags and r.info.run_name]
     if not untagged:
         return 0
-    docs = collections.defaultdict(list)
-    for d in tm.task_pool.find({"filter.qlib_ext.run_name": {"$in": [r.info.run_name for r in untagged]}},
-                               {"status": 1, "started_at": 1, "filter.qlib_ext.run_name": 1}):
-        docs[d["filter"]["qlib_ext"]["run_name"]].append(d)
+    docs = tm.by_run_name([r.info.run_name for r in untagged])
     ended = 0
     for run in untagged:
         started = dt.datetime.fromtimestamp(run.info.start_time / 1000, dt.timezone.utc).replace(tzinfo=None)
@@ -133,7 +128,7 @@ def _claimed_after(doc: dict, run_started: dt.datetime) -> bool:
 
 def _end(client: Any, run: Any, reason: str) -> None:
     logger.warning("reaper: ending run %s (task %s) KILLED: %s", run.info.run_id,
-                   run.data.tags.get("qlib_ext.task_id"), reason)
+                   run.data.tags.get(Tag.TASK_ID), reason)
     if run.info.status == "FINISHED":
         client.set_tag(run.info.run_id, DISCARDED_TAG, reason)
     client.set_terminated(run.info.run_id, status="KILLED")

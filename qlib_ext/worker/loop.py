@@ -23,6 +23,8 @@ from pymongo.errors import PyMongoError
 from qlib_ext import defaults
 from qlib_ext.errors import StoreError, TaskDecodeError
 from qlib_ext.pool.manager import Claim
+from qlib_ext.pool.record import Outcome
+from qlib_ext.pool.status import TaskStatus
 from qlib_ext.worker.settings import THREAD_ENV_VARS, WorkerSettings, limit_threads
 from qlib_ext.worker.timeouts import ChildProcessTask, ChildTaskFailed, InProcessTask, TaskInterrupted, TaskTimeout
 
@@ -323,9 +325,8 @@ class Worker:
         """One fenced commit; True also when an earlier try of ours got through but its reply was lost."""
         if self.tm.commit(claim, result):
             return True
-        doc = self.tm.task_pool.find_one({"_id": claim.id}, {"status": 1, "outcome.run_id": 1})
-        return bool(doc and doc.get("status") == "done" and (doc.get("outcome") or {}).get("run_id") == result.get(
-            "run_id"))
+        status, run_id = self.tm.committed_run(claim.id)
+        return status == TaskStatus.DONE.value and run_id == result.get(Outcome.RUN_ID)
 
     def _discard(self, result: dict, reason: str) -> None:
         from qlib_ext.tracking.reaper import end_run
