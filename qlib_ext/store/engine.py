@@ -83,10 +83,7 @@ class Engine:
         from qlib_ext.store.commands import dispatch
 
         try:
-            check_command(body)
-            for docs in sequences.values():
-                for doc in docs:
-                    check_command(doc)
+            check_command(body, sequences)
             return dispatch(self, db, body, sequences)
         except CommandError as e:
             return error_reply(e.code, str(e))

@@ -43,24 +43,35 @@ class LimitError(Exception):
 def depth(value: Any, stop: int = MAX_COMMAND_DEPTH + 1) -> int:
     """Levels of fields in ``value`` (0 for a scalar or an empty container), counted up to ``stop``.
 
-    Iterative, so it cannot hit the recursion limit whatever the input.
+    Iterative, so it cannot hit the recursion limit whatever the input. Only non-empty containers
+    are visited: a container whose fields are at level L holds its non-empty children at L + 1.
     """
-    deepest, stack = 0, [(value, 0)]
+    if not isinstance(value, dict | list) or not value:
+        return 0
+    deepest, stack = 0, [(value, 1)]
     while stack:
         item, level = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
-        for child in children:
-            deepest = max(deepest, level + 1)
+        if level > deepest:
+            deepest = level
             if deepest >= stop:
                 return deepest
+        for child in item.values() if isinstance(item, dict) else item:
             if isinstance(child, dict | list) and child:
                 stack.append((child, level + 1))
     return deepest
 
 
-def check_command(body: dict[str, Any]) -> None:
-    """Refuse a command nested deeper than :data:`MAX_COMMAND_DEPTH` (queries included)."""
-    if depth(body) > MAX_COMMAND_DEPTH:
+def check_command(body: dict[str, Any], sequences: dict[str, list]) -> None:
+    """Refuse a command nested deeper than :data:`MAX_COMMAND_DEPTH` (queries included).
+
+    An insert's documents are left to :func:`check_insert` (stricter, and run before each one is
+    stored): walking them twice would double the cost of the biggest commands.
+    """
+    if next(iter(body), "") == "insert":
+        body = {k: v for k, v in body.items() if k != "documents"}
+        sequences = {k: v for k, v in sequences.items() if k != "documents"}
+    if depth(body) > MAX_COMMAND_DEPTH or any(depth(d) > MAX_COMMAND_DEPTH - 2
+                                              for docs in sequences.values() for d in docs):
         raise LimitError(OVERFLOW, f"BSONObj exceeds maximum nested object depth: {MAX_COMMAND_DEPTH}")
 
 
