@@ -19,6 +19,18 @@ def db(mongo_url, task_db_name):
     client.close()
 
 
+@pytest.fixture
+def qlib_tm(mongo_url, task_db_name):
+    """Qlib's own ``TaskManager`` on a pool of the test's database (through ``C["mongo"]``, as qlib.init sets it)."""
+    from qlib.config import C
+    from qlib.workflow.task.manage import TaskManager
+
+    old = C.get("mongo")
+    C["mongo"] = {"task_url": mongo_url, "task_db_name": task_db_name}
+    yield TaskManager
+    C["mongo"] = old
+
+
 def _old_done_doc(run_id: str) -> dict:
     """A done task as qlib-ext 0.1.0 committed it: the result pickled in ``res`` and plain in ``result``."""
     task = {"model": {"class": "M"}, "qlib_ext": {"run_name": run_id}}
@@ -27,19 +39,18 @@ def _old_done_doc(run_id: str) -> dict:
 
 
 @pytest.mark.parametrize("with_meta", [True, False])
-def test_a_0_1_0_pool_is_renamed_on_open_and_qlib_reads_it(db, with_meta):
+def test_a_0_1_0_pool_is_renamed_on_open_and_qlib_reads_it(db, qlib_tm, with_meta):
     db["old"].insert_many([_old_done_doc("r1"), _old_done_doc("r2"),
                            {**_old_done_doc("w"), "status": "waiting", "res": None, "result": None}])
     db["old"].update_one({"status": "waiting"}, {"$unset": {"res": "", "result": ""}})
     if with_meta:
         db[POOLS_COLLECTION].insert_one({"_id": "old", PoolMeta.EXPERIMENT: "e"})
-    untouched = GridTaskManager("old", db, migrate=False)
     with pytest.raises(TypeError):  # the bug: Qlib unpickles the plain `result` (it starts with "res")
-        untouched.task_stat()
+        qlib_tm("old").task_stat()
 
     tm = GridTaskManager("old", db)  # opening migrates
-    assert tm.task_stat() == {"done": 2, "waiting": 1}
-    assert [d["res"]["run_id"] for d in tm.query({"status": "done"})] == ["r1", "r2"]
+    assert qlib_tm("old").task_stat() == {"done": 2, "waiting": 1}
+    assert [d["res"]["run_id"] for d in qlib_tm("old").query({"status": "done"})] == ["r1", "r2"]
     assert db["old"].count_documents({"result": {"$exists": True}}) == 0
     assert sorted(d["outcome"]["run_id"] for d in db["old"].find({"status": "done"})) == ["r1", "r2"]
     assert sorted(r["run_id"] for r in tm.results()) == ["r1", "r2"]
