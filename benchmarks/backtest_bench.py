@@ -1,0 +1,192 @@
+"""One Qlib backtest, stock vs fast path (``qlib_ext.backtest``), side by side on one machine.
+
+For each size (synthetic data, 400 days; backtest 2015-08-03 .. 2016-07-13, 240 days) the same
+predictions (5-day reversal plus noise) go through Qlib's ``backtest`` and through
+``qlib_ext.backtest.fast.fast_backtest`` with ``TopkDropoutStrategy``, a daily
+``SimulatorExecutor`` and one shared exchange (built once, as qlib-ext's exchange cache does),
+interleaved, ``--repeat`` times; medians. Every repetition checks that both give equal frames.
+Then a strategy sweep: 8 ``TopkDropoutStrategy`` settings on one prediction, all stock vs all fast.
+
+    python benchmarks/backtest_bench.py [--sizes 20,300,1000] [--repeat 5] [--sweep-size 300] [--profile N]
+
+Writes the backtest_bench section of docs/performance.md (``--no-write``: print only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import machine_line, median, table, write_section
+
+START, END = "2015-08-03", "2016-07-13"
+SWEEP = [dict(topk=50, n_drop=5), dict(topk=30, n_drop=3), dict(topk=50, n_drop=10), dict(topk=20, n_drop=2),
+         dict(topk=50, n_drop=5, hold_thresh=3), dict(topk=50, n_drop=5, only_tradable=True),
+         dict(topk=50, n_drop=5, forbid_all_trade_at_limit=False), dict(topk=40, n_drop=8, method_sell="random")]
+"""The 8 strategy points of the sweep (TopkDropoutStrategy kwargs)."""
+
+
+def synth_data(instruments: int) -> Path:
+    from qlib_ext.data.synth import write_synthetic
+
+    out = Path(tempfile.gettempdir()) / f"qlib-ext-bt-{instruments}x400"
+    if not (out / "calendars" / "day.txt").exists():
+        print(write_synthetic(out, instruments=instruments, days=400, start="2015-01-05", seed=0, market="csi300"))
+    return out
+
+
+def _setup(instruments: int):
+    import logging
+
+    import numpy as np
+    import qlib
+
+    qlib.init(provider_uri=str(synth_data(instruments)), region="cn", kernels=1, logging_level=logging.ERROR)
+    from qlib.backtest import get_exchange
+    from qlib.data import D
+
+    close = D.features(D.instruments("csi300"), ["$close"], "2015-06-01", END)["$close"]
+    rng = np.random.default_rng(0)
+    score = -close.groupby(level="instrument").pct_change(5)
+    pred = (score + rng.normal(0, 0.02, len(score))).rename("score").dropna()
+    pred = pred.swaplevel().sort_index().loc[START:]
+    exchange = get_exchange(freq="day", limit_threshold=0.095, deal_price="close", open_cost=0.0005,
+                            close_cost=0.0015, min_cost=5, codes="csi300", start_time=START, end_time=END)
+    return pred, exchange
+
+
+def _run(fn, pred, exchange, **strategy):
+    import numpy as np
+
+    np.random.seed(0)
+    kwargs = {"signal": pred, "topk": 50, "n_drop": 5, **strategy}
+    return fn(start_time=START, end_time=END, benchmark="SH000300", account=100_000_000,
+              strategy={"class": "TopkDropoutStrategy", "module_path": "qlib.contrib.strategy.signal_strategy",
+                        "kwargs": kwargs},
+              executor={"class": "SimulatorExecutor", "module_path": "qlib.backtest.executor",
+                        "kwargs": {"time_per_step": "day", "generate_portfolio_metrics": True, "verbose": False}},
+              exchange_kwargs={"exchange": exchange})
+
+
+def _same(a, b) -> bool:
+    import pandas as pd
+
+    (report_a, pos_a), (report_b, pos_b) = a[0]["1day"], b[0]["1day"]
+    pd.testing.assert_frame_equal(report_a, report_b, check_exact=True)
+    pd.testing.assert_frame_equal(a[1]["1day"][0], b[1]["1day"][0], check_exact=True)
+    return list(pos_a) == list(pos_b) and all(pos_a[d].position == pos_b[d].position for d in pos_a)
+
+
+def measure(instruments: int, repeat: int, sweep: bool) -> dict:
+    """Child-process body: timings for one size (qlib.init is process-global)."""
+    from qlib.backtest import backtest
+
+    from qlib_ext.backtest.exchange import fast_exchange
+    from qlib_ext.backtest.fast import _memo, fast_backtest
+
+    pred, exchange = _setup(instruments)
+    t0 = time.perf_counter()
+    _memo[id(exchange)] = (exchange, fast_exchange(exchange))  # what the first fast backtest of a worker builds
+    build = time.perf_counter() - t0
+    stock, fast, same = [], [], True
+    for _ in range(repeat):
+        for fn, times in ((backtest, stock), (fast_backtest, fast)):
+            t = time.perf_counter()
+            result = _run(fn, pred, exchange)
+            times.append(time.perf_counter() - t)
+            if fn is backtest:
+                reference = result
+        same = same and _same(reference, result)
+    out = {"instruments": instruments, "stock": median(stock), "fast": median(fast), "build": build,
+           "same": same, "days": len(reference[0]["1day"][0]), "load": os.getloadavg()[0]}
+    if sweep:
+        sweep_times = {"stock": [], "fast": []}
+        for fn, key in ((backtest, "stock"), (fast_backtest, "fast")):
+            t = time.perf_counter()
+            results = [_run(fn, pred, exchange, **point) for point in SWEEP]
+            sweep_times[key] = time.perf_counter() - t
+            if fn is backtest:
+                references = results
+        out["sweep"] = sweep_times
+        out["sweep_same"] = all(_same(a, b) for a, b in zip(references, results, strict=True))
+    return out
+
+
+def profile(instruments: int) -> None:
+    import cProfile
+    import pstats
+
+    from qlib_ext.backtest.fast import fast_backtest
+
+    pred, exchange = _setup(instruments)
+    _run(fast_backtest, pred, exchange)
+    cProfile.runctx("_run(fast_backtest, pred, exchange)", globals(), locals(), "/tmp/backtest_bench.prof")
+    pstats.Stats("/tmp/backtest_bench.prof").sort_stats("cumulative").print_stats(40)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="20,300,1000")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--sweep-size", type=int, default=300, help="instruments of the sweep (0: no sweep)")
+    parser.add_argument("--profile", type=int, default=0, help="profile the fast path at N instruments and exit")
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.profile:
+        return profile(args.profile)
+    if args.child:
+        n, repeat, sweep = json.loads(args.child)
+        print("RESULT " + json.dumps(measure(n, repeat, sweep)))
+        return
+    rows, sweep_row = [], None
+    for n in [int(s) for s in args.sizes.split(",")]:
+        child = json.dumps([n, args.repeat, n == args.sweep_size])
+        proc = subprocess.run([sys.executable, __file__, "--child", child], capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            sys.exit(f"size {n} failed:\n{proc.stderr[-3000:]}")
+        r = json.loads(line[7:])
+        print(r)
+        rows.append([f"{n:,}", r["days"], f"{r['stock']:.2f}", f"{r['fast']:.2f}", f"{r['stock'] / r['fast']:.2f}x",
+                     f"{r['build']:.2f}", "yes" if r["same"] else "NO", f"{r['load']:.1f}"])
+        if "sweep" in r:
+            s = r["sweep"]
+            sweep_row = [f"{n:,}", len(SWEEP), f"{s['stock']:.1f}", f"{s['fast']:.1f}",
+                         f"{s['stock'] / s['fast']:.2f}x", f"{1 - s['fast'] / s['stock']:.0%}",
+                         "yes" if r["sweep_same"] else "NO"]
+    text = _section(rows, sweep_row, args.repeat)
+    print(text)
+    if not args.no_write:
+        write_section("backtest_bench", text)
+
+
+def _section(rows: list, sweep_row: list | None, repeat: int) -> str:
+    parts = [
+        "## Single backtest: stock Qlib vs the fast path (`benchmarks/backtest_bench.py`)",
+        "",
+        f"{machine_line()}. `TopkDropoutStrategy(topk=50, n_drop=5)`, daily `SimulatorExecutor`, synthetic data, "
+        f"backtest {START} .. {END}, one shared exchange; stock and fast interleaved, median of {repeat}. "
+        "`fast build`: the per-day arrays a worker builds once per shared exchange (not in `fast`). "
+        "`identical`: report_normal, positions and indicators equal (exact) in every repetition. "
+        "`load`: 1-minute load average when the size finished (2 cores, shared with other work).",
+        "",
+        table(["instruments", "days", "stock s", "fast s", "speed-up", "fast build s", "identical", "load"], rows),
+    ]
+    if sweep_row:
+        parts += ["", "Strategy sweep: the 8 `TopkDropoutStrategy` settings of `SWEEP` (topk, n_drop, hold_thresh, "
+                  "only_tradable, forbid_all_trade_at_limit, random sell) on one prediction, one after the other "
+                  "(backtests only; training is the same for both):", "",
+                  table(["instruments", "backtests", "stock s", "fast s", "speed-up", "wall time saved",
+                         "identical"], [sweep_row])]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    main()
