@@ -104,7 +104,10 @@ def _netns_unavailable() -> str | None:
 SUBNET = "10.77.0"
 """Private /24 of the test's namespaces: A = .1, B = .2, C = .3 (exists only inside them)."""
 
-STORE_URL = f"mongodb://{SUBNET}.1:27017/"
+STORE_PASSWORD = "multihost-lab-secret"
+"""Written into A's store directory before the store starts (it keeps existing credentials)."""
+
+STORE_URL = f"mongodb://qlib-ext:{STORE_PASSWORD}@{SUBNET}.1:27017/?authSource=admin"
 MLFLOW_URL = f"http://{SUBNET}.1:5000"
 
 SET_HOSTNAME = "import os, socket, sys; socket.sethostname(sys.argv[1]); os.execvp(sys.argv[2], sys.argv[2:])"
@@ -276,6 +279,10 @@ def lab(tmp_path):
 
 
 def _start_hosts_a(lab: Lab) -> None:
+    store_dir = lab.home("a") / "store"
+    store_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (store_dir / "credentials.json").write_text(json.dumps({"user": "qlib-ext", "password": STORE_PASSWORD}))
+    (store_dir / "credentials.json").chmod(0o600)
     lab.start("a", "store", sys.executable, "-m", "qlib_ext", "store", "serve", "--host", f"{SUBNET}.1",
               "--port", "27017", "--dir", str(lab.home("a") / "store"))
     lab.start("a", "mlflow", sys.executable, "-m", "qlib_ext", "mlflow", "serve", "--host", f"{SUBNET}.1",
