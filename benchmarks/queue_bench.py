@@ -38,12 +38,12 @@ def make_tasks(n: int, salt: str) -> list[dict]:
     return tasks
 
 
-def stock_submit(db, pool: str, tasks: list[dict], budget: float) -> tuple[float, int]:
+def stock_submit(db, url: str, pool: str, tasks: list[dict], budget: float) -> tuple[float, int]:
     """Qlib's own create_task, in chunks so a quadratic run can be stopped at the budget."""
     from qlib.config import C
     from qlib.workflow.task.manage import TaskManager
 
-    C["mongo"] = {"task_url": _url(db), "task_db_name": db.name}
+    C["mongo"] = {"task_url": url, "task_db_name": db.name}  # the store's URL, credentials included
     tm = TaskManager(pool)
     start, done = time.perf_counter(), 0
     for i in range(0, len(tasks), 100):
@@ -52,11 +52,6 @@ def stock_submit(db, pool: str, tasks: list[dict], budget: float) -> tuple[float
         if time.perf_counter() - start > budget:
             break
     return time.perf_counter() - start, done
-
-
-def _url(db) -> str:
-    host, port = db.client.address
-    return f"mongodb://{host}:{port}/"
 
 
 def ours_submit(db, pool: str, tasks: list[dict]) -> float:
@@ -87,7 +82,7 @@ def submit_and_status(url: str, sizes: list[int], budget: float) -> list[list[ob
         tasks = make_tasks(n, f"p{n}")
         ours = ours_submit(db, f"ours{n}", tasks)
         resubmit = ours_submit(db, f"ours{n}", tasks)
-        stock, stock_done = stock_submit(db, f"stock{n}", tasks, budget)
+        stock, stock_done = stock_submit(db, url, f"stock{n}", tasks, budget)
         stock_txt = f"{stock:.2f}" if stock_done == n else f"> {stock:.0f} (stopped at {stock_done})"
         stock_rate = stock / stock_done * n
         ours_stat = timed(lambda n=n: GridTaskManager(f"ours{n}", db).counts())
