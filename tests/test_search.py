@@ -30,7 +30,7 @@ task:
     model:
         class: ChaosModel
         module_path: fixtures
-        kwargs: {{i: 0, x: 0.5, seconds: 0.0}}
+        kwargs: {{i: 0, seconds: 0.0}}
     dataset:
         class: TinyDataset
         module_path: fixtures
@@ -90,7 +90,7 @@ SPACE = """\
     objective: {{metric: IC, direction: maximize}}
     params:
         task.model.kwargs.i: {{dist: int, low: 0, high: 12}}
-        task.model.kwargs.x: {{dist: uniform, low: 0.0, high: 1.0}}
+        +task.model.kwargs.x: {{dist: uniform, low: 0.0, high: 1.0}}
 """
 
 
@@ -211,7 +211,7 @@ def test_repeated_point_reuses_the_result_and_failures_are_told_fail(tmp_path, d
     """A categorical space of 3 points and 6 trials: repeats reuse the finished task (3 tasks ran
     for 6 trials); the poison point fails and is told FAIL, and the search goes on."""
     grid = SPACE.format(n=6).replace("{dist: int, low: 0, high: 12}", "[3, 7, 9]").replace(
-        "        task.model.kwargs.x: {dist: uniform, low: 0.0, high: 1.0}\n", "")
+        "        +task.model.kwargs.x: {dist: uniform, low: 0.0, high: 1.0}\n", "")
     wf = load_workflow(write_tiny(tmp_path / "c.yaml", tmp_path, grid))
     tm = GridTaskManager("s", db)
     proposer = Proposer(wf, db, batch=1)
