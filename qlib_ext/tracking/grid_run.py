@@ -84,13 +84,15 @@ def _read_series(client: Any, data: GridData, limit: int = 200) -> None:
     """Each row's daily excess return with cost (windows stitched) and each window's metric."""
     import pandas as pd
 
+    from qlib_ext.tracking.artifacts import read_frame
+
     with tempfile.TemporaryDirectory(prefix="qlib-ext-grid-") as tmp:
         for i, row in enumerate(data.rows[:limit]):
             name = f"#{i + 1} {row.get('run_name') or row['run_id'][:8]}"
             parts = []
             for run_id in row.get("runs") or [row["run_id"]]:
                 try:
-                    report = pd.read_pickle(client.download_artifacts(run_id, SERIES_ARTIFACT, tmp))
+                    report = read_frame(client.download_artifacts(run_id, SERIES_ARTIFACT, tmp))  # not read_pickle
                     parts.append(report["return"] - report["bench"] - report["cost"])
                 except Exception:  # no backtest in this task
                     pass

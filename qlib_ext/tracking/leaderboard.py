@@ -230,7 +230,7 @@ def _aggregate_windows(client: Any, rows: list[dict]) -> list[dict]:
     out = []
     for members in groups.values():
         if len(members) == 1 and members[0]["window"] is None:
-            members[0]["compare"] = {k: members[0]["metrics"].get(k) for k in COMPARED_METRICS}
+            members[0]["compare"] = _compared(members[0]["metrics"])
             out.append(members[0])
             continue
         out.append(_window_row(client, sorted(members, key=lambda m: m["window"])))
@@ -261,7 +261,12 @@ def _window_row(client: Any, members: list[dict]) -> dict:
             "params": params, "metrics": metrics, "runs": [m["run_id"] for m in members],
             "worker": first["worker"], "coords": first["coords"], "returns": returns, "kind": first.get("kind"),
             "validity": {}, "flags": sorted({f for m in members for f in m["flags"]}),
-            "compare": {k: metrics.get(k) for k in COMPARED_METRICS}}
+            "compare": _compared(metrics)}
+
+
+def _compared(metrics: dict) -> dict:
+    """The metrics two configurations must share for an axis between them to have changed nothing."""
+    return {k: metrics[k] for k in COMPARED_METRICS if k in metrics}
 
 
 def _number(value: Any) -> bool:
@@ -283,12 +288,18 @@ def stitched_ic(run_ids: list[str], client: Any) -> float | None:
     artifacts: the fallback for results committed before workers stored their daily IC."""
     import pandas as pd
 
+    from qlib_ext.errors import TaskDecodeError
+    from qlib_ext.tracking.artifacts import read_frame
+
     preds, labels = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for run_id in run_ids:
-            try:
-                preds.append(pd.read_pickle(client.download_artifacts(run_id, "pred.pkl", tmp)))
-                labels.append(pd.read_pickle(client.download_artifacts(run_id, "label.pkl", tmp)))
+            try:  # never pd.read_pickle: an artifact is not trusted code
+                preds.append(read_frame(client.download_artifacts(run_id, "pred.pkl", tmp)))
+                labels.append(read_frame(client.download_artifacts(run_id, "label.pkl", tmp)))
+            except TaskDecodeError as e:
+                logger.warning("leaderboard: refused an artifact of run %s: %s", run_id, e)
+                return None
             except Exception as e:  # a run without SignalRecord artifacts has nothing to stitch
                 logger.info("report: no predictions for run %s (%s)", run_id, e)
                 return None

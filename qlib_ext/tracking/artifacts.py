@@ -1,0 +1,92 @@
+"""Reading pickled MLflow artifacts (``pred.pkl``, ``label.pkl``, a backtest report) on the operator's side
+as data: pandas/numpy frames and series only.
+
+``pd.read_pickle`` of an artifact runs whatever the pickle says, and anyone who can write to the MLflow
+tracking store (or the pool, whose workers write artifacts) can plant one; the leaderboard and reports
+run on the operator's account. :func:`read_frame` unpickles allowing only the reconstruction functions
+of pandas and numpy objects and plain data (:data:`FRAME_GLOBALS`: Qlib main's
+``qlib.utils.pickle_utils`` list for pandas/numpy, plus the names pandas 3 pickles under, without Qlib
+classes); anything else is refused with :class:`~qlib_ext.errors.TaskDecodeError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from qlib_ext.errors import TaskDecodeError
+from qlib_ext.pool.codec import SAFE_GLOBALS
+
+logger = logging.getLogger(__name__)
+
+_OFFSETS = ("Day", "BusinessDay", "Week", "MonthBegin", "MonthEnd", "BusinessMonthBegin", "BusinessMonthEnd",
+            "QuarterBegin", "QuarterEnd", "YearBegin", "YearEnd", "Hour", "Minute", "Second", "Milli", "Micro", "Nano")
+
+_PANDAS_TOP = ("DataFrame", "Series", "Index", "MultiIndex", "RangeIndex", "DatetimeIndex", "TimedeltaIndex",
+               "PeriodIndex", "CategoricalIndex", "IntervalIndex", "Categorical", "CategoricalDtype", "StringDtype",
+               "DatetimeTZDtype", "PeriodDtype", "IntervalDtype", "Timestamp", "Timedelta", "Period",
+               "Int8Dtype", "Int16Dtype", "Int32Dtype", "Int64Dtype", "UInt8Dtype", "UInt16Dtype", "UInt32Dtype",
+               "UInt64Dtype", "Float32Dtype", "Float64Dtype", "BooleanDtype")
+
+_PANDAS_ARRAYS = ("ArrowStringArray", "StringArray", "DatetimeArray", "TimedeltaArray", "PeriodArray",
+                  "IntervalArray", "Categorical", "IntegerArray", "FloatingArray", "BooleanArray",
+                  "ArrowExtensionArray")
+
+FRAME_GLOBALS: frozenset[tuple[str, str]] = frozenset({
+    *SAFE_GLOBALS,
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    *((m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    *(("pandas", n) for n in _PANDAS_TOP),
+    *(("pandas.arrays", n) for n in _PANDAS_ARRAYS),
+    ("pandas.core.series", "Series"), ("pandas.core.frame", "DataFrame"),
+    ("pandas.core.internals.managers", "BlockManager"), ("pandas.core.internals.managers", "SingleBlockManager"),
+    ("pandas.core.internals.blocks", "new_block"), ("pandas._libs.internals", "_unpickle_block"),
+    ("pandas.core.indexes.base", "_new_Index"), ("pandas.core.indexes.base", "Index"),
+    ("pandas.core.indexes.range", "RangeIndex"), ("pandas.core.indexes.multi", "MultiIndex"),
+    ("pandas.core.indexes.datetimes", "_new_DatetimeIndex"), ("pandas.core.indexes.datetimes", "DatetimeIndex"),
+    ("pandas._libs.tslibs.timestamps", "_unpickle_timestamp"), ("pandas._libs.tslibs.timestamps", "Timestamp"),
+    ("pandas._libs.tslibs.timedeltas", "Timedelta"), ("pandas._libs.tslibs.nattype", "__nat_unpickle"),
+    ("pandas._libs.arrays", "__pyx_unpickle_NDArrayBacked"), ("pandas._libs.missing", "NA"),
+    ("pandas.core.arrays.datetimes", "DatetimeArray"), ("pandas.core.arrays.string_", "StringArray"),
+    ("pandas.core.arrays.string_", "StringDtype"), ("pandas.core.arrays.string_arrow", "ArrowStringArray"),
+    ("pandas.core.dtypes.dtypes", "CategoricalDtype"), ("pandas.core.arrays.categorical", "Categorical"),
+    *(("pandas._libs.tslibs.offsets", n) for n in _OFFSETS),
+    # pandas 3's default string columns/indexes are Arrow-backed: pyarrow's buffer reconstructors
+    ("pyarrow.lib", "_restore_array"), ("pyarrow.lib", "py_buffer"), ("pyarrow.lib", "type_for_alias"),
+})
+"""``(module, name)`` pairs a frame artifact may reference: data reconstructors, never I/O (no ``read_pickle``)."""
+
+
+class FrameUnpickler(pickle.Unpickler):
+    """Resolves only :data:`FRAME_GLOBALS`."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in FRAME_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}: an artifact read here may hold pandas/numpy "
+                                     f"data only")
+
+
+def read_frame(path: str | Path) -> Any:
+    """Unpickle a pandas/numpy artifact file (``pd.read_pickle`` without running code).
+
+    Raises:
+        TaskDecodeError: the file names a refused global or is not a valid pickle (the message names it).
+    """
+    try:
+        with open(path, "rb") as fh:
+            return FrameUnpickler(fh).load()
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a broken pickle raises anything from EOFError to TypeError
+        raise TaskDecodeError(f"artifact {path} is not plain pandas/numpy data: {type(e).__name__}: {e}") from e
+
+
+def load_artifact(client: Any, run_id: str, name: str) -> Any:
+    """Download artifact ``name`` of MLflow run ``run_id`` and read it with :func:`read_frame`."""
+    with tempfile.TemporaryDirectory(prefix="qlib-ext-artifact-") as tmp:
+        return read_frame(client.download_artifacts(run_id, name, tmp))
