@@ -174,3 +174,42 @@ def test_deep_documents_over_pymongo_never_stop_a_restart(store_proc, tmp_path):
     client = pymongo.MongoClient(store_proc.start(), serverSelectionTimeoutMS=5000)
     assert sorted(d["_id"] for d in client.db.pool.find()) == ["d490", "ok"]
     client.close()
+
+
+def test_an_index_that_fails_midway_leaves_no_trace(tmp_path, monkeypatch):
+    """Fault injection: the last index raises while a document is added or re-indexed."""
+    from qlib_ext.store.indexes import PairIndex
+
+    engine = _engine(tmp_path)
+    _ok(engine, {"insert": "c", "documents": [{"_id": i, "k": i, "status": "waiting", "filter": {"x": 1}}
+                                              for i in range(5)]})
+    before = _state(engine)
+    real_add, real_update = PairIndex.add, PairIndex.update
+
+    def add(self, seq, doc):
+        if doc.get("poison"):
+            raise RuntimeError("index bug")
+        real_add(self, seq, doc)
+
+    def update(self, seq, doc):
+        if doc.get("poison"):
+            raise RuntimeError("index bug")
+        real_update(self, seq, doc)
+
+    monkeypatch.setattr(PairIndex, "add", add)
+    monkeypatch.setattr(PairIndex, "update", update)
+    assert _code(_cmd(engine, {"insert": "c", "documents": [{"_id": 9, "status": "waiting", "poison": 1}]})) == 1
+    assert _code(_cmd(engine, {"update": "c", "updates": [{"q": {"_id": 2}, "u": {"$set": {"poison": 1,
+                                                                                         "status": "done"}}}]})) == 1
+    assert _state(engine) == before
+    coll = engine.collection("db", "c")
+    assert coll.count({"status": "done"}) == 0 and coll.get(9) is None
+    claimed = _ok(engine, {"findAndModify": "c", "query": {"status": "waiting"}, "sort": {"priority": -1},
+                           "update": {"$set": {"status": "running"}}})
+    assert claimed["value"]["_id"] == 0  # the pair index still walks every waiting task
+    monkeypatch.undo()
+    _ok(engine, {"insert": "c", "documents": [{"_id": 9}]})  # the _id was never taken
+    engine.close()
+    again = _engine(tmp_path)
+    assert sorted(d["_id"] for d in again.collection("db", "c").docs.values()) == [0, 1, 2, 3, 4, 9]
+    again.close()

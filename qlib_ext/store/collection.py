@@ -312,7 +312,7 @@ class Collection:
             if after != before:
                 for unique in self.uniques.values():
                     unique.check(seq, doc)
-                self._reindex(seq, doc, bson.decode(before, CODEC))
+                self._reindex(seq, doc, before)
         except BaseException:
             doc.clear()
             doc.update(bson.decode(before, CODEC))
@@ -322,8 +322,8 @@ class Collection:
         self._put(after)
         return True
 
-    def _reindex(self, seq: int, doc: dict[str, Any], previous: dict[str, Any]) -> None:
-        """Re-index ``seq`` as ``doc``; on failure every index holds ``previous`` again."""
+    def _reindex(self, seq: int, doc: dict[str, Any], previous: dict[str, Any] | bytes) -> None:
+        """Re-index ``seq`` as ``doc``; on failure every index holds ``previous`` (or its BSON) again."""
         try:
             for index in self._all_indexes():
                 index.update(seq, doc)
@@ -331,6 +331,8 @@ class Collection:
                 unique.remove(seq)
                 unique.add(seq, doc)
         except BaseException:
+            if isinstance(previous, bytes):
+                previous = bson.decode(previous, CODEC)
             for index in [*self._all_indexes(), *self.uniques.values()]:
                 index.remove(seq)
                 index.add(seq, previous)
