@@ -262,3 +262,16 @@ def test_grid_pruning_never_queues_pruned_windows(tmp_path, db, synth_provider, 
     for i in pruned:  # pruned windows exist only as 'pruned' and were never claimed
         hashes = docs[i]["hashes"][docs[i]["released"]:]
         assert all(d["attempt"] == 0 and d["status"] == "pruned" for d in tm.task_pool.find({"hash": {"$in": hashes}}))
+
+
+def test_leaderboard_ranks_pruned_configurations_apart(db):
+    from qlib_ext.search import queue
+    from qlib_ext.tracking.leaderboard import _mark_pruned
+
+    tm = GridTaskManager("s", db)
+    task = {"model": {}, "qlib_ext": {"config_id": "bad", "coords": {}, "window": {"index": 3}}}
+    queue.insert(tm, [task], number=0, first_window=3, status=TaskStatus.PRUNED.value)
+    rows = [{"config_id": "bad", "flags": []}, {"config_id": "good"}]
+    _mark_pruned(rows, tm)
+    assert rows[0]["pruned"] and not rows[1]["pruned"] and rows[0]["flags"] == ["pruned"]
+    assert tm.claim(60) is None  # a pruned window is never claimed

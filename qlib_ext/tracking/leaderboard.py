@@ -127,13 +127,25 @@ def ranked(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = 
     objective = meta.get("objective") or {}
     name, direction = _choose_metric(rows, metric, objective, pool)
     grid = annotate(rows, trials=trials, blocks=blocks, failed=tm.counts().get("failed", 0))
-    rows.sort(key=lambda r: _sort_key(_value(r, name), direction))
+    _mark_pruned(rows, tm)
+    rows.sort(key=lambda r: (r["pruned"], _sort_key(_value(r, name), direction)))
     for r in rows:
         for internal in ("returns", "compare", "validity"):
             r.pop(internal, None)
         r["metrics"].update({k: v for k, v in r["stats"].items() if k in ("sharpe", "psr", "dsr")})
     return rows, {"pool": pool, "metric": name, "direction": direction, "rows": len(rows),
                   "mlflow_uri": mlflow_uri or meta["mlflow_uri"], **grid}
+
+
+def _mark_pruned(rows: list[dict], tm: Any) -> None:
+    """A configuration a search pruned (some of its windows are ``pruned`` in the pool) ranks after
+    every complete one, flagged ``pruned``: its mean covers only its first windows."""
+    cur = tm.task_pool.find({"status": "pruned"}, {"filter.qlib_ext.config_id": 1})
+    pruned = {d.get("filter", {}).get("qlib_ext", {}).get("config_id") for d in cur}
+    for r in rows:
+        r["pruned"] = r.get("config_id") in pruned
+        if r["pruned"]:
+            r["flags"] = sorted({*(r.get("flags") or []), "pruned"})
 
 
 def _rows(results: list[dict], runs: dict[str, Any]) -> list[dict]:
