@@ -182,8 +182,11 @@ def test_timeouts_and_connection_cap_each_log_a_line(tmp_path, caplog):
         for sock in [*held, extra, half, idle]:
             sock.close()
         time.sleep(0.3)
-        with _client(store.url) as client:
+        with _client(store.url, heartbeatFrequencyMS=500) as client:
             assert client.db.c.insert_one({"x": 1}).acknowledged
+            time.sleep(1.6)  # its pooled connection idles past the timeout and is closed by the server
+            assert client.db.c.insert_one({"x": 2}).acknowledged  # pymongo replaces it unnoticed
+            assert caplog.text.count("idle for 1 s") >= 2  # the raw socket's, then the pooled one's
         store.server.shutdown()
         thread.join(5)
 
