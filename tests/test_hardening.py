@@ -90,3 +90,70 @@ def test_injected_tasks_run_no_code_and_fail_alone(tmp_path, synth_provider, mon
     assert "key 'model' is missing" in errors["no_model"][0]["error"]
     module_error = errors["module"][0]["error"]
     assert "task key model.module_path names module 'os'" in module_error and "(qlib., fixtures)" in module_error
+
+
+BAD_RESULTS = """\
+qlib_init:
+    provider_uri: {provider}
+    region: cn
+experiment_name: bad_results
+task:
+    model:
+        class: NaNModel
+        module_path: fixtures
+    dataset:
+        class: DatasetH
+        module_path: qlib.data.dataset
+        kwargs:
+            handler:
+                class: DataHandlerLP
+                module_path: qlib.data.dataset.handler
+                kwargs:
+                    instruments: csi300
+                    start_time: 2015-01-05
+                    end_time: 2016-07-15
+                    data_loader:
+                        class: QlibDataLoader
+                        kwargs:
+                            config:
+                                feature: [["$close / Ref($close, 1) - 1"], ["RET1"]]
+                                label: [["Ref($close, -2) / Ref($close, -1) - 1"], ["LABEL0"]]
+            segments:
+                train: [2015-03-30, 2015-12-04]
+                valid: [2015-12-07, 2016-03-25]
+                test: [2016-03-28, 2016-07-13]
+    record:
+        - class: SignalRecord
+          module_path: qlib.workflow.record_temp
+          kwargs: {{model: <MODEL>, dataset: <DATASET>}}
+grid:
+    pool: bad_results
+    params:
+        task.dataset.kwargs.segments.test: [[2016-03-28, 2016-07-13], [2014-03-03, 2014-06-30]]
+"""
+
+
+@pytest.mark.slow
+def test_nan_predictions_and_a_test_segment_outside_the_calendar_fail_never_done(tmp_path, synth_provider,
+                                                                                  mongo_url):
+    wf = tmp_path / "bad.yaml"
+    wf.write_text(BAD_RESULTS.format(provider=synth_provider))
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = _cli("run", str(wf), "--mongo-url", mongo_url, "--mlflow-uri", mlflow_uri, "-n", "1", "--no-cache",
+               "--allow-module", "qlib.", "--allow-module", "fixtures")
+    assert run.returncode != 0 or "failed 2" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    with pymongo.MongoClient(mongo_url) as client:
+        docs = list(client[TASK_DB_NAME]["bad_results"].find({}))
+    by_test = {tuple(d["filter"]["dataset"]["kwargs"]["segments"]["test"]): d for d in docs}
+    assert {k: d["status"] for k, d in by_test.items()} == {("2016-03-28", "2016-07-13"): "failed",
+                                                           ("2014-03-03", "2014-06-30"): "failed"}
+    nan = by_test[("2016-03-28", "2016-07-13")]["errors"]
+    empty = by_test[("2014-03-03", "2014-06-30")]["errors"]
+    assert len(nan) == 1 and "BadResultError: predictions are all NaN" in nan[0]["error"]  # failed at once
+    assert len(empty) == 1 and "BadResultError: no predictions: the model predicted 0 rows" in empty[0]["error"]
+    import mlflow
+
+    client = mlflow.MlflowClient(mlflow_uri)
+    runs = [r for r in client.search_runs([client.get_experiment_by_name("bad_results").experiment_id])
+            if "qlib_ext.task_id" in r.data.tags]  # task runs, not the grid's parent run
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED"]  # nothing FINISHED, nothing to rank
