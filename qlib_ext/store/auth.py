@@ -162,18 +162,16 @@ class Session:
         """First SCRAM step: check the user, answer with nonce, salt and iteration count."""
         if self.verifier is None:
             return error_reply(_AUTH_FAILED, "authentication is disabled on this store")
-        if body.get("mechanism") != MECHANISM:
-            return error_reply(334, f"mechanism {body.get('mechanism')!r} is not supported; "
-                                    f"the embedded store speaks {MECHANISM}")
         payload = bytes(body.get("payload") or b"")
-        if not payload.startswith(b"n,,"):
-            return error_reply(_AUTH_FAILED, "SCRAM: channel binding is not supported")
-        first_bare = payload[3:]
+        first_bare = payload[3:] if payload.startswith(b"n,,") else b""
         fields = _fields(first_bare)
         user = fields.get(b"n", b"").replace(b"=2C", b",").replace(b"=3D", b"=").decode(errors="replace")
         if db != "admin" or user != self.verifier.user or not fields.get(b"r"):
             logger.warning("store: authentication failed (unknown user %r in %r)", user, db)
             return error_reply(_AUTH_FAILED, "Authentication failed.")
+        if body.get("mechanism") != MECHANISM:
+            return error_reply(334, f"mechanism {body.get('mechanism')!r} is not supported; "
+                                    f"the embedded store speaks {MECHANISM}")
         nonce = fields[b"r"] + base64.b64encode(secrets.token_bytes(24))
         server_first = b"r=%s,s=%s,i=%d" % (nonce, base64.b64encode(self.verifier.salt), ITERATIONS)
         skip_empty = bool((body.get("options") or {}).get("skipEmptyExchange"))
