@@ -1,6 +1,7 @@
 """Fixtures for tests that need a Qlib-format dataset (owned by the data work).
 
-``synth_provider`` is a small synthetic dataset written once per test session:
+``synth_provider`` is a small synthetic dataset written once per test session (``shared_dataset_cache``
+makes a test's dataset cache the session's one):
 
 * market ``csi300`` (also ``all``): 40 stocks, SH600000.. / SZ000001.. alternating, 4 of them
   listing late; benchmark ``SH000300`` (features only);
@@ -56,6 +57,24 @@ def synth_provider(tmp_path_factory) -> Path:
     write_synthetic(out, instruments=SYNTH_INSTRUMENTS, days=SYNTH_DAYS, start=SYNTH_START, seed=0,
                     market=SYNTH_MARKET)
     return out
+
+
+@pytest.fixture(scope="session")
+def _session_cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("shared_cache")
+
+
+@pytest.fixture
+def shared_dataset_cache(_isolated_home, _session_cache_dir) -> Path:
+    """Make this test's ``$QLIB_EXT_HOME/cache`` the session's one dataset cache; return its path.
+
+    For end-to-end tests that do not assert what the cache built: the first test to need a prepared
+    Alpha158 dataset, backtest exchange or LightGBM bins builds them, every later one loads them (the
+    cache is made for many processes and hosts at once, so tests sharing it is its ordinary use).
+    Tests that count what was built (``(2 built)``) keep their own empty cache: do not use this.
+    """
+    (_isolated_home / "cache").symlink_to(_session_cache_dir, target_is_directory=True)
+    return _session_cache_dir
 
 
 def init_qlib(provider: Path, mlflow_uri: str | None = None, **kwargs) -> None:

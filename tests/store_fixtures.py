@@ -1,11 +1,13 @@
 """Fixtures for tests that need a task store (owned by the store work).
 
-* ``mongo_url`` - URL of a fresh embedded store: a real ``python -m qlib_ext.store serve`` process
-  on a free port with its own tmp dir, stopped after the test. When ``QLIB_EXT_TEST_MONGO_URL`` is
-  set, that URL instead (a real MongoDB); tests then stay apart through ``task_db_name``.
-* ``task_db_name`` - a database name no other test uses (dropped afterwards on a real MongoDB).
-* ``store_proc`` - the :class:`StoreProcess` behind ``mongo_url`` (None with a real MongoDB), for
-  tests that kill or restart the server.
+* ``mongo_url`` - URL of the embedded store the test should use: one real ``python -m qlib_ext.store
+  serve`` process for the whole session (started on first use, on its own tmp dir), so tests stay
+  apart by database name (``task_db_name``) or, through the CLI's ``default_task_db``, by a pool name
+  no other test uses. A test that also asks for ``store_proc`` gets that store's URL instead. When
+  ``QLIB_EXT_TEST_MONGO_URL`` is set, that URL (a real MongoDB), with the same isolation rules.
+* ``task_db_name`` - a database name no other test uses (dropped afterwards).
+* ``store_proc`` - a fresh :class:`StoreProcess` of the test's own (None with a real MongoDB), for
+  tests that kill or restart the server: never kill or stop the session store.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import pytest
@@ -74,9 +77,22 @@ class StoreProcess:
         return None if self.proc is None else self.proc.returncode
 
 
+@pytest.fixture(scope="session")
+def _session_store(tmp_path_factory):
+    """The store every ``mongo_url`` test shares (None when ``QLIB_EXT_TEST_MONGO_URL`` is set)."""
+    if os.environ.get(MONGO_URL_ENV):
+        yield None
+        return
+    server = StoreProcess(tmp_path_factory.mktemp("session_store") / "data")
+    server.dir.mkdir()
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def store_proc(tmp_path_factory):
-    """A fresh store server process (None when ``QLIB_EXT_TEST_MONGO_URL`` is set)."""
+    """A fresh store server process of this test's own (None when ``QLIB_EXT_TEST_MONGO_URL`` is set)."""
     if os.environ.get(MONGO_URL_ENV):
         yield None
         return
@@ -88,21 +104,32 @@ def store_proc(tmp_path_factory):
 
 
 @pytest.fixture
-def mongo_url(store_proc) -> str:
+def mongo_url(request) -> str:
     """URL of the store the test should use (see the module docstring)."""
-    return os.environ.get(MONGO_URL_ENV) or store_proc.url
+    if os.environ.get(MONGO_URL_ENV):
+        return os.environ[MONGO_URL_ENV]
+    if "store_proc" in request.fixturenames:  # the test restarts or kills that one: mongo_url follows it
+        return request.getfixturevalue("store_proc").url
+    server = request.getfixturevalue("_session_store")
+    if server.proc.poll() is not None:  # an earlier test stopped it: say so, and go on with a new one
+        warnings.warn(f"the session store exited with {server.proc.returncode}; restarting it "
+                      "(a test that stops its store should use store_proc)", stacklevel=1)
+        server.start()
+    return server.url
 
 
 @pytest.fixture
 def task_db_name(mongo_url):
     """A database name unique to this test; dropped afterwards."""
+    import pymongo
+
     name = f"qlib_ext_test_{uuid.uuid4().hex[:12]}"
     yield name
-    if os.environ.get(MONGO_URL_ENV):
-        import pymongo
-
+    try:
         with pymongo.MongoClient(mongo_url, serverSelectionTimeoutMS=5000) as client:
             client.drop_database(name)
+    except pymongo.errors.PyMongoError as e:  # e.g. a store_proc test left its store stopped
+        warnings.warn(f"could not drop test database {name}: {e}", stacklevel=1)
 
 
 @pytest.fixture(autouse=True)

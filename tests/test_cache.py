@@ -140,8 +140,12 @@ def test_uncacheable_configs_pass_through(qlib_synth, tmp_path):
 
 
 # --------------------------------------------------------------------------- across processes
-def _child(provider: str, cache_dir: str, out: str, barrier=None) -> None:
-    """Spawned child: init Qlib on ``provider``, get the dataset through the cache, record stats."""
+def _child(provider: str, cache_dir: str, out: str, barrier=None, changes: tuple[str, ...] = ("",)) -> None:
+    """Spawned child: init Qlib on ``provider``, get the dataset through the cache, record stats.
+
+    ``changes``: one cache lookup per item, each after that change to the data ("" none, "touch" a
+    newer mtime, "append" one more day); ``out`` gets the list of each lookup's stats.
+    """
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -150,13 +154,28 @@ def _child(provider: str, cache_dir: str, out: str, barrier=None) -> None:
     init(Path(provider), mlflow_uri=f"sqlite:///{Path(out).parent / 'mlflow.db'}")
     if barrier is not None:
         barrier.wait(timeout=120)
-    rows = len(cache.prepared_dataset(dataset_config(), cache_dir).prepare("test"))
-    Path(out).write_text(json.dumps({**cache.stats, "rows": rows}))
+    results = []
+    for change in changes:
+        _change_data(Path(provider), change)
+        cache.stats.clear()
+        rows = len(cache.prepared_dataset(dataset_config(), cache_dir).prepare("test"))
+        results.append({**cache.stats, "rows": rows})
+    Path(out).write_text(json.dumps(results if len(changes) > 1 else results[0]))
 
 
-def _run_children(args: list[tuple], barrier=None) -> list[dict]:
+def _change_data(provider: Path, change: str) -> None:
+    feature = provider / "features" / FEW[0].lower() / "close.day.bin"
+    if change == "touch":
+        st = feature.stat()
+        os.utime(feature, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    elif change == "append":  # one more day of data: size changes too
+        with open(feature, "ab") as fh:
+            fh.write(b"\0\0\x80\x3f")
+
+
+def _run_children(args: list[tuple], barrier=None) -> list:
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_child, args=(*a, barrier)) for a in args]
+    procs = [ctx.Process(target=_child, args=(*a[:3], barrier, *a[3:])) for a in args]
     for p in procs:
         p.start()
     for p in procs:
@@ -167,12 +186,13 @@ def _run_children(args: list[tuple], barrier=None) -> list[dict]:
 
 @pytest.mark.slow
 def test_concurrent_first_use_builds_once(synth_provider, tmp_path):
-    barrier = mp.get_context("spawn").Barrier(3)
+    # Two processes meet at a barrier and ask at once: one builds, the other waits on the lock and loads.
+    barrier = mp.get_context("spawn").Barrier(2)
     cache_dir = tmp_path / "cache"
     results = _run_children([(str(synth_provider), str(cache_dir), str(tmp_path / f"out{i}.json"))
-                             for i in range(3)], barrier)
+                             for i in range(2)], barrier)
     assert sum(r.get("built", 0) for r in results) == 1
-    assert sum(r.get("loaded", 0) for r in results) == 2
+    assert sum(r.get("loaded", 0) for r in results) == 1
     assert len({r["rows"] for r in results}) == 1 and results[0]["rows"] > 0
     assert len(_entries(cache_dir)) == 1
 
@@ -182,19 +202,14 @@ def test_changed_data_rebuilds(synth_provider, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(synth_provider, data)  # never modify the session dataset
     cache_dir = str(tmp_path / "cache")
-
-    def run(name: str) -> dict:
-        return _run_children([(str(data), cache_dir, str(tmp_path / f"{name}.json"))])[0]
-
-    assert run("first").get("built") == 1
-    assert run("same").get("loaded") == 1
-    feature = data / "features" / FEW[0].lower() / "close.day.bin"
-    st = feature.stat()
-    os.utime(feature, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
-    assert run("touched").get("built") == 1
-    with open(feature, "ab") as fh:  # one more day of data: size changes too
-        fh.write(b"\0\0\x80\x3f")
-    assert run("appended").get("built") == 1
+    # A first process builds; a second one finds the same key (nothing process-bound in it), then the
+    # data changes under it twice, and each change is a new key.
+    (first,) = _run_children([(str(data), cache_dir, str(tmp_path / "first.json"))])
+    assert first.get("built") == 1
+    (later,) = _run_children([(str(data), cache_dir, str(tmp_path / "later.json"), ("", "touch", "append"))])
+    same, touched, appended = later
+    assert same.get("loaded") == 1 and not same.get("built")
+    assert touched.get("built") == 1 and appended.get("built") == 1
     assert len(_entries(Path(cache_dir))) == 3
 
 

@@ -82,7 +82,8 @@ def test_grid_runs_on_two_workers_into_mlflow_and_ranks(tmp_path, synth_provider
     assert "done 4" in status
 
 
-def test_worker_started_separately_joins_an_existing_pool(tmp_path, synth_provider, mongo_url, mlflow_uri):
+def test_worker_started_separately_joins_an_existing_pool(tmp_path, synth_provider, mongo_url, mlflow_uri,
+                                                           shared_dataset_cache):
     wf = write_workflow(tmp_path / "joined.yaml", synth_provider)
     common = ["--mongo-url", mongo_url, "--mlflow-uri", mlflow_uri]
     assert "1 new of 1" in cli("submit", str(wf), *common).stdout

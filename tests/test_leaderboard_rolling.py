@@ -23,7 +23,7 @@ grid:
 """
 
 
-def test_windows_aggregate_per_configuration(tmp_path, synth_provider, mongo_url):
+def test_windows_aggregate_per_configuration(tmp_path, synth_provider, mongo_url, shared_dataset_cache):
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     wf = write_workflow(tmp_path / "roll.yaml", synth_provider, GRID)
     common = ["--mongo-url", mongo_url, "--mlflow-uri", mlflow_uri]

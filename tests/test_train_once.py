@@ -167,7 +167,8 @@ grid:
 
 
 @pytest.mark.slow
-def test_two_models_times_two_strategies_train_twice_and_backtest_four_times(tmp_path, synth_provider, mongo_url):
+def test_two_models_times_two_strategies_train_twice_and_backtest_four_times(tmp_path, synth_provider, mongo_url,
+                                                                            shared_dataset_cache):
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     wf = write_workflow(tmp_path / "train_once_e2e.yaml", synth_provider, E2E_GRID)
     common = ["--mongo-url", mongo_url, "--mlflow-uri", mlflow_uri]
