@@ -122,6 +122,13 @@ def test_replay_skips_what_it_cannot_apply_and_keeps_the_rest(tmp_path, caplog):
     assert sorted(d["_id"] for d in coll.docs.values()) == [1, 2, 3]
     assert coll.count({"status": "waiting"}) == 1
     assert "replay skipped op 0 of record 2" in caplog.text
+    # indexes over the deep field build: the key function does not recurse past MongoDB's 100 levels
+    specs = [{"key": {"filter.a": 1, "status": 1}, "name": "fa"}, {"key": {"filter": 1}, "name": "f_u", "unique": True}]
+    assert _code(_cmd(engine, {"createIndexes": "c", "indexes": specs})) == 11000  # 1 and 3: both null
+    assert engine.collection("db", "c").specs == {}  # neither index: one command, built together or not at all
+    specs[1]["sparse"] = True
+    _ok(engine, {"createIndexes": "c", "indexes": specs})
+    assert _ok(engine, {"count": "c", "query": {"filter.a.a": {"$exists": True}}})["n"] == 1
     # It stays too deep to update (as MongoDB would refuse the result), but it can be read and deleted.
     assert _code(_cmd(engine, {"update": "c", "updates": [{"q": {"_id": 2}, "u": {"$set": {"status": "x"}}}]})) == 15
     assert _ok(engine, {"find": "c", "filter": {"status": "waiting"}})["cursor"]["firstBatch"][0]["_id"] == 2

@@ -145,20 +145,26 @@ def _check_index_spec(spec: dict[str, Any]) -> dict[str, Any]:
 def cmd_create_indexes(engine: Engine, db: str, body: dict, seqs: dict) -> dict:
     created = engine.collection(db, body["createIndexes"]) is None
     coll = engine.collection(db, body["createIndexes"], create=True)
-    before = 1 + len(coll.specs)
-    for raw in body.get("indexes") or []:
-        spec = _check_index_spec(raw)
-        if spec["name"] == "_id_" or list(spec["key"]) == ["_id"]:
-            continue
-        existing = coll.specs.get(spec["name"])
-        if existing is not None:
-            if existing != spec:
-                raise CommandError(86, f"an index named {spec['name']!r} exists with different options")
-            continue
-        same_key = [n for n, s in coll.specs.items() if s["key"] == spec["key"]]
-        if same_key:
-            raise CommandError(85, f"index {same_key[0]!r} already exists with the same key")
-        coll.create_index(spec)
+    before, built = 1 + len(coll.specs), []
+    try:
+        for raw in body.get("indexes") or []:
+            spec = _check_index_spec(raw)
+            if spec["name"] == "_id_" or list(spec["key"]) == ["_id"]:
+                continue
+            existing = coll.specs.get(spec["name"])
+            if existing is not None:
+                if existing != spec:
+                    raise CommandError(86, f"an index named {spec['name']!r} exists with different options")
+                continue
+            same_key = [n for n, s in coll.specs.items() if s["key"] == spec["key"]]
+            if same_key:
+                raise CommandError(85, f"index {same_key[0]!r} already exists with the same key")
+            coll.create_index(spec)
+            built.append(spec["name"])
+    except Exception:
+        for name in built:  # as in MongoDB, the indexes of one command are built together or not at all
+            coll.drop_index(name)
+        raise
     return {"createdCollectionAutomatically": created, "numIndexesBefore": before,
             "numIndexesAfter": 1 + len(coll.specs), "ok": 1.0}
 
