@@ -45,6 +45,10 @@ def main(ctx: click.Context, verbose: int, profile_path: Path | None) -> None:
     ctx.default_map = load_default_map(main, profile_path)
     # Qlib logs sys.argv as the MLflow param cmd-sys.argv in every run: no URL passwords there.
     sys.argv[:] = [redact_url_passwords(a) for a in sys.argv]
+    # MLflow draws a "Downloading artifacts" bar per artifact read (leaderboard, report): not in our output.
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def _quiet_gym_banner() -> None:
@@ -331,11 +335,19 @@ def submit_cmd(file: Path, mongo_url: str, mlflow_uri: str | None, provider_uri:
 def worker_cmd(ctx: click.Context, pool: str, mongo_url: str, mlflow_uri: str | None, provider_uri: str | None,
                **opts) -> None:
     """Start worker processes that drain POOL; they exit when the pool is finished."""
+    from qlib_ext.pool.progress import Progress
+    from qlib_ext.summary import after_workers
     from qlib_ext.worker.group import run_workers
 
-    settings, n = _settings(pool, mongo_url, mlflow_uri, provider_uri, **opts)
-    click.echo(f"pool {pool}: starting {n} workers x {settings.threads} threads")
-    ctx.exit(run_workers(settings, n))
+    settings, n = _settings(pool, mongo_url, mlflow_uri, provider_uri, log_to_files=True, **opts)
+    click.echo(f"pool {pool}: starting {n} workers x {settings.threads} threads (worker logs: {settings.log_dir})")
+    progress = Progress(pool, settings.mongo_url)
+    code = run_workers(settings, n, on_tick=progress.tick)
+    progress.finish()
+    summary = after_workers(pool, mongo_url=settings.mongo_url, mlflow_uri=settings.mlflow_uri, metric=None,
+                            code=code, stopped=_stopped(pool, settings.mongo_url), leaderboard=False)
+    click.echo(summary.text)
+    ctx.exit(summary.code)
 
 
 @main.command("run")
@@ -353,7 +365,7 @@ def run_cmd(ctx: click.Context, file: Path, mongo_url: str, mlflow_uri: str | No
     """Submit FILE, run local workers with a live progress line, then print the leaderboard."""
     from qlib_ext.api import submit
     from qlib_ext.pool.progress import Progress
-    from qlib_ext.tracking.leaderboard import format_table, mlflow_ui_command, ranked
+    from qlib_ext.summary import after_workers
     from qlib_ext.worker.group import run_workers
 
     sub = submit(file, mongo_url=mongo_url, mlflow_uri=mlflow_uri, provider_uri=provider_uri,
@@ -392,10 +404,11 @@ def run_cmd(ctx: click.Context, file: Path, mongo_url: str, mlflow_uri: str | No
     if _stopped(sub.pool, sub.mongo_url):
         click.echo(f"stopped: unfinished tasks stay in pool {sub.pool}; resume with "
                    f"`qlib-ext worker --pool {sub.pool}` (the store keeps running in the background)")
-    rows, grid = ranked(sub.pool, mongo_url=sub.mongo_url, mlflow_uri=sub.mlflow_uri, metric=metric)
-    click.echo(format_table(rows, grid, top=20))
-    click.echo(f"\ncompare runs: {mlflow_ui_command(sub.mlflow_uri)}")
-    ctx.exit(code)
+    # leaderboard, failures (all failed: exit 1), Ctrl-C (exit 130), MLflow UI command and links
+    summary = after_workers(sub.pool, mongo_url=sub.mongo_url, mlflow_uri=sub.mlflow_uri, metric=metric, code=code,
+                            stopped=_stopped(sub.pool, sub.mongo_url))
+    click.echo(summary.text)
+    ctx.exit(summary.code)
 
 
 def _warm_report(result: Callable[[], object]) -> object:
@@ -411,12 +424,18 @@ def _warm_report(result: Callable[[], object]) -> object:
 
 
 @main.command("status")
-@click.argument("pool")
+@click.argument("pool", required=False)
 @_mongo_option
-def status_cmd(pool: str, mongo_url: str) -> None:
-    """Counts per status, running tasks (worker, age) and failed tasks (last error) of POOL."""
+def status_cmd(pool: str | None, mongo_url: str) -> None:
+    """Counts per status, running tasks (worker, age) and failed tasks (last error) of POOL;
+    without POOL, every pool with its counts."""
     from qlib_ext.pool.progress import status_report
+    from qlib_ext.summary import pools_table
 
+    if pool is None:
+        click.echo(pools_table(mongo_url))
+        return
+    _pool_tm(pool, mongo_url)  # a typo in POOL is an error listing the known pools, not "empty"
     click.echo(status_report(pool, mongo_url))
     _echo_search(pool, mongo_url)
 
@@ -541,6 +560,21 @@ def leaderboard_cmd(pool: str, mongo_url: str, mlflow_uri: str | None, metric: s
         click.echo(json.dumps({"rows": rows[:top] if top else rows, "grid": grid}, indent=2, default=str))
     else:
         click.echo(format_table(rows, grid, top=top))
+
+
+@main.command("report")
+@click.argument("pool")
+@_mongo_option
+@_mlflow_option
+@click.option("--metric", default=None, help="Metric to rank by (default: the leaderboard's).")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory for report.html (default: $QLIB_EXT_HOME/reports/POOL).")
+def report_cmd(pool: str, mongo_url: str, mlflow_uri: str | None, metric: str | None, out: Path | None) -> None:
+    """Write POOL's report (leaderboard, grid plots, the best run) as one self-contained HTML page and
+    attach it to the grid's parent run in MLflow."""
+    from qlib_ext.tracking.report import build
+
+    click.echo(f"report: {build(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric, out=out)}")
 
 
 # --------------------------------------------------------------------------- demo

@@ -85,7 +85,8 @@ class Pool:
         exp = client.get_experiment_by_name(self.name)
         out = collections.defaultdict(list)
         for run in client.search_runs([exp.experiment_id], max_results=1000):
-            out[run.data.tags["qlib_ext.task_id"]].append(run.info.status)
+            if "qlib_ext.task_id" in run.data.tags:  # not the grid's parent run
+                out[run.data.tags["qlib_ext.task_id"]].append(run.info.status)
         return out
 
     def committed_runs_only(self) -> None:

@@ -185,7 +185,8 @@ def test_two_models_times_two_strategies_train_twice_and_backtest_four_times(tmp
     runs = {r.info.run_id: r for r in client.search_runs([client.get_experiment_by_name("train_once_e2e")
                                                           .experiment_id])}
     assert all(r.info.status == "FINISHED" for r in runs.values())
-    fits = [r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags]
+    runs = {k: r for k, r in runs.items() if r.data.tags.get("qlib_ext.row") != "grid"}  # the grid's parent run
+    fits = [r for r in runs.values() if r.data.tags.get("qlib_ext.kind") != "backtest"]
     assert sorted(r.info.run_id for r in fits) == sorted(d["outcome"]["run_id"] for d in trainings.values())
     assert all("time.fit_s" in r.data.metrics and "time.backtest_s" not in r.data.metrics for r in fits)
     assert len(runs) == 6
@@ -194,14 +195,14 @@ def test_two_models_times_two_strategies_train_twice_and_backtest_four_times(tmp
         parent_doc = trainings[doc["filter"]["qlib_ext"]["parent_task_id"]]
         parent = runs[parent_doc["outcome"]["run_id"]]
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert run.data.params["task.model.kwargs.num_leaves"] == parent.data.params["task.model.kwargs.num_leaves"]
+        assert run.data.params["num_leaves"] == parent.data.params["num_leaves"]
         assert run.data.params["strategy.topk"] in ("5", "10") and run.data.params["model"] == "lgb"
         assert run.data.metrics["IC"] == parent.data.metrics["IC"]
         for key in ("time.backtest_s", "1day.excess_return_with_cost.annualized_return"):
             assert key in run.data.metrics, key
         assert {"pred.pkl", "label.pkl"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
-    points = {(r.data.params["task.model.kwargs.num_leaves"], r.data.params["strategy.topk"])
-              for r in runs.values() if "mlflow.parentRunId" in r.data.tags}
+    points = {(r.data.params["num_leaves"], r.data.params["strategy.topk"])
+              for r in runs.values() if r.data.tags.get("qlib_ext.kind") == "backtest"}
     assert points == {("8", "5"), ("8", "10"), ("32", "5"), ("32", "10")}
 
     board = json.loads(cli("leaderboard", "train_once_e2e", "--json", *common).stdout)
@@ -210,4 +211,4 @@ def test_two_models_times_two_strategies_train_twice_and_backtest_four_times(tmp
     # its rows share one model per num_leaves: a sweep ranks by a backtest metric, not by IC
     assert board["grid"]["metric"] == "1day.excess_return_with_cost.information_ratio"
     assert {r["run_id"] for r in rows} == {d["outcome"]["run_id"] for d in backtests}
-    assert all({"task.model.kwargs.num_leaves", "strategy.topk", "model"} <= set(r["params"]) for r in rows)
+    assert all({"num_leaves", "strategy.topk", "model"} <= set(r["params"]) for r in rows)

@@ -177,6 +177,7 @@ def finish_grid(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | No
 
         client = mlflow.MlflowClient(tracking_uri=data.mlflow_uri)
         _log_metrics(client, data.runs.grid_run_id, grid_metrics(data))
+        mlflow_ui.save_view(client, data.experiment_id, pool, data.metric, data.runs.axes)  # the printed links
         for row in data.rows:
             run_id = data.runs.config_runs.get(row.get("config_id")) if row.get("runs") else None
             if run_id:

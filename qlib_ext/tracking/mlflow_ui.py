@@ -55,6 +55,19 @@ VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 AXES_TAG = "qlib_ext.axes"
 """Grid-run tag: JSON ``{short param name: full dotted path}`` of the grid's axes."""
 
+ROW_TAG = "qlib_ext.row"
+"""What a run is in the grid's tables: ``grid``, ``config`` (one configuration: the ranked view's rows),
+``window`` (a rolling window of a config run) or ``model`` (a sweep's training run)."""
+
+ROW_CONFIG = "config"
+"""``qlib_ext.row`` of a configuration's run."""
+
+RANKED = "ranked"
+"""The view with one row per configuration, best objective first."""
+
+GRID = "grid"
+"""The view with the grid as one expandable row."""
+
 KIND_GRID = "grid"
 """``qlib_ext.kind`` of a grid's parent run."""
 
@@ -212,7 +225,7 @@ def ensure_grid_runs(mlflow_uri: str, experiment: str, pool: str, tasks: list[di
         grid_id = found[0].info.run_id
     else:
         grid_id = client.create_run(exp_id, run_name=f"{pool} (grid)", tags={
-            Tag.POOL: pool, Tag.KIND: KIND_GRID}).info.run_id
+            Tag.POOL: pool, Tag.KIND: KIND_GRID, ROW_TAG: GRID}).info.run_id
     client.set_tag(grid_id, AXES_TAG, json.dumps(axes)[:5000])
     client.set_tag(grid_id, NOTE_TAG, _grid_note(pool, tasks, axes, workflow))
     _log_grid_artifacts(client, grid_id, tasks, axes, workflow)
@@ -259,6 +272,7 @@ def _ensure_config_runs(client: Any, exp_id: str, pool: str, grid_id: str, tasks
         params = {k: v for k, v in run_params(task, axes).items() if not k.startswith("window.")}
         run = client.create_run(exp_id, run_name=name, tags={
             Tag.POOL: pool, Tag.KIND: KIND_CONFIG, Tag.CONFIG_ID: config_id, Tag.MLFLOW_PARENT: grid_id,
+            ROW_TAG: ROW_CONFIG,
             NOTE_TAG: f"Rolling configuration `{config_id}` of grid `{pool}`: its windows are the child runs; "
                       f"the metrics here are their means (set when the grid finishes)."})
         from mlflow.entities import Param
@@ -289,7 +303,8 @@ def run_decoration(client: Any, experiment_id: str, task: dict, task_id: str) ->
     other task run under the grid run. Never raises: a grid submitted before this existed has none.
     """
     meta = task.get("qlib_ext", {})
-    tags = {NOTE_TAG: run_note(task, task_id)}
+    row = "window" if meta.get("window") else "model" if meta.get("sweep") else ROW_CONFIG
+    tags = {NOTE_TAG: run_note(task, task_id), ROW_TAG: row}
     try:
         runs = grid_runs(client, experiment_id, str(meta.get("pool", "")))
     except Exception as e:  # the run still gets logged, only not nested
@@ -302,9 +317,9 @@ def run_decoration(client: Any, experiment_id: str, task: dict, task_id: str) ->
 
 
 # --------------------------------------------------------------------------- the saved view and its URL
-def view_key(pool: str, objective: str) -> str:
-    """Key of the grid's saved runs-table view (stable per pool and objective)."""
-    return hashlib.sha1(f"qlib-ext:{pool}:{objective}".encode()).hexdigest()[:16]
+def view_key(pool: str, objective: str, view: str = RANKED) -> str:
+    """Key of one of the grid's saved runs-table views (stable per pool, objective and view)."""
+    return hashlib.sha1(f"qlib-ext:{pool}:{objective}:{view}".encode()).hexdigest()[:16]
 
 
 def metric_column(objective: str) -> str:
@@ -312,14 +327,23 @@ def metric_column(objective: str) -> str:
     return next((s for s, f in HEADLINE.items() if f == objective), objective)
 
 
-def view_state(pool: str, objective: str, axes: dict[str, str]) -> dict:
-    """Runs-table state: only this pool's grid, sorted by the objective, headline metrics and axes shown."""
+def view_state(pool: str, objective: str, axes: dict[str, str], view: str = RANKED) -> dict:
+    """Runs-table state with the headline metrics and the axes as columns.
+
+    ``ranked``: one row per configuration of the pool (tag ``qlib_ext.row = config``), best objective
+    first. ``grid``: the grid's runs nested under its parent run, newest first — MLflow 3.17 nests
+    children only when the table is sorted by start time (or neither sorted nor filtered).
+    """
     column = metric_column(objective)
     metrics = [column, *[m for m in COLUMNS if m != column]]
     selected = [f"metrics.`{m}`" for m in metrics] + [f"params.`{a}`" for a in axes] + ["params.`model`"]
+    if view == RANKED:
+        flt, order = f"tags.`{Tag.POOL}` = '{pool}' and tags.`{ROW_TAG}` = '{ROW_CONFIG}'", f"metrics.`{column}`"
+    else:
+        flt, order = f"tags.`{Tag.POOL}` = '{pool}'", "attributes.start_time"
     return {
-        "searchFilter": f"tags.`{Tag.POOL}` = '{pool}'",
-        "orderByKey": f"metrics.`{column}`", "orderByAsc": False,
+        "searchFilter": flt,
+        "orderByKey": order, "orderByAsc": False,
         "startTime": "ALL", "lifecycleFilter": "Active", "modelVersionFilter": "All Runs",
         "datasetsFilter": [],
         "selectedColumns": selected, "columnOrder": [], "columnWidths": {},
@@ -328,16 +352,17 @@ def view_state(pool: str, objective: str, axes: dict[str, str]) -> dict:
     }
 
 
-def save_view(client: Any, experiment_id: str, pool: str, objective: str, axes: dict[str, str]) -> str:
-    """Store the grid's view as an experiment tag; return its key."""
-    key = view_key(pool, objective)
-    client.set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + key, json.dumps(view_state(pool, objective, axes)))
-    return key
+def save_view(client: Any, experiment_id: str, pool: str, objective: str, axes: dict[str, str]) -> None:
+    """Store the grid's two views (ranked, grid) as experiment tags."""
+    for view in (RANKED, GRID):
+        state = json.dumps(view_state(pool, objective, axes, view))
+        client.set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + view_key(pool, objective, view), state)
 
 
-def runs_url(base: str, experiment_id: str, pool: str, objective: str) -> str:
-    """URL of the experiment's training-runs table showing the grid sorted by the objective."""
-    query = urllib.parse.urlencode({"workflowType": WORKFLOW_TYPE, "viewStateShareKey": view_key(pool, objective)})
+def runs_url(base: str, experiment_id: str, pool: str, objective: str, view: str = RANKED) -> str:
+    """URL of the experiment's training-runs table in one of the grid's views (see :func:`view_state`)."""
+    query = urllib.parse.urlencode({"workflowType": WORKFLOW_TYPE,
+                                    "viewStateShareKey": view_key(pool, objective, view)})
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
 
 
