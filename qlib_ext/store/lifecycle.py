@@ -18,6 +18,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import ssl
@@ -56,13 +57,28 @@ def _resolve_dir(directory: Path | str | None) -> Path:
     return path
 
 
+_STORE_FILES = re.compile(r"^(snapshot\.bson(\.tmp)?|journal-\d+\.log|store\.(json|lock|log)|start\.lock"
+                          r"|credentials\.json|.*\.tmp)$")
+
+
 def _owner_only(directory: Path) -> None:
-    """Make the store directory and its files readable by their owner only (serving side)."""
-    if directory.stat().st_mode & 0o077:
-        directory.chmod(0o700)
+    """Make the store's files (and its directory, if it holds nothing else) owner-only.
+
+    Stores written by older versions were world-readable. Files that are not the store's are left
+    alone, and so is a directory that holds them (``--dir ~`` must not lock up a home directory).
+    """
+    others = False
     for path in directory.iterdir():
-        if path.is_file() and path.stat().st_mode & 0o077:
+        if not _STORE_FILES.match(path.name):
+            others = True
+        elif path.is_file() and path.stat().st_mode & 0o077:
             path.chmod(0o600)
+    if directory.stat().st_mode & 0o077:
+        if others:
+            logger.warning("store: %s is readable by others and holds more than the store; the store's "
+                           "own files are owner-only", directory)
+        else:
+            directory.chmod(0o700)
 
 
 def url_for(host: str, port: int) -> str:
