@@ -398,6 +398,28 @@ class GridTaskManager(TaskManager):
             return None, None
         return doc.get(Doc.STATUS), (doc.get(Doc.OUTCOME) or {}).get("run_id")
 
+    def waiting_documents(self) -> list[dict]:
+        """``_id`` and the still-pickled ``def`` of each waiting task (the caller decodes and checks each)."""
+        return list(self.task_pool.find({Doc.STATUS: TaskStatus.WAITING.value}, {Doc.DEF: 1}))
+
+    def running(self) -> list[dict]:
+        """Running tasks: ``_id``, worker, host, attempt, started_at and run name (``name``)."""
+        key = f"{Doc.FILTER}.{META}.run_name"
+        cur = self.task_pool.find({Doc.STATUS: TaskStatus.RUNNING.value},
+                                  {Doc.WORKER: 1, Doc.HOST: 1, Doc.STARTED_AT: 1, Doc.ATTEMPT: 1, key: 1})
+        return [{**d, "name": _run_name(d)} for d in cur]
+
+    def failed(self, limit: int = 0) -> list[dict]:
+        """Failed tasks (at most ``limit``, 0: all): ``_id``, ``errors`` and run name (``name``)."""
+        cur = self.task_pool.find({Doc.STATUS: TaskStatus.FAILED.value},
+                                  {Doc.ERRORS: 1, f"{Doc.FILTER}.{META}.run_name": 1}, limit=limit)
+        return [{**d, "name": _run_name(d)} for d in cur]
+
+    def set_max_attempts(self, max_attempts: int) -> int:
+        """Stamp a new attempt limit on every unfinished (waiting or running) task; return how many."""
+        flt = {Doc.STATUS: {"$in": [TaskStatus.WAITING.value, TaskStatus.RUNNING.value]}}
+        return self.task_pool.update_many(flt, {"$set": {Doc.MAX_ATTEMPTS: max_attempts}}).modified_count
+
     def meta(self) -> dict:
         """This pool's metadata document (written at submit), ``{}`` if it has none."""
         return self.task_pool.database[POOLS_COLLECTION].find_one({"_id": self.pool_name}) or {}
@@ -410,12 +432,32 @@ class GridTaskManager(TaskManager):
                  "worker": d.get("worker"), **(d.get(Doc.OUTCOME) or {})} for d in cur]
 
 
+def _run_name(doc: dict) -> str:
+    return str(((doc.get(Doc.FILTER) or {}).get(META) or {}).get("run_name", ""))
+
+
 # ---------------------------------------------------------------------- connection and pool metadata
-def open_db(mongo_url: str | None, db_name: str = defaults.TASK_DB_NAME) -> Database:
-    """Connect to the task database; ``None``/``"embedded"`` means the embedded store (started if needed)."""
+def open_db(mongo_url: str | None, db_name: str = defaults.TASK_DB_NAME, *, worker: bool = False) -> Database:
+    """Connect to the task database: the one way every command, worker and report opens it.
+
+    Args:
+        mongo_url: a MongoDB URL; ``None``/``"embedded"`` means the embedded store (started if needed).
+        db_name: the database holding the pools.
+        worker: a worker's client: no ping here, and an unreachable store fails each operation after
+            ``STORE_TIMEOUT_SECONDS`` (pymongo's default is 30 s) so the worker retries with its own
+            back-off; otherwise the store must answer a ping within 10 s.
+
+    Raises:
+        StoreError: (not ``worker``) the store did not answer.
+    """
     from qlib_ext.store import mask_url, resolve_mongo_url
 
     url = resolve_mongo_url(mongo_url)
+    if worker:
+        timeout_ms = int(defaults.STORE_TIMEOUT_SECONDS * 1000)
+        client = pymongo.MongoClient(url, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms,
+                                     socketTimeoutMS=max(timeout_ms, 30_000), tz_aware=False)
+        return client[db_name]
     try:
         client = pymongo.MongoClient(url, serverSelectionTimeoutMS=10_000, tz_aware=False)
         client.admin.command("ping")

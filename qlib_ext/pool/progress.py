@@ -63,21 +63,18 @@ def status_report(pool: str, mongo_url: str | None) -> str:
              else f"pool {pool}: empty"]
     now = tm.now()
     by_host: dict[str, list[str]] = defaultdict(list)
-    for d in tm.task_pool.find({"status": "running"}, {"worker": 1, "host": 1, "started_at": 1, "attempt": 1,
-                                                       "filter.qlib_ext.run_name": 1}):
+    for d in tm.running():
         age = (now - d["started_at"]).total_seconds() if isinstance(d.get("started_at"), dt.datetime) else 0
-        name = d.get("filter", {}).get("qlib_ext", {}).get("run_name", "")
         by_host[d.get("host", "?")].append(f"    {d['_id']}  {d.get('worker')}  attempt {d.get('attempt')}  "
-                                           f"{age:.0f}s  {name}")
+                                           f"{age:.0f}s  {d['name']}")
     for host, rows in sorted(by_host.items()):
         lines.append(f"running on {host}:")
         lines.extend(rows)
-    failed = list(tm.task_pool.find({"status": "failed"}, {"errors": 1, "filter.qlib_ext.run_name": 1}))
+    failed = tm.failed()
     if failed:
         lines.append("failed:")
     for d in failed:
         last = (d.get("errors") or [{}])[-1].get("error", "").strip().splitlines()
-        name = d.get("filter", {}).get("qlib_ext", {}).get("run_name", "")
-        lines.append(f"    {d['_id']}  {name}  {len(d.get('errors') or [])} attempts  "
+        lines.append(f"    {d['_id']}  {d['name']}  {len(d.get('errors') or [])} attempts  "
                      f"last error: {last[-1] if last else '?'}")
     return "\n".join(lines)

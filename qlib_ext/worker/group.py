@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 
+from qlib_ext import defaults
 from qlib_ext.worker.loop import worker_main
 from qlib_ext.worker.settings import WorkerSettings
 
@@ -34,6 +35,8 @@ class WorkerGroup:
         self.killed = False
 
     def start(self) -> WorkerGroup:
+        # spawned interpreters read it at start-up: every worker sums a backtest in the same order
+        os.environ.setdefault("PYTHONHASHSEED", defaults.PYTHON_HASH_SEED)
         self.procs = [self._spawn() for _ in range(self.n)]
         return self
 
@@ -97,8 +100,10 @@ def _pool_unfinished(settings: WorkerSettings) -> bool:
 
     db = task_db(settings)
     try:
-        return GridTaskManager(settings.pool, db).unfinished() > 0
-    except Exception:  # noqa: BLE001 - an unreachable store is no reason to stop restarting
+        return GridTaskManager(settings.pool, db, migrate=False).unfinished() > 0
+    except Exception as e:  # noqa: BLE001 - an unreachable store is no reason to stop restarting
+        logger.warning("workers: cannot count the unfinished tasks of pool %s (%s: %s); restarting the dead "
+                       "worker anyway", settings.pool, type(e).__name__, e)
         return True
     finally:
         db.client.close()
