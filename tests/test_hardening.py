@@ -157,3 +157,75 @@ def test_nan_predictions_and_a_test_segment_outside_the_calendar_fail_never_done
     runs = [r for r in client.search_runs([client.get_experiment_by_name("bad_results").experiment_id])
             if "qlib_ext.task_id" in r.data.tags]  # task runs, not the grid's parent run
     assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED"]  # nothing FINISHED, nothing to rank
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_unreachable_mlflow_hands_the_task_back_without_using_attempts(tmp_path, synth_provider, mongo_url):
+    import signal
+    import time
+
+    wf = write_chaos_workflow(tmp_path / "infra.yaml", synth_provider, 1, "infra", seconds=0.1)
+    assert submit(wf, mongo_url=mongo_url, mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").new == 1
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
+           "QLIB_EXT_ALLOWED_MODULES": "qlib.,fixtures", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
+    down = f"http://127.0.0.1:{_free_port()}"  # nothing listens there: MLflow is down
+    log = open(tmp_path / "worker.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "qlib_ext", "-v", "worker", "--pool", "infra", "--mongo-url",
+                             mongo_url, "--mlflow-uri", down, "-n", "1", *FAST], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    with pymongo.MongoClient(mongo_url) as client:
+        pool = client[TASK_DB_NAME]["infra"]
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and (pool.find_one({}).get("infra_retries") or 0) < 2:
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+        doc = pool.find_one({})
+    assert doc.get("infra_retries", 0) >= 2, (tmp_path / "worker.log").read_text()[-3000:]
+    assert doc["status"] == "waiting" and doc["attempt"] == 0 and doc["errors"] == []  # no attempt used
+    cause = doc["infra_error"]["error"].strip().splitlines()[-1]
+    assert cause.startswith("root cause: ") and "Connection refused" in cause, cause
+
+    # MLflow is back: the next worker runs the task on its first attempt
+    worker = _cli("worker", "--pool", "infra", "--mongo-url", mongo_url, "-n", "1", *FAST,
+                  env={"QLIB_EXT_ALLOWED_MODULES": "qlib.,fixtures"})
+    assert worker.returncode == 0, worker.stdout[-2000:] + worker.stderr[-2000:]
+    with pymongo.MongoClient(mongo_url) as client:
+        doc = client[TASK_DB_NAME]["infra"].find_one({})
+    assert doc["status"] == "done" and doc["attempt"] == 1 and doc["errors"] == []
+
+
+CACHED = BAD_RESULTS.replace("class: NaNModel\n        module_path: fixtures", "class: LGBModel\n        module_path: "
+                             "qlib.contrib.model.gbdt\n        kwargs: {{num_boost_round: 5, num_leaves: 4, verbose: -1}}"
+                             ).replace("bad_results", "full_disk").split("grid:")[0] + "grid:\n    pool: full_disk\n"
+
+
+@pytest.mark.slow
+def test_a_full_cache_disk_is_logged_once_and_the_task_builds_without_it(tmp_path, synth_provider, mongo_url):
+    home = Path(os.environ["QLIB_EXT_HOME"])
+    cache = home / "cache"
+    cache.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(cache)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"needs a tiny tmpfs to fill (mount -t tmpfs): {mounted.stderr.decode().strip()}")
+    try:
+        (cache / "filler").write_bytes(b"x" * 4096)
+        wf = tmp_path / "full.yaml"
+        wf.write_text(CACHED.format(provider=synth_provider))
+        run = _cli("run", str(wf), "--mongo-url", mongo_url, "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                   "-n", "1")
+        assert run.returncode == 0 and "done 1" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+        logs = "".join(p.read_text() for p in (home / "logs" / "full_disk").glob("worker-*.log"))
+        assert logs.count("building without the cache") == 1, logs[-3000:]
+        assert "No space left on device" in logs
+    finally:
+        subprocess.run(["umount", str(cache)], check=False)

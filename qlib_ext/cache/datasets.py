@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qlib_ext.cache.entry import FORMAT_VERSION, Entry, stats
+from qlib_ext.cache.entry import FORMAT_VERSION, Entry, stats, unusable, write_or_skip
 
 logger = logging.getLogger(__name__)
 
@@ -81,14 +81,30 @@ def shared(entry: Entry, build: Callable[[Entry], Any]) -> Any:
         entry: the cache entry (any kind: the handler layout or a :class:`PickleEntry`).
         build: builds the object, writes it with ``entry.write`` and returns what it wrote.
     """
-    entry.dir.mkdir(parents=True, exist_ok=True)
+    from filelock import Timeout
+
+    try:
+        entry.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:  # no cache directory (read-only, disk full): build, skip the write
+        unusable(entry.dir, e)
+        return build(entry)
     obj = entry.try_load(report=False)  # the common case: built before, no lock needed
     if obj is not None:
         return obj
-    with entry_lock(entry):
+    lock = entry_lock(entry)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise
+    except OSError as e:  # the lock file cannot be created: nobody can share this entry now
+        unusable(entry.dir, e)
+        return build(entry)
+    try:
         obj = entry.try_load(report=True)  # another process may have built it while we waited
         if obj is None:
             obj = build(entry)
+    finally:
+        lock.release()
     return obj
 
 
@@ -97,7 +113,7 @@ def entry_lock(entry: Entry) -> Any:
     holding it, like the cache warmer, can build through :func:`shared`), a ``flock`` between processes."""
     from filelock import FileLock
 
-    entry.dir.mkdir(parents=True, exist_ok=True)
+    entry.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     return FileLock(str(entry.lock_path), timeout=LOCK_TIMEOUT_SECONDS, is_singleton=True)
 
 
@@ -220,7 +236,7 @@ def _build(handler_cfg: dict, entry: Entry) -> Any:
     handler = init_instance_by_config(handler_cfg, accept_types=DataHandler)
     seconds = time.perf_counter() - start
     # The builder, too, continues with the mapped copy: its pages are then shared with the loaders.
-    mapped = entry.write(handler, _describe(handler_cfg, seconds))
+    mapped = write_or_skip(entry, handler, _describe(handler_cfg, seconds))
     stats["built"] += 1
     logger.info("cache: built %s in %.1fs", entry.key[:12], seconds)
     return mapped

@@ -227,6 +227,33 @@ class _ChecksumWriter:
         return self.fh.write(view)
 
 
+_unusable: set[str] = set()
+"""Cache directories this process found unwritable (logged once each)."""
+
+
+def unusable(cache_dir: Path, error: OSError) -> None:
+    """Note that ``cache_dir`` cannot be written (disk full, read-only, no permission); log it once.
+
+    The cache is an optimisation: a task whose entry cannot be stored builds and uses its object
+    without the cache, and does not fail.
+    """
+    stats["write_failed"] += 1
+    if str(cache_dir) not in _unusable:
+        _unusable.add(str(cache_dir))
+        logger.warning("cache: cannot write to %s (%s: %s); building without the cache", cache_dir,
+                       type(error).__name__, error)
+
+
+def write_or_skip(entry: Entry, obj: Any, describe: dict, read_back: bool = True) -> Any:
+    """``entry.write(obj, ...)``; on an OS error (ENOSPC, read-only...) log once and return ``obj`` itself
+    (None when not ``read_back``), leaving no partial entry behind."""
+    try:
+        return entry.write(obj, describe, read_back)
+    except OSError as e:
+        unusable(entry.dir, e)
+        return obj if read_back else None
+
+
 def _atomic_write(path: Path, dump: Any) -> tuple[int, int]:
     """Write through ``dump(fh)`` to a temp file beside ``path``, fsync, rename; return (size, crc32)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -236,7 +263,8 @@ def _atomic_write(path: Path, dump: Any) -> tuple[int, int]:
             dump(writer)
             raw.flush()
             os.fsync(raw.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; other users of a shared cache must read it
+        # mkstemp makes it 0600 and so it stays: entries are pickles, loading one runs what it says,
+        # so only their owner may write them (the directory is 0700 when qlib-ext creates it)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

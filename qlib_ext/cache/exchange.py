@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from qlib_ext.cache.datasets import data_identity, digest, shared, versions
-from qlib_ext.cache.entry import PickleEntry, stats
+from qlib_ext.cache.entry import PickleEntry, stats, write_or_skip
 
 logger = logging.getLogger("qlib_ext.cache")
 
@@ -103,7 +103,7 @@ def _build(kwargs: dict, entry: QuoteEntry) -> Any:
     codes = kwargs.get("codes", "all")
     describe = {"handler": "qlib.backtest.Exchange", "instruments": codes if isinstance(codes, str) else len(codes),
                 "start_time": kwargs["start_time"], "end_time": kwargs["end_time"], "build_seconds": round(seconds, 3)}
-    entry.write(exchange, describe)
+    write_or_skip(entry, exchange, describe, read_back=False)
     stats["quotes_built"] += 1
     logger.info("cache: built exchange %s in %.1fs", entry.key[:12], seconds)
     return exchange

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from qlib_ext.cache.datasets import digest
-from qlib_ext.cache.entry import PickleEntry, stats
+from qlib_ext.cache.entry import PickleEntry, stats, unusable
 
 logger = logging.getLogger("qlib_ext.cache")
 
@@ -98,13 +98,25 @@ def reused_lgb_data(model: Any, dataset_key: str | None, cache_dir: str | os.Pat
     try:
         yield
         if built:  # lgb.train has constructed (binned) them by now
-            _store(entry, built)
+            _store_or_skip(entry, built)
     finally:
         del model._prepare_data  # back to the class's method: the pickled model stays a plain LGBModel
 
 
+def _store_or_skip(entry: BinnedEntry, datasets: list[tuple[Any, str]]) -> None:
+    """:func:`_store`, or log once and go on when the cache cannot be written (the fit is done anyway)."""
+    from lightgbm.basic import LightGBMError
+
+    try:
+        _store(entry, datasets)
+    except OSError as e:
+        unusable(entry.dir, e)
+    except LightGBMError as e:  # save_binary reports a full disk as its own error
+        unusable(entry.dir, OSError(str(e)))
+
+
 def _store(entry: BinnedEntry, datasets: list[tuple[Any, str]]) -> None:
-    entry.dir.mkdir(parents=True, exist_ok=True)
+    entry.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     blobs = {}
     with tempfile.TemporaryDirectory(dir=entry.dir, prefix=".lgb-") as tmp:
         for ds, name in datasets:

@@ -41,11 +41,11 @@ def spool_dir(pool: str) -> Path:
 def write(pool: str, claim: Claim, result: dict) -> Path:
     """Write ``result`` for ``claim`` atomically; return the file's path."""
     directory = spool_dir(pool)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = directory / f"{claim.id}-a{claim.attempt}.json"
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     blob = {"task_id": str(claim.id), "worker": claim.worker, "attempt": claim.attempt, "result": result}
-    with open(tmp, "w") as f:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:  # owner-only
         json.dump(blob, f, default=str)
         f.flush()
         os.fsync(f.fileno())
