@@ -345,7 +345,7 @@ def worker_cmd(ctx: click.Context, pool: str, mongo_url: str, mlflow_uri: str | 
     code = run_workers(settings, n, on_tick=progress.tick)
     progress.finish()
     summary = after_workers(pool, mongo_url=settings.mongo_url, mlflow_uri=settings.mlflow_uri, metric=None,
-                            code=code, stopped=_stopped(pool, settings.mongo_url), leaderboard=False)
+                            code=code, leaderboard=False)
     click.echo(summary.text)
     ctx.exit(summary.code)
 

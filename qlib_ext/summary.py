@@ -29,8 +29,13 @@ class Summary:
 
 
 def after_workers(pool: str, *, mongo_url: str, mlflow_uri: str, metric: str | None, code: int,
-                  stopped: bool, leaderboard: bool = True, top: int = 20) -> Summary:
-    """Update the grid's parent run, then build the summary (``code``: the workers' exit code)."""
+                  stopped: bool | None = None, leaderboard: bool = True, top: int = 20) -> Summary:
+    """Update the grid's parent run, then build the summary.
+
+    Args:
+        code: the workers' exit code.
+        stopped: whether they were stopped (Ctrl-C); None: whether the pool still has unfinished tasks.
+    """
     from qlib_ext.tracking.grid_run import finish_grid
 
     data = finish_grid(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric)
@@ -38,6 +43,8 @@ def after_workers(pool: str, *, mongo_url: str, mlflow_uri: str, metric: str | N
     if leaderboard:
         lines.append(_table(pool, mongo_url, mlflow_uri, metric, data, top))
     counts = data.counts if data is not None else _counts(pool, mongo_url)
+    if stopped is None:
+        stopped = any(counts.get(s) for s in ("waiting", "running", "part_done"))
     failed, done = counts.get("failed", 0), counts.get("done", 0)
     if failed and not done and not stopped:
         lines.append(f"\nerror: all {failed} tasks of pool {pool} failed. First error:")

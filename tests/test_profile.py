@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from qlib_ext import cli
 from qlib_ext.errors import ConfigError
+from qlib_ext.summary import Summary
 from qlib_ext.worker.settings import check_worker_data, data_identity
 
 
@@ -19,14 +20,23 @@ def seen(monkeypatch):
 
     def fake_settings(pool, **kwargs):
         got.update(pool=pool, **kwargs)
-        return type("S", (), {"threads": kwargs.get("threads")})()
+        return type("S", (), {"threads": kwargs.get("threads"), "log_dir": None, "mongo_url": kwargs["mongo_url"],
+                              "mlflow_uri": kwargs.get("mlflow_uri")})()
 
-    def fake_run(settings, n):
+    def fake_run(settings, n, on_tick=None):
         got["n"] = n
         return 0
 
+    class NoProgress:  # the fake pool has no store to count in
+        def __init__(self, *args):
+            pass
+
+        tick = finish = __init__
+
     monkeypatch.setattr("qlib_ext.worker.settings.worker_settings", fake_settings)
     monkeypatch.setattr("qlib_ext.worker.group.run_workers", fake_run)
+    monkeypatch.setattr("qlib_ext.pool.progress.Progress", NoProgress)
+    monkeypatch.setattr("qlib_ext.summary.after_workers", lambda pool, **kw: Summary("", kw["code"]))
     return got
 
 
