@@ -77,4 +77,17 @@ def status_report(pool: str, mongo_url: str | None) -> str:
         last = (d.get("errors") or [{}])[-1].get("error", "").strip().splitlines()
         lines.append(f"    {d['_id']}  {d['name']}  {len(d.get('errors') or [])} attempts  "
                      f"last error: {last[-1] if last else '?'}")
+    lines.extend(_infra_faults(tm))
     return "\n".join(lines)
+
+
+def _infra_faults(tm) -> list[str]:
+    """One line for unfinished tasks handed back after faults outside them (MLflow, store, disk)."""
+    docs = list(tm.task_pool.find({"status": {"$in": ["waiting", "running"]}, "infra_retries": {"$gt": 0}},
+                                  {"infra_retries": 1, "infra_error": 1}))
+    if not docs:
+        return []
+    last = max(docs, key=lambda d: str((d.get("infra_error") or {}).get("time", "")))
+    cause = str((last.get("infra_error") or {}).get("error", "")).strip().splitlines()
+    return [f"infrastructure faults: {len(docs)} unfinished tasks handed back without using an attempt "
+            f"({sum(d['infra_retries'] for d in docs)} times); last: {cause[-1] if cause else '?'}"]
