@@ -149,3 +149,8 @@ SEARCH_POLL_SECONDS = 0.5
 
 SEARCH_HOLD_SECONDS = 60.0
 """A proposer holds its pool open this long after its last round (workers wait instead of exiting), seconds."""
+
+PYTHON_HASH_SEED = "0"
+"""``PYTHONHASHSEED`` of worker processes unless the environment sets one: Qlib's backtest sums over sets of
+stock codes, whose order (and so the last bits of its metrics) follows the hash seed; fixed, a run reproduces
+exactly (``qlib-ext reproduce``)."""
