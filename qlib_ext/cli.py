@@ -388,6 +388,7 @@ def run_cmd(ctx: click.Context, file: Path, mongo_url: str, mlflow_uri: str | No
         nonlocal reported
         if not reported:
             reported = _warm_report(warmer.poll) is not None
+        progress.note = "" if reported else "building the shared cache (datasets, exchanges) before the first task"
         progress.tick()
 
     try:
@@ -560,6 +561,27 @@ def leaderboard_cmd(pool: str, mongo_url: str, mlflow_uri: str | None, metric: s
         click.echo(json.dumps({"rows": rows[:top] if top else rows, "grid": grid}, indent=2, default=str))
     else:
         click.echo(format_table(rows, grid, top=top))
+
+
+@main.command("reproduce")
+@click.argument("run_id")
+@_mlflow_option
+@_mongo_option
+@_provider_option
+@click.option("--tolerance", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Largest absolute metric difference accepted.")
+def reproduce_cmd(run_id: str, mlflow_uri: str | None, mongo_url: str, provider_uri: str | None,
+                  tolerance: float) -> None:
+    """Re-run RUN_ID's task (its MLflow 'task' artifact) and compare the metrics with the recorded ones.
+
+    Exit code 0 when every recorded metric (timings aside) is reproduced within --tolerance, 1 otherwise.
+    """
+    from qlib_ext.worker.reproduce import reproduce
+
+    result = reproduce(run_id, mlflow_uri=mlflow_uri, mongo_url=mongo_url, provider_uri=provider_uri,
+                       tolerance=tolerance)
+    click.echo(result.table())
+    sys.exit(0 if result.ok else 1)
 
 
 @main.command("report")

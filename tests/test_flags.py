@@ -36,12 +36,13 @@ def test_run_flags_fire_on_what_they_name():
     assert fl.run_flags({**good, "label_gap_days": 2}, {}, rolling=True) == [fl.LABEL_LEAK]
 
 
-def test_inert_axis_needs_identical_metrics_in_every_group():
+def test_inert_axis_flags_the_configurations_it_did_not_change():
     rows = [({"lr": lr, "leaves": lv}, {"IC": ic}) for lr, lv, ic in
             [(0.1, 8, 0.03), (0.2, 8, 0.03), (0.1, 16, 0.05), (0.2, 16, 0.05)]]
     assert fl.inert_axes(rows) == {"lr": [0, 1, 2, 3]}
     rows[3] = ({"lr": 0.2, "leaves": 16}, {"IC": 0.06})
-    assert fl.inert_axes(rows) == {}
+    assert fl.inert_axes(rows) == {"lr": [0, 1]}, "lr changed nothing at 8 leaves, something at 16"
+    assert fl.inert_axes([({"lr": 0.1}, {}), ({"lr": 0.2}, {})]) == {}, "no metrics, nothing to compare"
 
 
 def _row(name, returns, coords=None):

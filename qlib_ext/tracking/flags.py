@@ -12,7 +12,7 @@ Per run (computed by the worker from its validity block, tagged ``qlib_ext.flags
 Per leaderboard row (need the other rows or the statistics):
 
 * ``short_test`` — MinTRL > T: the test is too short for its Sharpe ratio to be significant at 95 %;
-* ``inert:<axis>`` — the configurations that differ only in this grid axis have identical metrics.
+* ``inert:<axis>`` — configurations that differ only in this grid axis have identical metrics.
 """
 
 from __future__ import annotations
@@ -91,15 +91,15 @@ def short_test(min_trl: float | None, days: int) -> bool:
 
 
 def inert_axes(rows: Iterable[tuple[dict, dict]], decimals: int = 12) -> dict[str, list[int]]:
-    """Axes that changed nothing: for each axis, the rows of groups that differ only in it, if every
-    such group (of two or more values) has identical metrics in all its rows.
+    """Axes that changed nothing: configurations that differ only in one axis (two or more of its
+    values) and have identical metrics.
 
     Args:
         rows: ``(coords, metrics)`` per configuration, in row order.
         decimals: metrics are compared rounded to this many decimals.
 
     Returns:
-        axis -> indexes of the rows it is inert in (empty when no axis is inert).
+        axis -> indexes of the rows in which changing it changed nothing (only axes with such rows).
     """
     rows = list(rows)
     axes = sorted({k for coords, _ in rows for k in coords})
@@ -110,12 +110,17 @@ def inert_axes(rows: Iterable[tuple[dict, dict]], decimals: int = 12) -> dict[st
             if axis in coords:
                 rest = repr(sorted((k, repr(v)) for k, v in coords.items() if k != axis))
                 groups[rest].append(i)
-        multi = [g for g in groups.values() if len({repr(rows[i][0][axis]) for i in g}) > 1]
-        if multi and all(len({_rounded(rows[i][1], decimals) for i in g}) == 1 for g in multi):
-            out[axis] = sorted(i for g in multi for i in g)
+        inert = [i for g in groups.values() if len({repr(rows[i][0][axis]) for i in g}) > 1
+                 and _same([rows[i][1] for i in g], decimals) for i in g]
+        if inert:
+            out[axis] = sorted(inert)
     return out
 
 
-def _rounded(metrics: dict, decimals: int) -> tuple:
-    return tuple(sorted((k, None if _missing(v) else round(float(v), decimals)) for k, v in metrics.items()
-                        if isinstance(v, (int, float)) or v is None))
+def _same(metrics: list[dict], decimals: int) -> bool:
+    """Equal (rounded) on every metric all of them have a number for, and at least one such metric.
+
+    A NaN in one row and a value in another is no evidence either way (a constant prediction's IC is
+    NaN or a float-noise 1e-19 depending on the label), so such a metric is left out."""
+    keys = set.intersection(*[{k for k, v in m.items() if not _missing(v)} for m in metrics])
+    return bool(keys) and len({tuple(round(float(m[k]), decimals) for k in sorted(keys)) for m in metrics}) == 1
