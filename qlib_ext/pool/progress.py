@@ -21,6 +21,7 @@ class Progress:
         self.first_done = self._done()
         self.every = every_seconds if sys.stdout.isatty() else 10.0
         self._last = 0.0
+        self.note = ""  # what happens while no task has finished yet (e.g. the cache is being built)
 
     def _done(self) -> int:
         return self.tm.counts().get(TaskStatus.DONE.value, 0)
@@ -32,8 +33,9 @@ class Progress:
         rate = (done - self.first_done) / elapsed if elapsed > 0 else 0.0
         left = c.get("waiting", 0) + c.get("running", 0)
         eta = f"{left / rate:.0f}s" if rate > 0 else "?"
+        speed = f"{rate * 60:.1f} tasks/min  ETA {eta}" if rate > 0 or not self.note else self.note
         return (f"done {done}  running {c.get('running', 0)}  failed {c.get('failed', 0)}  "
-                f"waiting {c.get('waiting', 0)}  | {rate * 60:.1f} tasks/min  ETA {eta}  [{elapsed:.0f}s]")
+                f"waiting {c.get('waiting', 0)}  | {speed}  [{elapsed:.0f}s]")
 
     def tick(self) -> None:
         now = time.monotonic()

@@ -51,6 +51,7 @@ def load_workflow(path: str | Path) -> Workflow:
     """
     path = Path(path)
     config = load_qrun_config(path)
+    had_grid = "grid" in config
     grid_raw, workers_raw = config.pop("grid", None), config.pop("workers", None)
     normalise_dates(config)
     normalise_dates(grid_raw)  # dates as grid values too, so coordinates and run names hold strings
@@ -61,10 +62,29 @@ def load_workflow(path: str | Path) -> Workflow:
         if not isinstance(task.get(key), dict):
             raise ConfigError(f"missing mapping 'task.{key}' in {path}; "
                               "expected {class: ..., module_path: ..., kwargs: ...}")
+    _warn_near_misses(config, path)
     grid = parse_grid(grid_raw, config, path)
+    if had_grid and not (grid.params or grid.models or grid.strategies or grid.rolling
+                                                      or grid.search != "grid"):
+        logger.warning("%s: grid: has no params, models, strategies or rolling: the workflow runs as ONE task",
+                       path)
     workers = parse_workers(workers_raw, path)
     pool = grid.pool or path.stem
     return Workflow(path, config, grid, workers, pool, str(config.get("experiment_name") or pool))
+
+
+_OWN_KEYS = ("grid", "workers")
+"""Top-level keys qlib-ext reads itself; a key one typo away from them is warned about."""
+
+
+def _warn_near_misses(config: dict, path: Path) -> None:
+    """A top-level key one edit away from ``grid``/``workers`` (``gird:``) would be ignored silently: warn."""
+    import difflib
+
+    for key in config:
+        close = difflib.get_close_matches(str(key), _OWN_KEYS, n=1, cutoff=0.74)
+        if close and key not in _OWN_KEYS:
+            logger.warning("%s: top-level key %r is ignored by qlib-ext; did you mean %r?", path, key, close[0])
 
 
 def load_qrun_config(path: Path) -> dict:
