@@ -206,6 +206,7 @@ def _train_and_record(task: dict, recorder: Any, timings: dict[str, float], cach
     from qlib.workflow.record_temp import PortAnaRecord
 
     from qlib_ext.cache.lgb_bins import reused_lgb_data
+    from qlib_ext.worker.sanity import check_record
 
     with _stage(timings, "data"):
         dataset = _dataset(task["dataset"], cache_dir)
@@ -222,6 +223,7 @@ def _train_and_record(task: dict, recorder: Any, timings: dict[str, float], cach
         with _stage(timings, "backtest" if isinstance(rec, PortAnaRecord) else "signal"):
             _share_exchange(rec, cache_dir)
             rec.generate()
+        check_record(rec)  # no predictions, all NaN, never traded: fail, never done
     return model
 
 
@@ -230,6 +232,7 @@ def _backtest(task: dict, recorder: Any, timings: dict[str, float], cache_dir: s
     from qlib.utils import init_instance_by_config
     from qlib.workflow import R
 
+    from qlib_ext.worker.sanity import check_record
     from qlib_ext.workflow.sweep import SIGNAL_METRICS
 
     parent = TaskMeta.of(task).parent_run_id
@@ -244,6 +247,7 @@ def _backtest(task: dict, recorder: Any, timings: dict[str, float], cache_dir: s
         with _stage(timings, "backtest"):
             _share_exchange(rec, cache_dir)
             rec.generate()
+        check_record(rec)
 
 
 def _copy_signal(recorder: Any, parent: str) -> None:
