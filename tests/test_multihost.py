@@ -54,10 +54,10 @@ def test_leases_use_the_store_clock_not_a_skewed_worker_clock(mongo_url, task_db
     assert abs((lease_until - store_now).total_seconds() - 2) < 1.0, "lease stamped in the worker's clock"
 
     monkeypatch.setattr("qlib_ext.pool.manager.dt", _SkewedClock(dt.timedelta(hours=-1)).module)
-    assert behind.sweep() == [], "a worker with a slow clock reclaimed a live lease"
+    assert behind.reclaim_expired() == [], "a worker with a slow clock reclaimed a live lease"
     assert behind.renew(claim, lease_seconds=2) is True  # the owner renews; still 2 s from store time
     time.sleep(2.5)
-    assert [c.id for c in behind.sweep()] == [claim.id], "an expired lease was not reclaimed"
+    assert [c.id for c in behind.reclaim_expired()] == [claim.id], "an expired lease was not reclaimed"
     assert db["skew"].find_one({"_id": claim.id})["status"] == "waiting"
 
 

@@ -19,9 +19,9 @@ from test_grid_e2e import cli
 from qlib_ext.errors import ConfigError
 from qlib_ext.pool.manager import GridTaskManager, task_hash
 from qlib_ext.tracking.leaderboard import _ranked
+from qlib_ext.worker.follow_up import backtest_tasks, enqueue
 from qlib_ext.workflow.expand import expand
 from qlib_ext.workflow.load import load_workflow
-from qlib_ext.workflow.sweep import enqueue, follow_up_tasks
 
 GRID = """
 grid:
@@ -117,7 +117,7 @@ def test_train_once_must_be_a_boolean(tmp_path):
 # --------------------------------------------------------------------------- follow-up tasks
 def test_follow_up_tasks_are_plain_backtest_tasks_naming_the_training_run(tmp_path):
     task = _expand(tmp_path, GRID)[0]
-    follow = follow_up_tasks(task, "run123", "task9")
+    follow = backtest_tasks(task, "run123", "task9")
     assert len(follow) == 4
     for point, bt in zip(task["qlib_ext"]["sweep"], follow, strict=True):
         meta = bt["qlib_ext"]
@@ -140,11 +140,11 @@ def test_enqueue_needs_the_lease_and_dedups_a_repeat(tm, tmp_path):
     task = _expand(tmp_path, GRID)[0]
     tm.create_tasks([task])
     claim = tm.claim(60)
-    follow = follow_up_tasks(task, "run1", str(claim.id))
+    follow = backtest_tasks(task, "run1", str(claim.id))
     assert enqueue(tm, claim, follow, 60) and enqueue(tm, claim, follow, 60)
     assert tm.counts() == {"running": 1, "waiting": 4}
     tm.task_pool.update_one({"_id": claim.id}, {"$set": {"worker": "someone-else"}})
-    assert not enqueue(tm, claim, follow_up_tasks(task, "run2", str(claim.id)), 60)
+    assert not enqueue(tm, claim, backtest_tasks(task, "run2", str(claim.id)), 60)
     assert tm.counts() == {"running": 1, "waiting": 4}
 
 

@@ -8,6 +8,7 @@ import sys
 from grid_yaml import write_workflow
 
 from qlib_ext.worker.warm import _distinct, backtests
+from qlib_ext.workflow.sweep import split_records
 
 GRID = """
 grid:
@@ -43,6 +44,9 @@ def test_backtests_are_the_port_ana_record_configs():
     assert backtests(task) == [backtest]
     assert backtests({"record": {"class": "PortAnaRecord", "kwargs": {"config": {"backtest": backtest}}}}) == [backtest]
     assert backtests({"model": {}}) == []
+    # a fully qualified class is a PortAnaRecord here too, as it is for expansion and the sweep
+    dotted = {"class": "qlib.workflow.record_temp.PortAnaRecord", "kwargs": {"config": {"backtest": backtest}}}
+    assert backtests({"record": [dotted]}) == [backtest] and split_records({"record": [dotted]})[1] == [dotted]
 
 
 def test_distinct_keeps_one_of_each_and_drops_none():

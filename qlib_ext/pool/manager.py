@@ -252,7 +252,7 @@ class GridTaskManager(TaskManager):
     def commit(self, claim: Claim, result: dict, status: str = TaskStatus.DONE.value) -> bool:
         """Store the result if the task is still ours. False: someone else owns (or cancelled) it.
 
-        "Ours" means the lease is still held, or the lease expired and a sweep put the task back
+        "Ours" means the lease is still held, or the lease expired and recovery put the task back
         (``waiting``, or ``failed`` when that was the last attempt) while nobody claimed it since:
         ``attempt`` unchanged. That adopts a result finished during a store outage, without ever
         recording a task twice — any new claim bumps ``attempt`` and fences us out.
@@ -273,7 +273,7 @@ class GridTaskManager(TaskManager):
         """Record a failed attempt: back to waiting while attempts remain, else ``failed``.
 
         ``count_attempt=False`` hands the task back without using up an attempt (graceful stop);
-        ``guard`` adds conditions to the compare-and-set (the recovery sweep requires an expired lease);
+        ``guard`` adds conditions to the compare-and-set (lease recovery requires an expired lease);
         ``max_attempts`` overrides the limit stamped on the task at submit (``worker --max-attempts``);
         ``max_attempts=claim.attempt`` fails the task now (it can never succeed). ``infra`` (with
         ``count_attempt=False``) records a fault outside the task: ``infra_retries`` counts them and
@@ -297,10 +297,10 @@ class GridTaskManager(TaskManager):
         return status if ok else None
 
     def recover_expired(self, max_attempts: int | None = None) -> int:
-        """Sweep expired leases (see :meth:`sweep`); return how many tasks were recovered."""
-        return len(self.sweep(max_attempts))
+        """Recover expired leases (see :meth:`reclaim_expired`); return how many tasks were recovered."""
+        return len(self.reclaim_expired(max_attempts))
 
-    def sweep(self, max_attempts: int | None = None) -> list[Claim]:
+    def reclaim_expired(self, max_attempts: int | None = None) -> list[Claim]:
         """Return running tasks whose lease expired to waiting (or ``failed`` when out of attempts).
 
         Safe to run from every worker at once: each update is guarded by the exact worker and

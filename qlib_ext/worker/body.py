@@ -110,19 +110,14 @@ def run_grid_task(task: dict, *, task_id: str = "", worker: str = "", attempt: i
     A raising task ends its run FAILED (Qlib's ``R.start`` does that), an interrupted one KILLED.
     ``cache_dir`` shares prepared datasets and backtest exchanges between tasks and workers, and
     LightGBM's binned data between a worker's fits (None: build everything every time).
-    A task with ``qlib_ext.kind: backtest`` only backtests its training run's predictions; a
-    training task with a ``qlib_ext.workflow.sweep`` returns those backtest tasks under ``follow_up``.
+    A task with ``qlib_ext.kind: backtest`` only backtests its training run's predictions (the
+    worker queues those of a train-once training task: :mod:`qlib_ext.worker.follow_up`).
     """
     meta = TaskMeta.of(task)
     if meta.is_backtest:
         return _in_run(task, lambda rec, timings: _backtest(task, rec, timings, cache_dir), task_id, worker, attempt)
-    result = _in_run(task, lambda rec, timings: _train_and_record(task, rec, timings, cache_dir), task_id, worker,
-                     attempt)
-    if meta.sweep:
-        from qlib_ext.workflow.sweep import follow_up_tasks
-
-        result["follow_up"] = follow_up_tasks(task, result["run_id"], task_id)
-    return result
+    return _in_run(task, lambda rec, timings: _train_and_record(task, rec, timings, cache_dir), task_id, worker,
+                   attempt)
 
 
 def _in_run(task: dict, body: Callable[[Any, dict[str, float]], Any], task_id: str, worker: str, attempt: int) -> dict:
@@ -300,8 +295,11 @@ def _killed_on_interrupt() -> Iterator[None]:
     except (KeyboardInterrupt, SystemExit):
         from qlib.workflow import R
 
-        with contextlib.suppress(Exception):
+        try:
             recorder = R.get_recorder()
             R.end_exp("FAILED")
             recorder.client.set_terminated(recorder.id, status="KILLED")
+        except Exception as e:  # noqa: BLE001 - the interrupt goes on; the reaper ends the run later
+            logger.warning("task: could not end the interrupted task's MLflow run KILLED (%s: %s); the reaper "
+                           "ends it later", type(e).__name__, e)
         raise

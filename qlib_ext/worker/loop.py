@@ -117,14 +117,11 @@ def _install_stop_handlers(grace_seconds: float) -> StopState:
 
 
 def task_db(settings: WorkerSettings) -> Any:
-    """The pool's database through a client that gives up on an unreachable store after a few seconds
-    (pymongo's default is 30 s), so outages are retried with our own back-off."""
-    import pymongo
+    """The pool's database through a worker's client (:func:`qlib_ext.pool.manager.open_db`, ``worker=True``):
+    an unreachable store fails fast, and the loop retries with its own back-off."""
+    from qlib_ext.pool.manager import open_db
 
-    timeout_ms = int(defaults.STORE_TIMEOUT_SECONDS * 1000)
-    client = pymongo.MongoClient(settings.mongo_url, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms,
-                                 socketTimeoutMS=max(timeout_ms, 30_000), tz_aware=False)
-    return client[settings.db_name]
+    return open_db(settings.mongo_url, settings.db_name, worker=True)
 
 
 # ---------------------------------------------------------------------- the loop
@@ -181,7 +178,7 @@ class Worker:
         if not self.tm.migrated:
             self.tm.migrate()
         self._replay_spool()
-        recovered = self.tm.sweep(self.s.max_attempts)
+        recovered = self.tm.reclaim_expired(self.s.max_attempts)
         if recovered:
             self._reap([c.id for c in recovered])
         try:
@@ -218,22 +215,22 @@ class Worker:
         finally:
             self.stop.task_ended()
         try:
-            if not self._queue_follow_up(claim, result):
+            if not self._queue_follow_up(claim, task, result):
                 return
         except STORE_ERRORS:
             raise
-        except Exception as e:  # noqa: BLE001 - e.g. a sweep that does not expand: the task's failure
+        except Exception as e:  # noqa: BLE001 - e.g. a sweep point that does not expand: the task's failure
             self._failed(claim, e)
             return
         self._commit(claim, result)
 
-    def _queue_follow_up(self, claim: Claim, result: dict) -> bool:
-        """Queue a training task's sweep backtests before it commits (never a finished-looking pool in
-        between); False when the lease was lost, and the run is discarded."""
-        from qlib_ext.workflow.sweep import enqueue
+    def _queue_follow_up(self, claim: Claim, task: dict, result: dict) -> bool:
+        """Queue a train-once training task's backtests before it commits (never a finished-looking pool
+        in between); False when the lease was lost, and the run is discarded."""
+        from qlib_ext.worker.follow_up import backtest_tasks, enqueue
 
-        follow_up = result.pop("follow_up", None)
-        if follow_up and not enqueue(self.tm, claim, follow_up, self.s.lease_seconds):
+        backtests = backtest_tasks(task, result[Outcome.RUN_ID], claim.id)
+        if backtests and not enqueue(self.tm, claim, backtests, self.s.lease_seconds):
             self._discard(result, "lease lost before its backtests were queued")
             return False
         return True
@@ -360,7 +357,7 @@ class Worker:
 
     def _store(self, op: Callable[[], Any], give_up_on_stop: bool = True) -> Any:
         """Retry a store write with capped back-off. When stopping, give up after a few tries (the
-        lease then expires and the sweep recovers the task); returns None when it gave up."""
+        lease then expires and lease recovery gets the task back); returns None when it gave up."""
         delay, tries = defaults.POLL_MIN_SECONDS, 0
         while True:
             try:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from qlib_ext.worker.settings import WorkerSettings
+from qlib_ext.workflow.spec import is_port_ana
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ def waiting_tasks(settings: WorkerSettings) -> list[dict]:
     tasks = []
     try:
         tm = GridTaskManager(settings.pool, db)
-        for doc in tm.task_pool.find({"status": "waiting"}, {"def": 1}):
+        for doc in tm.waiting_documents():
             try:
                 task = check_task(decode_document(doc).get("def"), doc["_id"])
                 check_modules(task, tuple(settings.allowed_modules))
@@ -163,7 +164,7 @@ def backtests(task: dict) -> list[dict]:
     records = task.get("record") or []
     out = []
     for record in [records] if isinstance(records, dict) else records:
-        if isinstance(record, dict) and record.get("class") == "PortAnaRecord":
+        if is_port_ana(record):
             backtest = ((record.get("kwargs") or {}).get("config") or {}).get("backtest")
             if isinstance(backtest, dict):
                 out.append(backtest)

@@ -181,12 +181,18 @@ def check_path(root: Any, dotted: str, *, allow_new: bool = False) -> tuple[str,
     return None
 
 
+def is_port_ana(record: Any) -> bool:
+    """Whether a record config is a ``PortAnaRecord``: its ``class`` is that name, bare or dotted
+    (``qlib.workflow.record_temp.PortAnaRecord``). The one rule for expansion, sweep and cache warming."""
+    return isinstance(record, dict) and str(record.get("class", "")).rsplit(".", 1)[-1] == "PortAnaRecord"
+
+
 def portana_configs(task: dict) -> list[dict]:
     """Return the ``config`` mapping of every ``PortAnaRecord`` in ``task['record']`` (each once)."""
     records = task.get("record") or []
     found: dict[int, dict] = {}
     for rec in records if isinstance(records, list) else [records]:
-        if isinstance(rec, dict) and str(rec.get("class", "")).rsplit(".", 1)[-1] == "PortAnaRecord":
+        if is_port_ana(rec):
             cfg = (rec.get("kwargs") or {}).get("config")
             if isinstance(cfg, dict) and isinstance(cfg.get("strategy"), dict):
                 found.setdefault(id(cfg), cfg)

@@ -2,10 +2,10 @@
 
 At expansion (:func:`train_once`), grid tasks that differ only in their ``PortAnaRecord`` configs
 (strategy kwargs, backtest settings) become one training task without those records; the points
-are listed under ``qlib_ext.workflow.sweep``. After training, :func:`follow_up_tasks` turns the sweep into
-backtest tasks (``qlib_ext.kind: backtest``) that name the training run, and the worker queues them
-before committing the training task (:func:`enqueue`): ordinary waiting tasks, so every worker
-backtests in parallel, each in its own MLflow run nested under the training run.
+are listed under ``qlib_ext.sweep``. After training, the worker turns the sweep into backtest tasks
+(``qlib_ext.kind: backtest``) that name the training run and queues them before committing the
+training task (:mod:`qlib_ext.worker.follow_up`): ordinary waiting tasks, so every worker backtests
+in parallel, each in its own MLflow run nested under the training run.
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from qlib_ext import defaults
 from qlib_ext.errors import ConfigError
-from qlib_ext.pool.record import KIND_BACKTEST, META
+from qlib_ext.pool.record import META
+from qlib_ext.workflow.spec import is_port_ana
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +27,6 @@ SIGNAL_METRICS = ("IC", "ICIR", "Rank IC", "Rank ICIR")
 """SigAnaRecord metrics copied from the training run into each of its backtest runs."""
 
 _MISSING = object()
-
-
-def is_port_ana(record: Any) -> bool:
-    """Whether a record config is a ``PortAnaRecord`` (the part a sweep varies)."""
-    return isinstance(record, dict) and str(record.get("class", "")).rsplit(".", 1)[-1] == "PortAnaRecord"
 
 
 def split_records(task: dict) -> tuple[list, list]:
@@ -115,32 +109,3 @@ def _signal_from_pred(record: dict, file: Path, run_name: str) -> dict:
                           "sweep backtest does not have (it reads the training run's pred.pkl); use "
                           "strategy kwargs signal: <PRED>, or set grid.train_once: false")
     return record
-
-
-def follow_up_tasks(task: dict, run_id: str, task_id: str) -> list[dict]:
-    """The backtest tasks of a finished training task: one per sweep point, naming its run.
-
-    Plain BSON-encodable dicts; each carries the training task's pool, experiment, model and window,
-    and the sweep point's coordinates, strategy, config id and run name.
-    """
-    meta = task[META]
-    shared = {k: meta.get(k) for k in ("pool", "experiment", "grid_hash", "model", "window")}
-    model_class = (task.get("model") or {}).get("class")
-    return [{"record": copy.deepcopy(point["record"]),
-             META: {**shared, "config_id": point["config_id"], "coords": point["coords"],
-                    "strategy": point["strategy"], "run_name": point["run_name"], "kind": KIND_BACKTEST,
-                    "model_class": model_class, "parent_run_id": run_id, "parent_task_id": str(task_id)}}
-            for point in meta.get("sweep") or []]
-
-
-def enqueue(tm: Any, claim: Any, tasks: list[dict], lease_seconds: float) -> bool:
-    """Queue a training task's backtests while its lease is still held; False if it was lost.
-
-    Called before the training task commits, so the pool never looks finished in between; a
-    retried training task queues its own set (the leaderboard keeps the committed run's only).
-    """
-    if not tm.renew(claim, lease_seconds):
-        return False
-    new, total = tm.create_tasks(tasks, max_attempts=claim.task.get("max_attempts") or defaults.MAX_ATTEMPTS)
-    logger.info("sweep: task %s queued %d of %d backtests", claim.id, new, total)
-    return True

@@ -1,0 +1,52 @@
+"""Follow-up tasks: the backtests a finished train-once training task queues before it commits.
+
+At expansion (:func:`qlib_ext.workflow.sweep.train_once`) the strategy points of one model become
+the training task's ``qlib_ext.sweep``. Once that task has trained, the worker (not the task body:
+the result is only the result) turns the sweep into backtest tasks naming the training run
+(:func:`backtest_tasks`) and queues them while it still holds the training task's lease
+(:func:`enqueue`), then commits the training task: the pool never looks finished in between.
+Unrelated to the lease-recovery pass (:meth:`qlib_ext.pool.manager.GridTaskManager.reclaim_expired`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+from qlib_ext import defaults
+from qlib_ext.pool.manager import Claim, GridTaskManager
+from qlib_ext.pool.record import KIND_BACKTEST, META, Doc, TaskMeta
+
+logger = logging.getLogger(__name__)
+
+
+def backtest_tasks(task: dict, run_id: str, task_id: Any) -> list[dict]:
+    """The backtest tasks of a finished training task: one per sweep point, naming its run.
+
+    Plain BSON-encodable dicts; each carries the training task's pool, experiment, model and window,
+    and the sweep point's coordinates, strategy, config id and run name. Empty for a task without a sweep.
+    """
+    meta = task[META]
+    shared = {k: meta.get(k) for k in ("pool", "experiment", "grid_hash", "model", "window")}
+    model_class = (task.get("model") or {}).get("class")
+    return [{"record": copy.deepcopy(point["record"]),
+             META: {**shared, "config_id": point["config_id"], "coords": point["coords"],
+                    "strategy": point["strategy"], "run_name": point["run_name"], "kind": KIND_BACKTEST,
+                    "model_class": model_class, "parent_run_id": run_id, "parent_task_id": str(task_id)}}
+            for point in TaskMeta.of(task).sweep or []]
+
+
+def enqueue(tm: GridTaskManager, claim: Claim, tasks: list[dict], lease_seconds: float) -> bool:
+    """Queue a training task's backtests while its lease is still held; False if it was lost.
+
+    Called before the training task commits, so the pool never looks finished in between; a
+    retried training task queues its own set (the leaderboard keeps the committed run's only).
+    """
+    if not tm.renew(claim, lease_seconds):
+        return False
+    limit = claim.task.get(Doc.MAX_ATTEMPTS) or defaults.MAX_ATTEMPTS
+    new, total = tm.create_tasks(tasks, max_attempts=limit)
+    logger.info("follow-up: task %s queued %d of %d backtests", claim.id, new, total)
+    return True
+
