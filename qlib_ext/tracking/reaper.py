@@ -45,7 +45,7 @@ def reap_runs(tm: GridTaskManager, mlflow_uri: str, task_ids: list[Any] | None =
     Args:
         tm: the pool's task manager.
         mlflow_uri: tracking URI the pool's runs live in.
-        task_ids: restrict to these tasks (e.g. the ones a sweep just recovered).
+        task_ids: restrict to these tasks (e.g. the ones lease recovery just reclaimed).
     """
     import mlflow
 
