@@ -14,33 +14,27 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import ipaddress
 import json
 import logging
 import os
 import re
 import signal
 import socket
-import ssl
-import struct
 import subprocess
 import sys
 import threading
 import time
-import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import bson
-
 from qlib_ext import defaults
 from qlib_ext.errors import StoreError
-from qlib_ext.store.auth import Verifier, create_credentials, mask, read_credentials
+from qlib_ext.store.access import client_url, is_loopback, ping, tls_context, url_for
+from qlib_ext.store.auth import Verifier, create_credentials, mask
 from qlib_ext.store.engine import Engine
 from qlib_ext.store.journal import Journal
 from qlib_ext.store.server import StoreServer
-from qlib_ext.store.wire import HEADER, OP_MSG
 
 logger = logging.getLogger(__name__)
 
@@ -79,23 +73,6 @@ def _owner_only(directory: Path) -> None:
                            "own files are owner-only", directory)
         else:
             directory.chmod(0o700)
-
-
-def url_for(host: str, port: int) -> str:
-    """MongoDB URL a local client should use for a store bound to ``host:port``."""
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    return f"mongodb://[{host}]:{port}/" if ":" in host else f"mongodb://{host}:{port}/"
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is reachable from this machine only (the safe default for a server without auth)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @contextlib.contextmanager
@@ -154,42 +131,6 @@ def _write_state(directory: Path, state: dict[str, Any]) -> None:
     with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
         f.write(json.dumps(state, indent=1))
     os.replace(tmp, directory / STATE_FILE)
-
-
-def client_url(directory: Path, state: dict[str, Any]) -> str:
-    """The URL a local client uses: ``state["url"]`` plus credentials and TLS options.
-
-    Raises:
-        StoreError: the store requires authentication and its credentials cannot be read.
-    """
-    url = state["url"]
-    params = {}
-    if state.get("auth"):
-        creds = read_credentials(directory)
-        if creds is None:
-            raise StoreError(f"the store serving {directory} requires authentication, but "
-                             f"{directory / 'credentials.json'} is missing")
-        quoted = f"{urllib.parse.quote(creds.user, safe='')}:{urllib.parse.quote(creds.password, safe='')}@"
-        url = url.replace("://", "://" + quoted, 1)
-        params["authSource"] = "admin"
-    if state.get("tls"):
-        params.update(tls="true", tlsCAFile=state["tls_ca_file"], tlsAllowInvalidHostnames="true")
-    return url + ("?" + urllib.parse.urlencode(params) if params else "")
-
-
-def tls_context(cert_file: Path | str, key_file: Path | str | None) -> ssl.SSLContext:
-    """Server-side TLS context (TLS 1.2 or newer) from a PEM certificate and key.
-
-    Raises:
-        StoreError: the files cannot be loaded.
-    """
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        ctx.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
-    except (OSError, ssl.SSLError) as e:
-        raise StoreError(f"cannot load the TLS certificate {cert_file} / key {key_file}: {e}") from e
-    return ctx
 
 
 class RunningStore:
@@ -291,42 +232,6 @@ def serve(dir: Path | None, host: str = defaults.STORE_HOST, port: int = default
     if store.engine.failure:
         raise StoreError(store.engine.failure)
     logger.warning("store: stopped cleanly")
-
-
-def ping(url: str, timeout: float = 2.0, tls: bool = False) -> bool:
-    """Whether a MongoDB-protocol server answers ``ping`` at ``url`` (``mongodb://host:port/``).
-
-    ``ping`` needs no authentication; with ``tls`` the probe speaks TLS without verifying the
-    certificate (it only asks whether the server is alive; real clients verify).
-    """
-    hostport = url.split("://", 1)[-1].split("/", 1)[0].rpartition("@")[2]
-    host, _, port = hostport.rpartition(":")
-    body = bson.encode({"ping": 1, "$db": "admin"})
-    msg = struct.pack("<IB", 0, 0) + body
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as raw:
-            sock = raw
-            if tls:
-                ctx = ssl.create_default_context()
-                ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-                sock = ctx.wrap_socket(raw)
-            sock.sendall(HEADER.pack(HEADER.size + len(msg), 1, 0, OP_MSG) + msg)
-            header = _recv_all(sock, HEADER.size)
-            length = HEADER.unpack(header)[0]
-            reply = _recv_all(sock, length - HEADER.size)
-        return bson.decode(reply[5:]).get("ok") == 1
-    except (OSError, ValueError, struct.error, bson.errors.BSONError):
-        return False
-
-
-def _recv_all(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise OSError("connection closed")
-        data += chunk
-    return data
 
 
 def running_url(dir: Path | None = None) -> str | None:
