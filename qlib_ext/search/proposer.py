@@ -129,7 +129,7 @@ class Proposer:
     def step(self) -> bool:
         """One round: advance every trial, propose while fewer than ``batch`` run. True: all finished."""
         self.hold()
-        docs = self.store.all()
+        docs = self.store.all(tasks=False)  # a trial's task dicts are read only when some are queued
         states = [self._advance(doc) for doc in docs]
         running, total = states.count(TrialState.RUNNING.value), len(docs)
         while running < self.batch and total < self.n_trials:
@@ -175,8 +175,9 @@ class Proposer:
                 "judged": {}, "proposer": self.owner}
 
     def _queue(self, doc: dict, start: int, stop: int, status: str = TaskStatus.WAITING.value) -> None:
+        tasks = doc.get("tasks") or self.store.get(doc["number"])["tasks"]
         for i in range(start, stop):
-            queue.insert(self.tm, [doc["tasks"][i]], doc["number"], i, status=status, max_attempts=self.max_attempts)
+            queue.insert(self.tm, [tasks[i]], doc["number"], i, status=status, max_attempts=self.max_attempts)
 
     # ------------------------------------------------------------------ advancing a trial
     def _local(self, doc: dict) -> Any:
@@ -238,7 +239,7 @@ class Proposer:
         after = self.store.finish(doc["number"], state, value, by=self.owner)
         if after.get("finished_by") == self.owner and after["state"] == state:
             if state == TrialState.PRUNED.value:
-                self._queue(after, after["released"], len(after["tasks"]), status=TaskStatus.PRUNED.value)
+                self._queue(after, after["released"], len(after["hashes"]), status=TaskStatus.PRUNED.value)
             logger.info("search %s: trial %d %s (value %s)", self.wf.pool, doc["number"], state, value)
             self._tag_runs(after, states)
         return after

@@ -58,9 +58,10 @@ class TrialStore:
     def _id(self, number: int) -> str:
         return f"{self.pool}:{number}"
 
-    def all(self) -> list[dict]:
-        """Every trial document of the pool, by number."""
-        return sorted(self.coll.find({"pool": self.pool}), key=lambda d: d["number"])
+    def all(self, tasks: bool = True) -> list[dict]:
+        """Every trial document of the pool, by number (without the task dicts unless ``tasks``)."""
+        projection = None if tasks else {"tasks": 0}
+        return sorted(self.coll.find({"pool": self.pool}, projection), key=lambda d: d["number"])
 
     def count(self) -> int:
         """Trials reserved so far (any state)."""
