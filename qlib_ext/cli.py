@@ -733,6 +733,7 @@ BENCHES = {
     "scaling_bench.py": (["--quick"], []),
     "train_once_bench.py": (["--repeat", "1"], []),
     "chaos.py": (["--chaos-seconds", "30"], []),
+    "search_bench.py": (["--quick"], []),
 }
 """The benchmark suite in the order ``qlib-ext bench`` runs it."""
 
