@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from grid_yaml import write_workflow
 
 from qlib_ext.worker.warm import _distinct, backtests
@@ -24,6 +25,7 @@ def cli(*args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_cache_warm_builds_each_entry_once_and_a_warm_run_uses_them(tmp_path, synth_provider, mongo_url):
     wf = write_workflow(tmp_path / "warm.yaml", synth_provider, GRID)
     common = ["--mongo-url", mongo_url, "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
