@@ -169,7 +169,20 @@ def main() -> None:
 
 def _section(rows: list, sweep_row: list | None, repeat: int) -> str:
     parts = [
-        "## Single backtest: stock Qlib vs the fast path (`benchmarks/backtest_bench.py`)",
+        "## Single backtest",
+        "",
+        "`qlib_ext/backtest/` runs a `PortAnaRecord` backtest through Qlib's own loop, executor, account and "
+        "order logic with four parts swapped for exact, faster ones (on by default; `workers.fast_backtest: "
+        "false` turns it off): an `Exchange` whose quote answers each per-stock question (suspended, limit, "
+        "close, factor, volume, deal price) from `(day, stock)` arrays instead of `NumpyQuote`'s `IndexData` "
+        "lookups; a `Signal` that groups the predictions once instead of once a day; `TopkDropoutStrategy`'s "
+        "daily pandas bookkeeping done on arrays with pandas' own sort (`nargsort`); and, for the duration of "
+        "the backtest only, a `Position.__deepcopy__` and the benchmark sampling replaced (checked against Qlib "
+        "0.9.7; any other version, or a backtest outside what is covered, runs Qlib's own path and logs why). "
+        "`tests/test_fast_backtest.py` compares every frame and metric of both paths across strategy, limit, "
+        "cost, trade-unit and benchmark settings on data with suspensions and late listings.",
+        "",
+        "Measured by `benchmarks/backtest_bench.py`:",
         "",
         f"{machine_line()}. `TopkDropoutStrategy(topk=50, n_drop=5)`, daily `SimulatorExecutor`, synthetic data, "
         f"backtest {START} .. {END}, one shared exchange; stock and fast interleaved, median of {repeat}. "

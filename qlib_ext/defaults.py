@@ -80,6 +80,9 @@ def synth_data_dir() -> Path:
 TASK_TIMEOUT_SECONDS: float | None = None
 """Default wall-clock limit of one task, seconds; None = no limit (``workers.task_timeout``)."""
 
+FAST_BACKTEST = True
+"""Run covered ``PortAnaRecord`` backtests on ``qlib_ext.backtest``'s fast path (``workers.fast_backtest``)."""
+
 THREADS_PER_WORKER: str | int = "auto"
 """Default threads per worker process: 'auto' = cores // workers, at least 1 (``workers.threads_per_worker``)."""
 

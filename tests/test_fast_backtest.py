@@ -60,6 +60,8 @@ def verdicts(tmp_path_factory) -> dict:
 def test_fast_backtest_equals_qlibs_own(verdicts, case):
     verdict = verdicts["cases"][case]
     assert verdict["fast_path"], "the case should have taken the fast path"
+    random_buy = CASES[case][0].get("method_buy") == "random"  # Qlib's class (see qlib_ext/backtest/strategy.py)
+    assert (verdict["day_strategy_steps"] == 0) == random_buy
     assert verdict["diff"] == [], verdict["diff"]
     if "error" in verdict:  # Qlib's own backtest raised: the fast one raised the same error
         assert case.endswith("raises_as_in_qlib"), verdict["error"]
@@ -120,6 +122,60 @@ def test_patches_are_removed_after_the_backtest():
     with fast_methods(), fast_methods():
         assert "__deepcopy__" in Position.__dict__
     assert "__deepcopy__" not in Position.__dict__ and PortfolioMetrics._sample_benchmark is stock
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_strategy_bookkeeping_orders_as_pandas(dtype):
+    """reindex + sort_values(ascending=False) and Index.union, with ties, NaN and empty sides."""
+    import numpy as np
+    import pandas as pd
+
+    from qlib_ext.backtest.strategy import _Day, union_order
+
+    rng = np.random.default_rng(5)
+    codes = [f"SH{600000 + i}" for i in range(60)]
+    for trial in range(150):
+        values = rng.integers(0, 6, 60).astype(dtype) if trial % 2 else rng.normal(size=60).astype(dtype)
+        values[rng.random(60) < 0.1] = np.nan
+        series = pd.Series(values, index=pd.Index(codes, name="instrument"))
+        day = _Day(series)
+        held = list(rng.choice(codes + ["SZ999999", "SZ999998"], int(rng.integers(0, 25)), replace=False))
+        want = list(series.reindex(held).sort_values(ascending=False).index)
+        assert day.desc(held, day.reindex(held)) == want
+        keep = ~series.index.isin(want)
+        assert day.desc(day.codes[keep], day.values[keep]) == list(series[keep].sort_values(ascending=False).index)
+        other = [c for c in codes if c not in held][: int(rng.integers(0, 8))]
+        assert union_order(want, other) == list(series.reindex(want).index.union(pd.Index(other)))
+
+
+def test_fast_records_swaps_qlibs_backtest_only_inside_the_block():
+    from qlib.backtest import backtest
+    from qlib.workflow import record_temp
+
+    from qlib_ext.backtest.fast import fast_backtest, fast_records
+
+    with fast_records():
+        with fast_records():
+            assert record_temp.normal_backtest is fast_backtest
+        assert record_temp.normal_backtest is fast_backtest
+        with fast_records(enabled=False):
+            assert record_temp.normal_backtest is fast_backtest  # an outer block still wants it
+    assert record_temp.normal_backtest is backtest
+    with fast_records(enabled=False):
+        assert record_temp.normal_backtest is backtest
+
+
+def test_workers_fast_backtest_switch(tmp_path):
+    from qlib_ext.errors import ConfigError
+    from qlib_ext.worker.settings import WorkerSettings
+    from qlib_ext.workflow.spec import parse_workers
+
+    wf = tmp_path / "wf.yaml"
+    assert parse_workers(None, wf).fast_backtest is True
+    assert parse_workers({"fast_backtest": False}, wf).fast_backtest is False
+    with pytest.raises(ConfigError, match="workers.fast_backtest.*true or false"):
+        parse_workers({"fast_backtest": "off"}, wf)
+    assert WorkerSettings(pool="p", mongo_url="m", mlflow_uri="u", provider_uri="d").fast_backtest is True
 
 
 # ----------------------------------------------------------------------------- the child process
@@ -329,10 +385,21 @@ def _child(tmp: Path, out: Path) -> None:
               exp_manager={"class": "MLflowExpManager", "module_path": "qlib.workflow.expm",
                            "kwargs": {"uri": f"sqlite:///{tmp}/mlflow.db", "default_exp_name": "Experiment"}})
     exchange = get_exchange(codes="csi300", start_time=START, end_time=END, **EX)
+    from qlib_ext.backtest.strategy import DayTopkDropoutStrategy
+
+    steps = {"n": 0}
+    decide = DayTopkDropoutStrategy.generate_trade_decision
+
+    def counted(self, *args, **kwargs):  # instrumentation: which cases ran the array strategy
+        steps["n"] += 1
+        return decide(self, *args, **kwargs)
+
+    DayTopkDropoutStrategy.generate_trade_decision = counted
     verdicts = {"data": data, "quote": _check_quote(exchange), "record": _check_record(tmp, exchange), "cases": {}}
     for name in CASES:
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), steps["n"]
         verdicts["cases"][name] = _run_case(name, exchange)
+        verdicts["cases"][name]["day_strategy_steps"] = steps["n"] - before
         verdicts["cases"][name]["seconds"] = round(time.perf_counter() - t0, 2)
     out.write_text(json.dumps(verdicts, default=str))
 

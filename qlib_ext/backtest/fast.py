@@ -6,12 +6,14 @@ strategy, executor, account and order logic unchanged, with three of its parts s
 faster ones:
 
 * the exchange becomes a :class:`~qlib_ext.backtest.exchange.FastExchange` (per-day arrays);
-* the strategy's signal becomes a :class:`~qlib_ext.backtest.signal.DaySignal`;
+* the strategy's signal becomes a :class:`~qlib_ext.backtest.signal.DaySignal`, and
+  ``TopkDropoutStrategy`` a :class:`~qlib_ext.backtest.strategy.DayTopkDropoutStrategy`
+  (not for ``method_buy="random"``);
 * ``Position.__deepcopy__`` and the benchmark sampling are replaced for the duration of the run
   (:mod:`qlib_ext.backtest.patches`).
 
 Covered: Qlib 0.9.7; ``TopkDropoutStrategy`` given as a config whose ``signal`` is a Series or
-DataFrame; a daily ``SimulatorExecutor`` config without an inner executor; the default
+DataFrame of floats; a daily ``SimulatorExecutor`` config without an inner executor; the default
 ``Position``; an exchange given as ``get_exchange`` arguments (daily, no ``extra_quote``, the default
 ``NumpyQuote``) or as a plain Qlib ``Exchange`` instance of that kind. Everything else runs the stock
 backtest, with one log line saying why. :func:`fast_records` makes every ``PortAnaRecord`` of a
@@ -53,11 +55,13 @@ def fast_backtest(start_time: Any, end_time: Any, strategy: Any, executor: Any, 
     if reason is not None:
         logger.info("fast backtest: stock path (%s)", reason)
         return backtest(start_time, end_time, strategy, executor, benchmark, account, exchange_kwargs, pos_type)
-    strategy = copy.copy(strategy)
-    strategy["kwargs"] = dict(strategy["kwargs"])
     from qlib_ext.backtest.signal import DaySignal
 
+    strategy = copy.copy(strategy)
+    strategy["kwargs"] = dict(strategy["kwargs"])
     strategy["kwargs"]["signal"] = DaySignal(strategy["kwargs"]["signal"])
+    if strategy["kwargs"].get("method_buy", "top") == "top":  # else Qlib's own class (see strategy.py)
+        strategy.update({"class": "DayTopkDropoutStrategy", "module_path": "qlib_ext.backtest.strategy"})
     fast = _fast_exchange(exchange_kwargs, start_time, end_time)
     with fast_methods():
         return backtest(start_time, end_time, strategy, executor, benchmark, account, {"exchange": fast}, pos_type)
@@ -73,6 +77,7 @@ def uncovered(strategy: Any, executor: Any, exchange_kwargs: dict, pos_type: str
 
 
 def _strategy_reason(strategy: Any) -> str | None:
+    import numpy as np
     import pandas as pd
 
     if not isinstance(strategy, dict):
@@ -85,6 +90,9 @@ def _strategy_reason(strategy: Any) -> str | None:
         return f"signal of type {type(signal).__name__}, not a Series/DataFrame"
     if not isinstance(signal.index, pd.MultiIndex) or sorted(signal.index.names) != ["datetime", "instrument"]:
         return "signal not indexed by (instrument, datetime)"
+    first = signal if isinstance(signal, pd.Series) else signal.iloc[:, 0] if signal.shape[1] else None
+    if first is None or not (isinstance(first.dtype, np.dtype) and first.dtype.kind == "f"):
+        return f"signal dtype {getattr(first, 'dtype', None)} (a float NumPy dtype is covered)"
     return None
 
 
@@ -147,19 +155,31 @@ def _fast_exchange(kwargs: dict, start_time: Any, end_time: Any) -> Any:
     return fast
 
 
+_records_depth = 0
+
+
 @contextlib.contextmanager
 def fast_records(enabled: bool = True) -> Iterator[None]:
-    """Make ``PortAnaRecord`` backtests in this block use :func:`fast_backtest` (no-op if not enabled)."""
+    """Make ``PortAnaRecord`` backtests in this block use :func:`fast_backtest` (no-op if not enabled).
+
+    Re-entrant and thread-safe: Qlib's ``normal_backtest`` is swapped when the first block opens and
+    restored when the last one closes.
+    """
+    global _records_depth
     if not enabled:
         yield
         return
+    from qlib.backtest import backtest
     from qlib.workflow import record_temp
 
     with _memo_lock:
-        previous = record_temp.normal_backtest
-        record_temp.normal_backtest = fast_backtest
+        if _records_depth == 0:
+            record_temp.normal_backtest = fast_backtest
+        _records_depth += 1
     try:
         yield
     finally:
         with _memo_lock:
-            record_temp.normal_backtest = previous
+            _records_depth -= 1
+            if _records_depth == 0:
+                record_temp.normal_backtest = backtest

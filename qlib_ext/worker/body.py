@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from qlib_ext import defaults
 from qlib_ext.pool.record import KIND_BACKTEST, KIND_TRAIN, META, Outcome, Tag, TaskMeta
 from qlib_ext.tracking import mlflow_ui
 from qlib_ext.tracking.series import VALIDITY
@@ -103,7 +104,7 @@ def _plain(value: Any) -> Any:
 
 
 def run_grid_task(task: dict, *, task_id: str = "", worker: str = "", attempt: int = 1,
-                  cache_dir: str | None = None) -> dict:
+                  cache_dir: str | None = None, fast_backtest: bool = defaults.FAST_BACKTEST) -> dict:
     """Train and evaluate one task dict in its own MLflow run; return the plain-data result.
 
     Must run in a process where ``qlib.init`` set the provider and the MLflow experiment manager.
@@ -112,12 +113,18 @@ def run_grid_task(task: dict, *, task_id: str = "", worker: str = "", attempt: i
     LightGBM's binned data between a worker's fits (None: build everything every time).
     A task with ``qlib_ext.kind: backtest`` only backtests its training run's predictions (the
     worker queues those of a train-once training task: :mod:`qlib_ext.worker.follow_up`).
+    ``fast_backtest`` runs covered ``PortAnaRecord`` backtests on ``qlib_ext.backtest``'s fast path
+    (same reports and metrics; ``workers.fast_backtest``).
     """
+    from qlib_ext.backtest.fast import fast_records
+
     meta = TaskMeta.of(task)
-    if meta.is_backtest:
-        return _in_run(task, lambda rec, timings: _backtest(task, rec, timings, cache_dir), task_id, worker, attempt)
-    return _in_run(task, lambda rec, timings: _train_and_record(task, rec, timings, cache_dir), task_id, worker,
-                   attempt)
+    with fast_records(fast_backtest):
+        if meta.is_backtest:
+            return _in_run(task, lambda rec, timings: _backtest(task, rec, timings, cache_dir), task_id, worker,
+                           attempt)
+        return _in_run(task, lambda rec, timings: _train_and_record(task, rec, timings, cache_dir), task_id,
+                       worker, attempt)
 
 
 def _in_run(task: dict, body: Callable[[Any, dict[str, float]], Any], task_id: str, worker: str, attempt: int) -> dict:

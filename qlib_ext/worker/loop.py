@@ -205,7 +205,8 @@ class Worker:
             with HeartbeatThread(self.tm, claim, self.s.lease_seconds, self.s.heartbeat_seconds,
                                  on_lost=lambda: runner.interrupt("lease lost")):
                 result = runner.run(run_grid_task, task, task_id=str(claim.id), worker=claim.worker,
-                                    attempt=claim.attempt, cache_dir=self.s.cache_dir)
+                                    attempt=claim.attempt, cache_dir=self.s.cache_dir,
+                                    fast_backtest=self.s.fast_backtest)
         except TaskInterrupted as e:
             self._interrupted(claim, e.reason)
             return

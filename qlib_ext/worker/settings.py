@@ -42,6 +42,7 @@ class WorkerSettings:
     log_level: int = logging.WARNING  # level of the worker's log output
     start_after: str | None = None  # claim nothing until this file exists (the cache warmer's signal)
     qlib_kwargs: dict = field(default_factory=dict)  # further qlib.init arguments from the workflow
+    fast_backtest: bool = defaults.FAST_BACKTEST  # PortAnaRecord backtests on qlib_ext.backtest's fast path
     allowed_modules: tuple[str, ...] = defaults.ALLOWED_MODULES  # module prefixes a task may name (pool/allowlist.py)
 
 
@@ -138,6 +139,7 @@ def worker_settings(pool: str, *, mongo_url: str | None = None, mlflow_uri: str 
         "heartbeat_seconds": spec.get("heartbeat_seconds", defaults.HEARTBEAT_SECONDS),
         "grace_seconds": spec.get("grace_seconds", defaults.GRACE_SECONDS),
         "task_timeout": spec.get("task_timeout", defaults.TASK_TIMEOUT_SECONDS),
+        "fast_backtest": spec.get("fast_backtest", defaults.FAST_BACKTEST),
     }
     explicit = overrides.pop("allow_module", None)
     fields["allowed_modules"] = allowlist.resolve(explicit or None, spec.get("allowed_modules"))

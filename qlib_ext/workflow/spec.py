@@ -125,6 +125,7 @@ class WorkersSpec:
     grace_seconds: float = defaults.GRACE_SECONDS  # time to finish after SIGTERM before handing back, s
     threads_per_worker: str | int = defaults.THREADS_PER_WORKER  # 'auto' (cores // workers) or a count
     allowed_modules: tuple[str, ...] = ()  # module prefixes added to the workers' default allow-list
+    fast_backtest: bool = defaults.FAST_BACKTEST  # covered PortAnaRecord backtests on the fast, identical path
 
 
 # --------------------------------------------------------------------------- dotted paths
@@ -475,4 +476,6 @@ def parse_workers(raw: Any, file: Path) -> WorkersSpec:
     if not isinstance(modules, (list, tuple)) or not all(isinstance(m, str) and m for m in modules):
         raise _err(file, "workers.allowed_modules", f"got {modules!r}", "a list of module prefixes, e.g. [mylab.]")
     spec.allowed_modules = tuple(modules)
+    if not isinstance(spec.fast_backtest, bool):
+        raise _err(file, "workers.fast_backtest", f"got {spec.fast_backtest!r}", "true or false")
     return spec
