@@ -137,20 +137,23 @@ def store() -> None:
 @click.option("--port", default=27017, show_default=True, help="TCP port (0 = any free port).")
 @click.option("--auth/--no-auth", default=True, show_default=True,
               help="Require SCRAM-SHA-256 authentication (credentials in DIR/credentials.json); "
-                   "--no-auth only on loopback (Qlib's own manage CLI needs it).")
+                   "--no-auth only on loopback.")
+@click.option("--peer-auth/--no-peer-auth", default=True, show_default=True,
+              help="Let a loopback client running as the store's owner in without the password (what lets "
+                   "Qlib's own `python -m qlib.workflow.task.manage` work unconfigured); other users still need it.")
 @click.option("--tls-cert-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="PEM certificate (chain): serve TLS only (use it for a LAN bind).")
 @click.option("--tls-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="PEM private key of --tls-cert-file (if not in the same file).")
 @click.option("--tls-ca-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="CA that local clients verify the certificate with (default: the certificate).")
-def store_serve(dir_: Path | None, host: str, port: int, auth: bool, tls_cert_file: Path | None,
+def store_serve(dir_: Path | None, host: str, port: int, auth: bool, peer_auth: bool, tls_cert_file: Path | None,
                 tls_key_file: Path | None, tls_ca_file: Path | None) -> None:
     """Run the store in the foreground until SIGTERM/SIGINT."""
     from qlib_ext.store import serve
 
     serve(dir_, host=host, port=port, auth=auth, tls_cert_file=tls_cert_file, tls_key_file=tls_key_file,
-          tls_ca_file=tls_ca_file)
+          tls_ca_file=tls_ca_file, peer_auth=peer_auth)
 
 
 @store.command("url")

@@ -32,9 +32,24 @@ def _client(url: str, **kw) -> pymongo.MongoClient:
     return pymongo.MongoClient(url, serverSelectionTimeoutMS=5000, **kw)
 
 
+def test_the_owners_own_loopback_clients_need_no_password(store_proc):
+    if store_proc is None:
+        pytest.skip("needs the embedded store")
+    with _client(store_proc.url) as good:
+        good.db.pool.insert_one({"_id": 1, "status": "waiting"})
+    with _client(_bare(store_proc.url)) as owner:  # what Qlib's own tools use: no credentials
+        assert owner.db.pool.find_one() == {"_id": 1, "status": "waiting"}
+    host, port = _host_port(store_proc.url)
+    with _client(f"mongodb://qlib-ext:hunter2-guess@{host}:{port}/") as wrong:  # a wrong password still fails
+        with pytest.raises(pymongo.errors.OperationFailure, match="Authentication failed"):
+            wrong.db.pool.find_one()
+
+
 def test_only_clients_with_the_credentials_get_in(store_proc):
     if store_proc is None:
         pytest.skip("needs the embedded store")
+    store_proc.stop()
+    store_proc.start(args=("--no-peer-auth",))  # the owner's processes are asked for the password too
     with _client(store_proc.url) as good:  # what running_url / resolve_mongo_url hand out
         good.db.pool.insert_one({"_id": 1, "status": "waiting"})
     with _client(_bare(store_proc.url)) as anonymous:

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,9 +129,10 @@ def _fields(message: bytes) -> dict[bytes, bytes]:
 class Session:
     """Authentication state of one connection. Used by that connection's thread only."""
 
-    def __init__(self, verifier: Verifier | None):
+    def __init__(self, verifier: Verifier | None, trusted_peer: Callable[[], bool] | None = None):
         self.verifier = verifier
         self.authenticated = verifier is None
+        self._trusted_peer = trusted_peer  # asked once, at the first gated command (peer authentication)
         self._conversation: dict[str, Any] | None = None
 
     def gate(self, name: str, db: str, body: dict[str, Any]) -> dict[str, Any] | None:
@@ -142,6 +144,10 @@ class Session:
             return self.sasl_continue(body)
         if self.authenticated or lowered in OPEN_COMMANDS:
             return None
+        if self._trusted_peer is not None:
+            self.authenticated, self._trusted_peer = self._trusted_peer(), None
+            if self.authenticated:
+                return None
         return error_reply(13, f"command {name} requires authentication")
 
     def hello_extras(self, body: dict[str, Any]) -> dict[str, Any]:

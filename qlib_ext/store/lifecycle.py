@@ -138,13 +138,14 @@ class RunningStore:
     uses (credentials included: never log it unmasked)."""
 
     def __init__(self, directory: Path, host: str, port: int, auth: bool = True,
-                 tls: tuple[Path, Path | None, Path | None] | None = None):
+                 tls: tuple[Path, Path | None, Path | None] | None = None, peer_auth: bool = True):
         self.dir = directory
         verifier = Verifier(create_credentials(directory)) if auth else None
         context = tls_context(tls[0], tls[1]) if tls else None
         self.engine = Engine(Journal(directory, defaults.STORE_COMPACT_BYTES))
         try:
-            self.server = StoreServer(self.engine, host, port, verifier=verifier, tls=context)
+            self.server = StoreServer(self.engine, host, port, verifier=verifier, tls=context,
+                                      peer_auth=peer_auth)
         except OSError as e:
             self.engine.close()
             raise StoreError(f"cannot listen on {host}:{port}: {e}") from e
@@ -159,7 +160,7 @@ class RunningStore:
 def open_store(directory: Path | str | None, host: str = defaults.STORE_HOST, port: int = 0,
                auth: bool = True, tls_cert_file: Path | str | None = None,
                tls_key_file: Path | str | None = None, tls_ca_file: Path | str | None = None,
-               ) -> Iterator[RunningStore]:
+               peer_auth: bool = True) -> Iterator[RunningStore]:
     """Lock ``directory``, load it and listen; the caller runs ``store.server.serve_forever()``.
 
     Args:
@@ -171,6 +172,8 @@ def open_store(directory: Path | str | None, host: str = defaults.STORE_HOST, po
         tls_key_file: PEM private key of the certificate.
         tls_ca_file: CA file local clients verify the server with (default: the certificate
             itself, right for a self-signed one).
+        peer_auth: with ``auth``, let a loopback client that runs as this store's owner in
+            without a password (:mod:`qlib_ext.store.peer`), so Qlib's own tools work unconfigured.
 
     Raises:
         StoreError: the directory is locked, the address is unusable, a non-loopback bind was
@@ -191,7 +194,7 @@ def open_store(directory: Path | str | None, host: str = defaults.STORE_HOST, po
                            "--tls-key-file on a LAN.", host)
         tls = (Path(tls_cert_file), Path(tls_key_file) if tls_key_file else None,
                Path(tls_ca_file) if tls_ca_file else None) if tls_cert_file else None
-        store = RunningStore(path, host, port, auth=auth, tls=tls)
+        store = RunningStore(path, host, port, auth=auth, tls=tls, peer_auth=peer_auth)
         _write_state(path, store.state)
         try:
             yield store
@@ -205,7 +208,8 @@ def open_store(directory: Path | str | None, host: str = defaults.STORE_HOST, po
 
 def serve(dir: Path | None, host: str = defaults.STORE_HOST, port: int = defaults.STORE_PORT,
           idle_exit: float | None = None, auth: bool = True, tls_cert_file: Path | str | None = None,
-          tls_key_file: Path | str | None = None, tls_ca_file: Path | str | None = None) -> None:
+          tls_key_file: Path | str | None = None, tls_ca_file: Path | str | None = None,
+          peer_auth: bool = True) -> None:
     """Run a store in the foreground until SIGTERM/SIGINT.
 
     Args:
@@ -217,12 +221,13 @@ def serve(dir: Path | None, host: str = defaults.STORE_HOST, port: int = default
         tls_cert_file: PEM certificate: serve TLS.
         tls_key_file: PEM private key.
         tls_ca_file: CA local clients verify with (default: the certificate).
+        peer_auth: the owner's own loopback clients need no password (see :func:`open_store`).
 
     Raises:
         StoreError: see :func:`open_store`.
     """
     with open_store(dir, host, port, auth=auth, tls_cert_file=tls_cert_file, tls_key_file=tls_key_file,
-                    tls_ca_file=tls_ca_file) as store:
+                    tls_ca_file=tls_ca_file, peer_auth=peer_auth) as store:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: store.server.shutdown())

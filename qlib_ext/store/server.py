@@ -25,6 +25,7 @@ import bson
 from qlib_ext import defaults
 from qlib_ext.store.auth import Session, Verifier
 from qlib_ext.store.engine import Engine
+from qlib_ext.store.peer import is_owner
 from qlib_ext.store.wire import HEADER, ProtocolError, encode_reply, parse_header, parse_message
 
 logger = logging.getLogger(__name__)
@@ -73,8 +74,10 @@ class StoreServer:
 
     def __init__(self, engine: Engine, host: str, port: int,
                  max_message_bytes: int = defaults.MAX_MESSAGE_BYTES,
-                 verifier: Verifier | None = None, tls: ssl.SSLContext | None = None):
+                 verifier: Verifier | None = None, tls: ssl.SSLContext | None = None,
+                 peer_auth: bool = True):
         self.engine = engine
+        self.peer_auth = peer_auth  # a loopback client running as the store's owner needs no password
         self.max_message_bytes = max_message_bytes
         self.verifier = verifier
         self.tls = tls
@@ -142,7 +145,8 @@ class StoreServer:
             if self.tls is not None:
                 conn.settimeout(self.read_timeout)
                 conn = self.tls.wrap_socket(conn, server_side=True)
-            session = Session(self.verifier)
+            owner = (lambda: is_owner(conn)) if self.peer_auth and self.tls is None else None
+            session = Session(self.verifier, trusted_peer=owner)
             while not self.stopping.is_set() and self._serve_one(conn, session):
                 self.last_activity = time.monotonic()
         except IdleTimeout:
