@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from qlib_ext import defaults
 from qlib_ext.errors import QlibExtError
 
 
@@ -257,16 +258,20 @@ def _worker_options(f):
         click.option("--threads", default=None, type=int,
                      help="Threads per worker (default: workers.threads_per_worker or cores // workers)."),
         click.option("--lease-seconds", default=None, type=float,
-                     help="Lease length of a claimed task, s (default: workers.lease_seconds, 600)."),
+                     help="Lease length of a claimed task, s (default: workers.lease_seconds, "
+                          f"{defaults.LEASE_SECONDS:g})."),
         click.option("--heartbeat-seconds", default=None, type=float,
-                     help="Interval between lease renewals, s (default: workers.heartbeat_seconds, 30)."),
+                     help="Interval between lease renewals, s (default: workers.heartbeat_seconds, "
+                          f"{defaults.HEARTBEAT_SECONDS:g})."),
         click.option("--grace-seconds", default=None, type=float,
-                     help="Time a running task gets to finish after Ctrl-C/SIGTERM, s (default 30)."),
+                     help="Time a running task gets to finish after Ctrl-C/SIGTERM, s (default: "
+                          f"workers.grace_seconds, {defaults.GRACE_SECONDS:g})."),
         click.option("--task-timeout", default=None, type=float,
                      help="Wall-clock limit per task, s; the task then runs in a child process that is "
                           "killed at the limit (default: workers.task_timeout; 0 = none, in-process)."),
         click.option("--max-attempts", default=None, type=click.IntRange(min=1),
-                     help="Attempts before a task is marked failed (default: workers.max_attempts, 3). "
+                     help="Attempts before a task is marked failed (default: workers.max_attempts, "
+                          f"{defaults.MAX_ATTEMPTS}). "
                           "run: stamped on the pool's tasks; worker: applies to the attempts it records."),
         click.option("--exit-when-idle", is_flag=True, default=None,
                      help="Exit as soon as nothing is waiting (default: when nothing is unfinished)."),

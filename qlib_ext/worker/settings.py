@@ -13,11 +13,16 @@ from pathlib import Path
 
 from qlib_ext import defaults
 from qlib_ext.errors import ConfigError
+from qlib_ext.workflow.spec import WorkersSpec
 
 logger = logging.getLogger(__name__)
 
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 """Thread-pool sizes set in each worker so that workers x threads stays within the cores."""
+
+FROM_POOL = ("lease_seconds", "heartbeat_seconds", "grace_seconds", "task_timeout", "fast_backtest")
+"""``WorkerSettings`` fields taken from the pool's recorded ``workers:`` section (``WorkersSpec`` fields of the
+same name, whose defaults come from :mod:`qlib_ext.defaults`) unless a flag sets them."""
 
 
 @dataclass
@@ -30,10 +35,11 @@ class WorkerSettings:
     provider_uri: str  # Qlib data directory
     region: str = "cn"  # Qlib region of the data
     db_name: str = defaults.TASK_DB_NAME  # MongoDB database holding the pools
-    lease_seconds: float = defaults.LEASE_SECONDS  # lease length, s
-    heartbeat_seconds: float = defaults.HEARTBEAT_SECONDS  # lease renewal interval, s
-    grace_seconds: float = defaults.GRACE_SECONDS  # time a running task gets after SIGTERM, s
-    task_timeout: float | None = defaults.TASK_TIMEOUT_SECONDS  # wall-clock limit per task, s (None: in-process)
+    # the FROM_POOL knobs: meaning, unit and default are WorkersSpec's
+    lease_seconds: float = WorkersSpec.lease_seconds
+    heartbeat_seconds: float = WorkersSpec.heartbeat_seconds
+    grace_seconds: float = WorkersSpec.grace_seconds
+    task_timeout: float | None = WorkersSpec.task_timeout  # None: no limit, the task runs in-process
     max_attempts: int | None = None  # overrides the limit stamped on tasks at submit (None: keep it)
     threads: int = 1  # threads per worker for LightGBM / OpenMP / BLAS
     exit_when_idle: bool = False  # exit as soon as nothing is waiting (else: when nothing is unfinished)
@@ -134,13 +140,8 @@ def worker_settings(pool: str, *, mongo_url: str | None = None, mlflow_uri: str 
     provider = check_worker_data(pool, meta, provider_uri)
     spec = meta.get("workers", {})
     wanted = threads if threads is not None else spec.get("threads_per_worker", "auto")
-    fields = {
-        "lease_seconds": spec.get("lease_seconds", defaults.LEASE_SECONDS),
-        "heartbeat_seconds": spec.get("heartbeat_seconds", defaults.HEARTBEAT_SECONDS),
-        "grace_seconds": spec.get("grace_seconds", defaults.GRACE_SECONDS),
-        "task_timeout": spec.get("task_timeout", defaults.TASK_TIMEOUT_SECONDS),
-        "fast_backtest": spec.get("fast_backtest", defaults.FAST_BACKTEST),
-    }
+    recorded = WorkersSpec()
+    fields = {name: spec.get(name, getattr(recorded, name)) for name in FROM_POOL}
     explicit = overrides.pop("allow_module", None)
     fields["allowed_modules"] = allowlist.resolve(explicit or None, spec.get("allowed_modules"))
     fields.update({k: v for k, v in overrides.items() if v is not None})
