@@ -102,7 +102,7 @@ def submit(path: str | Path, *, mongo_url: str | None = None, mlflow_uri: str | 
     tm = GridTaskManager(wf.pool, db)
     new, total = tm.create_tasks(tasks, max_attempts=max_attempts or wf.workers.max_attempts)
     if max_attempts is not None:
-        tm.task_pool.update_many({"status": {"$in": ["waiting", "running"]}}, {"$set": {"max_attempts": max_attempts}})
+        tm.set_max_attempts(max_attempts)
     objective = wf.grid.objective.metric
     _grid_runs(mlflow_uri, wf.experiment_name, wf.pool, tasks, path, objective)
     backtests = sum(len(t["qlib_ext"].get("sweep") or []) for t in tasks)

@@ -420,6 +420,11 @@ class GridTaskManager(TaskManager):
         flt = {Doc.STATUS: {"$in": [TaskStatus.WAITING.value, TaskStatus.RUNNING.value]}}
         return self.task_pool.update_many(flt, {"$set": {Doc.MAX_ATTEMPTS: max_attempts}}).modified_count
 
+    def metas(self, status: str) -> list[dict]:
+        """The ``qlib_ext`` blocks of the tasks in ``status`` (plain BSON from ``filter``; nothing unpickled)."""
+        cur = self.task_pool.find({Doc.STATUS: status}, {f"{Doc.FILTER}.{META}": 1})
+        return [(d.get(Doc.FILTER) or {}).get(META) or {} for d in cur]
+
     def meta(self) -> dict:
         """This pool's metadata document (written at submit), ``{}`` if it has none."""
         return self.task_pool.database[POOLS_COLLECTION].find_one({"_id": self.pool_name}) or {}

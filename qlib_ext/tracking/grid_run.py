@@ -75,8 +75,8 @@ def collect(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None =
 
 
 def _first_error(tm: Any) -> str | None:
-    doc = tm.task_pool.find_one({"status": "failed"}, {"errors": 1})
-    errors = (doc or {}).get("errors") or []
+    failed = tm.failed(limit=1)
+    errors = (failed[0] if failed else {}).get("errors") or []
     return str(errors[-1].get("error", ""))[-2000:] if errors else None
 
 

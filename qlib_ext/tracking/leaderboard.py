@@ -17,6 +17,7 @@ from typing import Any
 
 from qlib_ext import defaults
 from qlib_ext.errors import ConfigError
+from qlib_ext.pool.record import Tag
 from qlib_ext.tracking import flags as fl
 from qlib_ext.tracking.grid_stats import STAT_KEYS, annotate
 from qlib_ext.tracking.series import VALIDITY, to_pandas
@@ -44,7 +45,7 @@ def _search_pool_runs(client: Any, experiment_id: str, pool: str) -> dict[str, A
     # sqlite-backed MLflow rejects max_results above 50,000 (Qlib asks for 100,000): page instead.
     runs, token = {}, None
     while True:
-        page = client.search_runs([experiment_id], filter_string=f"tags.`qlib_ext.pool` = '{pool}'",
+        page = client.search_runs([experiment_id], filter_string=f"tags.`{Tag.POOL}` = '{pool}'",
                                   max_results=5000, page_token=token)
         runs.update({r.info.run_id: r for r in page})
         token = page.token
@@ -140,8 +141,7 @@ def ranked(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = 
 def _mark_pruned(rows: list[dict], tm: Any) -> None:
     """A configuration a search pruned (some of its windows are ``pruned`` in the pool) ranks after
     every complete one, flagged ``pruned``: its mean covers only its first windows."""
-    cur = tm.task_pool.find({"status": "pruned"}, {"filter.qlib_ext.config_id": 1})
-    pruned = {d.get("filter", {}).get("qlib_ext", {}).get("config_id") for d in cur}
+    pruned = {meta.get("config_id") for meta in tm.metas("pruned")}
     for r in rows:
         r["pruned"] = r.get("config_id") in pruned
         if r["pruned"]:
@@ -313,7 +313,8 @@ def stitched_ic(run_ids: list[str], client: Any) -> float | None:
                 logger.warning("leaderboard: refused an artifact of run %s: %s", run_id, e)
                 return None
             except Exception as e:  # a run without SignalRecord artifacts has nothing to stitch
-                logger.info("report: no predictions for run %s (%s)", run_id, e)
+                logger.warning("leaderboard: no stitched IC over runs %s: run %s has no predictions (%s: %s)",
+                               ", ".join(run_ids), run_id, type(e).__name__, e)
                 return None
     pred = pd.concat(preds).iloc[:, 0]
     label = pd.concat(labels).iloc[:, 0]
