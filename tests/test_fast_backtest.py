@@ -118,10 +118,11 @@ def test_patches_are_removed_after_the_backtest():
 
     from qlib_ext.backtest.patches import fast_methods
 
-    stock = PortfolioMetrics._sample_benchmark
+    stock, sell = PortfolioMetrics._sample_benchmark, Position._sell_stock
     with fast_methods(), fast_methods():
-        assert "__deepcopy__" in Position.__dict__
+        assert "__deepcopy__" in Position.__dict__ and Position._sell_stock is not sell
     assert "__deepcopy__" not in Position.__dict__ and PortfolioMetrics._sample_benchmark is stock
+    assert Position._sell_stock is sell
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -146,6 +147,21 @@ def test_strategy_bookkeeping_orders_as_pandas(dtype):
         assert day.desc(day.codes[keep], day.values[keep]) == list(series[keep].sort_values(ascending=False).index)
         other = [c for c in codes if c not in held][: int(rng.integers(0, 8))]
         assert union_order(want, other) == list(series.reindex(want).index.union(pd.Index(other)))
+
+
+def test_scalar_isclose_is_numpys():
+    import numpy as np
+
+    from qlib_ext.backtest.exchange import _isclose
+
+    rng = np.random.default_rng(2)
+    base = rng.lognormal(5, 3, 400)
+    pairs = [(a, a * (1 + d)) for a in base for d in (0.0, 9e-6, 1e-5, 1.1e-5, -1e-5, 1e-3)]
+    pairs += [(0, 0.0), (0.0, 1e-8), (1e-8, 0.0), (2e-8, 0), (np.nan, 1.0), (np.inf, np.inf), (np.inf, 1e308),
+              (-np.inf, np.inf), (np.float64(100.0), 100), (np.float32(0.1), 0.1), (300, 300.00001)]
+    for x, y in pairs:
+        for a, b in ((x, y), (y, x), (np.float64(x), y)):
+            assert _isclose(a, b) == bool(np.isclose(a, b)), (a, b)
 
 
 def test_fast_records_swaps_qlibs_backtest_only_inside_the_block():

@@ -21,6 +21,7 @@ process, not between threads building it.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -172,3 +173,84 @@ class FastExchange(_exchange_cls()):  # type: ignore[misc]
         if direction == 0:  # OrderDir.SELL
             return quote.fields["limit_sell"][row, col]
         return super().check_stock_limit(stock_id, start_time, end_time, direction)
+
+    def is_stock_tradable(self, stock_id: str, start_time: pd.Timestamp, end_time: pd.Timestamp,
+                          direction: int | None = None) -> bool:
+        """Qlib's ``not (suspended or limited)`` from one array row where the query is one bar."""
+        quote = self.quote
+        col = quote._cols.get(stock_id)
+        if col is None or not isinstance(start_time, pd.Timestamp) or not isinstance(end_time, pd.Timestamp):
+            return super().is_stock_tradable(stock_id, start_time, end_time, direction)
+        row = quote.window(start_time, end_time)[0]
+        if row < 0 or not quote.present[row, col] or direction not in (None, 0, 1):
+            return super().is_stock_tradable(stock_id, start_time, end_time, direction)
+        fields = quote.fields
+        if np.isnan(fields["$close"][row, col]):
+            return False
+        if direction is None:
+            return not (fields["limit_buy"][row, col] or fields["limit_sell"][row, col])
+        return not fields["limit_buy" if direction == 1 else "limit_sell"][row, col]
+
+    def _calc_trade_info_by_order(self, order: Any, position: Any, dealt_order_amount: dict) -> tuple:
+        """Qlib 0.9.7's method line for line, with its scalar ``np.isclose`` as :func:`_isclose` and its
+        debug messages formatted only when debug logging is on."""
+        from qlib.backtest.decision import Order
+
+        trade_price = self.get_deal_price(order.stock_id, order.start_time, order.end_time, direction=order.direction)
+        total_trade_val = self.get_volume(order.stock_id, order.start_time, order.end_time) * trade_price
+        order.factor = self.get_factor(order.stock_id, order.start_time, order.end_time)
+        order.deal_amount = order.amount
+        self._clip_amount_by_volume(order, dealt_order_amount)
+        trade_val = order.deal_amount * trade_price
+        if not total_trade_val or np.isnan(total_trade_val):
+            adj_cost_ratio = self.impact_cost
+        else:
+            adj_cost_ratio = self.impact_cost * (trade_val / total_trade_val) ** 2
+        if order.direction == Order.SELL:
+            cost_ratio = self.close_cost + adj_cost_ratio
+            if position is not None:
+                held = position.check_stock(order.stock_id)
+                current_amount = position.get_stock_amount(order.stock_id) if held else 0
+                if not _isclose(order.deal_amount, current_amount):
+                    order.deal_amount = self.round_amount_by_trade_unit(min(current_amount, order.deal_amount),
+                                                                        order.factor)
+                if position.get_cash() + order.deal_amount * trade_price < max(
+                        order.deal_amount * trade_price * cost_ratio, self.min_cost):
+                    order.deal_amount = 0
+                    self.logger.debug("Order clipped due to cash limitation: %s", order)
+        elif order.direction == Order.BUY:
+            cost_ratio = self.open_cost + adj_cost_ratio
+            if position is not None:
+                cash = position.get_cash()
+                trade_val = order.deal_amount * trade_price
+                if cash < max(trade_val * cost_ratio, self.min_cost):
+                    order.deal_amount = 0
+                    self.logger.debug("Order clipped due to cost higher than cash: %s", order)
+                elif cash < trade_val + max(trade_val * cost_ratio, self.min_cost):
+                    max_buy_amount = self._get_buy_amount_by_cash_limit(trade_price, cash, cost_ratio)
+                    order.deal_amount = self.round_amount_by_trade_unit(min(max_buy_amount, order.deal_amount),
+                                                                        order.factor)
+                    self.logger.debug("Order clipped due to cash limitation: %s", order)
+                else:
+                    order.deal_amount = self.round_amount_by_trade_unit(order.deal_amount, order.factor)
+            else:
+                order.deal_amount = self.round_amount_by_trade_unit(order.deal_amount, order.factor)
+        else:
+            raise NotImplementedError(f"order direction {order.direction} error")
+        trade_val = order.deal_amount * trade_price
+        trade_cost = max(trade_val * cost_ratio, self.min_cost)
+        if trade_val <= 1e-5:
+            trade_cost = 0
+        return trade_price, trade_val, trade_cost
+
+
+_EXACT = (float, int, np.float64)
+"""Scalar types :func:`_isclose` computes itself (float64 arithmetic, as ``np.isclose`` does for them)."""
+
+
+def _isclose(x: Any, y: Any) -> bool:
+    """``bool(np.isclose(x, y))`` (rtol 1e-05, atol 1e-08) without numpy's array machinery."""
+    if type(x) in _EXACT and type(y) in _EXACT:
+        x, y = float(x), float(y)
+        return (abs(x - y) <= 1e-08 + 1e-05 * abs(y) and math.isfinite(y)) or x == y
+    return bool(np.isclose(x, y))

@@ -44,6 +44,10 @@ class DaySignal(_signal_cls()):  # type: ignore[misc]
         self._starts = when.searchsorted(self._dates, side="left")
         self._ends = when.searchsorted(self._dates, side="right")
         self._days: dict[int, Any] = {}
+        self._series = isinstance(self._grouped, pd.Series)
+        if self._series:  # what droplevel("datetime") of a slice gives, built from slices of these
+            self._instruments = self._grouped.index.get_level_values("instrument")
+            self._values = self._grouped.to_numpy()
 
     def get_signal(self, start_time: pd.Timestamp, end_time: pd.Timestamp) -> pd.Series | pd.DataFrame | None:
         if not (isinstance(start_time, pd.Timestamp) and isinstance(end_time, pd.Timestamp)):
@@ -54,6 +58,11 @@ class DaySignal(_signal_cls()):  # type: ignore[misc]
             return super().get_signal(start_time, end_time)
         day = self._days.get(first)
         if day is None:
-            day = self._grouped.iloc[self._starts[first]:self._ends[first]].droplevel("datetime")
+            rows = slice(self._starts[first], self._ends[first])
+            if self._series:
+                day = pd.Series(self._values[rows], index=self._instruments[rows], name=self._grouped.name,
+                                copy=False)
+            else:
+                day = self._grouped.iloc[rows].droplevel("datetime")
             self._days[first] = day
         return day
