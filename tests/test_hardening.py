@@ -22,6 +22,7 @@ from fixtures import write_chaos_workflow
 
 from qlib_ext.api import submit
 from qlib_ext.defaults import TASK_DB_NAME
+from qlib_ext.pool.progress import status_report
 from qlib_ext.worker.settings import worker_settings
 from qlib_ext.worker.warm import waiting_tasks
 
@@ -49,47 +50,6 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
            **(env or {})}
     return subprocess.run([sys.executable, "-m", "qlib_ext", *args], capture_output=True, text=True, timeout=300,
                           env=env)
-
-
-@pytest.mark.slow
-def test_injected_tasks_run_no_code_and_fail_alone(tmp_path, synth_provider, mongo_url):
-    marker = tmp_path / "pwned"
-    wf = write_chaos_workflow(tmp_path / "evil.yaml", synth_provider, 1, "evil", seconds=0.1)
-    assert submit(wf, mongo_url=mongo_url, mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").new == 1
-    bad = {
-        "pickle": _doc(Evil(marker), 40),
-        "list": _doc([1, 2, 3], 30),
-        "no_model": _doc({"dataset": {"class": "TinyDataset", "module_path": "fixtures"}}, 20),
-        "module": _doc({"model": {"class": "system", "module_path": "os"},
-                        "dataset": {"class": "TinyDataset", "module_path": "fixtures"}}, 10),
-    }
-    with pymongo.MongoClient(mongo_url) as client:
-        ids = {k: client[TASK_DB_NAME]["evil"].insert_one(d).inserted_id for k, d in bad.items()}
-
-    # what `qlib-ext cache warm` reads (in this process: the CLI adds only a Qlib start-up)
-    settings = worker_settings("evil", mongo_url=mongo_url, cache=True)
-    assert [t["model"]["class"] for t in waiting_tasks(settings)] == []  # fixtures is not on the default list
-    assert [t["model"]["class"] for t in waiting_tasks(replace(settings, allowed_modules=("fixtures",)))] == [
-        "ChaosModel"]
-    assert not marker.exists(), "cache warm unpickled the injected def"
-
-    worker = _cli("-v", "worker", "--pool", "evil", "--mongo-url", mongo_url, "-n", "1", *FAST,
-                  "--allow-module", "qlib.", "--allow-module", "fixtures")
-    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
-    assert not marker.exists(), "the worker unpickled the injected def"
-
-    with pymongo.MongoClient(mongo_url) as client:
-        docs = {d["_id"]: d for d in client[TASK_DB_NAME]["evil"].find({})}
-    good = [d for i, d in docs.items() if i not in ids.values()]
-    assert [d["status"] for d in good] == ["done"]  # the worker survived every bad task and ran the good one
-    errors = {k: docs[i]["errors"] for k, i in ids.items()}
-    assert {k: docs[i]["status"] for k, i in ids.items()} == dict.fromkeys(bad, "failed")
-    assert all(len(e) == 1 and e[0]["attempt"] == 1 for e in errors.values()), errors  # failed at once
-    assert "refused global posix.system" in errors["pickle"][0]["error"]
-    assert "is a list, not a task dict" in errors["list"][0]["error"]
-    assert "key 'model' is missing" in errors["no_model"][0]["error"]
-    module_error = errors["module"][0]["error"]
-    assert "task key model.module_path names module 'os'" in module_error and "(qlib., fixtures)" in module_error
 
 
 BAD_RESULTS = """\
@@ -134,29 +94,56 @@ grid:
 
 
 @pytest.mark.slow
-def test_nan_predictions_and_a_test_segment_outside_the_calendar_fail_never_done(tmp_path, synth_provider,
-                                                                                  mongo_url):
+def test_injected_malformed_and_meaningless_tasks_fail_alone_and_run_no_code(tmp_path, synth_provider, mongo_url):
+    """One worker drains a pool of NaN-model tasks (one with a test segment before the calendar) into which
+    documents were written by hand: nothing injected runs, each bad task fails at once with its reason."""
+    marker = tmp_path / "pwned"
     wf = tmp_path / "bad.yaml"
     wf.write_text(BAD_RESULTS.format(provider=synth_provider))
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run = _cli("run", str(wf), "--mongo-url", mongo_url, "--mlflow-uri", mlflow_uri, "-n", "1", "--no-cache",
-               "--allow-module", "qlib.", "--allow-module", "fixtures")
-    assert run.returncode != 0 or "failed 2" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    assert submit(wf, mongo_url=mongo_url, mlflow_uri=mlflow_uri).new == 2
+    bad = {  # claimed first (higher priority): the NaN tasks after them show the worker survived each one
+        "pickle": _doc(Evil(marker), 40),
+        "list": _doc([1, 2, 3], 30),
+        "no_model": _doc({"dataset": {"class": "TinyDataset", "module_path": "fixtures"}}, 20),
+        "module": _doc({"model": {"class": "system", "module_path": "os"},
+                        "dataset": {"class": "TinyDataset", "module_path": "fixtures"}}, 10),
+    }
     with pymongo.MongoClient(mongo_url) as client:
-        docs = list(client[TASK_DB_NAME]["bad_results"].find({}))
-    by_test = {tuple(d["filter"]["dataset"]["kwargs"]["segments"]["test"]): d for d in docs}
-    assert {k: d["status"] for k, d in by_test.items()} == {("2016-03-28", "2016-07-13"): "failed",
-                                                           ("2014-03-03", "2014-06-30"): "failed"}
-    nan = by_test[("2016-03-28", "2016-07-13")]["errors"]
-    empty = by_test[("2014-03-03", "2014-06-30")]["errors"]
-    assert len(nan) == 1 and "BadResultError: predictions are all NaN" in nan[0]["error"]  # failed at once
-    assert len(empty) == 1 and "BadResultError: no predictions: the model predicted 0 rows" in empty[0]["error"]
+        ids = {k: client[TASK_DB_NAME]["bad_results"].insert_one(d).inserted_id for k, d in bad.items()}
+
+    # what `qlib-ext cache warm` reads (in this process: the CLI adds only a Qlib start-up)
+    settings = worker_settings("bad_results", mongo_url=mongo_url, cache=True)
+    assert waiting_tasks(settings) == []  # tests/fixtures.py is not on the default allow-list
+    allowed = replace(settings, allowed_modules=("qlib.", "fixtures"))
+    assert [t["model"]["class"] for t in waiting_tasks(allowed)] == ["NaNModel", "NaNModel"]
+    assert not marker.exists(), "cache warm unpickled the injected def"
+
+    worker = _cli("worker", "--pool", "bad_results", "--mongo-url", mongo_url, "-n", "1", *FAST,
+                  "--allow-module", "qlib.", "--allow-module", "fixtures")
+    assert "all 6 tasks of pool bad_results failed" in worker.stdout + worker.stderr, worker.stdout[-3000:]
+    assert not marker.exists(), "the worker unpickled the injected def"
+
+    with pymongo.MongoClient(mongo_url) as client:
+        docs = {d["_id"]: d for d in client[TASK_DB_NAME]["bad_results"].find({})}
+    assert all(d["status"] == "failed" for d in docs.values()), {i: d["status"] for i, d in docs.items()}
+    assert all(len(d["errors"]) == 1 and d["errors"][0]["attempt"] == 1 for d in docs.values())  # at once
+    errors = {k: docs[i]["errors"][0]["error"] for k, i in ids.items()}
+    assert "refused global posix.system" in errors["pickle"]
+    assert "is a list, not a task dict" in errors["list"]
+    assert "key 'model' is missing" in errors["no_model"]
+    assert "task key model.module_path names module 'os'" in errors["module"] and "(qlib., fixtures)" in errors[
+        "module"]
+    by_test = {tuple(d["filter"]["dataset"]["kwargs"]["segments"]["test"]): d["errors"][0]["error"]
+               for d in docs.values() if "dataset" in d.get("filter", {})}
+    assert "BadResultError: predictions are all NaN" in by_test[("2016-03-28", "2016-07-13")]
+    assert "BadResultError: no predictions: the model predicted 0 rows" in by_test[("2014-03-03", "2014-06-30")]
     import mlflow
 
     client = mlflow.MlflowClient(mlflow_uri)
-    runs = [r for r in client.search_runs([client.get_experiment_by_name("bad_results").experiment_id])
-            if "qlib_ext.task_id" in r.data.tags]  # task runs, not the grid's parent run
-    assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED"]  # nothing FINISHED, nothing to rank
+    runs = client.search_runs([client.get_experiment_by_name("bad_results").experiment_id])
+    task_runs = [r.info.status for r in runs if "qlib_ext.task_id" in r.data.tags]  # not the grid's parent run
+    assert task_runs == ["FAILED", "FAILED"]  # nothing FINISHED, nothing to rank
 
 
 def _free_port() -> int:
@@ -194,6 +181,8 @@ def test_unreachable_mlflow_hands_the_task_back_without_using_attempts(tmp_path,
     assert doc["status"] == "waiting" and doc["attempt"] == 0 and doc["errors"] == []  # no attempt used
     cause = doc["infra_error"]["error"].strip().splitlines()[-1]
     assert cause.startswith("root cause: ") and "Connection refused" in cause, cause
+    assert f"infrastructure faults: 1 unfinished tasks handed back without using an attempt " \
+           f"({doc['infra_retries']} times); last: {cause}" in status_report("infra", mongo_url)
 
     # MLflow is back: the next worker runs the task on its first attempt
     worker = _cli("worker", "--pool", "infra", "--mongo-url", mongo_url, "-n", "1", *FAST,
@@ -204,9 +193,10 @@ def test_unreachable_mlflow_hands_the_task_back_without_using_attempts(tmp_path,
     assert doc["status"] == "done" and doc["attempt"] == 1 and doc["errors"] == []
 
 
-CACHED = BAD_RESULTS.replace("class: NaNModel\n        module_path: fixtures", "class: LGBModel\n        module_path: "
-                             "qlib.contrib.model.gbdt\n        kwargs: {{num_boost_round: 5, num_leaves: 4, verbose: -1}}"
-                             ).replace("bad_results", "full_disk").split("grid:")[0] + "grid:\n    pool: full_disk\n"
+LGB = ("class: LGBModel\n        module_path: qlib.contrib.model.gbdt\n"
+       "        kwargs: {{num_boost_round: 5, num_leaves: 4, verbose: -1}}")
+CACHED = BAD_RESULTS.replace("class: NaNModel\n        module_path: fixtures", LGB).replace(
+    "bad_results", "full_disk").split("grid:")[0] + "grid:\n    pool: full_disk\n"
 
 
 @pytest.mark.slow
@@ -221,11 +211,14 @@ def test_a_full_cache_disk_is_logged_once_and_the_task_builds_without_it(tmp_pat
         (cache / "filler").write_bytes(b"x" * 4096)
         wf = tmp_path / "full.yaml"
         wf.write_text(CACHED.format(provider=synth_provider))
-        run = _cli("run", str(wf), "--mongo-url", mongo_url, "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-                   "-n", "1")
-        assert run.returncode == 0 and "done 1" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
-        logs = "".join(p.read_text() for p in (home / "logs" / "full_disk").glob("worker-*.log"))
+        assert submit(wf, mongo_url=mongo_url, mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").new == 1
+        worker = _cli("worker", "--pool", "full_disk", "--mongo-url", mongo_url, "-n", "1", "--threads", "1")
+        assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+        logs = worker.stderr + "".join(p.read_text() for p in (home / "logs" / "full_disk").glob("*.log"))
         assert logs.count("building without the cache") == 1, logs[-3000:]
         assert "No space left on device" in logs
+        with pymongo.MongoClient(mongo_url) as client:
+            doc = client[TASK_DB_NAME]["full_disk"].find_one({})
+        assert doc["status"] == "done" and doc["attempt"] == 1 and doc["errors"] == []
     finally:
         subprocess.run(["umount", str(cache)], check=False)
