@@ -117,6 +117,14 @@ class Tag:
     SWEEP: Final = "qlib_ext.sweep"
     PARENT_RUN_ID: Final = "qlib_ext.parent_run_id"
     DISCARDED: Final = "qlib_ext.discarded"  # on a FINISHED run whose result was never committed
+    FLAGS: Final = "qlib_ext.flags"  # a run's sanity flags, comma-separated (tracking/flags.py)
+    DSR: Final = "qlib_ext.dsr"  # a leaderboard row's Deflated Sharpe Ratio (leaderboard --tag-runs)
+    AXES: Final = "qlib_ext.axes"  # grid run: JSON {short param name: full dotted path} (tracking/mlflow_ui.py)
+    ROW: Final = "qlib_ext.row"  # what a run is in the grid's tables: grid, config, window, model
+    TRIAL: Final = "qlib_ext.trial"  # a search trial's number (search/proposer.py)
+    SAMPLER: Final = "qlib_ext.sampler"  # the search's sampler
+    TRIAL_STATE: Final = "qlib_ext.trial_state"  # the trial's state
+    PRUNED: Final = "qlib_ext.pruned"  # "true" on the runs of a pruned trial
     MLFLOW_PARENT: Final = "mlflow.parentRunId"  # MLflow's own: nests a backtest run under its training run
     HOSTNAME: Final = "hostname"
 

@@ -30,6 +30,7 @@ from pymongo.errors import PyMongoError
 from qlib_ext import defaults
 from qlib_ext.errors import StoreError
 from qlib_ext.pool.manager import GridTaskManager, task_hash
+from qlib_ext.pool.record import Tag
 from qlib_ext.pool.status import TaskStatus
 from qlib_ext.search import pruning, queue
 from qlib_ext.search.trials import FINISHED, TrialState, TrialStore, close_search, open_search
@@ -261,10 +262,9 @@ class Proposer:
         runs = [states[h].run_id for h in doc["hashes"] if h in states and states[h].run_id]
         if not runs or not self.mlflow_uri:
             return
-        tags = {"qlib_ext.trial": str(doc["number"]), "qlib_ext.sampler": doc["sampler"],
-                "qlib_ext.trial_state": doc["state"]}
+        tags = {Tag.TRIAL: str(doc["number"]), Tag.SAMPLER: doc["sampler"], Tag.TRIAL_STATE: doc["state"]}
         if doc["state"] == TrialState.PRUNED.value:
-            tags["qlib_ext.pruned"] = "true"
+            tags[Tag.PRUNED] = "true"
         try:
             import mlflow
 

@@ -24,6 +24,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
+from qlib_ext.pool.record import Tag
+
 logger = logging.getLogger(__name__)
 
 LEARNED_NOTHING = "learned_nothing"
@@ -33,7 +35,7 @@ LABEL_LEAK = "label_leak"
 SHORT_TEST = "short_test"
 INERT_PREFIX = "inert:"
 
-FLAGS_TAG = "qlib_ext.flags"
+FLAGS_TAG = Tag.FLAGS
 """MLflow tag holding a run's flags, comma-separated (set by the worker)."""
 
 FLAT_SHARE = 0.5

@@ -34,7 +34,7 @@ COMPARED_METRICS = ("IC", "ICIR", "Rank IC", "Rank ICIR", "1day.excess_return_wi
                     "1day.excess_return_with_cost.information_ratio", "1day.excess_return_with_cost.max_drawdown")
 """Metrics that must all be equal for an axis to count as having changed nothing."""
 
-DSR_TAG = "qlib_ext.dsr"
+DSR_TAG = Tag.DSR
 """MLflow tag ``leaderboard --tag-runs`` sets: the row's Deflated Sharpe Ratio."""
 
 TABLE_METRICS = ("IC", "ICIR", "1day.excess_return_with_cost.annualized_return")
