@@ -186,6 +186,31 @@ class GridTaskManager(TaskManager):
             inserted += self._insert_new([self._new_doc(h, by_hash[h], max_attempts) for h in part])
         return inserted, len(tasks)
 
+    def insert_prioritized(self, tasks: list[dict], priorities: list[int], status: str = TaskStatus.WAITING.value,
+                           max_attempts: int = defaults.MAX_ATTEMPTS) -> int:
+        """Insert the tasks not yet in the pool with these claim priorities and ``status`` (a search's
+        queue: ``waiting``, or ``pruned`` for windows no worker may claim); return how many were new.
+
+        A task already in the pool (same hash) is left as it is.
+        """
+        self.ensure_indexes()
+        docs = []
+        for task, priority in zip(tasks, priorities, strict=True):
+            doc = self._new_doc(task_hash(task), task, max_attempts)
+            doc.update({Doc.STATUS: status, Doc.PRIORITY: priority})
+            docs.append(doc)
+        return self._insert_new(docs)
+
+    def move_status(self, hashes: list[str], old: str, new: str) -> int:
+        """Move the tasks in ``hashes`` that are in status ``old`` to ``new``; return how many moved."""
+        flt = {Doc.HASH: {"$in": list(hashes)}, Doc.STATUS: old}
+        return self.task_pool.update_many(flt, {"$set": {Doc.STATUS: new}}).modified_count
+
+    def by_hash(self, hashes: list[str]) -> list[dict]:
+        """``hash``, ``status`` and the committed ``outcome`` (run id, metrics) of each task in ``hashes``."""
+        projection = {Doc.HASH: 1, Doc.STATUS: 1, f"{Doc.OUTCOME}.metrics": 1, f"{Doc.OUTCOME}.run_id": 1}
+        return list(self.task_pool.find({Doc.HASH: {"$in": list(hashes)}}, projection))
+
     def _insert_new(self, docs: list[dict]) -> int:
         try:
             return len(self.task_pool.insert_many(docs, ordered=False).inserted_ids)

@@ -14,14 +14,11 @@ from typing import Any
 
 from qlib_ext import defaults
 from qlib_ext.pool.manager import GridTaskManager, task_hash
+from qlib_ext.pool.record import Doc
 from qlib_ext.pool.status import TaskStatus
 
 WINDOW_SLOTS = 1000
 """Priority slots per trial: more rolling windows than this would order windows of two trials together."""
-
-RESULT_FIELDS = ("outcome", "result")
-"""Where a task document keeps its committed result (``result`` in pools written by 0.1.0)."""
-
 
 @dataclass(frozen=True)
 class TaskState:
@@ -46,25 +43,17 @@ def insert(tm: GridTaskManager, tasks: list[dict], number: int, first_window: in
     """
     if not tasks:
         return 0
-    tm.ensure_indexes()
-    docs = []
-    for i, task in enumerate(tasks):
-        doc = tm._new_doc(task_hash(task), task, max_attempts)  # noqa: SLF001 - same document as submit
-        doc.update(status=status, priority=priority(number, first_window + i))
-        docs.append(doc)
-    inserted = tm._insert_new(docs)  # noqa: SLF001 - duplicates (dedup) are skipped there
+    priorities = [priority(number, first_window + i) for i in range(len(tasks))]
+    inserted = tm.insert_prioritized(tasks, priorities, status, max_attempts)
     if status == TaskStatus.WAITING.value:
-        tm.task_pool.update_many({"hash": {"$in": [d["hash"] for d in docs]}, "status": TaskStatus.PRUNED.value},
-                                 {"$set": {"status": TaskStatus.WAITING.value}})
+        tm.move_status([task_hash(t) for t in tasks], TaskStatus.PRUNED.value, TaskStatus.WAITING.value)
     return inserted
 
 
 def states(tm: GridTaskManager, hashes: list[str]) -> dict[str, TaskState]:
     """Status, committed metrics and run id of each task in ``hashes`` that is in the pool."""
-    projection = {"hash": 1, "status": 1, **{f"{f}.metrics": 1 for f in RESULT_FIELDS},
-                  **{f"{f}.run_id": 1 for f in RESULT_FIELDS}}
     out = {}
-    for doc in tm.task_pool.find({"hash": {"$in": hashes}}, projection):
-        result: dict[str, Any] = next((doc[f] for f in RESULT_FIELDS if doc.get(f)), {})
-        out[doc["hash"]] = TaskState(doc.get("status", ""), result.get("metrics") or {}, result.get("run_id"))
+    for doc in tm.by_hash(hashes):  # a 0.1.0 pool's `result` was renamed `outcome` when tm opened it
+        outcome: dict[str, Any] = doc.get(Doc.OUTCOME) or {}
+        out[doc[Doc.HASH]] = TaskState(doc.get(Doc.STATUS, ""), outcome.get("metrics") or {}, outcome.get("run_id"))
     return out

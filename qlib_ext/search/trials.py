@@ -17,7 +17,6 @@ import datetime as dt
 import logging
 from collections.abc import Callable
 from enum import Enum
-from typing import Any
 
 from pymongo import ReturnDocument
 from pymongo.database import Database
@@ -112,19 +111,16 @@ class TrialStore:
 
 def open_search(db: Database, pool: str, until: dt.datetime, owner: str) -> None:
     """Hold the pool open until ``until`` (store time): workers wait for proposals instead of exiting."""
-    from qlib_ext.pool.manager import POOLS_COLLECTION
+    from qlib_ext.pool.manager import save_pool_meta
 
-    db[POOLS_COLLECTION].update_one({"_id": pool}, {"$set": {SEARCH_UNTIL: until, "search_owner": owner}})
+    save_pool_meta(db, pool, {SEARCH_UNTIL: until, "search_owner": owner})
 
 
 def close_search(db: Database, pool: str, done: bool) -> None:
     """Let workers exit once the queue is drained; ``done`` records that every trial finished."""
-    from qlib_ext.pool.manager import POOLS_COLLECTION
+    from qlib_ext.pool.manager import save_pool_meta
 
-    update: dict[str, Any] = {"$set": {SEARCH_UNTIL: None}}
-    if done:
-        update["$set"]["search_done"] = True
-    db[POOLS_COLLECTION].update_one({"_id": pool}, update)
+    save_pool_meta(db, pool, {SEARCH_UNTIL: None, **({"search_done": True} if done else {})})
 
 
 def _now() -> dt.datetime:
