@@ -336,7 +336,8 @@ def view_state(pool: str, objective: str, axes: dict[str, str], view: str = RANK
     """
     column = metric_column(objective)
     metrics = [column, *[m for m in COLUMNS if m != column]]
-    selected = [f"metrics.`{m}`" for m in metrics] + [f"params.`{a}`" for a in axes] + ["params.`model`"]
+    # five metrics and the axes fit 1440 px (the run name names the model; MLflow sorts params by name)
+    selected = [f"metrics.`{m}`" for m in metrics] + [f"params.`{a}`" for a in axes]
     if view == RANKED:
         flt, order = f"tags.`{Tag.POOL}` = '{pool}' and tags.`{ROW_TAG}` = '{ROW_CONFIG}'", f"metrics.`{column}`"
     else:
