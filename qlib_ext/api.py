@@ -10,6 +10,7 @@ from pathlib import Path
 
 from qlib_ext import defaults
 from qlib_ext.errors import ConfigError
+from qlib_ext.pool.record import TaskMeta
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def submit(path: str | Path, *, mongo_url: str | None = None, mlflow_uri: str | 
         tm.set_max_attempts(max_attempts)
     objective = wf.grid.objective.metric
     _grid_runs(mlflow_uri, wf.experiment_name, wf.pool, tasks, path, objective)
-    backtests = sum(len(t["qlib_ext"].get("sweep") or []) for t in tasks)
+    backtests = sum(len(TaskMeta.of(t).sweep or []) for t in tasks)
     return Submitted(wf.pool, new, total, url, mlflow_uri, wf.experiment_name, backtests, objective)
 
 

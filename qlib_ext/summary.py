@@ -101,10 +101,10 @@ def ui_lines(mlflow_uri: str, experiment_id: str, pool: str, metric: str) -> str
 
 def pools_table(mongo_url: str | None) -> str:
     """Every pool of the task database with its counts per status (``qlib-ext status`` without POOL)."""
-    from qlib_ext.pool.manager import POOLS_COLLECTION, GridTaskManager, open_db
+    from qlib_ext.pool.manager import GridTaskManager, open_db, pool_names
 
     db = open_db(mongo_url)
-    names = sorted(d["_id"] for d in db[POOLS_COLLECTION].find({}, {"_id": 1}))
+    names = pool_names(db)
     if not names:
         return f"no pools in database {db.name!r}; submit a workflow first (qlib-ext run FILE)"
     rows = [["pool", "tasks", "counts"]]

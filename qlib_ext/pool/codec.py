@@ -21,6 +21,7 @@ import pickle
 from typing import Any
 
 from qlib_ext.errors import TaskDecodeError
+from qlib_ext.pool.record import META
 
 ENCODED_PREFIXES = ("def", "res")
 """Qlib's ``TaskManager.ENCODE_FIELDS_PREFIX``: document fields whose names start with these are pickles."""
@@ -93,7 +94,7 @@ def check_task(task: Any, task_id: Any = None) -> dict:
     where = f"task {task_id}: 'def'" if task_id is not None else "task 'def'"
     if not isinstance(task, dict):
         raise TaskDecodeError(f"{where} is a {type(task).__name__}, not a task dict")
-    meta = task.get("qlib_ext", {})
+    meta = task.get(META, {})
     if not isinstance(meta, dict):
         raise TaskDecodeError(f"{where}: key 'qlib_ext' is a {type(meta).__name__}, expected a dict")
     if "record" in task and not isinstance(task["record"], (dict, list)):

@@ -450,6 +450,11 @@ class GridTaskManager(TaskManager):
         cur = self.task_pool.find({Doc.STATUS: status}, {f"{Doc.FILTER}.{META}": 1})
         return [(d.get(Doc.FILTER) or {}).get(META) or {} for d in cur]
 
+    def handed_back(self) -> list[dict]:
+        """Unfinished tasks handed back after infrastructure faults: ``infra_retries`` and ``infra_error``."""
+        flt = {Doc.STATUS: {"$in": [TaskStatus.WAITING.value, TaskStatus.RUNNING.value]}, Doc.INFRA_RETRIES: {"$gt": 0}}
+        return list(self.task_pool.find(flt, {Doc.INFRA_RETRIES: 1, Doc.INFRA_ERROR: 1}))
+
     def meta(self) -> dict:
         """This pool's metadata document (written at submit), ``{}`` if it has none."""
         return self.task_pool.database[POOLS_COLLECTION].find_one({"_id": self.pool_name}) or {}
@@ -500,6 +505,11 @@ def open_db(mongo_url: str | None, db_name: str = defaults.TASK_DB_NAME, *, work
 def save_pool_meta(db: Database, pool: str, meta: dict) -> None:
     """Record how to run a pool (qlib_init, experiment, MLflow URI...) so workers need only its name."""
     db[POOLS_COLLECTION].update_one({"_id": pool}, {"$set": meta}, upsert=True)
+
+
+def pool_names(db: Database) -> list[str]:
+    """Names of the pools submitted to ``db`` (those with a metadata document), sorted."""
+    return sorted(d["_id"] for d in db[POOLS_COLLECTION].find({}, {"_id": 1}))
 
 
 def load_pool_meta(db: Database, pool: str) -> dict:

@@ -85,8 +85,7 @@ def status_report(pool: str, mongo_url: str | None) -> str:
 
 def _infra_faults(tm) -> list[str]:
     """One line for unfinished tasks handed back after faults outside them (MLflow, store, disk)."""
-    docs = list(tm.task_pool.find({"status": {"$in": ["waiting", "running"]}, "infra_retries": {"$gt": 0}},
-                                  {"infra_retries": 1, "infra_error": 1}))
+    docs = tm.handed_back()
     if not docs:
         return []
     last = max(docs, key=lambda d: str((d.get("infra_error") or {}).get("time", "")))

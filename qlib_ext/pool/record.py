@@ -55,6 +55,8 @@ class Doc:
     FINISHED_AT: Final = "finished_at"  # store time of the commit
     REQUEUED_AT: Final = "requeued_at"  # store time of the last retry
     CANCELLED_AT: Final = "cancelled_at"  # store time of the cancel
+    INFRA_RETRIES: Final = "infra_retries"  # hand-backs after faults outside the task (no attempt used)
+    INFRA_ERROR: Final = "infra_error"  # the last such fault (ErrorEntry fields)
     OUTCOME: Final = "outcome"  # the committed result as plain BSON (run_id, metrics, ...)
     LEGACY_RESULT: Final = "result"  # OUTCOME's name in 0.1.0; renamed when a pool is opened
 
