@@ -742,6 +742,7 @@ BENCHES = {
     "train_once_bench.py": (["--repeat", "1"], []),
     "chaos.py": (["--chaos-seconds", "30"], []),
     "search_bench.py": (["--quick"], []),
+    "backtest_bench.py": (["--sizes", "20,300", "--repeat", "1", "--sweep-size", "0"], ["--e2e", "2"]),
 }
 """The benchmark suite in the order ``qlib-ext bench`` runs it."""
 
