@@ -184,11 +184,13 @@ def finish_grid(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | No
                 metrics = {k: v for k, v in row["metrics"].items() if _number(v)}
                 metrics.update(mlflow_ui.headline_metrics(metrics))
                 _log_metrics(client, run_id, metrics)
-                client.set_terminated(run_id, "FINISHED")
+                if client.get_run(run_id).info.status == "RUNNING":
+                    client.set_terminated(run_id, "FINISHED")
         with tempfile.TemporaryDirectory(prefix="qlib-ext-plots-") as tmp:
             if draw(data, Path(tmp) / "plots"):
                 client.log_artifacts(data.runs.grid_run_id, str(Path(tmp) / "plots"), "plots")
-        if not data.counts.get("waiting") and not data.counts.get("running"):
+        finished = not data.counts.get("waiting") and not data.counts.get("running")
+        if finished and client.get_run(data.runs.grid_run_id).info.status == "RUNNING":  # keep the first end time
             status = "FAILED" if data.counts.get("failed") and not data.counts.get("done") else "FINISHED"
             client.set_terminated(data.runs.grid_run_id, status)
             client.set_tag(data.runs.grid_run_id, Tag.KIND, mlflow_ui.KIND_GRID)
