@@ -1,6 +1,6 @@
 """Search end to end with real processes: ``qlib-ext search`` proposing, ``qlib-ext worker`` processes
 running ``fixtures.ChaosModel`` tasks, the embedded store between them; the proposer is killed with
-SIGKILL mid-search and started again."""
+SIGKILL mid-search and started again as two proposers at once."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def _wait(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_proposer_killed_and_restarted_finishes_exactly_n_trials(tmp_path, synth_provider, mongo_url):
+def test_proposer_killed_and_restarted_twice_finishes_exactly_n_trials(tmp_path, synth_provider, mongo_url):
     wf = write_tiny(tmp_path / "kill.yaml", synth_provider, GRID, pool="kill")
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
@@ -59,7 +59,7 @@ def test_proposer_killed_and_restarted_finishes_exactly_n_trials(tmp_path, synth
     assert sub.returncode == 0, sub.stdout + sub.stderr
     db = open_db(mongo_url)
     store = TrialStore(db, "kill")
-    proposer = _cli("search", "kill", *common, env=env)
+    proposer, second = _cli("search", "kill", *common, env=env), None
     workers = _cli("worker", "--pool", "kill", "-n", "2", *common, env=env)
     try:
         _wait(lambda: sum(d["state"] == "complete" for d in store.all()) >= 2, 240, "two trials to complete")
@@ -69,14 +69,17 @@ def test_proposer_killed_and_restarted_finishes_exactly_n_trials(tmp_path, synth
         assert killed_at < 8
         time.sleep(1.5)  # running trials finish while no proposer runs; the pool's hold keeps workers waiting
         assert workers.poll() is None, "workers exited while the search was held open"
-        proposer = _cli("search", "kill", *common, env=env)
+        # started again, twice at once (as on two hosts): they share the rest of the budget
+        proposer, second = _cli("search", "kill", *common, env=env), _cli("search", "kill", *common, env=env)
         out, _ = proposer.communicate(timeout=300)
         assert proposer.returncode == 0, out
+        out2, _ = second.communicate(timeout=60)
+        assert second.returncode == 0, out2
         code = workers.wait(120)
         assert code == 0, workers.stdout.read()
     finally:
-        for proc in (proposer, workers):
-            if proc.poll() is None:
+        for proc in (proposer, second, workers):
+            if proc is not None and proc.poll() is None:
                 proc.kill()
     docs = store.all()
     assert [d["number"] for d in docs] == list(range(8))

@@ -199,6 +199,8 @@ class Proposer:
         """Bring one trial up to date with its tasks; return its state."""
         number = doc["number"]
         if number in self.told:
+            if not doc.get("tagged"):  # the proposer that finished it died before tagging its runs
+                self._tag_runs(doc, queue.states(self.tm, doc["hashes"]))
             return self.told[number]
         trial = self._local(doc)
         states = queue.states(self.tm, doc["hashes"])
@@ -213,6 +215,8 @@ class Proposer:
             doc = self._finish(doc, TrialState.COMPLETE.value, statistics.fmean(values), states)
         if doc["state"] in FINISHED:
             self._tell(trial, doc)
+            if not doc.get("tagged"):
+                self._tag_runs(doc, states)
         return doc["state"]
 
     def _report(self, doc: dict, trial: Any, values: list[float], states: dict) -> dict:
@@ -236,13 +240,13 @@ class Proposer:
         return doc
 
     def _finish(self, doc: dict, state: str, value: float | None, states: dict) -> dict:
-        """Move the trial to ``state`` in the store (once, whoever wins); the winner tags the MLflow runs."""
+        """Move the trial to ``state`` in the store (once, whoever wins); the winner queues a pruned
+        trial's remaining windows as ``pruned``."""
         after = self.store.finish(doc["number"], state, value, by=self.owner)
         if after.get("finished_by") == self.owner and after["state"] == state:
             if state == TrialState.PRUNED.value:
                 self._queue(after, after["released"], len(after["hashes"]), status=TaskStatus.PRUNED.value)
             logger.info("search %s: trial %d %s (value %s)", self.wf.pool, doc["number"], state, value)
-            self._tag_runs(after, states)
         return after
 
     def _tell(self, trial: Any, doc: dict) -> None:
@@ -258,22 +262,24 @@ class Proposer:
         self.local.pop(doc["number"], None)
 
     def _tag_runs(self, doc: dict, states: dict) -> None:
-        """Trial number, sampler and state as tags of the trial's MLflow runs (best effort)."""
+        """Trial number, sampler and state as tags of a finished trial's MLflow runs, then ``tagged`` in
+        its document (any proposer does it once the trial finished; tags are idempotent; best effort)."""
         runs = [states[h].run_id for h in doc["hashes"] if h in states and states[h].run_id]
-        if not runs or not self.mlflow_uri:
-            return
         tags = {Tag.TRIAL: str(doc["number"]), Tag.SAMPLER: doc["sampler"], Tag.TRIAL_STATE: doc["state"]}
         if doc["state"] == TrialState.PRUNED.value:
             tags[Tag.PRUNED] = "true"
-        try:
-            import mlflow
+        if runs and self.mlflow_uri:
+            try:
+                import mlflow
 
-            client = mlflow.MlflowClient(tracking_uri=self.mlflow_uri)
-            for run_id in runs:
-                for key, value in tags.items():
-                    client.set_tag(run_id, key, value)
-        except Exception as e:  # noqa: BLE001 - tags are for people; the search goes on without them
-            logger.warning("search %s: could not tag the runs of trial %d (%s)", self.wf.pool, doc["number"], e)
+                client = mlflow.MlflowClient(tracking_uri=self.mlflow_uri)
+                for run_id in runs:
+                    for key, value in tags.items():
+                        client.set_tag(run_id, key, value)
+            except Exception as e:  # noqa: BLE001 - tags are for people; the search goes on without them
+                logger.warning("search %s: could not tag the runs of trial %d (%s)", self.wf.pool, doc["number"], e)
+        self.store.coll.update_one({"_id": doc["_id"]}, {"$set": {"tagged": True}})
+        doc["tagged"] = True
 
 
 def _window_values(doc: dict, states: dict[str, queue.TaskState], metric: str) -> tuple[list[float], bool]:
