@@ -569,6 +569,7 @@ def leaderboard_cmd(pool: str, mongo_url: str, mlflow_uri: str | None, metric: s
         click.echo(json.dumps({"rows": rows[:top] if top else rows, "grid": grid}, indent=2, default=str))
     else:
         click.echo(format_table(rows, grid, top=top))
+        _echo_search(pool, mongo_url)  # a search's trials per state and how its best improved
 
 
 @main.command("reproduce")
