@@ -315,8 +315,19 @@ def test_shipped_workflow_loads_and_expands(name, synth_calendar):
         assert ends and all(end <= test_end for end in ends)
 
 
+SEARCH_WORKFLOWS = {"tpe"}
+"""Shipped workflows whose points a sampler proposes while they run (nothing to expand; see test_search.py)."""
+
+
 def test_every_shipped_workflow_is_tested():
-    assert {p.stem for p in WORKFLOWS.glob("*.yaml")} == set(SHIPPED_COUNTS)
+    assert {p.stem for p in WORKFLOWS.glob("*.yaml")} == set(SHIPPED_COUNTS) | SEARCH_WORKFLOWS
+
+
+def test_shipped_search_workflow_loads_and_says_why_it_does_not_expand():
+    wf = load_workflow(WORKFLOWS / "tpe.yaml")
+    assert (wf.grid.search, wf.grid.n_trials, wf.grid.objective.metric) == ("tpe", 16, "IC")
+    with pytest.raises(ConfigError, match="search: tpe in grid.search of .*tpe.yaml proposes its points"):
+        expand(wf)
 
 
 def test_cli_expand_prints_count_and_coordinates():
