@@ -148,7 +148,9 @@ def run_params(task: dict, axes: dict[str, str] | None = None) -> dict[str, Any]
     values.update({STRATEGY_PREFIX + k: v for k, v in (meta.get("strategy") or {}).items()})
     by_path = {full: short for short, full in (axes or {}).items()}
     missing = [p for p in values if p not in by_path]
-    by_path.update(short_names(set(missing) | set(by_path)) if missing else {})
+    if missing:  # a path the grid run does not know (e.g. a search proposal): a name that does not clash
+        extra = short_names(set(missing) | set(by_path))
+        by_path.update({p: extra[p] for p in missing})
     params: dict[str, Any] = {by_path[p]: v for p, v in values.items()}
     model_class = meta.get("model_class") or (task.get("model") or {}).get("class")
     params["model"] = meta.get("model") or model_class
