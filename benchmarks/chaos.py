@@ -181,6 +181,8 @@ def measure(store: Store, settings: object, log_text: str) -> dict[str, object]:
     exp = client.get_experiment_by_name("chaos")
     runs = collections.defaultdict(collections.Counter)
     for run in client.search_runs([exp.experiment_id], max_results=50000):
+        if run.data.tags.get("qlib_ext.kind") == "grid":  # the grid's parent run (MLflow UI), not an attempt
+            continue
         runs[run.data.tags.get("qlib_ext.task_id")][run.info.status] += 1
     done = [d for d in docs if d["status"] == "done"]
     return {
