@@ -127,3 +127,40 @@ def test_artifacts_are_read_as_frames_and_a_crafted_pred_pkl_runs_nothing(tmp_pa
     client.log_artifacts(run.info.run_id, str(crafted))
     assert stitched_ic([run.info.run_id], client) is None
     assert not marker.exists(), "the leaderboard unpickled a crafted pred.pkl"
+
+
+def _disk_full() -> None:
+    raise OSError(28, "No space left on device")
+
+
+def _rejected() -> None:
+    raise TaskDecodeError("bad def")
+
+
+def test_a_task_child_reports_whose_fault_its_error_was():
+    from qlib_ext.worker.timeouts import ChildProcessTask, ChildTaskFailed
+
+    for fn, kind in ((_disk_full, faults.INFRA), (_rejected, faults.REJECTED), (_bad_value, None)):
+        with pytest.raises(ChildTaskFailed) as info:
+            ChildProcessTask(timeout=60).run(fn)
+        assert info.value.kind == kind, (fn, info.value)
+
+
+def _bad_value() -> None:
+    raise ValueError("the task's own error")
+
+
+def test_a_backtest_that_never_traded_and_empty_predictions_are_bad_results():
+    from qlib_ext.errors import BadResultError
+    from qlib_ext.worker.sanity import check_predictions, check_trades
+
+    days = pd.date_range("2020-01-01", periods=5, freq="B")
+    report = pd.DataFrame({"return": 0.0, "bench": 0.01, "cost": 0.0, "turnover": 0.0}, index=days)
+    with pytest.raises(BadResultError, match=r"never traded over 5 steps \(turnover 0\)"):
+        check_trades(report)
+    check_trades(report.assign(turnover=[0.0, 0.3, 0.1, 0.0, 0.0]))
+    with pytest.raises(BadResultError, match="no predictions: the model predicted 0 rows"):
+        check_predictions(pd.DataFrame({"score": []}, dtype=float))
+    with pytest.raises(BadResultError, match=r"predictions are all NaN \(2 rows"):
+        check_predictions(pd.DataFrame({"score": [np.nan, np.nan]}))
+    check_predictions(pd.DataFrame({"score": [np.nan, 0.1]}))
