@@ -33,6 +33,7 @@ def _plt() -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     _plt().close(fig)
