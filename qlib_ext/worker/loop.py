@@ -137,6 +137,7 @@ class Worker:
         self.tm = GridTaskManager(settings.pool, task_db(settings), migrate=False)
         self._backoff = defaults.POLL_MIN_SECONDS
         self._outage = False
+        self._unreaped: set[Any] = set()  # tasks whose dead runs MLflow could not end yet (retried each step)
         if settings.task_timeout:
             _warm_up(settings.mlflow_uri)
 
@@ -178,6 +179,8 @@ class Worker:
         if not self.tm.migrated:
             self.tm.migrate()
         self._replay_spool()
+        if self._unreaped:
+            self._reap(list(self._unreaped))
         recovered = self.tm.reclaim_expired(self.s.max_attempts)
         if recovered:
             self._reap([c.id for c in recovered])
@@ -354,7 +357,10 @@ class Worker:
         try:
             reap_runs(self.tm, self.s.mlflow_uri, task_ids)
         except Exception as e:  # noqa: BLE001 - ghost runs are cosmetic; never stop the worker for them
-            logger.warning("worker %s: could not end stale MLflow runs (%s)", os.getpid(), e)
+            logger.warning("worker %s: could not end stale MLflow runs (%s); retrying later", os.getpid(), e)
+            self._unreaped.update(task_ids or [])  # MLflow away: end them once it answers (no RUNNING ghosts)
+        else:
+            self._unreaped.difference_update(task_ids or [])
 
     def _store(self, op: Callable[[], Any], give_up_on_stop: bool = True) -> Any:
         """Retry a store write with capped back-off. When stopping, give up after a few tries (the
