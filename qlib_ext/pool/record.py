@@ -191,12 +191,15 @@ class TaskMeta:
         return meta
 
     def to_dict(self) -> dict:
-        """The block as stored: the keys it was read with, or the always-present ones, plus any other
-        key that is set; then ``extra``."""
+        """The block as stored: the keys it was read with (or, for a new block, the always-present ones)
+        in their order, then any other key set to a non-default value, then ``extra``."""
         present = getattr(self, "_present", None)
-        keep = self._ALWAYS if present is None else present
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name != "extra" and (f.name in keep or getattr(self, f.name) is not None)}
+        keep = list(self._ALWAYS if present is None else present)
+        out = {name: getattr(self, name) for name in keep}
+        for f in dataclasses.fields(self):  # a key set since: any value other than the field's default
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if f.name not in out and f.name != "extra" and getattr(self, f.name) != default:
+                out[f.name] = getattr(self, f.name)
         return {**out, **self.extra}
 
     @property
