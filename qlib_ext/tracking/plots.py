@@ -147,7 +147,8 @@ def heatmap(rows: list[dict], axes: Sequence[str], metric: str, out: Path) -> Pa
         ax.set_yticks(range(len(ys)), ys, fontsize=8)
         ax.set_xlabel(x)
         ax.set_ylabel(y or "")
-        ax.set_title(f"{facet} = {fv}" if facet else metric, fontsize=9)
+        if facet:
+            ax.set_title(f"{facet} = {fv}", fontsize=9)
         fig.colorbar(im, ax=ax, shrink=0.8)
     more = f" (best over {', '.join(varied[3:])})" if len(varied) > 3 else ""
     fig.suptitle(f"{metric} by {', '.join(varied[:3])}{more}", fontsize=10)
