@@ -192,6 +192,7 @@ def leaderboard(pool: str, *, metric: str | None = None, mongo_url: str | None =
     """
     from qlib_ext.tracking import leaderboard as lb
 
+    _quiet_downloads()
     if hasattr(lb, "leaderboard_frame"):
         frame, grid = lb.leaderboard_frame(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric)
         frame.attrs["grid"] = grid
@@ -208,4 +209,12 @@ def report(pool: str, *, out: str | Path | None = None, metric: str | None = Non
     """Write the pool's HTML report (``qlib-ext report``), log it to the grid's MLflow run, return its path."""
     from qlib_ext.tracking.report import build
 
+    _quiet_downloads()
     return build(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric, out=out)
+
+
+def _quiet_downloads() -> None:
+    """No "Downloading artifacts" progress bar per artifact read (a notebook cell would fill with them)."""
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
