@@ -89,5 +89,6 @@ def check_task(task: dict, prefixes: tuple[str, ...]) -> None:
             what = "a pickle file reference (file://...)" if module == FILE_PREFIX else f"module {module!r}"
             raise ModuleNotAllowed(
                 f"task key {where} names {what}, which is not on this worker's allow-list "
-                f"({', '.join(prefixes)}); add its prefix with --allow-module, {defaults.ALLOWED_MODULES_ENV} "
-                f"or workers.allowed_modules in the profile if you trust whoever writes this pool")
+                f"({', '.join(prefixes)}); if you trust whoever writes this pool, add its prefix on the workers "
+                f"(--allow-module, allow_module in the profile, or {defaults.ALLOWED_MODULES_ENV}) or in the "
+                f"workflow's workers.allowed_modules")
