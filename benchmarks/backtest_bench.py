@@ -247,15 +247,24 @@ def _section(rows: list, sweep_row: list | None, repeat: int, e2e_row: list | No
         "## Single backtest",
         "",
         "`qlib_ext/backtest/` runs a `PortAnaRecord` backtest through Qlib's own loop, executor, account and "
-        "order logic with four parts swapped for exact, faster ones (on by default; `workers.fast_backtest: "
-        "false` turns it off): an `Exchange` whose quote answers each per-stock question (suspended, limit, "
-        "close, factor, volume, deal price) from `(day, stock)` arrays instead of `NumpyQuote`'s `IndexData` "
-        "lookups; a `Signal` that groups the predictions once instead of once a day; `TopkDropoutStrategy`'s "
-        "daily pandas bookkeeping done on arrays with pandas' own sort (`nargsort`); and, for the duration of "
-        "the backtest only, a `Position.__deepcopy__` and the benchmark sampling replaced (checked against Qlib "
-        "0.9.7; any other version, or a backtest outside what is covered, runs Qlib's own path and logs why). "
-        "`tests/test_fast_backtest.py` compares every frame and metric of both paths across strategy, limit, "
-        "cost, trade-unit and benchmark settings on data with suspensions and late listings.",
+        "order logic with parts swapped for exact, faster ones (on by default; `workers.fast_backtest: false` "
+        "turns it off): an `Exchange` whose quote answers each per-stock question (suspended, limit, close, "
+        "factor, volume, deal price) from `(day, stock)` arrays instead of `NumpyQuote`'s `IndexData` lookups "
+        "(`exchange.py`); a `Signal` that groups the predictions once instead of once a day (`signal.py`); "
+        "`TopkDropoutStrategy`'s daily pandas bookkeeping done on arrays with pandas' own sort, `nargsort` "
+        "(`strategy.py`); Qlib's scalar `np.isclose` in the order and position arithmetic computed by the same "
+        "float64 formula; and, for the duration of the backtest only, `Position.__deepcopy__`, "
+        "`Position._sell_stock` and the benchmark sampling replaced (`patches.py`). `fast.py` decides up front: "
+        "Qlib 0.9.7, `TopkDropoutStrategy` config with a float Series/DataFrame signal, daily `SimulatorExecutor` "
+        "without inner executor, default `Position`, a daily `NumpyQuote` exchange without `extra_quote`; "
+        "anything else (another Qlib version, `WeightStrategyBase` strategies, nested executors, ...) runs "
+        "Qlib's own backtest and logs why. `method_buy=\"random\"` keeps Qlib's strategy class (Qlib 0.9.7 "
+        "itself raises there with numpy 2). `tests/test_fast_backtest.py` compares every frame and logged "
+        "metric of both paths across topk/n_drop, random sell, hold_thresh, only_tradable, "
+        "forbid_all_trade_at_limit, limit thresholds (none, float, expressions), deal prices, costs and "
+        "min cost, impact cost, trade unit, benchmarks (code, list, none) on data with suspensions, late "
+        "listings, a delisting and missing open prices, ending one day before the calendar. The arrays are a "
+        "second float64 copy of the quote (NumpyQuote holds one already): ~16 MB at 1,000 stocks x 248 days.",
         "",
         "Measured by `benchmarks/backtest_bench.py`:",
         "",

@@ -112,6 +112,22 @@ def test_uncovered_backtests_take_the_stock_path(monkeypatch, caplog):
     assert "Qlib 0.9.99" in uncovered(strategy, executor, {})
 
 
+def test_an_uncovered_backtest_runs_qlibs_own_with_a_log_line(monkeypatch, caplog):
+    import qlib.backtest
+
+    from qlib_ext.backtest.fast import fast_backtest
+
+    calls = []
+    monkeypatch.setattr(qlib.backtest, "backtest", lambda *args: calls.append(args) or "stock result")
+    strategy = {"class": "WeightStrategyBase", "module_path": "qlib.contrib.strategy", "kwargs": {}}
+    executor = {"class": "SimulatorExecutor", "kwargs": {"time_per_step": "day"}}
+    with caplog.at_level(logging.INFO, logger="qlib_ext.backtest.fast"):
+        assert fast_backtest("2020-01-02", "2020-02-03", strategy, executor, exchange_kwargs={"min_cost": 1}) \
+            == "stock result"
+    assert calls == [("2020-01-02", "2020-02-03", strategy, executor, "SH000300", 1e9, {"min_cost": 1}, "Position")]
+    assert "fast backtest: stock path (strategy WeightStrategyBase" in caplog.text
+
+
 def test_patches_are_removed_after_the_backtest():
     from qlib.backtest.position import Position
     from qlib.backtest.report import PortfolioMetrics
