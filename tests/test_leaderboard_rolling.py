@@ -42,6 +42,6 @@ def test_windows_aggregate_per_configuration(tmp_path, synth_provider, mongo_url
         assert row["metrics"]["IC"] == pytest.approx(statistics.fmean(ics))
         assert row["metrics"]["IC.std"] == pytest.approx(statistics.stdev(ics))
         assert -1 < row["metrics"]["stitched.IC"] < 1
-        lrs = {client.get_run(r).data.params["task.model.kwargs.learning_rate"] for r in row["runs"]}
+        lrs = {client.get_run(r).data.params["learning_rate"] for r in row["runs"]}
         assert len(lrs) == 1, "a row never mixes configurations"
     assert rows[0]["metrics"]["IC"] >= rows[1]["metrics"]["IC"]
