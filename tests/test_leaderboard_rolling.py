@@ -42,6 +42,11 @@ def test_windows_aggregate_per_configuration(tmp_path, synth_provider, mongo_url
         assert row["metrics"]["IC"] == pytest.approx(statistics.fmean(ics))
         assert row["metrics"]["IC.std"] == pytest.approx(statistics.stdev(ics))
         assert -1 < row["metrics"]["stitched.IC"] < 1
+        # every column is aggregated, not only the sort metric; Sharpe/DSR on the stitched returns
+        assert row["metrics"]["ICIR"] is not None and "ICIR.std" in row["metrics"] and row["stats"]["dsr"] is not None
+        assert row["stats"]["T"] > 40 * (len(row["runs"]) - 1)
+        # no grid.rolling.trunc_days: Alpha158's label (2 days ahead) reaches each window's test start
+        assert "label_leak" in row["flags"]
         lrs = {client.get_run(r).data.params["learning_rate"] for r in row["runs"]}
         assert len(lrs) == 1, "a row never mixes configurations"
     assert rows[0]["metrics"]["IC"] >= rows[1]["metrics"]["IC"]
