@@ -3,7 +3,8 @@
 matplotlib, not plotly: MLflow's artifact viewer previews PNGs inline (an HTML plot would need its
 own JavaScript, which MLflow sandboxes), the HTML report embeds the same PNGs as data URIs and
 stays one self-contained file that opens offline, and a notebook shows the figures unchanged.
-Everything here draws with the Agg backend (no display) and is cheap: a run's figure takes ~0.2 s.
+Everything here draws with the Agg backend (no display) and is cheap: a run's figure of 250 days
+takes ~0.5 s of CPU (measured; matplotlib's first import aside).
 """
 
 from __future__ import annotations
