@@ -210,7 +210,8 @@ def test_unknown_search_message_lists_the_choices(tmp_path):
     path = write_yaml(tmp_path, "grid:\n    search: grdi\n")
     with pytest.raises(ConfigError) as e:
         load_workflow(path)
-    assert str(e.value) == f"unknown search 'grdi' in grid.search of {path}; expected one of: grid, random, tpe, cmaes, gp, qmc"
+    assert str(e.value) == (f"unknown search 'grdi' in grid.search of {path}; "
+                            "expected one of: grid, random, tpe, cmaes, gp, qmc")
 
 
 GRID_ERRORS = [
