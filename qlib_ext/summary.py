@@ -16,8 +16,6 @@ logger = logging.getLogger(__name__)
 EXIT_ALL_FAILED = 1
 """Exit code of ``run``/``worker`` when every task of the pool failed."""
 
-EXIT_INTERRUPTED = 130
-"""Exit code after Ctrl-C (128 + SIGINT), as shells report it."""
 
 
 @dataclass
@@ -33,8 +31,9 @@ def after_workers(pool: str, *, mongo_url: str, mlflow_uri: str, metric: str | N
     """Update the grid's parent run, then build the summary.
 
     Args:
-        code: the workers' exit code.
-        stopped: whether they were stopped (Ctrl-C); None: whether the pool still has unfinished tasks.
+        code: the workers' exit code (130 after Ctrl-C: :func:`qlib_ext.worker.group.run_workers`).
+        stopped: whether they were stopped before the pool finished; None: whether the pool still has
+            unfinished tasks. A stopped pool is not reported as 'all failed'.
     """
     from qlib_ext.tracking.grid_run import finish_grid
 
@@ -54,8 +53,6 @@ def after_workers(pool: str, *, mongo_url: str, mlflow_uri: str, metric: str | N
         code = code or EXIT_ALL_FAILED
     elif failed:
         lines.append(f"\nwarning: {failed} of {sum(counts.values())} tasks failed: qlib-ext status {pool}")
-    if stopped:
-        code = EXIT_INTERRUPTED
     if data is not None and data.experiment_id:
         lines.append("\n" + ui_lines(mlflow_uri, data.experiment_id, pool, data.metric))
     return Summary("\n".join(lines), code)

@@ -87,7 +87,8 @@ def test_profile_in_home_and_explicit_flag(tmp_path, monkeypatch, seen, _isolate
 @pytest.mark.parametrize("text, message", [
     ("lease = 5\n", "unknown key(s) lease; expected one of: "),
     ("[wrker]\nthreads = 1\n", "[wrker] is not a command; expected one of: "),
-    ("[store.serve]\nthreads = 1\n", "[store.serve]: unknown key(s) threads; expected one of: auth, dir, host, peer_auth, port, "),
+    ("[store.serve]\nthreads = 1\n",
+     "[store.serve]: unknown key(s) threads; expected one of: auth, dir, host, peer_auth, port, "),
     ("mongo_url = \n", "not valid TOML"),
 ])
 def test_bad_profile_is_one_clear_error(tmp_path, text, message):

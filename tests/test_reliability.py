@@ -23,7 +23,7 @@ from fixtures import MARKS_ENV, write_chaos_workflow
 from store_fixtures import StoreProcess
 
 from qlib_ext.api import submit
-from qlib_ext.defaults import ALLOWED_MODULES_ENV, TASK_DB_NAME
+from qlib_ext.defaults import ALLOWED_MODULES_ENV, TASK_DB_NAME, home
 from qlib_ext.pool.progress import status_report
 from qlib_ext.store import running_url
 
@@ -57,12 +57,17 @@ class Pool:
                                      "--mongo-url", self.mongo_url, "-n", str(n), *FAST, *flags],
                                     env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
+    def log_text(self) -> str:
+        """What `qlib-ext worker` printed, then its workers' own log files ($QLIB_EXT_HOME/logs/POOL)."""
+        files = sorted((home() / "logs" / self.name).glob("worker-*.log"))
+        return "\n".join([self.log.read_text(), *(f.read_text(errors="replace") for f in files)])
+
     def wait(self, proc: subprocess.Popen, timeout: float = 120) -> int:
         try:
             return proc.wait(timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"workers did not finish in {timeout}s:\n{self.log.read_text()[-4000:]}")
+            pytest.fail(f"workers did not finish in {timeout}s:\n{self.log_text()[-4000:]}")
 
     def started(self, count: int = 1, timeout: float = 90) -> list[tuple[int, int]]:
         """Wait until ``count`` task starts were marked; return their (grid point, pid)."""
@@ -72,7 +77,7 @@ class Pool:
             if len(marks) >= count:
                 return [tuple(int(x) for x in m.name.split("-")[1:]) for m in marks]
             time.sleep(0.1)
-        pytest.fail(f"no task started in {timeout}s:\n{self.log.read_text()[-4000:]}")
+        pytest.fail(f"no task started in {timeout}s:\n{self.log_text()[-4000:]}")
 
     def docs(self) -> dict[int, dict]:
         with pymongo.MongoClient(self.mongo_url) as client:
@@ -175,7 +180,7 @@ def test_worker_whose_lease_was_stolen_cannot_commit(tmp_path, synth_provider, m
     doc = pool.docs()[0]
     assert doc["status"] == "done" and doc["outcome"] == {"run_id": "thief-run"} and doc["worker"] == "thief:1"
     assert pool.runs()[str(doc["_id"])] == ["KILLED"]  # the victim stopped its task and ended its run
-    assert "lease on task" in pool.log.read_text()
+    assert "lease on task" in pool.log_text()
 
 
 def _free_port() -> int:
@@ -224,7 +229,7 @@ def test_store_outage_mid_run_completes_every_task_once(tmp_path, synth_provider
         docs = pool.docs()
         assert [d["status"] for d in docs.values()] == ["done"] * 8
         pool.committed_runs_only()
-        log = pool.log.read_text()
+        log = pool.log_text()
         assert any(sign in log for sign in ("unreachable", "spooled", "renewing task")), "no outage seen"
     finally:
         store.stop()

@@ -16,6 +16,9 @@ from qlib_ext.worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
 
+EXIT_INTERRUPTED = 130
+"""Exit code after Ctrl-C (128 + SIGINT), as shells report it."""
+
 
 class WorkerGroup:
     """N worker processes started from this (parent) process. Not thread-safe; one owner.
@@ -33,6 +36,7 @@ class WorkerGroup:
         self._restarts = [0] * n
         self.stopping = False
         self.killed = False
+        self.stop_signal: int | None = None  # the signal of the first stop(): SIGINT (Ctrl-C) or SIGTERM
 
     def start(self) -> WorkerGroup:
         # spawned interpreters read it at start-up: every worker sums a backtest in the same order
@@ -58,8 +62,10 @@ class WorkerGroup:
                 self._restarts[i] += 1
                 self.procs[i] = self._spawn()
 
-    def stop(self, *_args: object) -> None:
+    def stop(self, signum: int | None = None, _frame: object = None) -> None:
         """First call: SIGTERM every worker (graceful). Second call: SIGKILL them."""
+        if not self.stopping:
+            self.stop_signal = signum
         sig = signal.SIGKILL if self.stopping else signal.SIGTERM
         self.killed = self.stopping
         self.stopping = True
@@ -74,7 +80,8 @@ class WorkerGroup:
 def run_workers(settings: WorkerSettings, n: int, on_tick: Callable[[], None] | None = None,
                 tick_seconds: float = 1.0) -> int:
     """Run ``n`` workers until they exit; Ctrl-C/SIGTERM stops them gracefully. Returns 0 on a clean exit
-    (also after a graceful stop: every task was handed back or finished).
+    and after a graceful SIGTERM stop (every task was handed back or finished: what a supervisor such
+    as systemd expects), 130 after Ctrl-C (SIGINT, as shells report it), 1 if a worker failed.
 
     ``on_tick()`` is called about every ``tick_seconds`` (the progress display of ``qlib-ext run``).
     """
@@ -91,6 +98,8 @@ def run_workers(settings: WorkerSettings, n: int, on_tick: Callable[[], None] | 
             signal.signal(s, h)
     if group.stopping:
         logger.warning("workers stopped%s", " (killed)" if group.killed else "; running tasks handed back")
+    if group.stop_signal == signal.SIGINT:
+        return EXIT_INTERRUPTED
     return group.exit_code()
 
 
