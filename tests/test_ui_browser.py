@@ -82,6 +82,8 @@ def browse(base: str, experiment_id: str, pool: str, metric: str, best_run: str,
         page.get_by_text("lgb lr=0.05 leaves=8").first.wait_for()
         _close_assistant(page)
         assert page.get_by_text("matching runs").count() == 1  # the training-runs table, not the GenAI pages
+        # the grid renders its metric and param columns after the rows (late under load): wait for the last one
+        page.locator("[role=columnheader]", has_text="max_dd").first.wait_for()
         headers = [h.strip() for h in page.locator("[role=columnheader]").all_inner_texts()]
         for name in ("learning_rate", "num_leaves", "IC", "ICIR", "ann_ret", "IR", "max_dd"):
             assert name in headers, headers
