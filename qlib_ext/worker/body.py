@@ -49,25 +49,6 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def mlflow_params(task: dict) -> dict[str, Any]:
-    """Params that make runs comparable in the MLflow UI: grid coordinates under dotted names,
-    model short name and class, strategy settings and the rolling window."""
-    meta = TaskMeta.of(task)
-    params: dict[str, Any] = dict(meta.coords or {})
-    model_class = meta.model_class or (task.get("model") or {}).get("class")  # a backtest has no model
-    params["model"] = meta.model or model_class
-    params["model.class"] = model_class
-    for key, value in (meta.strategy or {}).items():
-        params[f"strategy.{key}"] = value
-    window = meta.window or {}
-    for seg in ("train", "valid", "test"):
-        if seg in window:
-            params[f"window.{seg}_start"], params[f"window.{seg}_end"] = window[seg]
-    if "index" in window:
-        params["window.index"] = window["index"]
-    return params
-
-
 def mlflow_tags(task: dict, task_id: str, worker: str, attempt: int) -> dict[str, str]:
     """Tags that let a run be traced back to its pool, task, grid and worker (and training run)."""
     meta = TaskMeta.of(task)
