@@ -206,7 +206,8 @@ def test_a_full_cache_disk_is_logged_once_and_the_task_builds_without_it(tmp_pat
     cache.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(cache)], capture_output=True)
     if mounted.returncode != 0:
-        pytest.skip(f"needs a tiny tmpfs to fill (mount -t tmpfs): {mounted.stderr.decode().strip()}")
+        pytest.skip("fills a real disk to ENOSPC, so it mounts an 8 KiB tmpfs, which needs root and mount(8); "
+                    f"mount -t tmpfs failed here: {mounted.stderr.decode().strip()}")
     try:
         (cache / "filler").write_bytes(b"x" * 4096)
         wf = tmp_path / "full.yaml"

@@ -36,14 +36,24 @@ SAFE_GLOBALS: frozenset[tuple[str, str]] = frozenset({
 """``(module, name)`` pairs a task pickle may reference; anything else is refused before it is imported."""
 
 
-class PlainUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only :data:`SAFE_GLOBALS` (stateless; one per load)."""
+class AllowListUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only the ``(module, name)`` pairs in ``allowed`` (one per load).
+
+    Subclasses set ``allowed`` and ``holds`` (what the refusal says the pickle may hold).
+    """
+
+    allowed: frozenset[tuple[str, str]] = SAFE_GLOBALS
+    where = "a pool field"
+    holds = "plain data only (dict, list, str, numbers, datetime, collections)"
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in SAFE_GLOBALS:
+        if (module, name) in self.allowed:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refused global {module}.{name}: a pool field may hold plain data only "
-                                     f"(dict, list, str, numbers, datetime, collections)")
+        raise pickle.UnpicklingError(f"refused global {module}.{name}: {self.where} may hold {self.holds}")
+
+
+class PlainUnpickler(AllowListUnpickler):
+    """Resolves only :data:`SAFE_GLOBALS`: what a pool's ``def``/``res`` may reference."""
 
 
 def loads(blob: bytes, where: str = "pickle") -> Any:

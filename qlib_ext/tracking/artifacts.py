@@ -12,13 +12,12 @@ classes); anything else is refused with :class:`~qlib_ext.errors.TaskDecodeError
 from __future__ import annotations
 
 import logging
-import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from qlib_ext.errors import TaskDecodeError
-from qlib_ext.pool.codec import SAFE_GLOBALS
+from qlib_ext.pool.codec import SAFE_GLOBALS, AllowListUnpickler
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +60,12 @@ FRAME_GLOBALS: frozenset[tuple[str, str]] = frozenset({
 """``(module, name)`` pairs a frame artifact may reference: data reconstructors, never I/O (no ``read_pickle``)."""
 
 
-class FrameUnpickler(pickle.Unpickler):
+class FrameUnpickler(AllowListUnpickler):
     """Resolves only :data:`FRAME_GLOBALS`."""
 
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in FRAME_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refused global {module}.{name}: an artifact read here may hold pandas/numpy "
-                                     f"data only")
+    allowed = FRAME_GLOBALS
+    where = "an artifact read here"
+    holds = "pandas/numpy data only"
 
 
 def read_frame(path: str | Path) -> Any:
