@@ -74,7 +74,9 @@ def browse(base: str, experiment_id: str, pool: str, metric: str, best_run: str,
     shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1440, "height": 760})
+        # wide enough that every column fits beside MLflow's Assistant panel: the runs table renders only the
+        # columns in view (a column past the right edge has no header element at all)
+        page = browser.new_page(viewport={"width": 1920, "height": 760})
         page.set_default_timeout(120_000)
 
         # 1. The printed "ranked" link: training-runs view, one row per configuration, best objective first.
@@ -82,11 +84,11 @@ def browse(base: str, experiment_id: str, pool: str, metric: str, best_run: str,
         page.get_by_text("lgb lr=0.05 leaves=8").first.wait_for()
         _close_assistant(page)
         assert page.get_by_text("matching runs").count() == 1  # the training-runs table, not the GenAI pages
-        # the grid renders its metric and param columns after the rows (late under load): wait for the last one
-        page.locator("[role=columnheader]", has_text="max_dd").first.wait_for()
-        headers = [h.strip() for h in page.locator("[role=columnheader]").all_inner_texts()]
+        # the grid renders its metric and param columns after the rows (late under load): wait for each
         for name in ("learning_rate", "num_leaves", "IC", "ICIR", "ann_ret", "IR", "max_dd"):
-            assert name in headers, headers
+            page.locator("[role=columnheader]", has_text=re.compile(rf"^\s*{name}\s*$")).first.wait_for()
+        _close_assistant(page)
+        headers = [h.strip() for h in page.locator("[role=columnheader]").all_inner_texts()]
         assert len([h for h in headers if h.startswith("task.model")]) == 0, headers
         assert page.get_by_text(f"{pool} (grid)").count() == 0  # the ranked view has configurations only
         page.screenshot(path=str(shots / "ranked.png"))
