@@ -46,8 +46,7 @@ LOG_FILE = "store.log"
 
 def _resolve_dir(directory: Path | str | None) -> Path:
     path = Path(directory).expanduser().resolve() if directory else defaults.store_dir()
-    if not path.exists():
-        path.mkdir(parents=True, mode=0o700)
+    path.mkdir(parents=True, mode=0o700, exist_ok=True)  # exist_ok: resolvers starting at once race here
     return path
 
 
