@@ -19,12 +19,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/qlib-ext demo
 
+# Two test processes (pytest-xdist), one test file each at a time: most end-to-end tests wait on process
+# start-up, sockets and leases, so two files at once keep both cores busy.
 test: $(STAMP)
 	$(BIN)/ruff check qlib_ext tests benchmarks
-	$(BIN)/python -m pytest -q -ra --durations=15
+	$(BIN)/python -m pytest -q -ra --durations=15 -n 2 --dist loadfile
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -m "not slow"
+	$(BIN)/python -m pytest -q -ra -m "not slow" -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check qlib_ext tests benchmarks

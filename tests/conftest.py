@@ -18,3 +18,10 @@ def _isolated_home(tmp_path, monkeypatch):
 
 # Fixture modules live beside this file; tests/ is on sys.path (pytest's rootdir conftest import mode).
 pytest_plugins = ["store_fixtures", "data_fixtures"]
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Slow end-to-end tests first (stable within each group): ``make test`` spreads test files over two
+    processes (pytest-xdist ``--dist loadfile``), and starting the long files first keeps one process from
+    finishing early while the other still has a long file ahead of it."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
