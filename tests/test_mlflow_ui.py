@@ -134,4 +134,15 @@ def test_grid_plots_heatmap_facets_and_pbo(tmp_path):
     assert plots.stage_times({"a": {"time.fit_s": 1.0, "time.data_s": 2.0, "IC": 0.1}}, tmp_path / "s.png").exists()
     assert plots.pbo_figure(np.array([-1.0, 0.5, 2.0]), [0.1, 0.2, 0.3], [0.0, -0.1, 0.1], 0.33,
                             tmp_path / "p.png").exists()
-    assert all(Path(tmp_path / f).stat().st_size > 1000 for f in ("h.png", "top.png", "w.png", "s.png", "p.png"))
+    trials = [{"trial": t, "metrics": {"IC": ic}} for t, ic in ((2, 0.03), (0, 0.01), (1, float("nan")), (3, 0.02))]
+    assert plots.search_history(trials, "IC", "maximize", tmp_path / "search.png").exists()
+    assert plots.search_history(trials[:1] + [{"trial": None, "metrics": {"IC": 0.5}}], "IC", "max",
+                                tmp_path / "one.png") is None  # one trial with a value: nothing to compare
+    # a search's continuous axes: too many values for a heatmap, drawn as slices (trial colours, log lr)
+    searched = [{"trial": t, "params": {"learning_rate": 0.01 * 1.3 ** t, "num_leaves": 8 + 7 * t, "obj": "l2"},
+                 "metrics": {"IC": 0.1 - 0.001 * t}} for t in range(16)]
+    assert plots.heatmap(searched, ["learning_rate", "num_leaves"], "IC", tmp_path / "fine.png") is None
+    assert plots.param_slices(searched, ["learning_rate", "num_leaves", "obj"], "IC", tmp_path / "sl.png").exists()
+    assert plots.param_slices(searched[:1], ["learning_rate"], "IC", tmp_path / "sl1.png") is None
+    assert all(Path(tmp_path / f).stat().st_size > 1000
+               for f in ("h.png", "top.png", "w.png", "s.png", "p.png", "search.png", "sl.png"))

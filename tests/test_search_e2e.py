@@ -93,3 +93,10 @@ def test_proposer_killed_and_restarted_twice_finishes_exactly_n_trials(tmp_path,
     assert all(t.get("qlib_ext.sampler") == "tpe" and t.get("qlib_ext.trial", "").isdigit() for t in tags)
     for d in docs:  # each trial's value is its task's committed IC (ChaosModel logs IC = i / 1000)
         assert d["value"] == pytest.approx(d["tasks"][0]["model"]["kwargs"]["i"] / 1000)
+    # the report draws the search's history: each trial's IC and the best so far, in trial order
+    rep = subprocess.run([sys.executable, "-m", "qlib_ext", "report", "kill", *common, "--mlflow-uri", mlflow_uri,
+                          "--out", str(tmp_path / "report")], env=env, capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0, rep.stdout + rep.stderr
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "<h2>Search: the objective of each trial, and the best so far</h2><img alt='search' src='data:image/png" \
+        in html

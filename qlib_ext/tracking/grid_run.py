@@ -112,6 +112,8 @@ def draw(data: GridData, out: Path) -> dict[str, Path]:
         axes = [k for k in data.rows[0]["params"] if not k.startswith(("window.", "model.class"))]
     todo = {
         "heatmap": lambda p: plots.heatmap(data.rows, axes, data.metric, p),
+        "slices": lambda p: None if "heatmap" in drawn else plots.param_slices(data.rows, axes, data.metric, p),
+        "search": lambda p: plots.search_history(data.rows, data.metric, data.grid.get("direction") or "max", p),
         "top_returns": lambda p: plots.top_returns(dict(list(data.series.items())[:plots.TOP_N]), p),
         "windows": lambda p: plots.window_metrics(dict(list(data.windows.items())[:10]), data.metric, p),
         "stage_times": lambda p: plots.stage_times({r.get("run_name") or r["run_id"]: r["metrics"]

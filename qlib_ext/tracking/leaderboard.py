@@ -167,9 +167,16 @@ def _rows(results: list[dict], runs: dict[str, Any]) -> list[dict]:
             "coords": coords, "validity": validity, "returns": to_pandas(validity.get("returns")),
             "flags": fl.run_flags(validity, metrics, rolling=meta.get("window") is not None),
             "kind": meta.get("kind"), "parent_run_id": meta.get("parent_run_id"),
+            "trial": _trial(run),
         })
     _inherit_model_checks(rows, results)
     return rows
+
+
+def _trial(run: Any) -> int | None:
+    """The search trial number a run was proposed as (``qlib_ext.trial`` tag), None outside a search."""
+    value = run.data.tags.get(Tag.TRIAL)
+    return int(value) if value not in (None, "") else None
 
 
 def _inherit_model_checks(rows: list[dict], results: list[dict]) -> None:
@@ -272,6 +279,7 @@ def _window_row(client: Any, members: list[dict]) -> dict:
             "task_id": first["task_id"], "config_id": first["config_id"], "window": None,
             "params": params, "metrics": metrics, "runs": [m["run_id"] for m in members],
             "worker": first["worker"], "coords": first["coords"], "returns": returns, "kind": first.get("kind"),
+            "trial": first.get("trial"),
             "validity": {}, "flags": sorted({f for m in members for f in m["flags"]}),
             "compare": _compared(metrics)}
 

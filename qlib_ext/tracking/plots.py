@@ -1,4 +1,5 @@
-"""Plots as PNG files: per run (returns, IC, turnover) and per grid (heatmap, top-N, windows, stages, PBO).
+"""Plots as PNG files: per run (returns, IC, turnover) and per grid (heatmap, top-N, windows, stages, PBO,
+a search's history).
 
 matplotlib, not plotly: MLflow's artifact viewer previews PNGs inline (an HTML plot would need its
 own JavaScript, which MLflow sandboxes), the HTML report embeds the same PNGs as data URIs and
@@ -22,6 +23,12 @@ DPI = 90
 
 TOP_N = 5
 """Configurations drawn in the top-N cumulative return plot."""
+
+HEATMAP_MAX_CELLS = 12
+"""Most values of a heatmap axis; past it (a search's continuous axes) :func:`param_slices` draws instead."""
+
+HEATMAP_MAX_FACETS = 6
+"""Most panels (values of the third axis) in one heatmap."""
 
 
 def _plt() -> Any:
@@ -127,6 +134,8 @@ def heatmap(rows: list[dict], axes: Sequence[str], metric: str, out: Path) -> Pa
     facet = varied[2] if len(varied) > 2 else None
     facets = _values(rows, facet) if facet else [None]
     xs, ys = _values(rows, x), (_values(rows, y) if y else [""])
+    if max(len(xs), len(ys)) > HEATMAP_MAX_CELLS or len(facets) > HEATMAP_MAX_FACETS:
+        return None  # not a grid a person can read cell by cell: param_slices draws it
     plt = _plt()
     fig, axs = plt.subplots(1, len(facets), figsize=(min(4 * len(facets), 16), 3.2), squeeze=False)
     for ax, fv in zip(axs[0], facets, strict=True):
@@ -154,6 +163,44 @@ def heatmap(rows: list[dict], axes: Sequence[str], metric: str, out: Path) -> Pa
     more = f" (best over {', '.join(varied[3:])})" if len(varied) > 3 else ""
     fig.suptitle(f"{metric} by {', '.join(varied[:3])}{more}", fontsize=10)
     return _save(fig, out)
+
+
+def param_slices(rows: list[dict], axes: Sequence[str], metric: str, out: Path, limit: int = 4) -> Path | None:
+    """The objective against each varied axis, one dot per configuration (coloured by trial number in a
+    search): for axes too fine for a heatmap, such as a search's continuous ranges.
+
+    A numeric axis spanning a factor of 10 or more is drawn on a log scale; a non-numeric one by category.
+    """
+    varied = [a for a in axes if len({str(r["params"].get(a)) for r in rows}) > 1][:limit]
+    rows = [r for r in rows if _finite(r["metrics"].get(metric))]
+    if not varied or len(rows) < 2:
+        return None
+    trials = [r.get("trial") for r in rows]
+    colour = trials if all(t is not None for t in trials) else None
+    plt = _plt()
+    fig, axs = plt.subplots(1, len(varied), figsize=(min(4 * len(varied), 16), 3.2), squeeze=False, sharey=True)
+    for ax, axis in zip(axs[0], varied, strict=True):
+        xs, labels = _positions([r["params"].get(axis) for r in rows])
+        dots = ax.scatter(xs, [r["metrics"][metric] for r in rows], c=colour, cmap="viridis", s=18)
+        if labels:
+            ax.set_xticks(range(len(labels)), labels, fontsize=8)
+        elif min(xs) > 0 and max(xs) / min(xs) >= 10:
+            ax.set_xscale("log")
+        ax.set_xlabel(axis)
+    axs[0][0].set_ylabel(metric)
+    if colour is not None:
+        fig.colorbar(dots, ax=list(axs[0]), shrink=0.8, label="trial")
+    fig.suptitle(f"{metric} against each axis, one dot per configuration", fontsize=10)
+    return _save(fig, out)
+
+
+def _positions(values: list) -> tuple[list[float], list[str] | None]:
+    """Numeric x positions of ``values``, or category indices and their labels when one is not a number."""
+    try:
+        return [float(v) for v in values], None
+    except (TypeError, ValueError):
+        labels = sorted({str(v) for v in values})
+        return [float(labels.index(str(v))) for v in values], labels
 
 
 def _values(rows: list[dict], axis: str) -> list[str]:
@@ -223,6 +270,48 @@ def stage_times(runs: dict[str, dict[str, float]], out: Path, limit: int = 40) -
     ax.set_xlabel("seconds")
     ax.legend(fontsize=7, ncols=len(stages), loc="lower right")
     ax.set_title("time per stage", fontsize=10)
+    return _save(fig, out)
+
+
+def search_history(rows: list[dict], metric: str, direction: str, out: Path) -> Path | None:
+    """A search's objective by trial number, with the best so far as a step line (Optuna's optimization
+    history): whether the sampler is still finding better points or has settled.
+
+    Args:
+        rows: leaderboard rows; those with a ``trial`` number and a finite ``metric`` are drawn.
+        metric: the objective.
+        direction: ``max``/``maximize`` or ``min``/``minimize``.
+        out: PNG path.
+
+    Returns:
+        ``out``, or None when fewer than two trials have a value (nothing to compare).
+    """
+    points = sorted((r["trial"], r["metrics"][metric]) for r in rows
+                    if r.get("trial") is not None and _finite(r["metrics"].get(metric)))
+    if len(points) < 2:
+        return None
+    better = max if direction.startswith("max") else min
+    best, best_so_far = points[0][1], []
+    for _, value in points:
+        best = better(best, value)
+        best_so_far.append(best)
+    trials = [p[0] for p in points]
+    improved = [(t, b) for i, (t, b) in enumerate(zip(trials, best_so_far, strict=True))
+                if i == 0 or b != best_so_far[i - 1]]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    ax.scatter(trials, [p[1] for p in points], s=18, color="#4c72b0", label=f"{metric} of the trial", zorder=3)
+    ax.step([*trials, trials[-1] + 0.5], [*best_so_far, best_so_far[-1]], where="post", color="#dd8452", lw=2,
+            label="best so far")
+    ax.scatter([t for t, _ in improved], [b for _, b in improved], s=60, facecolors="none", edgecolors="#dd8452",
+               lw=1.5, zorder=4, label="a new best")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("trial (in the order proposed)")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=7, loc="lower right" if better is max else "upper right")
+    ax.set_title(f"search: {metric} per trial ({'higher' if better is max else 'lower'} is better)", fontsize=10)
     return _save(fig, out)
 
 

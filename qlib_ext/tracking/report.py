@@ -36,6 +36,8 @@ _PLOT_TITLES = {
     "top_returns": "Top configurations: cumulative excess return (with cost)",
     "windows": "Rolling windows: the objective per window",
     "pbo": "Probability of backtest overfitting (CSCV)",
+    "slices": "Objective against each axis",
+    "search": "Search: the objective of each trial, and the best so far",
     "stage_times": "Time per stage",
     "best_run": "Best configuration: returns, IC, turnover",
 }
