@@ -157,34 +157,33 @@ class FastExchange(_exchange_cls()):  # type: ignore[misc]
             return True
         return np.isnan(quote.fields["$close"][row, col])
 
+    def _one_bar(self, stock_id: str, start_time: Any, end_time: Any, direction: int | None) -> tuple[int, int]:
+        """``(row, col)`` of the arrays when the query is one bar the quote has and ``direction`` is None, BUY (1)
+        or SELL (0); else ``(-1, -1)``: Qlib's own method answers (over the fast quote)."""
+        col = self.quote._cols.get(stock_id)
+        if col is None or not isinstance(start_time, pd.Timestamp) or not isinstance(end_time, pd.Timestamp) \
+                or direction not in (None, 0, 1):
+            return -1, -1
+        row = self.quote.window(start_time, end_time)[0]
+        return (row, col) if row >= 0 and self.quote.present[row, col] else (-1, -1)
+
     def check_stock_limit(self, stock_id: str, start_time: pd.Timestamp, end_time: pd.Timestamp,
                           direction: int | None = None) -> bool:
-        quote = self.quote
-        col = quote._cols.get(stock_id)
-        if col is None or not isinstance(start_time, pd.Timestamp) or not isinstance(end_time, pd.Timestamp):
+        row, col = self._one_bar(stock_id, start_time, end_time, direction)
+        if row < 0:
             return super().check_stock_limit(stock_id, start_time, end_time, direction)
-        row = quote.window(start_time, end_time)[0]
-        if row < 0 or not quote.present[row, col]:  # several bars or no row: Qlib's method over the fast quote
-            return super().check_stock_limit(stock_id, start_time, end_time, direction)
+        fields = self.quote.fields
         if direction is None:
-            return bool(quote.fields["limit_buy"][row, col] or quote.fields["limit_sell"][row, col])
-        if direction == 1:  # OrderDir.BUY
-            return quote.fields["limit_buy"][row, col]
-        if direction == 0:  # OrderDir.SELL
-            return quote.fields["limit_sell"][row, col]
-        return super().check_stock_limit(stock_id, start_time, end_time, direction)
+            return bool(fields["limit_buy"][row, col] or fields["limit_sell"][row, col])
+        return fields["limit_buy" if direction == 1 else "limit_sell"][row, col]  # 1: OrderDir.BUY, 0: SELL
 
     def is_stock_tradable(self, stock_id: str, start_time: pd.Timestamp, end_time: pd.Timestamp,
                           direction: int | None = None) -> bool:
         """Qlib's ``not (suspended or limited)`` from one array row where the query is one bar."""
-        quote = self.quote
-        col = quote._cols.get(stock_id)
-        if col is None or not isinstance(start_time, pd.Timestamp) or not isinstance(end_time, pd.Timestamp):
+        row, col = self._one_bar(stock_id, start_time, end_time, direction)
+        if row < 0:
             return super().is_stock_tradable(stock_id, start_time, end_time, direction)
-        row = quote.window(start_time, end_time)[0]
-        if row < 0 or not quote.present[row, col] or direction not in (None, 0, 1):
-            return super().is_stock_tradable(stock_id, start_time, end_time, direction)
-        fields = quote.fields
+        fields = self.quote.fields
         if np.isnan(fields["$close"][row, col]):
             return False
         if direction is None:
