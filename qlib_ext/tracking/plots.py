@@ -290,12 +290,13 @@ def search_history(rows: list[dict], metric: str, direction: str, out: Path) -> 
                     if r.get("trial") is not None and _finite(r["metrics"].get(metric)))
     if len(points) < 2:
         return None
+    from itertools import accumulate
+
+    from matplotlib.ticker import MaxNLocator
+
     better = max if direction.startswith("max") else min
-    best, best_so_far = points[0][1], []
-    for _, value in points:
-        best = better(best, value)
-        best_so_far.append(best)
     trials = [p[0] for p in points]
+    best_so_far = list(accumulate((p[1] for p in points), better))
     improved = [(t, b) for i, (t, b) in enumerate(zip(trials, best_so_far, strict=True))
                 if i == 0 or b != best_so_far[i - 1]]
     plt = _plt()
@@ -305,8 +306,6 @@ def search_history(rows: list[dict], metric: str, direction: str, out: Path) -> 
             label="best so far")
     ax.scatter([t for t, _ in improved], [b for _, b in improved], s=60, facecolors="none", edgecolors="#dd8452",
                lw=1.5, zorder=4, label="a new best")
-    from matplotlib.ticker import MaxNLocator
-
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial (in the order proposed)")
     ax.set_ylabel(metric)
