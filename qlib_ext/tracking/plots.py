@@ -189,7 +189,9 @@ def param_slices(rows: list[dict], axes: Sequence[str], metric: str, out: Path, 
         ax.set_xlabel(axis)
     axs[0][0].set_ylabel(metric)
     if colour is not None:
-        fig.colorbar(dots, ax=list(axs[0]), shrink=0.8, label="trial")
+        from matplotlib.ticker import MaxNLocator
+
+        fig.colorbar(dots, ax=list(axs[0]), shrink=0.8, label="trial", ticks=MaxNLocator(integer=True))
     fig.suptitle(f"{metric} against each axis, one dot per configuration", fontsize=10)
     return _save(fig, out)
 
