@@ -54,4 +54,4 @@ def is_owner(conn: socket.socket) -> bool:
 
 
 def _is_loopback(ip: str) -> bool:
-    return ip.startswith("127.") or ip in ("::1", "::ffff:127.0.0.1") or ip.startswith("::ffff:127.")
+    return ip == "::1" or ip.startswith(("127.", "::ffff:127."))  # IPv4, IPv6, IPv4-mapped IPv6 loopback
