@@ -190,7 +190,7 @@ def leaderboard(pool: str, *, metric: str | None = None, mongo_url: str | None =
     then ``config_id, run_id, windows``. ``frame.attrs["grid"]`` holds the grid's numbers (metric,
     trials, PBO).
     """
-    from qlib_ext.tracking import leaderboard as lb
+    from qlib_ext.analysis import leaderboard as lb
 
     _quiet_downloads()
     if hasattr(lb, "leaderboard_frame"):
@@ -207,7 +207,7 @@ def leaderboard(pool: str, *, metric: str | None = None, mongo_url: str | None =
 def report(pool: str, *, out: str | Path | None = None, metric: str | None = None, mongo_url: str | None = None,
            mlflow_uri: str | None = None) -> Path:
     """Write the pool's HTML report (``qlib-ext report``), log it to the grid's MLflow run, return its path."""
-    from qlib_ext.tracking.report import build
+    from qlib_ext.analysis.report import build
 
     _quiet_downloads()
     return build(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric, out=out)

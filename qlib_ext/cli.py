@@ -559,7 +559,7 @@ def leaderboard_cmd(pool: str, mongo_url: str, mlflow_uri: str | None, metric: s
     Sharpe, PSR, Deflated Sharpe, sanity flags and PBO (docs/validity.md)."""
     import json
 
-    from qlib_ext.tracking.leaderboard import format_table, ranked, tag_flags
+    from qlib_ext.analysis.leaderboard import format_table, ranked, tag_flags
 
     rows, grid = ranked(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric, trials=trials,
                         blocks=blocks)
@@ -603,7 +603,7 @@ def reproduce_cmd(run_id: str, mlflow_uri: str | None, mongo_url: str, provider_
 def report_cmd(pool: str, mongo_url: str, mlflow_uri: str | None, metric: str | None, out: Path | None) -> None:
     """Write POOL's report (leaderboard, grid plots, the best run) as one self-contained HTML page and
     attach it to the grid's parent run in MLflow."""
-    from qlib_ext.tracking.report import build
+    from qlib_ext.analysis.report import build
 
     click.echo(f"report: {build(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric, out=out)}")
 

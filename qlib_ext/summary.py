@@ -35,7 +35,7 @@ def after_workers(pool: str, *, mongo_url: str, mlflow_uri: str, metric: str | N
         stopped: whether they were stopped before the pool finished; None: whether the pool still has
             unfinished tasks. A stopped pool is not reported as 'all failed'.
     """
-    from qlib_ext.tracking.grid_run import finish_grid
+    from qlib_ext.analysis.grid_run import finish_grid
 
     data = finish_grid(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric)
     lines = []
@@ -59,12 +59,12 @@ def after_workers(pool: str, *, mongo_url: str, mlflow_uri: str, metric: str | N
 
 
 def _table(pool: str, mongo_url: str, mlflow_uri: str, metric: str | None, data: object, top: int) -> str:
-    from qlib_ext.tracking.leaderboard import format_table
+    from qlib_ext.analysis.leaderboard import format_table
 
     if data is not None:
         rows, grid = data.rows, data.grid
     else:
-        from qlib_ext.tracking.grid_run import ranked_rows
+        from qlib_ext.analysis.grid_run import ranked_rows
 
         rows, grid = ranked_rows(pool, mongo_url, mlflow_uri, metric)
     try:

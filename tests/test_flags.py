@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qlib_ext.tracking import flags as fl
-from qlib_ext.tracking.grid_stats import annotate
+from qlib_ext.analysis import flags as fl
+from qlib_ext.analysis.grid_stats import annotate
 
 
 @pytest.mark.parametrize(("handler", "horizon"), [

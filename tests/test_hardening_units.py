@@ -110,7 +110,7 @@ def test_unwritable_mlflow_is_an_infrastructure_fault_named_by_its_root_cause(tm
 def test_artifacts_are_read_as_frames_and_a_crafted_pred_pkl_runs_nothing(tmp_path):
     import mlflow
 
-    from qlib_ext.tracking.leaderboard import stitched_ic
+    from qlib_ext.analysis.leaderboard import stitched_ic
 
     idx = pd.MultiIndex.from_product([pd.date_range("2020-01-01", periods=3, freq="B"), ["SH600000", "SZ000001"]],
                                      names=["datetime", "instrument"])

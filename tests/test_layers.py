@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("qlib_ext.pool",),
     ("qlib_ext.cache", "qlib_ext.backtest"),
     ("qlib_ext.tracking",),
+    ("qlib_ext.analysis",),
     ("qlib_ext.worker", "qlib_ext.search"),
     ("qlib_ext.api", "qlib_ext.cli", "qlib_ext.__main__", "qlib_ext.summary", "qlib_ext.profile"),
 ]
@@ -106,6 +107,6 @@ def test_the_checker_sees_lazy_relative_and_from_package_imports(tmp_path, monke
 
 
 @pytest.mark.parametrize(("module", "layer"), [("qlib_ext.pool.record", 0), ("qlib_ext.pool.manager", 3),
-                                               ("qlib_ext.cli", TOP), ("qlib_ext.worker.body", 6)])
+                                               ("qlib_ext.cli", TOP), ("qlib_ext.worker.body", 7)])
 def test_layer_of(module, layer):
     assert layer_of(module) == layer

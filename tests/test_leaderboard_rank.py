@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from qlib_ext.analysis.leaderboard import SWEEP_METRIC, _choose_metric, _sort_key, format_table
 from qlib_ext.errors import ConfigError
-from qlib_ext.tracking.leaderboard import SWEEP_METRIC, _choose_metric, _sort_key, format_table
 
 ROWS = [{"metrics": {"IC": 0.1, "ICIR": 0.5, SWEEP_METRIC: 1.2}, "kind": None}]
 

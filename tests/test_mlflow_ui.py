@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qlib_ext.tracking import mlflow_ui, plots
+from qlib_ext.analysis import plots
+from qlib_ext.tracking import mlflow_ui
 
 PATHS = ["task.model.kwargs.learning_rate", "task.model.kwargs.num_leaves",
          "port_analysis_config.strategy.kwargs.topk", "task.dataset.kwargs.handler.kwargs.start_time",

@@ -265,8 +265,8 @@ def test_grid_pruning_never_queues_pruned_windows(tmp_path, db, synth_provider, 
 
 
 def test_leaderboard_ranks_pruned_configurations_apart(db):
+    from qlib_ext.analysis.leaderboard import _mark_pruned
     from qlib_ext.search import queue
-    from qlib_ext.tracking.leaderboard import _mark_pruned
 
     tm = GridTaskManager("s", db)
     task = {"model": {}, "qlib_ext": {"config_id": "bad", "coords": {}, "window": {"index": 3}}}

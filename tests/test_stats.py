@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from qlib_ext.tracking import stats
+from qlib_ext.analysis import stats
 
 
 def test_dsr_worked_example_of_bailey_lopez_de_prado_2014():

@@ -16,9 +16,9 @@ from grid_yaml import write_workflow
 from test_config import BASE, write_yaml
 from test_grid_e2e import cli
 
+from qlib_ext.analysis.leaderboard import _ranked
 from qlib_ext.errors import ConfigError
 from qlib_ext.pool.manager import GridTaskManager, task_hash
-from qlib_ext.tracking.leaderboard import _ranked
 from qlib_ext.worker.follow_up import backtest_tasks, enqueue
 from qlib_ext.workflow.expand import expand
 from qlib_ext.workflow.load import load_workflow

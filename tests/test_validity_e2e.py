@@ -15,8 +15,8 @@ import pytest
 from click.testing import CliRunner
 from grid_yaml import write_workflow
 
+from qlib_ext.analysis.leaderboard import leaderboard_frame
 from qlib_ext.cli import main
-from qlib_ext.tracking.leaderboard import leaderboard_frame
 
 pytestmark = pytest.mark.slow
 

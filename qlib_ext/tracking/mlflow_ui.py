@@ -386,12 +386,10 @@ def ui_base(mlflow_uri: str, port: int = 5000) -> str:
 
 
 def finish_run(recorder: Any, task: dict, metrics: dict[str, float]) -> None:
-    """After a task's run ended: the headline metrics under short names and the run's plot.
+    """After a task's run ended: the headline metrics under short names.
 
     Never raises (logs a WARNING): the task's result is already complete.
     """
-    from qlib_ext.tracking.plots import log_run_plots
-
     try:
         short = headline_metrics(metrics)
         if short:
@@ -403,4 +401,3 @@ def finish_run(recorder: Any, task: dict, metrics: dict[str, float]) -> None:
             recorder.client.log_batch(recorder.id, metrics=[Metric(k, float(v), now, 0) for k, v in short.items()])
     except Exception as e:
         logger.warning("mlflow ui: no short metric names on run %s: %s", recorder.id, e)
-    log_run_plots(recorder, str(task.get("qlib_ext", {}).get("run_name", "")))

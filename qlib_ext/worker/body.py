@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from qlib_ext import defaults
+from qlib_ext.analysis.series import VALIDITY
 from qlib_ext.pool.record import KIND_BACKTEST, KIND_TRAIN, META, Outcome, Tag, TaskMeta
 from qlib_ext.tracking import mlflow_ui
-from qlib_ext.tracking.series import VALIDITY
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +112,10 @@ def _in_run(task: dict, body: Callable[[Any, dict[str, float]], Any], task_id: s
     """Run ``body(recorder, timings)`` inside the task's MLflow run, logging tags, params and timings.
 
     ``body`` returns the fitted model (or None); the result's ``validity`` block holds the daily series
-    and model checks the leaderboard's statistics and flags need (``qlib_ext.tracking.series``)."""
+    and model checks the leaderboard's statistics and flags need (``qlib_ext.analysis.series``)."""
     from qlib.workflow import R
+
+    from qlib_ext.analysis.plots import log_run_plots
 
     meta = TaskMeta.of(task)
     experiment = meta.experiment or "workflow"
@@ -131,7 +133,8 @@ def _in_run(task: dict, body: Callable[[Any, dict[str, float]], Any], task_id: s
         R.log_metrics(**extra)
     # Qlib logs some metrics asynchronously; they are all in MLflow once the run has ended.
     logged = recorder.client.get_run(recorder.id).data.metrics
-    mlflow_ui.finish_run(recorder, task, logged)  # short metric names and plots/run.png
+    mlflow_ui.finish_run(recorder, task, logged)  # short metric names
+    log_run_plots(recorder, str(meta.run_name or ""))  # plots/run.png
     metrics = {k: _plain(v) for k, v in logged.items()}
     validity["flags"] = _flag_run(recorder, task, validity, metrics)
     return {
@@ -149,7 +152,7 @@ def _in_run(task: dict, body: Callable[[Any, dict[str, float]], Any], task_id: s
 
 def _validity(recorder: Any, task: dict, model: Any) -> dict:
     """The validity block; a failure here is logged, never fails the task (the statistics are then missing)."""
-    from qlib_ext.tracking.series import collect
+    from qlib_ext.analysis.series import collect
 
     try:
         return collect(recorder, task, model)
@@ -160,7 +163,7 @@ def _validity(recorder: Any, task: dict, model: Any) -> dict:
 
 def _flag_run(recorder: Any, task: dict, validity: dict, metrics: dict) -> list[str]:
     """The run's sanity flags, also set as the MLflow tag ``qlib_ext.flags`` (comma-separated)."""
-    from qlib_ext.tracking.flags import FLAGS_TAG, run_flags
+    from qlib_ext.analysis.flags import FLAGS_TAG, run_flags
 
     flags = run_flags(validity, metrics, rolling=bool(TaskMeta.of(task).window))
     if flags:

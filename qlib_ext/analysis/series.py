@@ -10,7 +10,7 @@ downloading or unpickling MLflow artifacts. Layout of ``result[VALIDITY]``::
      "best_iteration": 27,      # LightGBM's best iteration (None for other models)
      "label_horizon": 2,        # days the label looks ahead (from the handler's label expression)
      "label_gap_days": 1,       # trading days from the last train/valid day to the test start
-     "flags": ["nan_ic", ...]}  # the per-run sanity flags (qlib_ext.tracking.flags)
+     "flags": ["nan_ic", ...]}  # the per-run sanity flags (qlib_ext.analysis.flags)
 
 One float and one ISO date per day: ten years of two series is about 150 kB, far below MongoDB's
 16 MB document limit. ``returns`` is the series behind Qlib's ``1day.excess_return_with_cost.*``
@@ -96,7 +96,7 @@ def best_iteration(model: Any) -> int | None:
 def label_gap(task: dict) -> dict[str, int]:
     """``label_horizon`` of the task's handler and ``label_gap_days`` between its last pre-test
     segment end and its test start, in trading days of Qlib's calendar (needs ``qlib.init``)."""
-    from qlib_ext.tracking.flags import label_horizon
+    from qlib_ext.analysis.flags import label_horizon
 
     dataset = (task.get("dataset") or {}).get("kwargs") or {}
     handler = dataset.get("handler")

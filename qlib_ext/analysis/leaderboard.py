@@ -16,11 +16,11 @@ from collections import defaultdict
 from typing import Any
 
 from qlib_ext import defaults
+from qlib_ext.analysis import flags as fl
+from qlib_ext.analysis.grid_stats import STAT_KEYS, annotate
+from qlib_ext.analysis.series import VALIDITY, to_pandas
 from qlib_ext.errors import ConfigError
 from qlib_ext.pool.record import Tag
-from qlib_ext.tracking import flags as fl
-from qlib_ext.tracking.grid_stats import STAT_KEYS, annotate
-from qlib_ext.tracking.series import VALIDITY, to_pandas
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import logging
 from typing import Any
 
 from qlib_ext import defaults
-from qlib_ext.tracking import flags as fl
-from qlib_ext.tracking import stats
+from qlib_ext.analysis import flags as fl
+from qlib_ext.analysis import stats
 
 logger = logging.getLogger(__name__)
 

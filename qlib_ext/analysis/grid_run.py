@@ -1,5 +1,5 @@
 """A finished grid's summary on its parent run: counts, best objective, PBO/DSR, the rolling
-configurations' means, and the grid plots (``qlib_ext.tracking.plots``).
+configurations' means, and the grid plots (``qlib_ext.analysis.plots``).
 
 :func:`finish_grid` is safe to call any number of times (``qlib-ext run`` and ``worker`` call it
 when their workers exit, ``qlib-ext report`` before writing the page): it overwrites the metrics
@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qlib_ext.analysis import plots
 from qlib_ext.pool.record import Tag
-from qlib_ext.tracking import mlflow_ui, plots
+from qlib_ext.tracking import mlflow_ui
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class GridData:
 def ranked_rows(pool: str, mongo_url: str | None, mlflow_uri: str | None,
                 metric: str | None) -> tuple[list[dict], dict]:
     """Leaderboard rows best first and the grid's numbers (metric, PBO, ...) from the leaderboard module."""
-    from qlib_ext.tracking import leaderboard as lb
+    from qlib_ext.analysis import leaderboard as lb
 
     if hasattr(lb, "ranked"):
         return lb.ranked(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric)
@@ -135,7 +136,7 @@ def draw(data: GridData, out: Path) -> dict[str, Path]:
 
 def _pbo_plot(data: GridData, path: Path) -> Path | None:
     try:
-        from qlib_ext.tracking import stats
+        from qlib_ext.analysis import stats
     except ImportError:
         return None
     if len(data.series) < 2:

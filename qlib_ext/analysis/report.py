@@ -56,11 +56,11 @@ def build(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = N
         log: also log it as the grid run's ``report.html`` artifact.
     """
     from qlib_ext import defaults
-    from qlib_ext.tracking.grid_run import draw, finish_grid
+    from qlib_ext.analysis.grid_run import draw, finish_grid
 
     data = finish_grid(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric)
     if data is None:  # finish_grid logged why; collect again to raise the real error
-        from qlib_ext.tracking.grid_run import collect
+        from qlib_ext.analysis.grid_run import collect
 
         data = collect(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric)
     folder = Path(out) if out else defaults.home() / "reports" / pool
