@@ -10,7 +10,7 @@ from pathlib import Path
 
 from qlib_ext import defaults
 from qlib_ext.errors import ConfigError
-from qlib_ext.pool.record import TaskMeta
+from qlib_ext.pool.record import PoolMeta, TaskMeta
 
 logger = logging.getLogger(__name__)
 
@@ -88,18 +88,18 @@ def submit(path: str | Path, *, mongo_url: str | None = None, mlflow_uri: str | 
     ensure_experiment(mlflow_uri, wf.experiment_name)
     url = resolve_mongo_url(mongo_url)
     db = open_db(url, db_name)
-    save_pool_meta(db, wf.pool, {
-        "workflow": str(Path(path).resolve()), "provider_uri": provider, "region": qlib_init.get("region", "cn"),
-        "qlib_init": {k: v for k, v in qlib_init.items() if k not in _QLIB_INIT_OWNED},
-        "mlflow_uri": mlflow_uri, "experiment": wf.experiment_name, "workers": asdict(wf.workers),
-        "data": data_identity(provider), "submitted_at": dt.datetime.now(dt.timezone.utc),
-        "submitted_from": socket.gethostname(),
+    save_pool_meta(db, wf.pool, PoolMeta(
+        workflow=str(Path(path).resolve()), provider_uri=provider, region=qlib_init.get("region", "cn"),
+        qlib_init={k: v for k, v in qlib_init.items() if k not in _QLIB_INIT_OWNED},
+        mlflow_uri=mlflow_uri, experiment=wf.experiment_name, workers=asdict(wf.workers),
+        data=data_identity(provider), submitted_at=dt.datetime.now(dt.timezone.utc),
+        submitted_from=socket.gethostname(),
         # what the leaderboard ranks by; None when the YAML left grid.objective at its default (a sweep then
         # ranks by its backtest IR, not by the IC its rows share)
-        "objective": asdict(wf.grid.objective) if wf.grid.objective != type(wf.grid.objective)() else None,
-        **({"search": {"search": wf.grid.search, "n_trials": min(wf.grid.n_trials or limit or 0, limit or 10**9)
-                       or None}} if searching else {}),
-    })
+        objective=asdict(wf.grid.objective) if wf.grid.objective != type(wf.grid.objective)() else None,
+        search=PoolMeta.search_block(wf.grid.search, min(wf.grid.n_trials or limit or 0, limit or 10**9) or None)
+        if searching else None,
+    ))
     tm = GridTaskManager(wf.pool, db)
     new, total = tm.create_tasks(tasks, max_attempts=max_attempts or wf.workers.max_attempts)
     if max_attempts is not None:

@@ -465,7 +465,7 @@ def _start_search(file: Path, sub, workers: int, limit: int | None = None):
     db = open_db(sub.mongo_url)
     click.echo(f"search {wf.grid.search}" + (f" with {wf.grid.prune.method} pruning" if wf.grid.prune else "")
                + ": the proposer queues trials as results come in")
-    return SearchThread(wf, db, workers=workers, provider_uri=load_pool_meta(db, sub.pool)["provider_uri"],
+    return SearchThread(wf, db, workers=workers, provider_uri=load_pool_meta(db, sub.pool).provider_uri,
                         mlflow_uri=sub.mlflow_uri, n_trials=limit).start()
 
 

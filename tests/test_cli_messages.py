@@ -16,13 +16,14 @@ from qlib_ext.api import Submitted
 def _failed_pool(mongo_url: str, mlflow_uri: str, error: str) -> str:
     """A pool of two tasks that both failed, with its pool meta and grid run, as `run` leaves it."""
     from qlib_ext.pool.manager import GridTaskManager, open_db, save_pool_meta
+    from qlib_ext.pool.record import PoolMeta
     from qlib_ext.tracking.experiment import ensure_experiment
     from qlib_ext.tracking.mlflow_ui import ensure_grid_runs
 
     pool = f"allfail_{uuid.uuid4().hex[:8]}"
     db = open_db(mongo_url)
     ensure_experiment(mlflow_uri, pool)
-    save_pool_meta(db, pool, {"mlflow_uri": mlflow_uri, "experiment": pool})
+    save_pool_meta(db, pool, PoolMeta(mlflow_uri=mlflow_uri, experiment=pool))
     tasks = [{"model": {"class": "NoSuchModel", "module_path": "qlib.contrib.model.gbdt"},
               "qlib_ext": {"pool": pool, "run_name": f"t{i}", "config_id": f"c{i}", "coords": {}}} for i in range(2)]
     tm = GridTaskManager(pool, db)

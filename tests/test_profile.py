@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from qlib_ext import cli
 from qlib_ext.errors import ConfigError
+from qlib_ext.pool.record import PoolMeta
 from qlib_ext.summary import Summary
 from qlib_ext.worker.settings import check_worker_data, data_identity
 
@@ -117,7 +118,7 @@ def test_profile_sets_nested_group_command(tmp_path, monkeypatch):
 def test_worker_data_check_accepts_the_same_data_elsewhere(tmp_path, synth_provider):
     copy = tmp_path / "mount" / "qlib_data"
     shutil.copytree(synth_provider, copy)
-    meta = {"provider_uri": str(synth_provider), "data": data_identity(str(synth_provider))}
+    meta = PoolMeta(provider_uri=str(synth_provider), data=data_identity(str(synth_provider)))
     assert check_worker_data("p", meta, str(copy)) == str(copy.resolve())
     assert check_worker_data("p", meta) == str(synth_provider.resolve())
 
@@ -127,8 +128,8 @@ def test_worker_data_check_names_both_sides_and_the_fix(tmp_path, synth_provider
     shutil.copytree(synth_provider, other)
     days = (other / "calendars" / "day.txt").read_text().split()
     (other / "calendars" / "day.txt").write_text("\n".join(days[:-5]) + "\n")
-    meta = {"provider_uri": str(synth_provider), "data": data_identity(str(synth_provider)),
-            "submitted_from": "hostA"}
+    meta = PoolMeta(provider_uri=str(synth_provider), data=data_identity(str(synth_provider)),
+                    submitted_from="hostA")
     with pytest.raises(ConfigError) as e:
         check_worker_data("p", meta, str(other))
     text = str(e.value)
@@ -139,7 +140,7 @@ def test_worker_data_check_names_both_sides_and_the_fix(tmp_path, synth_provider
 
 
 def test_worker_data_check_missing_directory(tmp_path, synth_provider):
-    meta = {"provider_uri": str(tmp_path / "not-mounted"), "data": data_identity(str(synth_provider))}
+    meta = PoolMeta(provider_uri=str(tmp_path / "not-mounted"), data=data_identity(str(synth_provider)))
     with pytest.raises(ConfigError, match=r"not-mounted \(the path recorded at submit\) is not a Qlib dataset "
                                           r"on this host.*--provider-uri"):
         check_worker_data("p", meta)

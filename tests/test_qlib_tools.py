@@ -71,7 +71,7 @@ def test_a_0_1_0_pool_is_renamed_on_open_and_qlib_reads_it(db, qlib_tm, with_met
                            {**_old_done_doc("w"), "status": "waiting", "res": None, "result": None}])
     db["old"].update_one({"status": "waiting"}, {"$unset": {"res": "", "result": ""}})
     if with_meta:
-        db[POOLS_COLLECTION].insert_one({"_id": "old", PoolMeta.EXPERIMENT: "e"})
+        db[POOLS_COLLECTION].insert_one({"_id": "old", PoolMeta.Field.EXPERIMENT: "e"})
     with pytest.raises(TypeError):  # the bug: Qlib unpickles the plain `result` (it starts with "res")
         qlib_tm("old").task_stat()
 
@@ -82,10 +82,10 @@ def test_a_0_1_0_pool_is_renamed_on_open_and_qlib_reads_it(db, qlib_tm, with_met
     assert sorted(d["outcome"]["run_id"] for d in db["old"].find({"status": "done"})) == ["r1", "r2"]
     assert sorted(r["run_id"] for r in tm.results()) == ["r1", "r2"]
     if with_meta:
-        assert db[POOLS_COLLECTION].find_one({"_id": "old"})[PoolMeta.DOC_FORMAT] == DOC_FORMAT
+        assert db[POOLS_COLLECTION].find_one({"_id": "old"})[PoolMeta.Field.DOC_FORMAT] == DOC_FORMAT
     # twice is harmless, also when forced past the recorded format
     assert GridTaskManager("old", db).migrate() == 0
-    db[POOLS_COLLECTION].update_one({"_id": "old"}, {"$unset": {PoolMeta.DOC_FORMAT: ""}})
+    db[POOLS_COLLECTION].update_one({"_id": "old"}, {"$unset": {PoolMeta.Field.DOC_FORMAT: ""}})
     assert GridTaskManager("old", db).migrate() == 0
     assert sorted(d["outcome"]["run_id"] for d in db["old"].find({"status": "done"})) == ["r1", "r2"]
 

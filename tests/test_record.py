@@ -7,8 +7,8 @@ import bson
 import pytest
 from test_config import write_yaml
 
-from qlib_ext.pool.manager import task_hash
-from qlib_ext.pool.record import META, Doc, TaskMeta, check_field_names, doc_fields
+from qlib_ext.pool.manager import load_pool_meta, open_db, save_pool_meta, task_hash, update_pool_meta
+from qlib_ext.pool.record import META, Doc, PoolMeta, TaskMeta, check_field_names, doc_fields
 from qlib_ext.worker.follow_up import backtest_tasks
 from qlib_ext.workflow.expand import expand
 from qlib_ext.workflow.load import load_workflow
@@ -50,3 +50,30 @@ def test_no_field_of_ours_starts_with_def_or_res():
     check_field_names([f for f in fields if f != Doc.LEGACY_RESULT])
     with pytest.raises(ValueError, match="result"):
         check_field_names([Doc.LEGACY_RESULT])
+
+
+def test_pool_meta_round_trips_the_stored_document():
+    stored = {"_id": "p", "workflow": "/w.yaml", "experiment": "e", "search_until": None, "doc_format": 2,
+              "from_a_later_version": 1}
+    meta = PoolMeta.from_dict(stored)
+    assert meta.pool == "p" and meta.region == "cn" and meta.doc_format == 2 and meta.qlib_init == {}
+    assert meta.to_dict() == {k: v for k, v in stored.items() if k != "_id"}
+    new = PoolMeta(workflow="/w.yaml", experiment="e").to_dict()  # a submit's record: every submit field
+    assert list(new) == list(PoolMeta._ALWAYS) and "search" not in new and "doc_format" not in new
+    assert PoolMeta(search=PoolMeta.search_block("tpe", 9)).search_trials == 9
+
+
+@pytest.mark.parametrize("record", [PoolMeta, TaskMeta])
+def test_field_constants_name_every_stored_field(record):
+    constants = {v for k, v in vars(record.Field).items() if k.isupper()}
+    assert constants == set(record.stored_fields())
+
+
+def test_pool_meta_is_saved_loaded_and_updated_by_field(mongo_url, task_db_name):
+    db = open_db(mongo_url, task_db_name)
+    save_pool_meta(db, "p", PoolMeta(workflow="/w.yaml", experiment="e", mlflow_uri="sqlite:///x.db"))
+    update_pool_meta(db, "p", search_until=None, search_owner="h:1")
+    meta = load_pool_meta(db, "p")
+    assert (meta.pool, meta.experiment, meta.search_owner, meta.doc_format) == ("p", "e", "h:1", 1)
+    with pytest.raises(ValueError, match="search_untill"):
+        update_pool_meta(db, "p", search_untill=None)

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from qlib_ext.cli import main
 from qlib_ext.defaults import TASK_DB_NAME
 from qlib_ext.pool.manager import GridTaskManager, save_pool_meta
+from qlib_ext.pool.record import PoolMeta
 from qlib_ext.worker import spool as spool
 from qlib_ext.worker.loop import StopState, Worker
 from qlib_ext.worker.settings import WorkerSettings
@@ -93,7 +94,7 @@ def _task(i: int) -> dict:
 def tm(mongo_url, task_db_name):
     client = pymongo.MongoClient(mongo_url)
     tm = GridTaskManager("pool", client[task_db_name])
-    save_pool_meta(client[task_db_name], "pool", {"mlflow_uri": "sqlite:///unused.db", "experiment": "x"})
+    save_pool_meta(client[task_db_name], "pool", PoolMeta(mlflow_uri="sqlite:///unused.db", experiment="x"))
     yield tm
     client.close()
 
@@ -157,7 +158,7 @@ def test_cancel_stops_claims_and_fences_running_tasks_out_retry_requeues(tm):
 
 def test_retry_and_cancel_commands(mongo_url):
     db = pymongo.MongoClient(mongo_url)[TASK_DB_NAME]
-    save_pool_meta(db, "cmd", {"mlflow_uri": "sqlite:///unused.db", "experiment": "cmd"})
+    save_pool_meta(db, "cmd", PoolMeta(mlflow_uri="sqlite:///unused.db", experiment="cmd"))
     tm = GridTaskManager("cmd", db)
     tm.create_tasks([_task(i) for i in range(3)], max_attempts=1)
     tm.fail(tm.claim(worker="w:1"), "Traceback\nValueError: x")

@@ -118,14 +118,14 @@ def ranked(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = 
 
     db = open_db(mongo_url, db_name or defaults.TASK_DB_NAME)
     meta = load_pool_meta(db, pool)
-    client = mlflow.MlflowClient(tracking_uri=mlflow_uri or meta["mlflow_uri"])
-    exp = client.get_experiment_by_name(meta["experiment"])
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri or meta.mlflow_uri)
+    exp = client.get_experiment_by_name(meta.experiment)
     runs = _search_pool_runs(client, exp.experiment_id, pool) if exp else {}
     tm = GridTaskManager(pool, db)
     results = tm.results()
     rows = _rows(results, runs)
     rows = _aggregate_windows(client, rows)
-    objective = meta.get("objective") or {}
+    objective = meta.objective or {}
     name, direction = _choose_metric(rows, metric, objective, pool)
     grid = annotate(rows, trials=trials, blocks=blocks, failed=tm.counts().get("failed", 0))
     _mark_pruned(rows, tm)
@@ -135,7 +135,7 @@ def ranked(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = 
             r.pop(internal, None)
         r["metrics"].update({k: v for k, v in r["stats"].items() if k in ("sharpe", "psr", "dsr")})
     return rows, {"pool": pool, "metric": name, "direction": direction, "rows": len(rows),
-                  "mlflow_uri": mlflow_uri or meta["mlflow_uri"], **grid}
+                  "mlflow_uri": mlflow_uri or meta.mlflow_uri, **grid}
 
 
 def _mark_pruned(rows: list[dict], tm: Any) -> None:

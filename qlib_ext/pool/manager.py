@@ -115,16 +115,16 @@ class GridTaskManager(TaskManager):
         process reads any of them. The pool's metadata then records ``doc_format`` so later opens skip the
         scan (a pool without metadata, made by hand, is scanned each time).
         """
-        pools = self.task_pool.database[POOLS_COLLECTION]
+        db = self.task_pool.database
         try:
-            meta = pools.find_one({"_id": self.pool_name}, {PoolMeta.DOC_FORMAT: 1})
-            if meta and meta.get(PoolMeta.DOC_FORMAT, 1) >= DOC_FORMAT:
+            meta = find_pool_meta(db, self.pool_name, [PoolMeta.Field.DOC_FORMAT])
+            if meta is not None and meta.doc_format >= DOC_FORMAT:
                 self.migrated = True
                 return 0
             done = self.task_pool.update_many({Doc.LEGACY_RESULT: {"$exists": True}},
                                               {"$rename": {Doc.LEGACY_RESULT: Doc.OUTCOME}}).modified_count
-            if meta:
-                pools.update_one({"_id": self.pool_name}, {"$set": {PoolMeta.DOC_FORMAT: DOC_FORMAT}})
+            if meta is not None:
+                update_pool_meta(db, self.pool_name, doc_format=DOC_FORMAT)
         except PyMongoError as e:
             raise StoreError(f"pool {self.pool_name}: cannot migrate 0.1.0 '{Doc.LEGACY_RESULT}' fields: {e}") from e
         self.migrated = True
@@ -398,8 +398,8 @@ class GridTaskManager(TaskManager):
 
     def search_open(self) -> bool:
         """Whether a search proposer renewed its hold on this pool recently (``search_until`` in the future)."""
-        meta = self.task_pool.database[POOLS_COLLECTION].find_one({"_id": self.pool_name}, {"search_until": 1})
-        until = (meta or {}).get("search_until")
+        meta = find_pool_meta(self.task_pool.database, self.pool_name, [PoolMeta.Field.SEARCH_UNTIL])
+        until = meta.search_until if meta is not None else None
         return isinstance(until, dt.datetime) and until > self.now()
 
     def owners(self, task_ids: list[Any]) -> dict[Any, dict]:
@@ -455,9 +455,9 @@ class GridTaskManager(TaskManager):
         flt = {Doc.STATUS: {"$in": [TaskStatus.WAITING.value, TaskStatus.RUNNING.value]}, Doc.INFRA_RETRIES: {"$gt": 0}}
         return list(self.task_pool.find(flt, {Doc.INFRA_RETRIES: 1, Doc.INFRA_ERROR: 1}))
 
-    def meta(self) -> dict:
-        """This pool's metadata document (written at submit), ``{}`` if it has none."""
-        return self.task_pool.database[POOLS_COLLECTION].find_one({"_id": self.pool_name}) or {}
+    def meta(self) -> PoolMeta:
+        """This pool's metadata (written at submit), empty if it has none."""
+        return find_pool_meta(self.task_pool.database, self.pool_name) or PoolMeta(pool=self.pool_name)
 
     def results(self) -> list[dict]:
         """Committed results of done tasks, with their task meta, without unpickling anything."""
@@ -502,21 +502,42 @@ def open_db(mongo_url: str | None, db_name: str = defaults.TASK_DB_NAME, *, work
 
 
 
-def save_pool_meta(db: Database, pool: str, meta: dict) -> None:
-    """Record how to run a pool (qlib_init, experiment, MLflow URI...) so workers need only its name."""
-    db[POOLS_COLLECTION].update_one({"_id": pool}, {"$set": meta}, upsert=True)
+def save_pool_meta(db: Database, pool: str, meta: PoolMeta) -> None:
+    """Record how to run a pool (qlib_init, experiment, MLflow URI...) so workers need only its name.
+
+    Writes the keys ``meta.to_dict()`` holds (for a new record: the submit's fields); other keys the
+    document has (a search's hold, ``doc_format``) are kept.
+    """
+    db[POOLS_COLLECTION].update_one({Doc.ID: pool}, {"$set": meta.to_dict()}, upsert=True)
+
+
+def update_pool_meta(db: Database, pool: str, **values: Any) -> None:
+    """Set some fields of a pool's metadata (:class:`PoolMeta` field names), creating the document if needed.
+
+    Raises:
+        ValueError: a name is not a stored field of :class:`PoolMeta`.
+    """
+    unknown = sorted(set(values) - set(PoolMeta.stored_fields()))
+    if unknown:
+        raise ValueError(f"unknown pool metadata fields {unknown}; expected one of {PoolMeta.stored_fields()}")
+    db[POOLS_COLLECTION].update_one({Doc.ID: pool}, {"$set": values}, upsert=True)
 
 
 def pool_names(db: Database) -> list[str]:
     """Names of the pools submitted to ``db`` (those with a metadata document), sorted."""
-    return sorted(d["_id"] for d in db[POOLS_COLLECTION].find({}, {"_id": 1}))
+    return sorted(d[Doc.ID] for d in db[POOLS_COLLECTION].find({}, {Doc.ID: 1}))
 
 
-def load_pool_meta(db: Database, pool: str) -> dict:
+def find_pool_meta(db: Database, pool: str, fields: list[str] | None = None) -> PoolMeta | None:
+    """The metadata of ``pool`` (only ``fields``, :class:`PoolMeta.Field` names, when given); None if it has none."""
+    doc = db[POOLS_COLLECTION].find_one({Doc.ID: pool}, dict.fromkeys(fields, 1) if fields else None)
+    return None if doc is None else PoolMeta.from_dict(doc)
+
+
+def load_pool_meta(db: Database, pool: str) -> PoolMeta:
     """The metadata recorded by ``submit`` for ``pool``; StoreError if the pool was never submitted."""
-    meta = db[POOLS_COLLECTION].find_one({"_id": pool})
+    meta = find_pool_meta(db, pool)
     if meta is None:
-        known = sorted(d["_id"] for d in db[POOLS_COLLECTION].find({}, {"_id": 1}))
         raise StoreError(f"no pool named {pool!r} in database {db.name!r}; known pools: "
-                         f"{', '.join(known) or '(none)'} — submit a workflow first")
+                         f"{', '.join(pool_names(db)) or '(none)'} — submit a workflow first")
     return meta

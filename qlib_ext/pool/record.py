@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final, Self
 
 META: Final = "qlib_ext"
 """Key of the qlib-ext block in a task dict (``task["qlib_ext"]``, stored under ``def`` and ``filter``)."""
@@ -65,22 +65,6 @@ DOC_FORMAT: Final = 2
 """Format of the task documents: 1 = 0.1.0 (the committed result in ``result``), 2 = ``outcome``."""
 
 
-class PoolMeta:
-    """Field names of a pool's metadata document (collection ``_qlib_ext_pools``, ``_id`` = pool name)."""
-
-    WORKFLOW: Final = "workflow"  # absolute path of the submitted YAML
-    PROVIDER_URI: Final = "provider_uri"  # Qlib data directory at submit
-    REGION: Final = "region"
-    QLIB_INIT: Final = "qlib_init"  # further qlib.init arguments
-    MLFLOW_URI: Final = "mlflow_uri"
-    EXPERIMENT: Final = "experiment"
-    WORKERS: Final = "workers"  # the workflow's workers: section (WorkersSpec as a dict)
-    DATA: Final = "data"  # data identity (calendar range, instrument count)
-    SUBMITTED_AT: Final = "submitted_at"
-    SUBMITTED_FROM: Final = "submitted_from"
-    DOC_FORMAT: Final = "doc_format"  # DOC_FORMAT the pool's documents were migrated to (absent: 1)
-
-
 class ErrorEntry:
     """Field names of one entry of a document's ``errors`` list."""
 
@@ -118,7 +102,8 @@ class Tag:
     KIND: Final = "qlib_ext.kind"
     SWEEP: Final = "qlib_ext.sweep"
     PARENT_RUN_ID: Final = "qlib_ext.parent_run_id"
-    DISCARDED: Final = "qlib_ext.discarded"  # on a FINISHED run whose result was never committed
+    DISCARDED: Final = "qlib_ext.discarded"  # on a KILLED run: why its result was never committed
+    SPOOLED: Final = "qlib_ext.spooled"  # on a RUNNING run whose result waits in a worker's spool (worker/spool.py)
     FLAGS: Final = "qlib_ext.flags"  # a run's sanity flags, comma-separated (tracking/flags.py)
     DSR: Final = "qlib_ext.dsr"  # a leaderboard row's Deflated Sharpe Ratio (leaderboard --tag-runs)
     AXES: Final = "qlib_ext.axes"  # grid run: JSON {short param name: full dotted path} (tracking/mlflow_ui.py)
@@ -150,8 +135,115 @@ def doc_fields() -> list[str]:
 check_field_names([n for n in doc_fields() if n != Doc.LEGACY_RESULT])
 
 
+class _Block:
+    """A stored block read into a dataclass and written back as it was.
+
+    Keys absent from the stored block stay absent (the field's default here) so that a round trip
+    leaves the document unchanged; keys the class does not know are kept in ``extra``.
+    """
+
+    _ALWAYS: tuple[str, ...] = ()  # keys a new block (not read from the store) always writes
+    _NOT_STORED: tuple[str, ...] = ("extra",)  # fields that are not keys of the stored block
+
+    @classmethod
+    def from_dict(cls, block: dict) -> Self:
+        """Read a stored block."""
+        known = {f.name for f in dataclasses.fields(cls)} - set(cls._NOT_STORED)  # type: ignore[arg-type]
+        meta = cls(**{k: v for k, v in block.items() if k in known},
+                   extra={k: v for k, v in block.items() if k not in known})
+        meta._present = [k for k in block if k in known]
+        return meta
+
+    def to_dict(self) -> dict:
+        """The block as stored: the keys it was read with (or, for a new block, the always-present ones)
+        in their order, then any other key set to a non-default value, then ``extra``."""
+        present = getattr(self, "_present", None)
+        keep = list(self._ALWAYS if present is None else present)
+        out = {name: getattr(self, name) for name in keep}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]  # a key set since: any non-default value
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if f.name not in out and f.name not in self._NOT_STORED and getattr(self, f.name) != default:
+                out[f.name] = getattr(self, f.name)
+        return {**out, **self.extra}  # type: ignore[attr-defined]
+
+    @classmethod
+    def stored_fields(cls) -> list[str]:
+        """The stored keys this class knows, in field order."""
+        return [f.name for f in dataclasses.fields(cls) if f.name not in cls._NOT_STORED]  # type: ignore[arg-type]
+
+
 @dataclass
-class TaskMeta:
+class PoolMeta(_Block):
+    """A pool's metadata document (collection ``_qlib_ext_pools``, ``_id`` = the pool's name): how to run it.
+
+    Written whole by the submit (:func:`qlib_ext.pool.manager.save_pool_meta`), a few fields at a time by
+    the pool (``doc_format``) and a search proposer (its hold); read by workers, reports and the reaper.
+    ``to_dict`` leaves out ``pool`` (the document's ``_id``).
+    """
+
+    pool: str | None = None  # the pool's name (the document's _id)
+    workflow: str | None = None  # absolute path of the submitted YAML
+    provider_uri: str | None = None  # Qlib data directory at submit
+    region: str = "cn"  # qlib.init region
+    qlib_init: dict = field(default_factory=dict)  # further qlib.init arguments
+    mlflow_uri: str | None = None  # MLflow tracking URI of the pool's runs
+    experiment: str | None = None  # MLflow experiment of the pool's runs
+    workers: dict = field(default_factory=dict)  # the workflow's workers: section (WorkersSpec as a dict)
+    data: dict | None = None  # data identity at submit (calendar range, instrument count); absent before 0.2
+    submitted_at: Any = None  # datetime of the (last) submit, UTC
+    submitted_from: str | None = None  # host name of the submitter
+    objective: dict | None = None  # what the leaderboard ranks by (Objective as a dict); None: the default
+    search: dict | None = None  # a model-based search: {search: sampler name, n_trials}
+    search_until: Any = None  # store time (datetime) until which a search proposer holds the pool open
+    search_owner: str | None = None  # the proposer holding the pool (host:pid)
+    search_done: bool = False  # every trial of the search has finished
+    doc_format: int = 1  # DOC_FORMAT the pool's documents were migrated to (absent: 1)
+    extra: dict = field(default_factory=dict)  # keys this version does not know, kept as they are
+
+    _ALWAYS = ("workflow", "provider_uri", "region", "qlib_init", "mlflow_uri", "experiment", "workers", "data",
+               "submitted_at", "submitted_from", "objective")
+    _NOT_STORED = ("extra", "pool")
+
+    class Field:
+        """The stored key of each field, for queries, projections and partial updates."""
+
+        WORKFLOW: Final = "workflow"
+        PROVIDER_URI: Final = "provider_uri"
+        REGION: Final = "region"
+        QLIB_INIT: Final = "qlib_init"
+        MLFLOW_URI: Final = "mlflow_uri"
+        EXPERIMENT: Final = "experiment"
+        WORKERS: Final = "workers"
+        DATA: Final = "data"
+        SUBMITTED_AT: Final = "submitted_at"
+        SUBMITTED_FROM: Final = "submitted_from"
+        OBJECTIVE: Final = "objective"
+        SEARCH: Final = "search"
+        SEARCH_UNTIL: Final = "search_until"
+        SEARCH_OWNER: Final = "search_owner"
+        SEARCH_DONE: Final = "search_done"
+        DOC_FORMAT: Final = "doc_format"
+
+    @staticmethod
+    def search_block(sampler: str, n_trials: int | None) -> dict:
+        """The ``search`` field of a pool searched with ``sampler`` for ``n_trials`` trials."""
+        return {"search": sampler, "n_trials": n_trials}
+
+    @property
+    def search_trials(self) -> int | None:
+        """The trial budget of the pool's search (None: no search, or no budget recorded)."""
+        return (self.search or {}).get("n_trials")
+
+    @classmethod
+    def from_dict(cls, block: dict) -> Self:
+        """Read a stored metadata document (its ``_id`` becomes ``pool``)."""
+        meta = super().from_dict({k: v for k, v in block.items() if k != Doc.ID})
+        meta.pool = block.get(Doc.ID)
+        return meta
+
+
+@dataclass
+class TaskMeta(_Block):
     """The ``qlib_ext`` block of a task dict. Plain data; ``to_dict`` gives the stored dict back.
 
     Keys absent from the stored block stay absent (``None`` here) so that a round trip leaves the
@@ -176,38 +268,30 @@ class TaskMeta:
 
     _ALWAYS = ("pool", "experiment", "grid_hash", "config_id", "coords", "model", "strategy", "window", "run_name")
 
+    class Field:
+        """The stored key of each field, for queries and projections (``filter.qlib_ext.<key>``)."""
+
+        POOL: Final = "pool"
+        EXPERIMENT: Final = "experiment"
+        GRID_HASH: Final = "grid_hash"
+        CONFIG_ID: Final = "config_id"
+        COORDS: Final = "coords"
+        MODEL: Final = "model"
+        STRATEGY: Final = "strategy"
+        WINDOW: Final = "window"
+        RUN_NAME: Final = "run_name"
+        SWEEP: Final = "sweep"
+        KIND: Final = "kind"
+        MODEL_CLASS: Final = "model_class"
+        PARENT_RUN_ID: Final = "parent_run_id"
+        PARENT_TASK_ID: Final = "parent_task_id"
+
     @classmethod
     def of(cls, task: dict) -> TaskMeta:
         """The block of a task dict (empty when it has none)."""
         return cls.from_dict(task.get(META) or {})
 
-    @classmethod
-    def from_dict(cls, block: dict) -> TaskMeta:
-        """Read a stored block."""
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        meta = cls(**{k: v for k, v in block.items() if k in known},
-                   extra={k: v for k, v in block.items() if k not in known})
-        meta._present = [k for k in block if k in known]
-        return meta
-
-    def to_dict(self) -> dict:
-        """The block as stored: the keys it was read with (or, for a new block, the always-present ones)
-        in their order, then any other key set to a non-default value, then ``extra``."""
-        present = getattr(self, "_present", None)
-        keep = list(self._ALWAYS if present is None else present)
-        out = {name: getattr(self, name) for name in keep}
-        for f in dataclasses.fields(self):  # a key set since: any value other than the field's default
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            if f.name not in out and f.name != "extra" and getattr(self, f.name) != default:
-                out[f.name] = getattr(self, f.name)
-        return {**out, **self.extra}
-
     @property
     def is_backtest(self) -> bool:
         """A backtest of a training run's predictions (train-once follow-up)."""
         return self.kind == KIND_BACKTEST
-
-    @property
-    def window_index(self) -> int | None:
-        """Index of the rolling window, None without rolling."""
-        return (self.window or {}).get("index")

@@ -6,6 +6,8 @@ from collections import Counter
 
 from pymongo.database import Database
 
+from qlib_ext.pool.manager import find_pool_meta
+from qlib_ext.pool.record import PoolMeta
 from qlib_ext.search.trials import TrialState, TrialStore
 
 
@@ -27,8 +29,8 @@ def summary_lines(db: Database, pool: str) -> list[str]:
     if not docs:
         return []
     counts = Counter(d["state"] for d in docs)
-    meta = db["_qlib_ext_pools"].find_one({"_id": pool}, {"search": 1}) or {}
-    n_trials = (meta.get("search") or {}).get("n_trials") or len(docs)
+    meta = find_pool_meta(db, pool, [PoolMeta.Field.SEARCH])
+    n_trials = (meta.search_trials if meta else None) or len(docs)
     objective = docs[0]["objective"]
     lines = [f"search {docs[0]['sampler']}: {len(docs)} of {n_trials} trials — "
              + ", ".join(f"{s.value} {counts[s.value]}" for s in TrialState if counts[s.value])]

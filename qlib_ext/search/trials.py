@@ -22,14 +22,12 @@ from pymongo import ReturnDocument
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
+from qlib_ext.pool.record import PoolMeta
+
 logger = logging.getLogger(__name__)
 
 TRIALS_COLLECTION = "_qlib_ext_trials"
 """Collection of the trial documents of every pool's search."""
-
-SEARCH_UNTIL = "search_until"
-"""Field of a pool's metadata document: store time until which a proposer holds the pool open."""
-
 
 class TrialState(str, Enum):
     """State of a trial document (Optuna's ``TrialState`` names, lower case)."""
@@ -111,16 +109,17 @@ class TrialStore:
 
 def open_search(db: Database, pool: str, until: dt.datetime, owner: str) -> None:
     """Hold the pool open until ``until`` (store time): workers wait for proposals instead of exiting."""
-    from qlib_ext.pool.manager import save_pool_meta
+    from qlib_ext.pool.manager import update_pool_meta
 
-    save_pool_meta(db, pool, {SEARCH_UNTIL: until, "search_owner": owner})
+    update_pool_meta(db, pool, search_until=until, search_owner=owner)
 
 
 def close_search(db: Database, pool: str, done: bool) -> None:
     """Let workers exit once the queue is drained; ``done`` records that every trial finished."""
-    from qlib_ext.pool.manager import save_pool_meta
+    from qlib_ext.pool.manager import update_pool_meta
 
-    save_pool_meta(db, pool, {SEARCH_UNTIL: None, **({"search_done": True} if done else {})})
+    finished = {PoolMeta.Field.SEARCH_DONE: True} if done else {}
+    update_pool_meta(db, pool, search_until=None, **finished)
 
 
 def _now() -> dt.datetime:

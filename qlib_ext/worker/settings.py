@@ -13,6 +13,7 @@ from pathlib import Path
 
 from qlib_ext import defaults
 from qlib_ext.errors import ConfigError
+from qlib_ext.pool.record import PoolMeta
 from qlib_ext.workflow.spec import WorkersSpec
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ _DATA_FIX = ("pass --provider-uri (or QLIB_EXT_PROVIDER_URI, or provider_uri in 
              "or an identical copy")
 
 
-def check_worker_data(pool: str, meta: dict, provider_uri: str | None = None) -> str:
+def check_worker_data(pool: str, meta: PoolMeta, provider_uri: str | None = None) -> str:
     """The data directory a worker of ``pool`` uses, checked against the data the pool was submitted with.
 
     Args:
@@ -99,16 +100,16 @@ def check_worker_data(pool: str, meta: dict, provider_uri: str | None = None) ->
             count differs from the submitted one (both sides and the fix are named).
     """
     origin = "--provider-uri" if provider_uri else "the path recorded at submit"
-    path = Path(str(provider_uri or meta["provider_uri"])).expanduser().resolve()
+    path = Path(str(provider_uri or meta.provider_uri)).expanduser().resolve()
     if not (path / "calendars" / "day.txt").is_file():
         raise ConfigError(f"pool {pool}: data directory {path} ({origin}) is not a Qlib dataset on this host "
                           f"(no calendars/day.txt); {_DATA_FIX}")
-    want = meta.get("data")
+    want = meta.data
     if not want:  # pools submitted before data identities were recorded
         return str(path)
     have = data_identity(str(path))
     if any(have.get(k) != v for k, v in want.items()):
-        where = f"{meta.get('provider_uri')} on {meta.get('submitted_from', 'the submitting host')}"
+        where = f"{meta.provider_uri} on {meta.submitted_from or 'the submitting host'}"
         raise ConfigError(f"pool {pool}: this host's data does not match the data the pool was submitted with\n"
                           f"  submitted: {_describe(want)}  ({where})\n"
                           f"  here:      {_describe(have)}  ({path}, {origin})\n"
@@ -138,7 +139,7 @@ def worker_settings(pool: str, *, mongo_url: str | None = None, mlflow_uri: str 
     url = resolve_mongo_url(mongo_url)
     meta = load_pool_meta(open_db(url, db_name), pool)
     provider = check_worker_data(pool, meta, provider_uri)
-    spec = meta.get("workers", {})
+    spec = meta.workers
     wanted = threads if threads is not None else spec.get("threads_per_worker", "auto")
     recorded = WorkersSpec()
     fields = {name: spec.get(name, getattr(recorded, name)) for name in FROM_POOL}
@@ -146,8 +147,8 @@ def worker_settings(pool: str, *, mongo_url: str | None = None, mlflow_uri: str 
     fields["allowed_modules"] = allowlist.resolve(explicit or None, spec.get("allowed_modules"))
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return WorkerSettings(
-        pool=pool, mongo_url=url, mlflow_uri=mlflow_uri or meta["mlflow_uri"], provider_uri=provider,
-        region=meta.get("region", "cn"), db_name=db_name, qlib_kwargs=meta.get("qlib_init", {}),
+        pool=pool, mongo_url=url, mlflow_uri=mlflow_uri or meta.mlflow_uri, provider_uri=provider,
+        region=meta.region, db_name=db_name, qlib_kwargs=meta.qlib_init,
         cache_dir=str(defaults.cache_dir()) if cache else None,
         log_dir=str(defaults.home() / "logs" / pool) if log_to_files else None,
         threads=auto_threads(workers) if wanted in (None, "auto") else int(wanted), **fields,
