@@ -14,8 +14,9 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "qlib_ext"
 
 LAYERS: list[tuple[str, ...]] = [
-    # the base: imported by everyone; pool.record is the schema of the pool's documents (stdlib only)
-    ("qlib_ext", "qlib_ext.errors", "qlib_ext.defaults", "qlib_ext.pool.record"),
+    # the base: imported by everyone; pool.record is the schema of the pool's documents, identity the canonical
+    # JSON and its digests (stdlib only)
+    ("qlib_ext", "qlib_ext.errors", "qlib_ext.defaults", "qlib_ext.identity", "qlib_ext.pool.record"),
     ("qlib_ext.store", "qlib_ext.data"),
     ("qlib_ext.workflow",),
     ("qlib_ext.pool",),

@@ -16,7 +16,6 @@ costs repeated builds, never a wrong or torn entry.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from qlib_ext.cache.entry import FORMAT_VERSION, Entry, stats, unusable, write_or_skip
+from qlib_ext.identity import digest
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ LOCK_TIMEOUT_SECONDS = 3600.0
 """How long a process waits for another one's build of the same entry, seconds."""
 
 __all__ = ["prepared_dataset", "load_or_build", "shared", "entry_lock", "handler_config", "dataset_key", "cache_key",
-           "data_identity", "versions", "list_entries", "clear", "stats"]
+           "data_fingerprint", "key_digest", "versions", "list_entries", "clear", "stats"]
 
 
 # --------------------------------------------------------------------------- public API
@@ -131,7 +131,7 @@ def dataset_key(config: dict) -> str | None:
     rest = {k: v for k, v in kwargs.items() if k != "handler"}
     payload = {"handler": cache_key(kwargs["handler"]), "class": f"{klass.__module__}.{klass.__qualname__}",
                "rest": rest}
-    return digest(payload)
+    return key_digest(payload)
 
 
 def cache_key(handler_cfg: dict) -> str:
@@ -143,13 +143,15 @@ def cache_key(handler_cfg: dict) -> str:
     Returns:
         A 64-character hex digest.
     """
-    payload = {"handler": handler_cfg, "data": data_identity(), "versions": versions(), "format": FORMAT_VERSION}
-    return digest(payload)
+    payload = {"handler": handler_cfg, "data": data_fingerprint(), "versions": versions(), "format": FORMAT_VERSION}
+    return key_digest(payload)
 
 
-def data_identity() -> dict:
-    """What identifies the data behind ``qlib.init``'s provider URIs: calendars and instrument lists
-    (content hashes) and every feature file's size and mtime (one ``os.scandir`` walk, milliseconds).
+def data_fingerprint() -> dict:
+    """A fingerprint of the data behind ``qlib.init``'s provider URIs, for cache keys: calendars and
+    instrument lists (content hashes) and every feature file's size and mtime (one ``os.scandir`` walk,
+    milliseconds). Not :func:`qlib_ext.worker.settings.data_identity`, the summary (calendar range,
+    instrument count) a pool records to check a worker host's data.
     """
     from qlib.config import C
 
@@ -170,14 +172,9 @@ def versions() -> dict:
 
 
 # --------------------------------------------------------------------------- key helpers
-def digest(obj: Any) -> str:
-    """Hex sha256 of :func:`canonical` ``obj``: the one way every cache key is made."""
-    return hashlib.sha256(canonical(obj).encode()).hexdigest()
-
-
-def canonical(obj: Any) -> str:
-    # Dates from YAML, Timestamps and Paths all become strings; key order never matters.
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+def key_digest(obj: Any) -> str:
+    """Hex sha256 of the canonical JSON of ``obj``: the one way every cache key is made."""
+    return digest(obj, "sha256")
 
 
 def _dir_identity(uri: Any) -> dict:
@@ -197,7 +194,7 @@ def _files_digest(folder: Path) -> dict[str, str]:
 
 def _features_digest(folder: Path) -> str:
     """sha256 over (instrument, file, size, mtime_ns) of every feature file."""
-    digest = hashlib.sha256()
+    h = hashlib.sha256()
     if not folder.is_dir():
         return ""
     with os.scandir(folder) as instruments:
@@ -207,8 +204,8 @@ def _features_digest(folder: Path) -> str:
             with os.scandir(inst.path) as files:
                 for f in sorted(files, key=lambda e: e.name):
                     st = f.stat()
-                    digest.update(f"{inst.name}/{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+                    h.update(f"{inst.name}/{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def _dataset_parts(config: Any) -> tuple[type | None, dict]:

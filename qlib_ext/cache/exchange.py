@@ -22,7 +22,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from qlib_ext.cache.datasets import data_identity, digest, shared, versions
+from qlib_ext.cache.datasets import data_fingerprint, key_digest, shared, versions
 from qlib_ext.cache.entry import PickleEntry, stats, write_or_skip
 
 logger = logging.getLogger("qlib_ext.cache")
@@ -90,8 +90,8 @@ def exchange_key(kwargs: dict) -> str:
     from qlib.config import C
 
     defaults = {name: C.get(name) for name in ("limit_threshold", "deal_price", "trade_unit")}
-    payload = {"exchange": kwargs, "defaults": defaults, "data": data_identity(), "versions": versions()}
-    return digest(payload)
+    payload = {"exchange": kwargs, "defaults": defaults, "data": data_fingerprint(), "versions": versions()}
+    return key_digest(payload)
 
 
 def _build(kwargs: dict, entry: QuoteEntry) -> Any:

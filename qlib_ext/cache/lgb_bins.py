@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from qlib_ext.cache.datasets import digest
+from qlib_ext.cache.datasets import key_digest
 from qlib_ext.cache.entry import PickleEntry, stats, unusable
 
 logger = logging.getLogger("qlib_ext.cache")
@@ -62,7 +62,7 @@ def entry_key(dataset_key: str, params: dict) -> str:
     import lightgbm
 
     binning = {k: v for k, v in params.items() if k not in BOOSTING_ONLY}
-    return digest([dataset_key, binning, lightgbm.__version__])
+    return key_digest([dataset_key, binning, lightgbm.__version__])
 
 
 @contextlib.contextmanager

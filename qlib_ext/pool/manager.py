@@ -13,8 +13,6 @@ renames it when a pool is opened.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 import logging
 import pickle
 import socket
@@ -30,6 +28,7 @@ from qlib.workflow.task.manage import TaskManager
 
 from qlib_ext import defaults
 from qlib_ext.errors import StoreError, TaskDecodeError
+from qlib_ext.identity import digest
 from qlib_ext.pool.record import DOC_FORMAT, META, Doc, PoolMeta
 from qlib_ext.pool.status import UNFINISHED, TaskStatus
 
@@ -56,8 +55,7 @@ def task_hash(task: dict) -> str:
     meta = task.get(META)
     if isinstance(meta, dict) and "grid_hash" in meta:
         task = {**task, META: {k: v for k, v in meta.items() if k != "grid_hash"}}
-    blob = json.dumps(task, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha1(blob.encode()).hexdigest()
+    return digest(task)
 
 
 def worker_id() -> str:

@@ -172,10 +172,10 @@ def backtests(task: dict) -> list[dict]:
 
 
 def _distinct(items) -> list:
-    from qlib_ext.cache.datasets import canonical
+    from qlib_ext.identity import canonical_json
 
     seen: dict[str, object] = {}
     for item in items:
         if item is not None:
-            seen.setdefault(canonical(item), item)
+            seen.setdefault(canonical_json(item), item)
     return list(seen.values())

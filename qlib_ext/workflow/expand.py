@@ -13,7 +13,6 @@ Every task carries its coordinates under ``task["qlib_ext"]`` (see ``expand``).
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
 import json
 import logging
@@ -28,6 +27,7 @@ from qlib.workflow.task.gen import RollingGen, TaskGen, task_generator, trunc_se
 from qlib.workflow.task.utils import TimeAdjuster
 
 from qlib_ext.errors import ConfigError
+from qlib_ext.identity import canonical_json, digest
 from qlib_ext.pool.record import META
 from qlib_ext.workflow.load import Workflow, date_str, normalise_dates
 from qlib_ext.workflow.spec import Dist, GridSpec, ModelSpec, RollingSpec, Values, portana_configs, set_path
@@ -77,7 +77,7 @@ def expand(wf: Workflow, provider_uri: str | None = None) -> list[dict]:
     calendar = read_calendar(wf, provider_uri, required=wf.grid.rolling is not None)
     if wf.grid.rolling is not None:
         tasks = task_generator(tasks, WindowGen(wf.grid.rolling, calendar, wf.path))
-    grid_hash = _hash({"config": wf.config, "grid": asdict(wf.grid)}, 12)
+    grid_hash = workflow_hash(wf)
     labels = _labels({path for t in tasks for path in t[META]["coords"]})
     for task in tasks:
         _finish(task, wf, grid_hash, labels)
@@ -90,6 +90,11 @@ def expand(wf: Workflow, provider_uri: str | None = None) -> list[dict]:
 
         tasks = train_once(tasks, lambda t: _finish(t, wf, grid_hash, labels), wf.path)
     return tasks
+
+
+def workflow_hash(wf: Workflow) -> str:
+    """The grid hash of ``wf`` (``qlib_ext.grid_hash``): identity of its qrun config and ``grid:`` section."""
+    return digest({"config": wf.config, "grid": asdict(wf.grid)}, length=12)
 
 
 def axis_generators(grid: GridSpec) -> list[TaskGen]:
@@ -161,7 +166,7 @@ class RandomGen(TaskGen):
         rng, out, seen = random.Random(self.grid.seed), [], set()
         for _ in range(self.grid.n_trials * 1000):
             draw = self._draw(rng)
-            key = json.dumps(draw, sort_keys=True, default=str)
+            key = canonical_json(draw)
             if key not in seen:
                 seen.add(key)
                 out.append(self._build(task, *draw))
@@ -365,7 +370,7 @@ def _finish(task: dict, wf: Workflow, grid_hash: str, labels: dict[str, str]) ->
     parts = [model, *(f"{labels[p]}={_fmt(v)}" for p, v in coords.items())]
     task[META] = {
         "pool": wf.pool, "experiment": wf.experiment_name, "grid_hash": grid_hash,
-        "config_id": _hash({"model": model, "coords": coords}, 10),
+        "config_id": digest({"model": model, "coords": coords}, length=10),
         "coords": coords, "model": model, "strategy": meta["strategy"], "window": window,
         "run_name": " ".join(parts + ([f"w{window['index']}"] if window else [])),
     }
@@ -392,11 +397,6 @@ def _fmt(value: Any) -> str:
         return f"{value:.3g}"
     text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), default=str)
     return text if len(text) <= 24 else text[:21] + "..."
-
-
-def _hash(obj: Any, length: int) -> str:
-    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha1(text.encode()).hexdigest()[:length]
 
 
 def check_bson(obj: Any, file: Path, run_name: str, where: str = "") -> None:

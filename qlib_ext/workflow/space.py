@@ -14,14 +14,13 @@ dedup hash recognises a proposal equal to a point that already ran. Optuna is im
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from qlib_ext.workflow.expand import (
     META,
     WindowGen,
     _finish,
-    _hash,
     _labels,
     _to_task,
     apply_model,
@@ -30,6 +29,7 @@ from qlib_ext.workflow.expand import (
     check_backtest_end,
     check_bson,
     read_calendar,
+    workflow_hash,
 )
 from qlib_ext.workflow.load import Workflow
 from qlib_ext.workflow.spec import GridSpec, Values
@@ -125,7 +125,7 @@ class PointBuilder:
     def __init__(self, wf: Workflow, provider_uri: str | None = None):
         self.wf = wf
         self.calendar = read_calendar(wf, provider_uri, required=wf.grid.rolling is not None)
-        self.grid_hash = _hash({"config": wf.config, "grid": asdict(wf.grid)}, 12)
+        self.grid_hash = workflow_hash(wf)
         self.labels = _labels(_space_paths(wf.grid))
 
     def tasks(self, point: Point) -> list[dict]:

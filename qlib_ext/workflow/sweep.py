@@ -11,13 +11,13 @@ in parallel, each in its own MLflow run nested under the training run.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
 from qlib_ext.errors import ConfigError
+from qlib_ext.identity import digest
 from qlib_ext.pool.record import META
 from qlib_ext.workflow.spec import is_port_ana
 
@@ -41,9 +41,7 @@ def training_key(task: dict) -> str:
     meta = task[META]
     body = {k: v for k, v in task.items() if k != META}
     body["record"] = split_records(task)[0]
-    blob = json.dumps({"task": body, "model": meta["model"], "window": meta["window"]}, sort_keys=True,
-                      default=str, separators=(",", ":"))
-    return hashlib.sha1(blob.encode()).hexdigest()
+    return digest({"task": body, "model": meta["model"], "window": meta["window"]})
 
 
 def train_once(tasks: list[dict], finish: Callable[[dict], None], file: Path) -> list[dict]:
