@@ -58,11 +58,11 @@ def test_plain_data_decodes_and_anything_else_is_refused_before_it_runs(tmp_path
 ])
 def test_malformed_task_is_named(task, message):
     with pytest.raises(TaskDecodeError, match=message):
-        codec.check_task(task, "t1")
+        codec.check_shape(task, "t1")
 
 
 def test_allow_list_checks_every_class_and_module_path():
-    allowlist.check_task(TASK, defaults.ALLOWED_MODULES)  # the shipped workflows' classes are all qlib.*
+    allowlist.check_modules(TASK, defaults.ALLOWED_MODULES)  # the shipped workflows' classes are all qlib.*
     cases = {"model.module_path": {**TASK, "model": {"class": "X", "module_path": "os"}},
              "model.class": {**TASK, "model": {"class": "subprocess.Popen"}},
              "dataset.kwargs.handler": {**TASK, "dataset": {"class": "DatasetH", "module_path": "qlib.data.dataset",
@@ -71,9 +71,9 @@ def test_allow_list_checks_every_class_and_module_path():
              "model.module_path ": {**TASK, "model": {"class": "M", "module_path": "qlibx.evil"}}}
     for where, task in cases.items():
         with pytest.raises(ModuleNotAllowed, match=f"task key {where.strip()} names"):
-            allowlist.check_task(task, defaults.ALLOWED_MODULES)
-    allowlist.check_task(cases["dataset.kwargs.handler"], (*defaults.ALLOWED_MODULES, "file://"))
-    allowlist.check_task(cases["model.module_path"], ("qlib.", "os"))
+            allowlist.check_modules(task, defaults.ALLOWED_MODULES)
+    allowlist.check_modules(cases["dataset.kwargs.handler"], (*defaults.ALLOWED_MODULES, "file://"))
+    allowlist.check_modules(cases["model.module_path"], ("qlib.", "os"))
 
 
 def test_worker_side_allow_list_wins_over_the_workflow(monkeypatch):

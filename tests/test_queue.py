@@ -65,10 +65,10 @@ def test_claims_are_exclusive_stamp_a_lease_and_follow_priority(tm):
 def test_expired_lease_is_recovered_once_and_the_old_owner_is_fenced_out(tm):
     tm.create_tasks([_task(0)])
     old = tm.claim(lease_seconds=60, worker="slow:1")
-    assert tm.recover_expired() == 0  # lease still valid
+    assert len(tm.reclaim_expired()) == 0  # lease still valid
     _expire(tm, old)
-    assert tm.recover_expired() == 1
-    assert tm.recover_expired() == 0  # a second sweep finds nothing to do
+    assert len(tm.reclaim_expired()) == 1
+    assert len(tm.reclaim_expired()) == 0  # a second sweep finds nothing to do
     new = tm.claim(lease_seconds=60, worker="fast:2")
     assert new.id == old.id and new.attempt == 2
     assert not tm.renew(old)
@@ -85,7 +85,7 @@ def test_renewed_lease_is_not_recovered(tm):
     claim = tm.claim(lease_seconds=60, worker="w:1")
     _expire(tm, claim)
     assert tm.renew(claim, lease_seconds=60)
-    assert tm.recover_expired() == 0
+    assert len(tm.reclaim_expired()) == 0
     assert tm.counts() == {"running": 1}
 
 

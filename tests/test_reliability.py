@@ -173,7 +173,7 @@ def test_worker_whose_lease_was_stolen_cannot_commit(tmp_path, synth_provider, m
         tm = GridTaskManager("stolen", client[TASK_DB_NAME])
         # Another worker takes the task over (as after a partition): expire, sweep, claim, commit.
         tm.task_pool.update_one({}, {"$set": {"lease_until": tm.now() - __import__("datetime").timedelta(1)}})
-        assert tm.recover_expired() == 1
+        assert len(tm.reclaim_expired()) == 1
         thief = tm.claim(lease_seconds=60, worker="thief:1")
         assert tm.commit(thief, {"run_id": "thief-run"})
     assert pool.wait(proc) == 0

@@ -101,7 +101,7 @@ def tm(mongo_url, task_db_name):
 
 def _expire_and_sweep(tm: GridTaskManager) -> None:
     tm.task_pool.update_many({}, {"$set": {"lease_until": tm.now() - dt.timedelta(seconds=5)}})
-    tm.recover_expired()
+    tm.reclaim_expired()
 
 
 def test_result_finished_during_an_outage_is_adopted_unless_someone_claimed_it(tm):

@@ -400,9 +400,3 @@ def tag_flags(rows: list[dict], grid: dict) -> int:
             n += 1
     return n
 
-
-def mlflow_ui_command(mlflow_uri: str) -> str:
-    """The exact command that opens these runs in the MLflow UI."""
-    if mlflow_uri.startswith("http"):
-        return f"open {mlflow_uri} in a browser"
-    return f"mlflow ui --backend-store-uri {mlflow_uri}"

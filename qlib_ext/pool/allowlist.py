@@ -3,7 +3,7 @@
 A plain-dict task is still code: Qlib's ``init_instance_by_config`` imports whatever a ``class``
 (``"a.b.Class"``), ``func`` or ``module_path`` names — a module path may even be a ``.py`` file — and
 unpickles a ``"file://...pkl"`` reference. Before a worker (or the cache warmer) imports anything
-for a task, :func:`check_task` walks its definition and refuses every such reference whose module
+for a task, :func:`check_modules` walks its definition and refuses every such reference whose module
 does not start with one of the allowed prefixes. ``file://`` references are refused unless
 ``file://`` itself is on the list.
 
@@ -76,7 +76,7 @@ def references(node: Any, path: str = "") -> Iterator[tuple[str, str]]:
         yield path.rstrip("."), FILE_PREFIX
 
 
-def check_task(task: dict, prefixes: tuple[str, ...]) -> None:
+def check_modules(task: dict, prefixes: tuple[str, ...]) -> None:
     """Refuse a task naming code outside ``prefixes``.
 
     Raises:

@@ -91,7 +91,7 @@ def decode_document(doc: dict) -> dict:
     return doc
 
 
-def check_task(task: Any, task_id: Any = None) -> dict:
+def check_shape(task: Any, task_id: Any = None) -> dict:
     """Return ``task`` if it has the shape a worker runs, else raise naming what is wrong.
 
     A training task needs ``model`` and ``dataset`` dicts; a backtest task (``qlib_ext.kind: backtest``)

@@ -319,10 +319,6 @@ class GridTaskManager(TaskManager):
         ok = self.task_pool.update_one({**self._held(claim), **(guard or {})}, update).matched_count == 1
         return status if ok else None
 
-    def recover_expired(self, max_attempts: int | None = None) -> int:
-        """Recover expired leases (see :meth:`reclaim_expired`); return how many tasks were recovered."""
-        return len(self.reclaim_expired(max_attempts))
-
     def reclaim_expired(self, max_attempts: int | None = None) -> list[Claim]:
         """Return running tasks whose lease expired to waiting (or ``failed`` when out of attempts).
 

@@ -12,7 +12,6 @@ classes); anything else is refused with :class:`~qlib_ext.errors.TaskDecodeError
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +81,3 @@ def read_frame(path: str | Path) -> Any:
     except Exception as e:  # noqa: BLE001 - a broken pickle raises anything from EOFError to TypeError
         raise TaskDecodeError(f"artifact {path} is not plain pandas/numpy data: {type(e).__name__}: {e}") from e
 
-
-def load_artifact(client: Any, run_id: str, name: str) -> Any:
-    """Download artifact ``name`` of MLflow run ``run_id`` and read it with :func:`read_frame`."""
-    with tempfile.TemporaryDirectory(prefix="qlib-ext-artifact-") as tmp:
-        return read_frame(client.download_artifacts(run_id, name, tmp))

@@ -109,7 +109,7 @@ def reproduce(run_id: str, *, mlflow_uri: str | None = None, mongo_url: str | No
     import mlflow
 
     from qlib_ext import defaults
-    from qlib_ext.pool.allowlist import check_task as check_modules
+    from qlib_ext.pool.allowlist import check_modules
     from qlib_ext.worker.settings import worker_settings
 
     uri = mlflow_uri or defaults.default_mlflow_uri()

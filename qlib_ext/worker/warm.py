@@ -137,8 +137,8 @@ def waiting_tasks(settings: WorkerSettings) -> list[dict]:
     fails a check is skipped with a warning and left to the worker that claims it, which fails it.
     """
     from qlib_ext.errors import TaskRejected
-    from qlib_ext.pool.allowlist import check_task as check_modules
-    from qlib_ext.pool.codec import check_task, decode_document
+    from qlib_ext.pool.allowlist import check_modules
+    from qlib_ext.pool.codec import check_shape, decode_document
     from qlib_ext.pool.manager import GridTaskManager
     from qlib_ext.worker.loop import task_db
 
@@ -148,7 +148,7 @@ def waiting_tasks(settings: WorkerSettings) -> list[dict]:
         tm = GridTaskManager(settings.pool, db)
         for doc in tm.waiting_documents():
             try:
-                task = check_task(decode_document(doc).get("def"), doc["_id"])
+                task = check_shape(decode_document(doc).get("def"), doc["_id"])
                 check_modules(task, tuple(settings.allowed_modules))
             except TaskRejected as e:
                 logger.warning("cache: skipping task %s: %s", doc["_id"], e)
