@@ -29,7 +29,7 @@ from bson import ObjectId
 from bson.errors import InvalidId
 
 from qlib_ext.pool.manager import GridTaskManager
-from qlib_ext.pool.record import Doc, PoolMeta, Tag
+from qlib_ext.pool.record import Doc, Tag
 from qlib_ext.pool.status import TaskStatus
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def _reap_untagged(client: Any, tm: GridTaskManager) -> int:
     """End RUNNING runs of the pool's experiment that never got all their qlib-ext tags (the worker died
     between creating the run and tagging it: Qlib sets tags one by one). Such a run is matched to its
     task by run name; it is dead when the task is not running, or was claimed again after it started."""
-    experiment = tm.meta().get(PoolMeta.EXPERIMENT)
+    experiment = tm.meta().experiment
     exp = client.get_experiment_by_name(experiment) if experiment else None
     if exp is None:
         return 0

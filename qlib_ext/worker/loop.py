@@ -252,10 +252,10 @@ class Worker:
     def _checked(self, claim: Claim) -> dict:
         """The claimed task's definition, checked before anything of it is imported: its shape, then
         the allow-list of modules; with LightGBM's threads pinned."""
-        from qlib_ext.pool.allowlist import check_task as check_modules
-        from qlib_ext.pool.codec import check_task
+        from qlib_ext.pool.allowlist import check_modules
+        from qlib_ext.pool.codec import check_shape
 
-        task = check_task(claim.task.get("def"), claim.id)
+        task = check_shape(claim.task.get("def"), claim.id)
         check_modules(task, tuple(self.s.allowed_modules))
         return limit_threads(task, self.s.threads)
 
