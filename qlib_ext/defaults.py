@@ -157,3 +157,26 @@ PYTHON_HASH_SEED = "0"
 """``PYTHONHASHSEED`` of worker processes unless the environment sets one: Qlib's backtest sums over sets of
 stock codes, whose order (and so the last bits of its metrics) follows the hash seed; fixed, a run reproduces
 exactly (``qlib-ext reproduce``)."""
+
+
+# --- an attempt's life (worker loop, task runners, heartbeat, reaper)
+START_AFTER_POLL_SECONDS = 0.1
+"""How often a worker started with ``start_after`` looks for the cache warmer's file, seconds."""
+
+STOP_STORE_TRIES = 3
+"""Store writes a stopping worker tries before it gives up and leaves the task to lease recovery, count."""
+
+KILL_AFTER_SECONDS = 5.0
+"""Time a task child gets between SIGTERM and SIGKILL, seconds."""
+
+CHILD_POLL_SECONDS = 0.1
+"""Interval at which a worker checks its task child for a result, a deadline or an interrupt, seconds."""
+
+CHILD_REAP_SECONDS = 5.0
+"""How long a worker waits for a SIGKILLed (or finished) task child to be reaped, seconds."""
+
+HEARTBEAT_JOIN_SLACK_SECONDS = 5.0
+"""Beyond one heartbeat interval, how long leaving a task waits for its heartbeat thread to stop, seconds."""
+
+REAPER_PAGE_RUNS = 5000
+"""Runs per MLflow search page the reaper reads, count."""

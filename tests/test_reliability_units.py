@@ -116,18 +116,28 @@ def test_result_finished_during_an_outage_is_adopted_unless_someone_claimed_it(t
     assert sorted(d["outcome"]["run_id"] for d in tm.task_pool.find({})) == ["fresh", "late"]
 
 
-def test_spooled_result_of_a_dead_worker_is_replayed_on_the_next_start(tm, mongo_url, task_db_name):
-    tm.create_tasks([_task(0)])
+def test_spooled_result_of_a_dead_worker_is_replayed_on_the_next_start(tm, mongo_url, task_db_name, tmp_path):
+    import mlflow
+
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs = mlflow.MlflowClient(mlflow_uri)
+    experiment = runs.create_experiment("x")
+    tm.create_tasks([_task(0), _task(1)])
     dead = f"{socket.gethostname()}:{_dead_pid()}"
-    claim = tm.claim(worker=dead, lease_seconds=60)
-    path = spool.write("pool", claim, {"run_id": "spooled", "metrics": {"IC": 0.1}})
-    (item,) = spool.pending("pool")
-    assert (item.claim.id, item.claim.worker, item.claim.attempt) == (claim.id, dead, 1)
-    settings = WorkerSettings(pool="pool", mongo_url=mongo_url, mlflow_uri="sqlite:///unused.db", provider_uri="",
+    claims = [tm.claim(worker=dead, lease_seconds=60) for _ in range(2)]
+    run_ids = [runs.create_run(experiment).info.run_id for _ in claims]  # RUNNING until the replay commits
+    paths = [spool.write("pool", c, {"run_id": r, "metrics": {"IC": 0.1}})
+             for c, r in zip(claims, run_ids, strict=True)]
+    item = next(i for i in spool.pending("pool") if i.claim.id == claims[0].id)
+    assert (item.claim.id, item.claim.worker, item.claim.attempt) == (claims[0].id, dead, 1)
+    tm.task_pool.update_one({"_id": claims[1].id}, {"$inc": {"attempt": 1}})  # claimed again since: refused
+    settings = WorkerSettings(pool="pool", mongo_url=mongo_url, mlflow_uri=mlflow_uri, provider_uri="",
                               db_name=task_db_name)
     Worker(settings, StopState(1))._replay_spool()
-    doc = tm.task_pool.find_one({})
-    assert doc["status"] == "done" and doc["outcome"]["run_id"] == "spooled" and not path.exists()
+    done, taken = (tm.task_pool.find_one({"_id": c.id}) for c in claims)
+    assert done["status"] == "done" and done["outcome"]["run_id"] == run_ids[0] and taken["status"] == "running"
+    assert not any(p.exists() for p in paths)
+    assert [runs.get_run(r).info.status for r in run_ids] == ["FINISHED", "KILLED"]
 
 
 def _dead_pid() -> int:

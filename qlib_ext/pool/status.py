@@ -23,3 +23,36 @@ class TaskStatus(str, Enum):
 
 UNFINISHED = (TaskStatus.WAITING.value, TaskStatus.RUNNING.value, TaskStatus.PART_DONE.value)
 """States in which a task still has work ahead of it."""
+
+
+class RunStatus(str, Enum):
+    """Status of an attempt's MLflow run (MLflow's own names). The worker that owns the attempt ends it:
+    FINISHED only once its result is committed in the pool, KILLED when it was interrupted or its commit
+    refused, FAILED once its failure is recorded; the reaper ends the runs of workers that died."""
+
+    RUNNING = "RUNNING"
+    FINISHED = "FINISHED"
+    FAILED = "FAILED"
+    KILLED = "KILLED"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class EndReason(str, Enum):
+    """Why an attempt ended without its result committed: the error entry of a task handed back, the
+    ``qlib_ext.discarded`` tag of a run ended KILLED, and what a task runner's interrupt carries."""
+
+    LEASE_LOST = "lease lost"  # the heartbeat found the task no longer ours (reclaimed, cancelled, reset)
+    WORKER_STOPPED = "worker stopped"  # SIGTERM/Ctrl-C and the grace period is over
+    TERMINATED = "terminated by the worker"  # a task child got SIGTERM from its worker
+    INTERRUPTED = "interrupted"  # an interrupt without a recorded reason
+    LOST_BEFORE_FOLLOW_UP = "lease lost before its backtests were queued"
+    LOST_BEFORE_COMMIT = "lease lost before commit"  # the fenced commit was refused
+    STORE_AWAY = "store unreachable before commit"  # the store failed between the run and the commit
+    SPOOL_REFUSED = "spooled result refused: task taken over"  # a replayed spool's commit was refused
+    ATTEMPT_OVER = "its attempt is over"  # reaper: a RUNNING run whose worker died or lost the task
+    TIMED_OUT = "task timed out"  # the task child was killed at its deadline
+
+    def __str__(self) -> str:
+        return self.value

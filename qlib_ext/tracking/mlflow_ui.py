@@ -385,10 +385,10 @@ def ui_base(mlflow_uri: str, port: int = 5000) -> str:
     return mlflow_uri.rstrip("/") if mlflow_uri.startswith("http") else f"http://127.0.0.1:{port}"
 
 
-def finish_run(recorder: Any, task: dict, metrics: dict[str, float]) -> None:
-    """After a task's run ended: the headline metrics under short names.
+def log_headline_metrics(client: Any, run_id: str, metrics: dict[str, float]) -> None:
+    """Log the headline metrics of a task's run again under their short names, before its result is committed.
 
-    Never raises (logs a WARNING): the task's result is already complete.
+    Never raises (logs a WARNING): the short names only help the UI, the result is complete without them.
     """
     try:
         short = headline_metrics(metrics)
@@ -398,6 +398,6 @@ def finish_run(recorder: Any, task: dict, metrics: dict[str, float]) -> None:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            recorder.client.log_batch(recorder.id, metrics=[Metric(k, float(v), now, 0) for k, v in short.items()])
+            client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in short.items()])
     except Exception as e:
-        logger.warning("mlflow ui: no short metric names on run %s: %s", recorder.id, e)
+        logger.warning("mlflow ui: no short metric names on run %s: %s", run_id, e)

@@ -1,4 +1,4 @@
-"""What one grid task does: train, record, backtest, inside one MLflow run of Qlib's recorder.
+"""What one grid task does: train, record, backtest, inside its MLflow run through Qlib's recorder.
 
 It mirrors Qlib's ``qlib.model.trainer.task_train`` (model and dataset from the task dict, records
 with ``<MODEL>``/``<DATASET>`` placeholders) and adds what a grid needs: the grid coordinates as
@@ -84,12 +84,14 @@ def _plain(value: Any) -> Any:
     return None if math.isnan(value) else value
 
 
-def run_grid_task(task: dict, *, task_id: str = "", worker: str = "", attempt: int = 1,
-                  cache_dir: str | None = None, fast_backtest: bool = defaults.FAST_BACKTEST) -> dict:
-    """Train and evaluate one task dict in its own MLflow run; return the plain-data result.
+def run_grid_task(task: dict, run_id: str, *, cache_dir: str | None = None,
+                  fast_backtest: bool = defaults.FAST_BACKTEST) -> dict:
+    """Train and evaluate one task dict inside its MLflow run ``run_id``; return the plain-data result.
 
-    Must run in a process where ``qlib.init`` set the provider and the MLflow experiment manager.
-    A raising task ends its run FAILED (Qlib's ``R.start`` does that), an interrupted one KILLED.
+    Must run in a process where ``qlib.init`` set the provider and the MLflow experiment manager. The run
+    was created RUNNING and tagged by the task's attempt (:func:`qlib_ext.worker.attempt.open_run`), and it
+    is left RUNNING whatever happens here — returned, raised or interrupted: the attempt ends it once the
+    result is committed (FINISHED) or its fate is recorded (FAILED, KILLED).
     ``cache_dir`` shares prepared datasets and backtest exchanges between tasks and workers, and
     LightGBM's binned data between a worker's fits (None: build everything every time).
     A task with ``qlib_ext.kind: backtest`` only backtests its training run's predictions (the
@@ -99,17 +101,14 @@ def run_grid_task(task: dict, *, task_id: str = "", worker: str = "", attempt: i
     """
     from qlib_ext.backtest.fast import fast_records
 
-    meta = TaskMeta.of(task)
+    stages = _backtest if TaskMeta.of(task).is_backtest else _train_and_record
     with fast_records(fast_backtest):
-        if meta.is_backtest:
-            return _in_run(task, lambda rec, timings: _backtest(task, rec, timings, cache_dir), task_id, worker,
-                           attempt)
-        return _in_run(task, lambda rec, timings: _train_and_record(task, rec, timings, cache_dir), task_id,
-                       worker, attempt)
+        return _in_run(task, run_id, lambda rec, timings: stages(task, rec, timings, cache_dir))
 
 
-def _in_run(task: dict, body: Callable[[Any, dict[str, float]], Any], task_id: str, worker: str, attempt: int) -> dict:
-    """Run ``body(recorder, timings)`` inside the task's MLflow run, logging tags, params and timings.
+def _in_run(task: dict, run_id: str, body: Callable[[Any, dict[str, float]], Any]) -> dict:
+    """Run ``body(recorder, timings)`` inside the run ``run_id``, then log timings, short metric names, the
+    run plot and the sanity flags, all while the run is RUNNING.
 
     ``body`` returns the fitted model (or None); the result's ``validity`` block holds the daily series
     and model checks the leaderboard's statistics and flags need (``qlib_ext.analysis.series``)."""
@@ -120,10 +119,9 @@ def _in_run(task: dict, body: Callable[[Any, dict[str, float]], Any], task_id: s
     meta = TaskMeta.of(task)
     experiment = meta.experiment or "workflow"
     timings: dict[str, float] = {}
-    with _killed_on_interrupt(), R.start(experiment_name=experiment, recorder_name=meta.run_name):
-        recorder = R.get_recorder()
-        ui_tags, params = mlflow_ui.run_decoration(recorder.client, recorder.experiment_id, task, task_id)
-        _tag_run(recorder, {**mlflow_tags(task, task_id, worker, attempt), **ui_tags}, params)
+    _detach()  # nothing left attached by an earlier task (an interrupt can land in the middle of detaching)
+    try:
+        recorder = _attach(experiment, run_id, meta.run_name)
         R.save_objects(task=task)
         model = body(recorder, timings)
         with _stage(timings, "validity"):
@@ -131,23 +129,78 @@ def _in_run(task: dict, body: Callable[[Any, dict[str, float]], Any], task_id: s
         extra = {f"time.{k}_s": round(v, 4) for k, v in timings.items()}
         extra["peak_rss_mb"] = round(_peak_rss_mb(), 1)
         R.log_metrics(**extra)
-    # Qlib logs some metrics asynchronously; they are all in MLflow once the run has ended.
-    logged = recorder.client.get_run(recorder.id).data.metrics
-    mlflow_ui.finish_run(recorder, task, logged)  # short metric names
-    log_run_plots(recorder, str(meta.run_name or ""))  # plots/run.png
-    metrics = {k: _plain(v) for k, v in logged.items()}
-    validity["flags"] = _flag_run(recorder, task, validity, metrics)
+        _flush(recorder)  # Qlib logs metrics from a background thread: all of them in MLflow before reading
+        logged = recorder.client.get_run(run_id).data.metrics
+        mlflow_ui.log_headline_metrics(recorder.client, run_id, logged)  # short metric names
+        log_run_plots(recorder, str(meta.run_name or ""))  # plots/run.png
+        metrics = {k: _plain(v) for k, v in logged.items()}
+        validity["flags"] = _flag_run(recorder, task, validity, metrics)
+    finally:
+        _detach()
     return {
-        Outcome.RUN_ID: recorder.id,
+        Outcome.RUN_ID: run_id,
         Outcome.EXPERIMENT: experiment,
         Outcome.EXPERIMENT_ID: recorder.experiment_id,
         Outcome.TRACKING_URI: recorder.uri,
         Outcome.METRICS: {k: metrics[k] for k in KEY_METRICS if k in metrics},
         Outcome.TIMINGS: extra,
-        Outcome.WORKER: worker,
-        Outcome.ATTEMPT: attempt,
         VALIDITY: validity,
     }
+
+
+def _attach(experiment: str, run_id: str, run_name: str | None) -> Any:
+    """Make the run ``run_id`` Qlib's active recorder (``R.start_exp`` resuming it; the run stays RUNNING).
+
+    Raises:
+        InfraError: MLflow could not find the run, so Qlib started another one (ended FAILED here).
+    """
+    from qlib.workflow import R
+
+    from qlib_ext.errors import InfraError
+
+    R.start_exp(experiment_name=experiment, recorder_id=run_id, recorder_name=run_name, resume=True)
+    recorder = R.get_recorder()
+    if recorder.id != run_id:  # Qlib creates a new run when it cannot read the one asked for
+        R.end_exp("FAILED")
+        raise InfraError(f"MLflow did not find the task's run {run_id} in experiment {experiment!r}")
+    return recorder
+
+
+def _flush(recorder: Any) -> None:
+    """Wait until Qlib's background logging of ``recorder`` is done; later logging is synchronous."""
+    if getattr(recorder, "async_log", None) is not None:
+        recorder.async_log.wait()  # closes Qlib's AsyncCaller and joins its thread (what end_run does first)
+        recorder.async_log = None
+
+
+def _detach() -> None:
+    """Forget the active run in this process without ending it, so that it stays RUNNING for its attempt to end.
+
+    Qlib's ``R.end_exp`` would end it (MLflow's ``end_run``), and MLflow's atexit hook ends whatever run is
+    still on its active-run stack FINISHED when the process exits: both are avoided by clearing Qlib's
+    active experiment and recorder and taking the run off MLflow's stack. Never raises.
+    """
+    from mlflow.tracking import fluent
+    from qlib.workflow import R
+
+    manager = R.exp_manager
+    experiment = manager.active_experiment
+    recorder = getattr(experiment, "active_recorder", None)
+    try:
+        _flush(recorder)
+    except Exception as e:  # noqa: BLE001 - detaching goes on: a lost metric is not worth a ghost run
+        logger.warning("worker: run %s: Qlib's background logging failed (%s)", getattr(recorder, "id", "?"), e)
+    if experiment is not None:
+        experiment.active_recorder = None
+    manager.active_experiment = None
+    manager._active_exp_uri = None
+    stack = fluent._active_run_stack.get()
+    for run in stack:
+        monitor = fluent.run_id_to_system_metrics_monitor.pop(run.info.run_id, None)
+        if monitor is not None:  # MLflow's system metrics, when enabled: stopped, the run left as it is
+            monitor.finish()
+    stack.clear()
+    fluent.MLFLOW_RUN_ID.unset()
 
 
 def _validity(recorder: Any, task: dict, model: Any) -> dict:
@@ -169,19 +222,6 @@ def _flag_run(recorder: Any, task: dict, validity: dict, metrics: dict) -> list[
     if flags:
         recorder.client.set_tag(recorder.id, FLAGS_TAG, ",".join(flags))
     return flags
-
-
-def _tag_run(recorder: Any, tags: dict[str, str], params: dict[str, Any]) -> None:
-    """Tags and params in one synchronous MLflow batch per 100 (Qlib's ``set_tags`` logs them one by one
-    from a background thread): the reaper then finds a run either fully tagged or not tagged at all,
-    never with the pool tag but without its attempt, even when the worker dies right after this."""
-    from mlflow.entities import Param, RunTag
-
-    tag_list = [RunTag(k, str(v)) for k, v in tags.items()]
-    param_list = [Param(k, str(v)) for k, v in params.items()]
-    recorder.client.log_batch(recorder.id, tags=tag_list[:100], params=param_list[:100])
-    for i in range(100, max(len(tag_list), len(param_list)), 100):
-        recorder.client.log_batch(recorder.id, tags=tag_list[i:i + 100], params=param_list[i:i + 100])
 
 
 def _train_and_record(task: dict, recorder: Any, timings: dict[str, float], cache_dir: str | None) -> Any:
@@ -275,22 +315,3 @@ def _share_exchange(record: Any, cache_dir: str | None) -> None:
         from qlib_ext.cache.exchange import share_exchange
 
         share_exchange(record, cache_dir)
-
-
-@contextlib.contextmanager
-def _killed_on_interrupt() -> Iterator[None]:
-    """Qlib's ``R.start`` ends a run FAILED on ``Exception`` but leaves it RUNNING on
-    KeyboardInterrupt/SystemExit; mark such a run KILLED so MLflow never shows a ghost run."""
-    try:
-        yield
-    except (KeyboardInterrupt, SystemExit):
-        from qlib.workflow import R
-
-        try:
-            recorder = R.get_recorder()
-            R.end_exp("FAILED")
-            recorder.client.set_terminated(recorder.id, status="KILLED")
-        except Exception as e:  # noqa: BLE001 - the interrupt goes on; the reaper ends the run later
-            logger.warning("task: could not end the interrupted task's MLflow run KILLED (%s: %s); the reaper "
-                           "ends it later", type(e).__name__, e)
-        raise

@@ -24,17 +24,18 @@ logger = logging.getLogger(__name__)
 def backtest_tasks(task: dict, run_id: str, task_id: Any) -> list[dict]:
     """The backtest tasks of a finished training task: one per sweep point, naming its run.
 
-    Plain BSON-encodable dicts; each carries the training task's pool, experiment, model and window,
-    and the sweep point's coordinates, strategy, config id and run name. Empty for a task without a sweep.
+    Plain BSON-encodable dicts whose block is a :class:`TaskMeta`; each carries the training task's pool,
+    experiment, grid hash, model and window, and the sweep point's coordinates, strategy, config id and
+    run name. Empty for a task without a sweep.
     """
-    meta = task[META]
-    shared = {k: meta.get(k) for k in ("pool", "experiment", "grid_hash", "model", "window")}
+    meta = TaskMeta.of(task)
     model_class = (task.get("model") or {}).get("class")
     return [{"record": copy.deepcopy(point["record"]),
-             META: {**shared, "config_id": point["config_id"], "coords": point["coords"],
-                    "strategy": point["strategy"], "run_name": point["run_name"], "kind": KIND_BACKTEST,
-                    "model_class": model_class, "parent_run_id": run_id, "parent_task_id": str(task_id)}}
-            for point in TaskMeta.of(task).sweep or []]
+             META: TaskMeta(pool=meta.pool, experiment=meta.experiment, grid_hash=meta.grid_hash, model=meta.model,
+                            window=meta.window, config_id=point["config_id"], coords=point["coords"],
+                            strategy=point["strategy"], run_name=point["run_name"], kind=KIND_BACKTEST,
+                            model_class=model_class, parent_run_id=run_id, parent_task_id=str(task_id)).to_dict()}
+            for point in meta.sweep or []]
 
 
 def enqueue(tm: GridTaskManager, claim: Claim, tasks: list[dict], lease_seconds: float) -> bool:

@@ -9,6 +9,7 @@ from types import TracebackType
 
 from pymongo.errors import PyMongoError
 
+from qlib_ext import defaults
 from qlib_ext.errors import StoreError
 from qlib_ext.pool.manager import Claim, GridTaskManager
 
@@ -38,7 +39,7 @@ class HeartbeatThread:
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self._stop.set()
-        self._thread.join(timeout=self._interval + 5)
+        self._thread.join(timeout=self._interval + defaults.HEARTBEAT_JOIN_SLACK_SECONDS)
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):

@@ -18,20 +18,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pymongo.errors import PyMongoError
-
 from qlib_ext import defaults
-from qlib_ext.errors import StoreError, TaskDecodeError
-from qlib_ext.pool.manager import Claim
-from qlib_ext.pool.record import Outcome
-from qlib_ext.pool.status import TaskStatus
-from qlib_ext.worker.settings import THREAD_ENV_VARS, WorkerSettings, limit_threads
-from qlib_ext.worker.timeouts import ChildProcessTask, ChildTaskFailed, InProcessTask, TaskInterrupted, TaskTimeout
+from qlib_ext.errors import TaskDecodeError
+from qlib_ext.pool.status import EndReason
+from qlib_ext.worker.attempt import STORE_ERRORS, Attempt
+from qlib_ext.worker.settings import THREAD_ENV_VARS, WorkerSettings
 
 logger = logging.getLogger(__name__)
 
-STORE_ERRORS = (PyMongoError, StoreError)
-"""What an unreachable store raises: retried with back-off, never fatal."""
+
 def worker_main(settings: WorkerSettings) -> None:
     """Entry point of one worker process: configure threads and Qlib, then drain the pool."""
     for var in THREAD_ENV_VARS:
@@ -40,7 +35,7 @@ def worker_main(settings: WorkerSettings) -> None:
         _redirect_output(Path(settings.log_dir))
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = _install_stop_handlers(settings.grace_seconds)
-    _init_qlib(settings)
+    init_qlib(settings)
     n = Worker(settings, stop).loop()
     logger.info("worker %s: exiting after %d tasks", os.getpid(), n)
 
@@ -57,7 +52,8 @@ def _redirect_output(log_dir: Path) -> None:
     os.close(fd)
 
 
-def _init_qlib(settings: WorkerSettings) -> None:
+def init_qlib(settings: WorkerSettings) -> None:
+    """``qlib.init`` as a worker does it: the pool's data and region, MLflow at the pool's tracking URI."""
     import qlib
 
     exp_manager = {"class": "MLflowExpManager", "module_path": "qlib.workflow.expm",
@@ -104,7 +100,7 @@ class StopState:
         with self._lock:
             if self._runner is None or self._timer is not None:
                 return
-            self._timer = threading.Timer(self.grace, self._runner.interrupt, ("worker stopped",))
+            self._timer = threading.Timer(self.grace, self._runner.interrupt, (EndReason.WORKER_STOPPED,))
             self._timer.daemon = True
             self._timer.start()
 
@@ -137,14 +133,14 @@ class Worker:
         self.tm = GridTaskManager(settings.pool, task_db(settings), migrate=False)
         self._backoff = defaults.POLL_MIN_SECONDS
         self._outage = False
-        self._unreaped: set[Any] = set()  # tasks whose dead runs MLflow could not end yet (retried each step)
+        self.unreaped: set[Any] = set()  # tasks whose runs MLflow could not end yet (the reaper retries each step)
         if settings.task_timeout:
             _warm_up(settings.mlflow_uri)
 
     def loop(self) -> int:
         """Run until stopped or the pool is finished; return the number of tasks run."""
         while self.s.start_after and not os.path.exists(self.s.start_after) and not self.stop.event.is_set():
-            self.stop.event.wait(0.1)
+            self.stop.event.wait(defaults.START_AFTER_POLL_SECONDS)
         n = 0
         while not self.stop.event.is_set():
             try:
@@ -179,177 +175,30 @@ class Worker:
         if not self.tm.migrated:
             self.tm.migrate()
         self._replay_spool()
-        if self._unreaped:
-            self._reap(list(self._unreaped))
+        if self.unreaped:
+            self._reap(list(self.unreaped))
         recovered = self.tm.reclaim_expired(self.s.max_attempts)
         if recovered:
-            self._reap([c.id for c in recovered])
+            self._reap([c.id for c in recovered])  # their workers died or lost them: end their runs
         try:
             claim = self.tm.claim(self.s.lease_seconds)
         except TaskDecodeError as e:  # claimed, but its def/res is not plain data: fail it, go on
-            self._rejected(e.claim, f"{type(e).__name__}: {e}")
+            Attempt(self, e.claim).reject(f"{type(e).__name__}: {e}")
             return True
         if claim is None:
             finished = self.s.exit_when_idle or self.tm.unfinished() == 0
             return False if finished else None
-        self.run_claimed(claim)
+        Attempt(self, claim).run()
         return True
-
-    def run_claimed(self, claim: Claim) -> None:
-        """Run one claimed task under a heartbeat; commit its result or record why it did not finish."""
-        from qlib_ext.worker.body import run_grid_task
-        from qlib_ext.worker.heartbeat import HeartbeatThread
-
-        runner = ChildProcessTask(self.s.task_timeout) if self.s.task_timeout else InProcessTask()
-        logger.info("worker %s: claimed task %s (attempt %d)", claim.worker, claim.id, claim.attempt)
-        self.stop.task_started(runner)
-        try:
-            task = self._checked(claim)
-            with HeartbeatThread(self.tm, claim, self.s.lease_seconds, self.s.heartbeat_seconds,
-                                 on_lost=lambda: runner.interrupt("lease lost")):
-                result = runner.run(run_grid_task, task, task_id=str(claim.id), worker=claim.worker,
-                                    attempt=claim.attempt, cache_dir=self.s.cache_dir,
-                                    fast_backtest=self.s.fast_backtest)
-        except TaskInterrupted as e:
-            self._interrupted(claim, e.reason)
-            return
-        except Exception as e:  # noqa: BLE001 - any task error is recorded on the task, never fatal
-            self._failed(claim, e)
-            return
-        finally:
-            self.stop.task_ended()
-        try:
-            if not self._queue_follow_up(claim, task, result):
-                return
-        except STORE_ERRORS:
-            raise
-        except Exception as e:  # noqa: BLE001 - e.g. a sweep point that does not expand: the task's failure
-            self._failed(claim, e)
-            return
-        self._commit(claim, result)
-
-    def _queue_follow_up(self, claim: Claim, task: dict, result: dict) -> bool:
-        """Queue a train-once training task's backtests before it commits (never a finished-looking pool
-        in between); False when the lease was lost, and the run is discarded."""
-        from qlib_ext.worker.follow_up import backtest_tasks, enqueue
-
-        backtests = backtest_tasks(task, result[Outcome.RUN_ID], claim.id)
-        if backtests and not enqueue(self.tm, claim, backtests, self.s.lease_seconds):
-            self._discard(result, "lease lost before its backtests were queued")
-            return False
-        return True
-
-    # ------------------------------------------------------------------ outcomes
-    def _interrupted(self, claim: Claim, reason: str) -> None:
-        if reason == "lease lost":
-            logger.warning("worker %s: lease on task %s lost (reclaimed or cancelled); task abandoned",
-                           claim.worker, claim.id)
-        else:
-            logger.warning("worker %s: task %s interrupted (%s); handing it back", claim.worker, claim.id, reason)
-            self._store(lambda: self.tm.fail(claim, reason, count_attempt=False))
-        self._reap([claim.id])
-
-    def _checked(self, claim: Claim) -> dict:
-        """The claimed task's definition, checked before anything of it is imported: its shape, then
-        the allow-list of modules; with LightGBM's threads pinned."""
-        from qlib_ext.pool.allowlist import check_modules
-        from qlib_ext.pool.codec import check_shape
-
-        task = check_shape(claim.task.get("def"), claim.id)
-        check_modules(task, tuple(self.s.allowed_modules))
-        return limit_threads(task, self.s.threads)
-
-    def _rejected(self, claim: Claim, error: str) -> None:
-        """Fail a task that can never succeed as written, now, without using its other attempts."""
-        logger.error("worker %s: task %s rejected: %s", claim.worker, claim.id, error.strip().splitlines()[-1])
-        status = self._store(lambda: self.tm.fail(claim, error, max_attempts=claim.attempt))
-        logger.warning("worker %s: task %s -> %s", claim.worker, claim.id, status or "(lease lost)")
-        self._reap([claim.id])
-
-    def _infra(self, claim: Claim, error: str) -> bool:
-        """Hand a task back without using an attempt after a fault outside it (MLflow, store, disk), then
-        back off; False once the task has had ``INFRA_RETRIES`` such retries (it then counts as an attempt)."""
-        retries = int(claim.task.get("infra_retries") or 0)
-        if retries >= defaults.INFRA_RETRIES:
-            return False
-        cause = error.strip().splitlines()[-1]
-        delay = min(defaults.INFRA_BACKOFF_SECONDS * 2 ** retries, defaults.OUTAGE_MAX_SECONDS)
-        logger.error("worker %s: task %s hit an infrastructure fault (%s); handed back without using an attempt "
-                     "(%d of %d), backing off %.1fs", claim.worker, claim.id, cause, retries + 1,
-                     defaults.INFRA_RETRIES, delay)
-        self._store(lambda: self.tm.fail(claim, error, count_attempt=False, infra=True))
-        self._reap([claim.id])
-        self.stop.event.wait(delay)
-        return True
-
-    def _failed(self, claim: Claim, exc: Exception) -> None:
-        from qlib_ext.worker.faults import INFRA, REJECTED, classify, describe
-
-        if isinstance(exc, ChildTaskFailed):
-            error, kind = str(exc), exc.kind
-        elif isinstance(exc, TaskTimeout):
-            error, kind = f"TaskTimeout: {exc}", None
-        else:
-            error, kind = describe(exc), classify(exc)
-        if kind == REJECTED:
-            self._rejected(claim, error)
-            return
-        if kind == INFRA and self._infra(claim, error):
-            return
-        logger.error("worker %s: task %s failed (attempt %d): %s", claim.worker, claim.id, claim.attempt,
-                     error.strip().splitlines()[-1] if error.strip() else exc)
-        status = self._store(lambda: self.tm.fail(claim, error, max_attempts=self.s.max_attempts))
-        logger.warning("worker %s: task %s -> %s", claim.worker, claim.id, status or "(lease lost)")
-        self._reap([claim.id])
-
-    def _commit(self, claim: Claim, result: dict) -> None:
-        """Commit under fencing; while the store is away, keep the result spooled on local disk."""
-        from qlib_ext.worker import spool as spool
-
-        try:
-            ok = self._commit_once(claim, result)
-        except STORE_ERRORS as e:
-            path = spool.write(self.s.pool, claim, result)
-            logger.warning("worker %s: cannot commit task %s (%s); result spooled to %s", claim.worker, claim.id,
-                           e, path)
-            ok = self._store(lambda: self._commit_once(claim, result), give_up_on_stop=False)
-            if ok is None:
-                return  # stopped while the store is away: the next worker here replays the spool
-            spool.remove(path)
-        if ok:
-            logger.info("worker %s: committed task %s (attempt %d, run %s)", claim.worker, claim.id, claim.attempt,
-                        result.get("run_id"))
-        else:
-            self._discard(result, "lease lost before commit")
-
-    def _commit_once(self, claim: Claim, result: dict) -> bool:
-        """One fenced commit; True also when an earlier try of ours got through but its reply was lost."""
-        if self.tm.commit(claim, result):
-            return True
-        status, run_id = self.tm.committed_run(claim.id)
-        return status == TaskStatus.DONE.value and run_id == result.get(Outcome.RUN_ID)
-
-    def _discard(self, result: dict, reason: str) -> None:
-        from qlib_ext.tracking.reaper import end_run
-
-        try:
-            end_run(self.s.mlflow_uri, result["run_id"], reason)
-        except Exception:  # noqa: BLE001 - the reaper ends it later
-            logger.exception("worker %s: could not end discarded run %s", os.getpid(), result.get("run_id"))
 
     def _replay_spool(self) -> None:
         """Commit results spooled by dead workers of this host (a live one is still retrying its own)."""
-        from qlib_ext.worker import spool as spool
+        from qlib_ext.worker import spool
+        from qlib_ext.worker.attempt import replay
 
         for item in spool.pending(self.s.pool):
-            if _owner_alive(item.claim.worker):
-                continue
-            ok = self._commit_once(item.claim, item.result)
-            spool.remove(item.path)
-            logger.warning("worker %s: replayed spooled result of task %s: %s", os.getpid(), item.claim.id,
-                           f"committed task {item.claim.id}" if ok else "refused (task taken over)")
-            if not ok:
-                self._discard(item.result, "spooled result refused: task taken over")
+            if not _owner_alive(item.claim.worker):
+                replay(self, item)
 
     def _reap(self, task_ids: list[Any] | None) -> None:
         from qlib_ext.tracking.reaper import reap_runs
@@ -358,11 +207,11 @@ class Worker:
             reap_runs(self.tm, self.s.mlflow_uri, task_ids)
         except Exception as e:  # noqa: BLE001 - ghost runs are cosmetic; never stop the worker for them
             logger.warning("worker %s: could not end stale MLflow runs (%s); retrying later", os.getpid(), e)
-            self._unreaped.update(task_ids or [])  # MLflow away: end them once it answers (no RUNNING ghosts)
+            self.unreaped.update(task_ids or [])  # MLflow away: end them once it answers (no RUNNING ghosts)
         else:
-            self._unreaped.difference_update(task_ids or [])
+            self.unreaped.difference_update(task_ids or [])
 
-    def _store(self, op: Callable[[], Any], give_up_on_stop: bool = True) -> Any:
+    def store_retry(self, op: Callable[[], Any], give_up_on_stop: bool = True) -> Any:
         """Retry a store write with capped back-off. When stopping, give up after a few tries (the
         lease then expires and lease recovery gets the task back); returns None when it gave up."""
         delay, tries = defaults.POLL_MIN_SECONDS, 0
@@ -371,7 +220,7 @@ class Worker:
                 return op()
             except STORE_ERRORS as e:
                 tries += 1
-                if self.stop.event.is_set() and (give_up_on_stop or tries >= 3):
+                if self.stop.event.is_set() and (give_up_on_stop or tries >= defaults.STOP_STORE_TRIES):
                     logger.warning("worker %s: store unreachable while stopping (%s); giving up", os.getpid(), e)
                     return None
                 logger.warning("worker %s: store write failed (%s); retrying in %.1fs", os.getpid(), e, delay)

@@ -142,11 +142,11 @@ def _run_like_a_worker(settings: Any, task: dict, task_id: str) -> dict:
 
 
 def _child(settings: Any, task: dict, task_id: str) -> dict:
-    from qlib_ext.worker.body import run_grid_task
-    from qlib_ext.worker.loop import _init_qlib
+    from qlib_ext.worker.attempt import run_outside_pool
+    from qlib_ext.worker.loop import init_qlib
 
-    _init_qlib(settings)
-    return run_grid_task(task, task_id=task_id, worker="reproduce", attempt=0, cache_dir=settings.cache_dir)
+    init_qlib(settings)
+    return run_outside_pool(settings, task, task_id)
 
 
 def _renamed(task: dict) -> dict:

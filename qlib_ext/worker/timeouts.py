@@ -2,9 +2,10 @@
 
 ``ChildProcessTask`` is the death penalty (rq's ``timeouts.py``), except that the task dies, not the
 worker: the task runs in a forked child; at the deadline, or when asked to, the parent sends SIGTERM
-(the child's MLflow run ends KILLED), then SIGKILL after ``kill_after`` seconds if the child ignores
-it (a hang in C code). ``InProcessTask`` runs the task in the worker itself (no fork, cheaper) and
-can only be interrupted between Python bytecodes.
+(the child stops, leaving its MLflow run RUNNING for the worker to end KILLED), then SIGKILL after
+``kill_after`` seconds if the child ignores it (a hang in C code). ``InProcessTask`` runs the task in
+the worker itself (no fork, cheaper) and can only be interrupted between Python bytecodes. Neither
+ends the task's MLflow run: its attempt does (:mod:`qlib_ext.worker.attempt`).
 
 Both raise :class:`TaskTimeout` or :class:`TaskInterrupted`; a task's own exception comes out as
 itself (in-process) or as :class:`ChildTaskFailed` carrying the child's traceback text.
@@ -23,12 +24,11 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from qlib_ext import defaults
 from qlib_ext.errors import TaskError
+from qlib_ext.pool.status import EndReason
 
 logger = logging.getLogger(__name__)
-
-KILL_AFTER_SECONDS = 5.0
-"""Time a child gets between SIGTERM and SIGKILL, seconds."""
 
 INTERRUPT_SIGNAL = signal.SIGUSR1
 """Signal that interrupts an in-process task (raised as an exception inside it)."""
@@ -42,8 +42,8 @@ class TaskInterrupted(TaskError):
     """The task was stopped from outside: worker shutdown, lost lease or ``cancel --now``."""
 
     def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
+        super().__init__(str(reason))
+        self.reason = reason  # an EndReason for the worker's own interrupts
 
 
 class ChildTaskFailed(TaskError):
@@ -56,8 +56,8 @@ class ChildTaskFailed(TaskError):
 
 
 class _Interrupt(KeyboardInterrupt):
-    """Raised inside the task; a KeyboardInterrupt so that Qlib code does not swallow it and
-    ``tasks._killed_on_interrupt`` ends the MLflow run KILLED."""
+    """Raised inside the task; a KeyboardInterrupt so that Qlib code does not swallow it (the task's
+    body detaches its run on the way out; the worker ends it KILLED)."""
 
 
 class InProcessTask:
@@ -85,7 +85,7 @@ class InProcessTask:
                 self._active = False
             return result
         except _Interrupt:
-            raise TaskInterrupted(self.reason or "interrupted") from None
+            raise TaskInterrupted(self.reason or EndReason.INTERRUPTED) from None
         finally:
             with self._lock:
                 self._active = False
@@ -114,7 +114,7 @@ class ChildProcessTask:
     never touches the parent's MongoDB client. ``interrupt`` may be called from any thread.
     """
 
-    def __init__(self, timeout: float | None, kill_after: float = KILL_AFTER_SECONDS):
+    def __init__(self, timeout: float | None, kill_after: float = defaults.KILL_AFTER_SECONDS):
         self.timeout, self.kill_after = timeout, kill_after
         self.reason: str | None = None
         self._stop = threading.Event()
@@ -141,7 +141,7 @@ class ChildProcessTask:
     def _wait(self, child: Any, recv: Any) -> Any:
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
-            if recv.poll(0.1):
+            if recv.poll(defaults.CHILD_POLL_SECONDS):
                 try:
                     kind, payload, *fault = recv.recv()
                 except EOFError:  # the child died right after sending nothing
@@ -153,14 +153,14 @@ class ChildProcessTask:
                 break
             if self._stop.is_set():
                 self._kill(child)
-                raise TaskInterrupted(self.reason or "interrupted")
+                raise TaskInterrupted(self.reason or EndReason.INTERRUPTED)
             if deadline is not None and time.monotonic() > deadline:
                 self._kill(child)
                 raise TaskTimeout(f"task timed out after {self.timeout:g}s; its child process "
                                   f"{child.pid} was killed")
             if not child.is_alive() and not recv.poll(0):
                 break
-        child.join(1)
+        child.join(defaults.CHILD_REAP_SECONDS)
         raise ChildTaskFailed(f"task child process {child.pid} died without a result (exit code {child.exitcode})")
 
     def interrupt(self, reason: str) -> None:
@@ -170,14 +170,14 @@ class ChildProcessTask:
         self._stop.set()
 
     def _kill(self, child: Any) -> None:
-        """SIGTERM (the run ends KILLED), then SIGKILL if the child is still there after ``kill_after``."""
+        """SIGTERM (the task stops), then SIGKILL if the child is still there after ``kill_after``."""
         if child.is_alive():
             child.terminate()
             child.join(self.kill_after)
         if child.is_alive():
             logger.warning("timeouts: child %s ignored SIGTERM for %.0fs; killing it", child.pid, self.kill_after)
             child.kill()
-            child.join(5)
+            child.join(defaults.CHILD_REAP_SECONDS)
 
 
 def _child_main(send: Any, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
@@ -198,11 +198,11 @@ def _child_main(send: Any, fn: Callable[..., Any], args: tuple, kwargs: dict) ->
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)  # skip inherited atexit hooks (MongoDB client, MLflow) that belong to the parent
+        os._exit(0)  # skip inherited atexit hooks (MongoDB client; MLflow's would end the run FINISHED)
 
 
 def _raise_interrupt(_signum: int, _frame: object) -> None:
-    raise _Interrupt("terminated by the worker")
+    raise _Interrupt(EndReason.TERMINATED)
 
 
 def _drop_inherited_connections() -> None:
