@@ -91,11 +91,11 @@ class Warmer:
 
 
 def _child(settings: dict, cores: int, queue: mp.Queue, ready: str) -> None:
-    from qlib_ext.worker.loop import _init_qlib
+    from qlib_ext.worker.loop import init_qlib
 
     logging.basicConfig(level=settings["log_level"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     s = replace(WorkerSettings(**settings), threads=cores)
-    _init_qlib(s)
+    init_qlib(s)
     queue.put(asdict(warm(s, on_locked=Path(ready).touch)))
 
 
