@@ -24,7 +24,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from qlib_ext.pool.record import Tag
+from qlib_ext.pool.record import Metric, Tag
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def run_flags(validity: dict, metrics: dict, rolling: bool) -> list[str]:
     if (best is not None and best <= 1) or validity.get("pred_flat_share", 0.0) >= FLAT_SHARE:
         flags.append(LEARNED_NOTHING)
     ic_values = (validity.get("ic") or {}).get("values")
-    if ("IC" in metrics and _missing(metrics["IC"])) or (ic_values and all(v is None for v in ic_values)):
+    if (Metric.IC in metrics and _missing(metrics[Metric.IC])) or (ic_values and all(v is None for v in ic_values)):
         flags.append(NAN_IC)
     if validity.get("trade_days") == 0:
         flags.append(NO_TRADES)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qlib_ext.analysis import plots
-from qlib_ext.pool.record import Tag
+from qlib_ext.pool.record import Metric, Tag
 from qlib_ext.tracking import mlflow_ui
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def collect(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None =
     rows, grid = ranked_rows(pool, mongo_url, uri, metric)
     tm = GridTaskManager(pool, db)
     exp = client.get_experiment_by_name(meta.experiment)
-    data = GridData(pool, grid.get("metric") or metric or "IC", rows, grid, dict(tm.counts()),
+    data = GridData(pool, grid.get("metric") or metric or Metric.IC, rows, grid, dict(tm.counts()),
                     exp.experiment_id if exp else "", None, uri)
     data.runs = mlflow_ui.grid_runs(client, data.experiment_id, pool) if exp else None
     data.first_error = _first_error(tm)

@@ -20,24 +20,23 @@ from qlib_ext.analysis import flags as fl
 from qlib_ext.analysis.grid_stats import STAT_KEYS, annotate
 from qlib_ext.analysis.series import VALIDITY, to_pandas
 from qlib_ext.errors import ConfigError
-from qlib_ext.pool.record import Tag
+from qlib_ext.pool.record import SIGNAL_METRICS, Metric, Tag
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_METRIC = "IC"
+DEFAULT_METRIC = Metric.IC
 """Metric a model grid ranks by when ``grid.objective`` does not say (higher is better)."""
 
-SWEEP_METRIC = "1day.excess_return_with_cost.information_ratio"
+SWEEP_METRIC = Metric.IR
 """Metric a strategy sweep ranks by by default: its rows share one model, so IC cannot tell them apart."""
 
-COMPARED_METRICS = ("IC", "ICIR", "Rank IC", "Rank ICIR", "1day.excess_return_with_cost.annualized_return",
-                    "1day.excess_return_with_cost.information_ratio", "1day.excess_return_with_cost.max_drawdown")
+COMPARED_METRICS = (*SIGNAL_METRICS, Metric.ANN_RETURN, Metric.IR, Metric.MAX_DRAWDOWN)
 """Metrics that must all be equal for an axis to count as having changed nothing."""
 
 DSR_TAG = Tag.DSR
 """MLflow tag ``leaderboard --tag-runs`` sets: the row's Deflated Sharpe Ratio."""
 
-TABLE_METRICS = ("IC", "ICIR", "1day.excess_return_with_cost.annualized_return")
+TABLE_METRICS = (Metric.IC, Metric.ICIR, Metric.ANN_RETURN)
 """Metric columns of the text table besides the ranking metric and the validity columns."""
 
 
@@ -358,8 +357,7 @@ def format_table(rows: list[dict], grid: dict | str | None = None, top: int | No
     return "\n".join([_trials_line(grid, len(rows), len(shown)), table, _pbo_line(grid)])
 
 
-_SHORT = {"1day.excess_return_with_cost.annualized_return": "ann.return",
-          "1day.excess_return_with_cost.information_ratio": "IR", "1day.excess_return_with_cost.max_drawdown": "MDD"}
+_SHORT = {Metric.ANN_RETURN: "ann.return", Metric.IR: "IR", Metric.MAX_DRAWDOWN: "MDD"}
 
 
 def _trials_line(grid: dict, total: int, shown: int) -> str:

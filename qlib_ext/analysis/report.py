@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from qlib_ext.pool.record import Metric
 from qlib_ext.tracking import mlflow_ui
 
 logger = logging.getLogger(__name__)
@@ -132,8 +133,8 @@ def _leaderboard(data: Any) -> str:
     if not data.rows:
         return "<p>no finished runs yet</p>"
     axes = list((data.runs.axes if data.runs else {}) or {})
-    metrics = [data.metric, *[m for m in ("IC", "ICIR", "Rank IC") if m != data.metric]]
-    metrics += [f for s, f in mlflow_ui.HEADLINE.items() if f != data.metric and s in ("ann_ret", "IR", "max_dd")]
+    metrics = [data.metric, *[m for m in (Metric.IC, Metric.ICIR, Metric.RANK_IC) if m != data.metric]]
+    metrics += [m for m in (Metric.ANN_RETURN, Metric.IR, Metric.MAX_DRAWDOWN) if m != data.metric]
     header = ["#", "run", *[mlflow_ui.metric_column(m) for m in metrics], "DSR", *axes, "flags", "run id"]
     rows = []
     for i, r in enumerate(data.rows[:TOP_ROWS], 1):

@@ -1,4 +1,5 @@
-"""The task record: every field name of a pool document, of its ``qlib_ext`` block and of our MLflow tags.
+"""The schema: every field name of a pool document, of its ``qlib_ext`` block and of a pool's metadata; our
+MLflow tags; the metric names Qlib logs that qlib-ext reads.
 
 A pool document keeps Qlib's shape (``def``, ``filter``, ``status``, ``priority``, ``res``) so Qlib's
 ``TaskManager`` and ``python -m qlib.workflow.task.manage`` read it; the other fields are ours (:class:`Doc`).
@@ -7,7 +8,9 @@ Qlib 0.9.7 unpickles every field whose name *starts with* ``def`` or ``res``
 
 The task dict's ``qlib_ext`` block (grid coordinates, names, the train-once sweep, a backtest's
 training run) is :class:`TaskMeta`, a dataclass with a dict/BSON round trip that leaves the stored
-format as it was. The first MLflow tags are :class:`Tag`.
+format as it was; so is a pool's metadata (:class:`PoolMeta`). The MLflow tags are :class:`Tag`, the metric
+names Qlib logs and qlib-ext reads are :class:`Metric` (with the lists each reader uses). Every such name is
+written as a string here and nowhere else (``tests/test_schema.py``).
 
 This module imports only the standard library: every layer (the workflow that writes the block,
 the pool that stores it, the worker and tracking that read it) imports it.
@@ -16,6 +19,8 @@ the pool that stores it, the worker and tracking that read it) imports it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final, Self
 
@@ -27,6 +32,9 @@ QLIB_ENCODED_PREFIXES: Final = ("def", "res")
 
 KIND_BACKTEST: Final = "backtest"
 """``qlib_ext.kind`` of a task that backtests a training run's predictions."""
+
+STRATEGY_PREFIX: Final = "port_analysis_config.strategy.kwargs."
+"""Coordinate-name prefix of a strategy key in ``qlib_ext.coords`` (the name a ``grid.params`` path would have)."""
 
 KIND_TRAIN: Final = "train"
 """``qlib_ext.kind`` tag value of a training run with a strategy sweep (the block itself has no ``kind``)."""
@@ -114,6 +122,38 @@ class Tag:
     PRUNED: Final = "qlib_ext.pruned"  # "true" on the runs of a pruned trial
     MLFLOW_PARENT: Final = "mlflow.parentRunId"  # MLflow's own: nests a backtest run under its training run
     HOSTNAME: Final = "hostname"
+
+
+class Metric:
+    """Qlib's metric names (``SigAnaRecord``, ``PortAnaRecord``) that qlib-ext reads, copies and ranks by."""
+
+    IC: Final = "IC"
+    ICIR: Final = "ICIR"
+    RANK_IC: Final = "Rank IC"
+    RANK_ICIR: Final = "Rank ICIR"
+    ANN_RETURN: Final = "1day.excess_return_with_cost.annualized_return"
+    IR: Final = "1day.excess_return_with_cost.information_ratio"
+    MAX_DRAWDOWN: Final = "1day.excess_return_with_cost.max_drawdown"
+    ANN_RETURN_NO_COST: Final = "1day.excess_return_without_cost.annualized_return"
+    IR_NO_COST: Final = "1day.excess_return_without_cost.information_ratio"
+    MAX_DRAWDOWN_NO_COST: Final = "1day.excess_return_without_cost.max_drawdown"
+
+
+SIGNAL_METRICS: Final = (Metric.IC, Metric.ICIR, Metric.RANK_IC, Metric.RANK_ICIR)
+"""``SigAnaRecord``'s metrics: the prediction's quality (a train-once backtest run logs its training run's)."""
+
+PORTFOLIO_METRICS: Final = (Metric.ANN_RETURN, Metric.IR, Metric.MAX_DRAWDOWN,
+                            Metric.ANN_RETURN_NO_COST, Metric.IR_NO_COST, Metric.MAX_DRAWDOWN_NO_COST)
+"""``PortAnaRecord``'s headline metrics, with and without cost."""
+
+KEY_METRICS: Final = SIGNAL_METRICS + PORTFOLIO_METRICS
+"""Qlib's metrics copied into the committed result (``outcome.metrics``)."""
+
+HEADLINE_METRICS: Final = {
+    "ann_ret": Metric.ANN_RETURN, "IR": Metric.IR, "max_dd": Metric.MAX_DRAWDOWN,
+    "ann_ret_nc": Metric.ANN_RETURN_NO_COST, "IR_nc": Metric.IR_NO_COST,
+}
+"""Short metric name -> Qlib's name: each run logs these again under the short name (MLflow's table columns)."""
 
 
 def check_field_names(names: list[str]) -> None:
@@ -295,3 +335,25 @@ class TaskMeta(_Block):
     def is_backtest(self) -> bool:
         """A backtest of a training run's predictions (train-once follow-up)."""
         return self.kind == KIND_BACKTEST
+
+
+@dataclass
+class SweepPoint(_Block):
+    """One entry of ``qlib_ext.sweep``: a backtest a train-once training task queues once it has trained."""
+
+    run_name: str | None = None  # the backtest run's name (the grid point's)
+    config_id: str | None = None  # the grid point's config id
+    coords: dict = field(default_factory=dict)  # the grid point's coordinates
+    strategy: dict = field(default_factory=dict)  # its strategy kwargs
+    record: list = field(default_factory=list)  # its PortAnaRecord configs, reading the training run's pred.pkl
+    extra: dict = field(default_factory=dict)  # keys this version does not know, kept as they are
+
+    _ALWAYS = ("run_name", "config_id", "coords", "strategy", "record")
+
+
+@contextmanager
+def edit_meta(task: dict) -> Iterator[TaskMeta]:
+    """Edit a task dict's ``qlib_ext`` block as a :class:`TaskMeta`; written back (``to_dict``) on exit."""
+    meta = TaskMeta.of(task)
+    yield meta
+    task[META] = meta.to_dict()

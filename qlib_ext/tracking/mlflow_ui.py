@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qlib_ext.pool.record import Tag
+from qlib_ext.pool.record import HEADLINE_METRICS, STRATEGY_PREFIX, Metric, Tag
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +52,10 @@ NOTE_TAG = "mlflow.note.content"
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 """Experiment tag prefix of a saved runs-table view, opened by ``?viewStateShareKey=<key>``."""
 
-AXES_TAG = "qlib_ext.axes"
+AXES_TAG = Tag.AXES
 """Grid-run tag: JSON ``{short param name: full dotted path}`` of the grid's axes."""
 
-ROW_TAG = "qlib_ext.row"
+ROW_TAG = Tag.ROW
 """What a run is in the grid's tables: ``grid``, ``config`` (one configuration: the ranked view's rows),
 ``window`` (a rolling window of a config run) or ``model`` (a sweep's training run)."""
 
@@ -74,19 +74,10 @@ KIND_GRID = "grid"
 KIND_CONFIG = "config"
 """``qlib_ext.kind`` of a rolling configuration's run (parent of its windows)."""
 
-STRATEGY_PREFIX = "port_analysis_config.strategy.kwargs."
-"""Coordinate prefix of strategy keys (``qlib_ext.workflow.expand.STRATEGY_PREFIX``)."""
-
-HEADLINE = {
-    "ann_ret": "1day.excess_return_with_cost.annualized_return",
-    "IR": "1day.excess_return_with_cost.information_ratio",
-    "max_dd": "1day.excess_return_with_cost.max_drawdown",
-    "ann_ret_nc": "1day.excess_return_without_cost.annualized_return",
-    "IR_nc": "1day.excess_return_without_cost.information_ratio",
-}
+HEADLINE = HEADLINE_METRICS
 """Short metric name -> Qlib's PortAnaRecord name; logged again under the short name."""
 
-COLUMNS = ("IC", "ICIR", "ann_ret", "IR", "max_dd")
+COLUMNS = (Metric.IC, Metric.ICIR, "ann_ret", "IR", "max_dd")
 """Headline metric columns of the saved runs-table view, after the objective."""
 
 _DROP = {"task", "kwargs", "port_analysis_config", "config", "dataset", "model"}
@@ -206,7 +197,7 @@ def _find(client: Any, experiment_id: str, pool: str, kind: str) -> list[Any]:
 
 
 def ensure_grid_runs(mlflow_uri: str, experiment: str, pool: str, tasks: list[dict],
-                     workflow: str | Path | None = None, objective: str = "IC") -> GridRuns:
+                     workflow: str | Path | None = None, objective: str = Metric.IC) -> GridRuns:
     """Create (or find, on a resubmit) the grid's parent run and its rolling configurations' runs;
     tag the experiment for the training-runs view and save the grid's runs-table view.
 

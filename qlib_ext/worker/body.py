@@ -21,19 +21,10 @@ from typing import Any
 
 from qlib_ext import defaults
 from qlib_ext.analysis.series import VALIDITY
-from qlib_ext.pool.record import KIND_BACKTEST, KIND_TRAIN, META, Outcome, Tag, TaskMeta
+from qlib_ext.pool.record import KEY_METRICS, KIND_BACKTEST, KIND_TRAIN, META, Outcome, Tag, TaskMeta
 from qlib_ext.tracking import mlflow_ui
 
 logger = logging.getLogger(__name__)
-
-KEY_METRICS = (
-    "IC", "ICIR", "Rank IC", "Rank ICIR",
-    "1day.excess_return_with_cost.annualized_return", "1day.excess_return_with_cost.information_ratio",
-    "1day.excess_return_with_cost.max_drawdown", "1day.excess_return_without_cost.annualized_return",
-    "1day.excess_return_without_cost.information_ratio", "1day.excess_return_without_cost.max_drawdown",
-)
-"""Qlib's own metrics (SigAnaRecord, PortAnaRecord) copied into the committed result."""
-
 
 @contextlib.contextmanager
 def _stage(timings: dict[str, float], name: str) -> Iterator[None]:
@@ -258,8 +249,8 @@ def _backtest(task: dict, recorder: Any, timings: dict[str, float], cache_dir: s
     from qlib.utils import init_instance_by_config
     from qlib.workflow import R
 
+    from qlib_ext.pool.record import SIGNAL_METRICS
     from qlib_ext.worker.sanity import check_record
-    from qlib_ext.workflow.sweep import SIGNAL_METRICS
 
     parent = TaskMeta.of(task).parent_run_id
     with _stage(timings, "load"):

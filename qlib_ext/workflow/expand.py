@@ -28,14 +28,11 @@ from qlib.workflow.task.utils import TimeAdjuster
 
 from qlib_ext.errors import ConfigError
 from qlib_ext.identity import canonical_json, digest
-from qlib_ext.pool.record import META
+from qlib_ext.pool.record import META, STRATEGY_PREFIX, TaskMeta, edit_meta
 from qlib_ext.workflow.load import Workflow, date_str, normalise_dates
 from qlib_ext.workflow.spec import Dist, GridSpec, ModelSpec, RollingSpec, Values, portana_configs, set_path
 
 logger = logging.getLogger(__name__)
-
-STRATEGY_PREFIX = "port_analysis_config.strategy.kwargs."
-"""Coordinate name prefix of strategy keys (the same name a ``grid.params`` path would have)."""
 
 ABBREVIATIONS = {
     "learning_rate": "lr", "num_leaves": "leaves", "max_depth": "depth", "num_boost_round": "rounds",
@@ -72,17 +69,17 @@ def expand(wf: Workflow, provider_uri: str | None = None) -> list[dict]:
                           "(qlib_ext.search), so there is no list of tasks to expand; expected `qlib-ext run`, or "
                           "`qlib-ext submit` then `qlib-ext search POOL`")
     root = copy.deepcopy(wf.config)
-    root[META] = {"coords": {}, "model": None, "strategy": {}, "window": None}
+    root[META] = draft_meta()
     tasks = [_to_task(r) for r in task_generator(root, axis_generators(wf.grid))]
     calendar = read_calendar(wf, provider_uri, required=wf.grid.rolling is not None)
     if wf.grid.rolling is not None:
         tasks = task_generator(tasks, WindowGen(wf.grid.rolling, calendar, wf.path))
     grid_hash = workflow_hash(wf)
-    labels = _labels({path for t in tasks for path in t[META]["coords"]})
+    labels = _labels({path for t in tasks for path in TaskMeta.of(t).coords})
     for task in tasks:
         _finish(task, wf, grid_hash, labels)
     for task in tasks:
-        check_bson(task, wf.path, task[META]["run_name"])
+        check_bson(task, wf.path, TaskMeta.of(task).run_name or "")
         if calendar:
             check_backtest_end(task, calendar, wf.path)
     if wf.grid.train_once:
@@ -90,6 +87,11 @@ def expand(wf: Workflow, provider_uri: str | None = None) -> list[dict]:
 
         tasks = train_once(tasks, lambda t: _finish(t, wf, grid_hash, labels), wf.path)
     return tasks
+
+
+def draft_meta() -> dict:
+    """The ``qlib_ext`` block of a root config before the axes fill it (coordinates, model, strategy, window)."""
+    return TaskMeta(coords={}, strategy={}).to_dict()
 
 
 def workflow_hash(wf: Workflow) -> str:
@@ -207,23 +209,26 @@ def sample(rng: random.Random, values: Values) -> Any:
 def apply_param(root: dict, path: str, value: Any) -> None:
     """Set ``path`` in a root config copy and record it as a coordinate."""
     set_path(root, path, copy.deepcopy(value))
-    root[META]["coords"][path] = value
-    if path.startswith(STRATEGY_PREFIX):
-        root[META]["strategy"][path[len(STRATEGY_PREFIX):]] = value
+    with edit_meta(root) as meta:
+        meta.coords[path] = value
+        if path.startswith(STRATEGY_PREFIX):
+            meta.strategy[path[len(STRATEGY_PREFIX):]] = value
 
 
 def apply_model(root: dict, spec: ModelSpec) -> None:
     """Replace ``task.model`` of a root config copy by the block of ``spec``."""
     root["task"]["model"] = copy.deepcopy(spec.block)
-    root[META]["model"] = spec.name
+    with edit_meta(root) as meta:
+        meta.model = spec.name
 
 
 def apply_strategy(root: dict, key: str, value: Any) -> None:
     """Set ``key`` (dotted, inside ``strategy.kwargs``) in every ``PortAnaRecord`` of the task."""
     for cfg in portana_configs(root["task"]):
         set_path(cfg["strategy"].setdefault("kwargs", {}), key, copy.deepcopy(value))
-    root[META]["coords"][STRATEGY_PREFIX + key] = value
-    root[META]["strategy"][key] = value
+    with edit_meta(root) as meta:
+        meta.coords[STRATEGY_PREFIX + key] = value
+        meta.strategy[key] = value
 
 
 def _to_task(root: dict) -> dict:
@@ -316,8 +321,8 @@ class WindowGen(RollingGen):
         for cfg in portana_configs(task):
             if isinstance(cfg.get("backtest"), dict):
                 cfg["backtest"]["start_time"], cfg["backtest"]["end_time"] = segs["test"]
-        task[META]["window"] = {"index": index, "train": segs.get("train"), "valid": segs.get("valid"),
-                                "test": segs["test"]}
+        with edit_meta(task) as meta:
+            meta.window = {"index": index, "train": segs.get("train"), "valid": segs.get("valid"), "test": segs["test"]}
 
 
 def read_calendar(wf: Workflow, provider_uri: str | None = None, *, required: bool = True) -> list[pd.Timestamp]:
@@ -356,26 +361,23 @@ def check_backtest_end(task: dict, calendar: list[pd.Timestamp], file: Path) -> 
         if isinstance(end, str) and len(calendar) > 1 and pd.Timestamp(end) > calendar[-2]:
             raise ConfigError(
                 f"backtest end_time {end} is not before the calendar's last day {calendar[-1]:%Y-%m-%d} in "
-                f"port_analysis_config.backtest.end_time of {file} (task '{task[META]['run_name']}'); a Qlib "
+                f"port_analysis_config.backtest.end_time of {file} (task '{TaskMeta.of(task).run_name}'); a Qlib "
                 f"backtest must end at least one trading day before the calendar does: end it on "
                 f"{calendar[-2]:%Y-%m-%d} or earlier, or use a data directory with a longer calendar")
 
 
 def _finish(task: dict, wf: Workflow, grid_hash: str, labels: dict[str, str]) -> None:
     """Fill the meta block in its final key order, then make the whole task BSON-friendly."""
-    meta = task.pop(META)
-    model = meta["model"] or model_short_name(task["model"])
-    coords = meta["coords"]
-    window = meta["window"]
+    draft = TaskMeta.from_dict(task.pop(META))  # re-added last: the block ends the task dict
+    model = draft.model or model_short_name(task["model"])
+    coords, window = draft.coords, draft.window
     parts = [model, *(f"{labels[p]}={_fmt(v)}" for p, v in coords.items())]
-    task[META] = {
-        "pool": wf.pool, "experiment": wf.experiment_name, "grid_hash": grid_hash,
-        "config_id": digest({"model": model, "coords": coords}, length=10),
-        "coords": coords, "model": model, "strategy": meta["strategy"], "window": window,
-        "run_name": " ".join(parts + ([f"w{window['index']}"] if window else [])),
-    }
-    if "sweep" in meta:
-        task[META]["sweep"] = meta["sweep"]
+    task[META] = TaskMeta(
+        pool=wf.pool, experiment=wf.experiment_name, grid_hash=grid_hash,
+        config_id=digest({"model": model, "coords": coords}, length=10),
+        coords=coords, model=model, strategy=draft.strategy, window=window,
+        run_name=" ".join(parts + ([f"w{window['index']}"] if window else [])), sweep=draft.sweep,
+    ).to_dict()
     normalise_dates(task)
 
 

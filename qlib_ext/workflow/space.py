@@ -17,6 +17,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+from qlib_ext.pool.record import STRATEGY_PREFIX, TaskMeta
 from qlib_ext.workflow.expand import (
     META,
     WindowGen,
@@ -28,6 +29,7 @@ from qlib_ext.workflow.expand import (
     apply_strategy,
     check_backtest_end,
     check_bson,
+    draft_meta,
     read_calendar,
     workflow_hash,
 )
@@ -134,7 +136,7 @@ class PointBuilder:
         No train-once sweep: in a sampler search every trial trains its own model.
         """
         root = copy.deepcopy(self.wf.config)
-        root[META] = {"coords": {}, "model": None, "strategy": {}, "window": None}
+        root[META] = draft_meta()
         if point.model is not None:
             apply_model(root, self.wf.grid.models[point.model])
         for path, value in point.params.items():
@@ -146,7 +148,7 @@ class PointBuilder:
             tasks = WindowGen(self.wf.grid.rolling, self.calendar, self.wf.path).generate(tasks[0])
         for task in tasks:
             _finish(task, self.wf, self.grid_hash, self.labels)
-            check_bson(task, self.wf.path, task[META]["run_name"])
+            check_bson(task, self.wf.path, TaskMeta.of(task).run_name or "")
             if self.calendar:
                 check_backtest_end(task, self.calendar, self.wf.path)
         return tasks
@@ -154,8 +156,6 @@ class PointBuilder:
 
 def _space_paths(grid: GridSpec) -> set[str]:
     """Every coordinate name a point can have (so run-name labels do not depend on the point)."""
-    from qlib_ext.workflow.expand import STRATEGY_PREFIX
-
     paths = set(grid.params) | {STRATEGY_PREFIX + k for k in grid.strategies}
     for model in grid.models.values():
         paths |= set(model.params)

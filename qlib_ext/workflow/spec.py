@@ -18,6 +18,7 @@ from typing import Any
 
 from qlib_ext import defaults
 from qlib_ext.errors import ConfigError
+from qlib_ext.pool.record import Metric
 
 SAMPLERS = ("tpe", "cmaes", "gp", "qmc")
 """Model-based searches: an Optuna sampler proposes each point (``qlib_ext.search``)."""
@@ -66,7 +67,7 @@ Values = list | Dist
 class ObjectiveSpec:
     """What ranks configurations: a committed metric and whether higher or lower is better."""
 
-    metric: str = "IC"  # a key of the committed result's metrics (rolling: mean over windows)
+    metric: str = Metric.IC  # a key of the committed result's metrics (rolling: mean over windows)
     direction: str = "maximize"  # maximize | minimize
 
 

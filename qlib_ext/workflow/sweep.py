@@ -18,13 +18,10 @@ from pathlib import Path
 
 from qlib_ext.errors import ConfigError
 from qlib_ext.identity import digest
-from qlib_ext.pool.record import META
+from qlib_ext.pool.record import META, SweepPoint, TaskMeta
 from qlib_ext.workflow.spec import is_port_ana
 
 logger = logging.getLogger(__name__)
-
-SIGNAL_METRICS = ("IC", "ICIR", "Rank IC", "Rank ICIR")
-"""SigAnaRecord metrics copied from the training run into each of its backtest runs."""
 
 _MISSING = object()
 
@@ -38,10 +35,10 @@ def split_records(task: dict) -> tuple[list, list]:
 
 def training_key(task: dict) -> str:
     """Identity of what a task trains: the task without its PortAnaRecords, coordinates and names."""
-    meta = task[META]
+    meta = TaskMeta.of(task)
     body = {k: v for k, v in task.items() if k != META}
     body["record"] = split_records(task)[0]
-    return digest({"task": body, "model": meta["model"], "window": meta["window"]})
+    return digest({"task": body, "model": meta.model, "window": meta.window})
 
 
 def train_once(tasks: list[dict], finish: Callable[[dict], None], file: Path) -> list[dict]:
@@ -76,21 +73,20 @@ def train_once(tasks: list[dict], finish: Callable[[dict], None], file: Path) ->
 
 def _training_task(members: list[dict], file: Path) -> dict:
     first = members[0]
-    meta = first[META]
-    coords = {k: v for k, v in meta["coords"].items()
-              if all(m[META]["coords"].get(k, _MISSING) == v for m in members)}
+    meta = TaskMeta.of(first)
+    coords = {k: v for k, v in meta.coords.items()
+              if all(TaskMeta.of(m).coords.get(k, _MISSING) == v for m in members)}
     task = {k: copy.deepcopy(v) for k, v in first.items() if k != META}
     task["record"] = split_records(first)[0]
-    task[META] = {"coords": coords, "model": meta["model"], "strategy": {}, "window": meta["window"],
-                  "sweep": [_sweep_entry(m, file) for m in members]}
+    task[META] = TaskMeta(coords=coords, model=meta.model, strategy={}, window=meta.window,
+                          sweep=[_sweep_entry(m, file) for m in members]).to_dict()
     return task
 
 
 def _sweep_entry(task: dict, file: Path) -> dict:
-    meta = task[META]
-    records = [_signal_from_pred(r, file, meta["run_name"]) for r in split_records(task)[1]]
-    return {"run_name": meta["run_name"], "config_id": meta["config_id"], "coords": meta["coords"],
-            "strategy": meta["strategy"], "record": records}
+    meta = TaskMeta.of(task)
+    records = [_signal_from_pred(r, file, meta.run_name or "") for r in split_records(task)[1]]
+    return SweepPoint(meta.run_name, meta.config_id, meta.coords, meta.strategy, records).to_dict()
 
 
 def _signal_from_pred(record: dict, file: Path, run_name: str) -> dict:
