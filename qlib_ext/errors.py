@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class QlibExtError(Exception):
     """Base class of every error qlib-ext raises on purpose."""
@@ -29,6 +31,8 @@ class TaskRejected(TaskError):
 
 class TaskDecodeError(TaskRejected, ValueError):
     """A pool document's ``def``/``res`` is not plain data (or not a valid task); the message names the task."""
+
+    claim: Any = None  # the pool's Claim when the task was claimed before it failed to decode (the worker fails it)
 
 
 class ModuleNotAllowed(TaskRejected):

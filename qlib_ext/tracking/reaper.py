@@ -71,7 +71,8 @@ def _running_runs(client: Any, pool: str, task_ids: list[Any] | None) -> list[An
     exp_ids = [e.experiment_id for e in client.search_experiments()]
     flt = f"tags.`{Tag.POOL}` = '{pool}' and attributes.status = '{RunStatus.RUNNING}'"
     wanted = None if task_ids is None else {str(t) for t in task_ids}
-    runs, token = [], None
+    runs: list[Any] = []
+    token = None
     while exp_ids:
         page = client.search_runs(exp_ids, filter_string=flt, max_results=defaults.REAPER_PAGE_RUNS, page_token=token)
         runs.extend(r for r in page if wanted is None or r.data.tags.get(Tag.TASK_ID) in wanted)

@@ -252,7 +252,7 @@ def _backtest(task: dict, recorder: Any, timings: dict[str, float], cache_dir: s
     from qlib_ext.pool.record import SIGNAL_METRICS
     from qlib_ext.worker.sanity import check_record
 
-    parent = TaskMeta.of(task).parent_run_id
+    parent = str(TaskMeta.of(task).parent_run_id)
     with _stage(timings, "load"):
         _copy_signal(recorder, parent)
     # the leaderboard ranks backtest rows by IC too: the signal metrics are the training run's

@@ -1,10 +1,11 @@
 """Follow-up tasks: the backtests a finished train-once training task queues before it commits.
 
 At expansion (:func:`qlib_ext.workflow.sweep.train_once`) the strategy points of one model become
-the training task's ``qlib_ext.sweep``. Once that task has trained, the worker (not the task body:
-the result is only the result) turns the sweep into backtest tasks naming the training run
-(:func:`backtest_tasks`) and queues them while it still holds the training task's lease
-(:func:`enqueue`), then commits the training task: the pool never looks finished in between.
+the training task's ``qlib_ext.sweep``. Once that task has trained, its attempt
+(:mod:`qlib_ext.worker.attempt`, not the task body: the result is only the result) turns the sweep into
+backtest tasks naming the training run (:func:`backtest_tasks`) and queues them while it still holds the
+training task's lease (:func:`enqueue`), then commits the training task: the pool never looks finished in
+between.
 Unrelated to the lease-recovery pass (:meth:`qlib_ext.pool.manager.GridTaskManager.reclaim_expired`).
 """
 

@@ -1,7 +1,8 @@
-"""One worker process draining a pool: claim under a lease, run the task, commit under fencing.
+"""One worker process draining a pool: replay spooled results, recover expired leases, claim, run.
 
 Each worker is a separate OS process (not a thread: Qlib's data handling and backtests hold the
-GIL) that initialises Qlib once and then runs tasks until the pool is finished. The loop never
+GIL) that initialises Qlib once and then runs tasks until the pool is finished. What happens to one
+claimed task, up to the end of its MLflow run, is :class:`qlib_ext.worker.attempt.Attempt`. The loop never
 dies on a task error or a store outage (huey's ``Worker.loop``); :mod:`qlib_ext.worker.group` starts N
 workers and restarts dead ones.
 """

@@ -97,7 +97,7 @@ class InProcessTask:
             if not self._active or self.reason is not None:
                 return
             self.reason = reason
-            signal.pthread_kill(threading.main_thread().ident, INTERRUPT_SIGNAL)
+            signal.pthread_kill(threading.main_thread().ident or 0, INTERRUPT_SIGNAL)
 
     def _on_signal(self, _signum: int, _frame: object) -> None:
         # No lock here: the handler runs in the main thread, which may be holding it.
@@ -187,6 +187,7 @@ def _child_main(send: Any, fn: Callable[..., Any], args: tuple, kwargs: dict) ->
     _drop_inherited_connections()
     from qlib_ext.worker.faults import classify, describe
 
+    message: tuple[Any, ...]
     try:
         message = ("ok", fn(*args, **kwargs))
     except BaseException as e:  # noqa: BLE001 - everything goes back to the parent as text
