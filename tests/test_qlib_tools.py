@@ -26,7 +26,8 @@ from grid_yaml import write_workflow
 from store_fixtures import MONGO_URL_ENV
 
 from qlib_ext import defaults
-from qlib_ext.pool.manager import POOLS_COLLECTION, GridTaskManager
+from qlib_ext.pool.database import POOLS_COLLECTION
+from qlib_ext.pool.manager import GridTaskManager
 from qlib_ext.pool.record import DOC_FORMAT, QLIB_ENCODED_PREFIXES, Doc, PoolMeta
 
 

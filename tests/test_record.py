@@ -7,7 +7,8 @@ import bson
 import pytest
 from test_config import write_yaml
 
-from qlib_ext.pool.manager import load_pool_meta, open_db, save_pool_meta, task_hash, update_pool_meta
+from qlib_ext.pool.database import load_pool_meta, open_db, save_pool_meta, update_pool_meta
+from qlib_ext.pool.manager import task_hash
 from qlib_ext.pool.record import META, Doc, PoolMeta, TaskMeta, check_field_names, doc_fields
 from qlib_ext.worker.follow_up import backtest_tasks
 from qlib_ext.workflow.expand import expand

@@ -58,7 +58,8 @@ def collect(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None =
     """Read everything the grid's summary needs from the pool and MLflow."""
     import mlflow
 
-    from qlib_ext.pool.manager import GridTaskManager, load_pool_meta, open_db
+    from qlib_ext.pool.database import load_pool_meta, open_db
+    from qlib_ext.pool.manager import GridTaskManager
 
     db = open_db(mongo_url)
     meta = load_pool_meta(db, pool)

@@ -113,7 +113,8 @@ def ranked(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = 
     """
     import mlflow
 
-    from qlib_ext.pool.manager import GridTaskManager, load_pool_meta, open_db
+    from qlib_ext.pool.database import load_pool_meta, open_db
+    from qlib_ext.pool.manager import GridTaskManager
 
     db = open_db(mongo_url, db_name or defaults.TASK_DB_NAME)
     meta = load_pool_meta(db, pool)

@@ -29,14 +29,19 @@ from qlib.workflow.task.manage import TaskManager
 from qlib_ext import defaults
 from qlib_ext.errors import StoreError, TaskDecodeError
 from qlib_ext.identity import digest
-from qlib_ext.pool.record import DOC_FORMAT, META, Doc, PoolMeta
+from qlib_ext.pool.database import (  # the database-level functions, also importable from here
+    POOLS_COLLECTION,
+    find_pool_meta,
+    load_pool_meta,
+    open_db,
+    pool_names,
+    save_pool_meta,
+    update_pool_meta,
+)
+from qlib_ext.pool.record import DOC_FORMAT, META, Doc, ErrorEntry, Outcome, PoolMeta
 from qlib_ext.pool.status import UNFINISHED, TaskStatus
 
 logger = logging.getLogger(__name__)
-
-POOLS_COLLECTION = "_qlib_ext_pools"
-"""Collection holding one metadata document per pool (qlib_init, experiment, MLflow URI)."""
-
 
 SUBMIT_CHUNK = 500
 """Tasks per lookup / insert command when submitting."""
@@ -75,7 +80,7 @@ class Claim:
 
     @property
     def id(self) -> Any:
-        return self.task["_id"]
+        return self.task[Doc.ID]
 
 
 class GridTaskManager(TaskManager):
@@ -161,8 +166,8 @@ class GridTaskManager(TaskManager):
     # ------------------------------------------------------------------ submit
     def ensure_indexes(self) -> None:
         """Indexes the queue relies on: unique task hash, and status/priority for claims and counts."""
-        self.task_pool.create_index("hash", unique=True, sparse=True)
-        self.task_pool.create_index([("status", pymongo.ASCENDING), ("priority", pymongo.DESCENDING)])
+        self.task_pool.create_index(Doc.HASH, unique=True, sparse=True)
+        self.task_pool.create_index([(Doc.STATUS, pymongo.ASCENDING), (Doc.PRIORITY, pymongo.DESCENDING)])
 
     def create_tasks(self, tasks: list[dict], max_attempts: int = defaults.MAX_ATTEMPTS) -> tuple[int, int]:
         """Insert the tasks not yet in the pool, in bulk. Returns ``(new, total)``.
@@ -177,7 +182,8 @@ class GridTaskManager(TaskManager):
         hashes = list(by_hash)
         existing: set[str] = set()
         for part in _chunks(hashes, SUBMIT_CHUNK):
-            existing.update(d["hash"] for d in self.task_pool.find({"hash": {"$in": part}}, {"hash": 1, "_id": 0}))
+            found = self.task_pool.find({Doc.HASH: {"$in": part}}, {Doc.HASH: 1, Doc.ID: 0})
+            existing.update(d[Doc.HASH] for d in found)
         new = [h for h in hashes if h not in existing]
         inserted = 0
         for part in _chunks(new, SUBMIT_CHUNK):
@@ -206,7 +212,8 @@ class GridTaskManager(TaskManager):
 
     def by_hash(self, hashes: list[str]) -> list[dict]:
         """``hash``, ``status`` and the committed ``outcome`` (run id, metrics) of each task in ``hashes``."""
-        projection = {Doc.HASH: 1, Doc.STATUS: 1, f"{Doc.OUTCOME}.metrics": 1, f"{Doc.OUTCOME}.run_id": 1}
+        projection = {Doc.HASH: 1, Doc.STATUS: 1, f"{Doc.OUTCOME}.{Outcome.METRICS}": 1,
+                      f"{Doc.OUTCOME}.{Outcome.RUN_ID}": 1}
         return list(self.task_pool.find({Doc.HASH: {"$in": list(hashes)}}, projection))
 
     def _insert_new(self, docs: list[dict]) -> int:
@@ -219,8 +226,8 @@ class GridTaskManager(TaskManager):
             return e.details.get("nInserted", 0)
 
     def _new_doc(self, h: str, task: dict, max_attempts: int) -> dict:
-        doc = {"def": task, "filter": task, "status": TaskStatus.WAITING.value, "priority": 0, "hash": h,
-               "attempt": 0, "max_attempts": max_attempts, "errors": [], "created_at": self.now()}
+        doc = {Doc.DEF: task, Doc.FILTER: task, Doc.STATUS: TaskStatus.WAITING.value, Doc.PRIORITY: 0, Doc.HASH: h,
+               Doc.ATTEMPT: 0, Doc.MAX_ATTEMPTS: max_attempts, Doc.ERRORS: [], Doc.CREATED_AT: self.now()}
         return self._encode_task(doc)
 
     # ------------------------------------------------------------------ claim / lease
@@ -233,18 +240,18 @@ class GridTaskManager(TaskManager):
         """
         worker = worker or worker_id()
         now = self.now()
-        flt = {**(query or {}), "status": TaskStatus.WAITING.value}
+        flt = {**(query or {}), Doc.STATUS: TaskStatus.WAITING.value}
         update = {
-            "$set": {"status": TaskStatus.RUNNING.value, "worker": worker, "host": worker.rsplit(":", 1)[0],
-                     "started_at": now, "lease_until": now + dt.timedelta(seconds=lease_seconds)},
-            "$inc": {"attempt": 1},
+            "$set": {Doc.STATUS: TaskStatus.RUNNING.value, Doc.WORKER: worker, Doc.HOST: worker.rsplit(":", 1)[0],
+                     Doc.STARTED_AT: now, Doc.LEASE_UNTIL: now + dt.timedelta(seconds=lease_seconds)},
+            "$inc": {Doc.ATTEMPT: 1},
         }
         doc = self.task_pool.find_one_and_update(
-            flt, update, sort=[("priority", pymongo.DESCENDING)], return_document=pymongo.ReturnDocument.AFTER
+            flt, update, sort=[(Doc.PRIORITY, pymongo.DESCENDING)], return_document=pymongo.ReturnDocument.AFTER
         )
         if doc is None:
             return None
-        claim = Claim(task=doc, worker=worker, attempt=doc["attempt"])
+        claim = Claim(task=doc, worker=worker, attempt=doc[Doc.ATTEMPT])
         try:
             self._decode_task(doc)
         except TaskDecodeError as e:
@@ -264,13 +271,13 @@ class GridTaskManager(TaskManager):
 
     def _held(self, claim: Claim) -> dict:
         """The fencing filter: the task is still ours only if worker and attempt still match."""
-        return {"_id": claim.id, "status": TaskStatus.RUNNING.value, "worker": claim.worker,
-                "attempt": claim.attempt}
+        return {Doc.ID: claim.id, Doc.STATUS: TaskStatus.RUNNING.value, Doc.WORKER: claim.worker,
+                Doc.ATTEMPT: claim.attempt}
 
     def renew(self, claim: Claim, lease_seconds: float = defaults.LEASE_SECONDS) -> bool:
         """Extend the lease; False means the lease was lost (reclaimed, cancelled or reset)."""
         until = self.now() + dt.timedelta(seconds=lease_seconds)
-        return self.task_pool.update_one(self._held(claim), {"$set": {"lease_until": until}}).matched_count == 1
+        return self.task_pool.update_one(self._held(claim), {"$set": {Doc.LEASE_UNTIL: until}}).matched_count == 1
 
     def commit(self, claim: Claim, result: dict, status: str = TaskStatus.DONE.value) -> bool:
         """Store the result if the task is still ours. False: someone else owns (or cancelled) it.
@@ -280,11 +287,11 @@ class GridTaskManager(TaskManager):
         ``attempt`` unchanged. That adopts a result finished during a store outage, without ever
         recording a task twice — any new claim bumps ``attempt`` and fences us out.
         """
-        adoptable = {"_id": claim.id, "attempt": claim.attempt,
-                     "status": {"$in": [TaskStatus.WAITING.value, TaskStatus.FAILED.value]}}
-        update = {"$set": {"status": status, "res": Binary(pickle.dumps(result)), Doc.OUTCOME: result,
-                           "worker": claim.worker, "finished_at": self.now()},
-                  "$unset": {"lease_until": ""}}
+        adoptable = {Doc.ID: claim.id, Doc.ATTEMPT: claim.attempt,
+                     Doc.STATUS: {"$in": [TaskStatus.WAITING.value, TaskStatus.FAILED.value]}}
+        update = {"$set": {Doc.STATUS: status, Doc.RES: Binary(pickle.dumps(result)), Doc.OUTCOME: result,
+                           Doc.WORKER: claim.worker, Doc.FINISHED_AT: self.now()},
+                  "$unset": {Doc.LEASE_UNTIL: ""}}
         ok = self.task_pool.update_one({"$or": [self._held(claim), adoptable]}, update).matched_count == 1
         if not ok:
             logger.warning("pool %s: %s lost the lease on task %s (attempt %s); result discarded",
@@ -303,19 +310,20 @@ class GridTaskManager(TaskManager):
         ``infra_error`` keeps the last one. Returns the new status, or None if the lease was already lost.
         """
         if max_attempts is None:
-            doc = self.task_pool.find_one({"_id": claim.id}, {"max_attempts": 1})
-            max_attempts = (doc or {}).get("max_attempts", defaults.MAX_ATTEMPTS)
+            doc = self.task_pool.find_one({Doc.ID: claim.id}, {Doc.MAX_ATTEMPTS: 1})
+            max_attempts = (doc or {}).get(Doc.MAX_ATTEMPTS, defaults.MAX_ATTEMPTS)
         exhausted = count_attempt and claim.attempt >= max_attempts
         status = TaskStatus.FAILED.value if exhausted else TaskStatus.WAITING.value
-        entry = {"attempt": claim.attempt, "worker": claim.worker, "time": self.now(), "error": error}
-        update: dict = {"$set": {"status": status}, "$unset": {"lease_until": ""}}
+        entry = {ErrorEntry.ATTEMPT: claim.attempt, ErrorEntry.WORKER: claim.worker, ErrorEntry.TIME: self.now(),
+                 ErrorEntry.ERROR: error}
+        update: dict = {"$set": {Doc.STATUS: status}, "$unset": {Doc.LEASE_UNTIL: ""}}
         if count_attempt:
-            update["$push"] = {"errors": entry}
+            update["$push"] = {Doc.ERRORS: entry}
         else:
-            update["$inc"] = {"attempt": -1}
+            update["$inc"] = {Doc.ATTEMPT: -1}
         if infra and not count_attempt:
-            update["$inc"]["infra_retries"] = 1
-            update["$set"]["infra_error"] = entry
+            update["$inc"][Doc.INFRA_RETRIES] = 1
+            update["$set"][Doc.INFRA_ERROR] = entry
         ok = self.task_pool.update_one({**self._held(claim), **(guard or {})}, update).matched_count == 1
         return status if ok else None
 
@@ -328,15 +336,15 @@ class GridTaskManager(TaskManager):
         """
         now = self.now()
         recovered = []
-        stale = self.task_pool.find({"status": TaskStatus.RUNNING.value, "lease_until": {"$lt": now}},
-                                    {"worker": 1, "attempt": 1})
+        stale = self.task_pool.find({Doc.STATUS: TaskStatus.RUNNING.value, Doc.LEASE_UNTIL: {"$lt": now}},
+                                    {Doc.WORKER: 1, Doc.ATTEMPT: 1})
         for doc in list(stale):
-            claim = Claim(task={"_id": doc["_id"]}, worker=doc.get("worker"), attempt=doc.get("attempt", 0))
+            claim = Claim(task={Doc.ID: doc[Doc.ID]}, worker=doc.get(Doc.WORKER), attempt=doc.get(Doc.ATTEMPT, 0))
             status = self.fail(claim, f"lease expired: worker {claim.worker} stopped renewing it",
-                               guard={"lease_until": {"$lt": now}}, max_attempts=max_attempts)
+                               guard={Doc.LEASE_UNTIL: {"$lt": now}}, max_attempts=max_attempts)
             if status is not None:
                 recovered.append(claim)
-                logger.warning("pool %s: reclaimed task %s from %s -> %s", self.pool_name, doc["_id"],
+                logger.warning("pool %s: reclaimed task %s from %s -> %s", self.pool_name, doc[Doc.ID],
                                claim.worker, status)
         return recovered
 
@@ -349,12 +357,12 @@ class GridTaskManager(TaskManager):
         Returns the number of tasks requeued.
         """
         if task_id is not None:
-            flt = {"_id": task_id, "status": {"$ne": TaskStatus.RUNNING.value}}
+            flt = {Doc.ID: task_id, Doc.STATUS: {"$ne": TaskStatus.RUNNING.value}}
         else:
             statuses = [TaskStatus.FAILED.value] + ([] if failed_only else [TaskStatus.CANCELLED.value])
-            flt = {"status": {"$in": statuses}}
-        update = {"$set": {"status": TaskStatus.WAITING.value, "attempt": 0, "requeued_at": self.now()},
-                  "$unset": {"lease_until": "", Doc.OUTCOME: "", "res": ""}}
+            flt = {Doc.STATUS: {"$in": statuses}}
+        update = {"$set": {Doc.STATUS: TaskStatus.WAITING.value, Doc.ATTEMPT: 0, Doc.REQUEUED_AT: self.now()},
+                  "$unset": {Doc.LEASE_UNTIL: "", Doc.OUTCOME: "", Doc.RES: ""}}
         return self.task_pool.update_many(flt, update).modified_count
 
     def cancel(self, now: bool = False) -> int:
@@ -365,9 +373,9 @@ class GridTaskManager(TaskManager):
         Returns the number of tasks cancelled.
         """
         statuses = [TaskStatus.WAITING.value] + ([TaskStatus.RUNNING.value] if now else [])
-        update = {"$set": {"status": TaskStatus.CANCELLED.value, "cancelled_at": self.now()},
-                  "$unset": {"lease_until": ""}}
-        return self.task_pool.update_many({"status": {"$in": statuses}}, update).modified_count
+        update = {"$set": {Doc.STATUS: TaskStatus.CANCELLED.value, Doc.CANCELLED_AT: self.now()},
+                  "$unset": {Doc.LEASE_UNTIL: ""}}
+        return self.task_pool.update_many({Doc.STATUS: {"$in": statuses}}, update).modified_count
 
     # ------------------------------------------------------------------ stats
     def counts(self, query: dict | None = None) -> dict[str, int]:
@@ -377,18 +385,18 @@ class GridTaskManager(TaskManager):
         (someone used a status of their own), one ``$group`` over the pool counts everything.
         """
         query = query or {}
-        counts = {s.value: self.task_pool.count_documents({**query, "status": s.value}) for s in TaskStatus}
+        counts = {s.value: self.task_pool.count_documents({**query, Doc.STATUS: s.value}) for s in TaskStatus}
         counts = {k: v for k, v in counts.items() if v}
         total = self.task_pool.count_documents(query) if query else self.task_pool.estimated_document_count()
         if sum(counts.values()) == total:
             return counts
-        pipeline = [{"$match": query}, {"$group": {"_id": "$status", "n": {"$sum": 1}}}]
+        pipeline = [{"$match": query}, {"$group": {"_id": f"${Doc.STATUS}", "n": {"$sum": 1}}}]
         return {d["_id"]: d["n"] for d in self.task_pool.aggregate(pipeline)}
 
     def unfinished(self) -> int:
         """Tasks still waiting, running or part-done; plus one while a search proposer holds the pool open
         (it queues more tasks as results come in, so workers must not exit when the queue runs dry)."""
-        return self.task_pool.count_documents({"status": {"$in": list(UNFINISHED)}}) + int(self.search_open())
+        return self.task_pool.count_documents({Doc.STATUS: {"$in": list(UNFINISHED)}}) + int(self.search_open())
 
     def search_open(self) -> bool:
         """Whether a search proposer renewed its hold on this pool recently (``search_until`` in the future)."""
@@ -399,7 +407,7 @@ class GridTaskManager(TaskManager):
     def owners(self, task_ids: list[Any]) -> dict[Any, dict]:
         """``_id`` -> status, attempt, worker and committed run id of each of ``task_ids`` that exists."""
         cur = self.task_pool.find({Doc.ID: {"$in": list(task_ids)}},
-                                  {Doc.STATUS: 1, Doc.ATTEMPT: 1, Doc.WORKER: 1, f"{Doc.OUTCOME}.run_id": 1})
+                                  {Doc.STATUS: 1, Doc.ATTEMPT: 1, Doc.WORKER: 1, f"{Doc.OUTCOME}.{Outcome.RUN_ID}": 1})
         return {d[Doc.ID]: d for d in cur}
 
     def by_run_name(self, run_names: list[str]) -> dict[str, list[dict]]:
@@ -412,10 +420,10 @@ class GridTaskManager(TaskManager):
 
     def committed_run(self, task_id: Any) -> tuple[str | None, str | None]:
         """``(status, committed run id)`` of one task; ``(None, None)`` if it is gone."""
-        doc = self.task_pool.find_one({Doc.ID: task_id}, {Doc.STATUS: 1, f"{Doc.OUTCOME}.run_id": 1})
+        doc = self.task_pool.find_one({Doc.ID: task_id}, {Doc.STATUS: 1, f"{Doc.OUTCOME}.{Outcome.RUN_ID}": 1})
         if doc is None:
             return None, None
-        return doc.get(Doc.STATUS), (doc.get(Doc.OUTCOME) or {}).get("run_id")
+        return doc.get(Doc.STATUS), (doc.get(Doc.OUTCOME) or {}).get(Outcome.RUN_ID)
 
     def waiting_documents(self) -> list[dict]:
         """``_id`` and the still-pickled ``def`` of each waiting task (the caller decodes and checks each)."""
@@ -455,83 +463,15 @@ class GridTaskManager(TaskManager):
 
     def results(self) -> list[dict]:
         """Committed results of done tasks, with their task meta, without unpickling anything."""
-        cur = self.task_pool.find({"status": TaskStatus.DONE.value},
-                                  {Doc.OUTCOME: 1, f"filter.{META}": 1, "attempt": 1, "worker": 1})
-        return [{"_id": d["_id"], "meta": d.get("filter", {}).get(META, {}), "attempt": d.get("attempt"),
-                 "worker": d.get("worker"), **(d.get(Doc.OUTCOME) or {})} for d in cur]
+        cur = self.task_pool.find({Doc.STATUS: TaskStatus.DONE.value},
+                                  {Doc.OUTCOME: 1, f"{Doc.FILTER}.{META}": 1, Doc.ATTEMPT: 1, Doc.WORKER: 1})
+        return [{Doc.ID: d[Doc.ID], "meta": d.get(Doc.FILTER, {}).get(META, {}), Doc.ATTEMPT: d.get(Doc.ATTEMPT),
+                 Doc.WORKER: d.get(Doc.WORKER), **(d.get(Doc.OUTCOME) or {})} for d in cur]
 
 
 def _run_name(doc: dict) -> str:
     return str(((doc.get(Doc.FILTER) or {}).get(META) or {}).get("run_name", ""))
 
 
-# ---------------------------------------------------------------------- connection and pool metadata
-def open_db(mongo_url: str | None, db_name: str = defaults.TASK_DB_NAME, *, worker: bool = False) -> Database:
-    """Connect to the task database: the one way every command, worker and report opens it.
-
-    Args:
-        mongo_url: a MongoDB URL; ``None``/``"embedded"`` means the embedded store (started if needed).
-        db_name: the database holding the pools.
-        worker: a worker's client: no ping here, and an unreachable store fails each operation after
-            ``STORE_TIMEOUT_SECONDS`` (pymongo's default is 30 s) so the worker retries with its own
-            back-off; otherwise the store must answer a ping within 10 s.
-
-    Raises:
-        StoreError: (not ``worker``) the store did not answer.
-    """
-    from qlib_ext.store import mask_url, resolve_mongo_url
-
-    url = resolve_mongo_url(mongo_url)
-    if worker:
-        timeout_ms = int(defaults.STORE_TIMEOUT_SECONDS * 1000)
-        client = pymongo.MongoClient(url, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms,
-                                     socketTimeoutMS=max(timeout_ms, 30_000), tz_aware=False)
-        return client[db_name]
-    try:
-        client = pymongo.MongoClient(url, serverSelectionTimeoutMS=10_000, tz_aware=False)
-        client.admin.command("ping")
-    except PyMongoError as e:
-        raise StoreError(f"cannot reach the task store at {mask_url(url)}: {e}") from e
-    return client[db_name]
-
-
-
-def save_pool_meta(db: Database, pool: str, meta: PoolMeta) -> None:
-    """Record how to run a pool (qlib_init, experiment, MLflow URI...) so workers need only its name.
-
-    Writes the keys ``meta.to_dict()`` holds (for a new record: the submit's fields); other keys the
-    document has (a search's hold, ``doc_format``) are kept.
-    """
-    db[POOLS_COLLECTION].update_one({Doc.ID: pool}, {"$set": meta.to_dict()}, upsert=True)
-
-
-def update_pool_meta(db: Database, pool: str, **values: Any) -> None:
-    """Set some fields of a pool's metadata (:class:`PoolMeta` field names), creating the document if needed.
-
-    Raises:
-        ValueError: a name is not a stored field of :class:`PoolMeta`.
-    """
-    unknown = sorted(set(values) - set(PoolMeta.stored_fields()))
-    if unknown:
-        raise ValueError(f"unknown pool metadata fields {unknown}; expected one of {PoolMeta.stored_fields()}")
-    db[POOLS_COLLECTION].update_one({Doc.ID: pool}, {"$set": values}, upsert=True)
-
-
-def pool_names(db: Database) -> list[str]:
-    """Names of the pools submitted to ``db`` (those with a metadata document), sorted."""
-    return sorted(d[Doc.ID] for d in db[POOLS_COLLECTION].find({}, {Doc.ID: 1}))
-
-
-def find_pool_meta(db: Database, pool: str, fields: list[str] | None = None) -> PoolMeta | None:
-    """The metadata of ``pool`` (only ``fields``, :class:`PoolMeta.Field` names, when given); None if it has none."""
-    doc = db[POOLS_COLLECTION].find_one({Doc.ID: pool}, dict.fromkeys(fields, 1) if fields else None)
-    return None if doc is None else PoolMeta.from_dict(doc)
-
-
-def load_pool_meta(db: Database, pool: str) -> PoolMeta:
-    """The metadata recorded by ``submit`` for ``pool``; StoreError if the pool was never submitted."""
-    meta = find_pool_meta(db, pool)
-    if meta is None:
-        raise StoreError(f"no pool named {pool!r} in database {db.name!r}; known pools: "
-                         f"{', '.join(pool_names(db)) or '(none)'} — submit a workflow first")
-    return meta
+__all__ = ["GridTaskManager", "Claim", "task_hash", "worker_id", "open_db", "POOLS_COLLECTION", "find_pool_meta",
+           "load_pool_meta", "pool_names", "save_pool_meta", "update_pool_meta"]

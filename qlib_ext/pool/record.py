@@ -216,7 +216,7 @@ class _Block:
 class PoolMeta(_Block):
     """A pool's metadata document (collection ``_qlib_ext_pools``, ``_id`` = the pool's name): how to run it.
 
-    Written whole by the submit (:func:`qlib_ext.pool.manager.save_pool_meta`), a few fields at a time by
+    Written whole by the submit (:func:`qlib_ext.pool.database.save_pool_meta`), a few fields at a time by
     the pool (``doc_format``) and a search proposer (its hold); read by workers, reports and the reaper.
     ``to_dict`` leaves out ``pool`` (the document's ``_id``).
     """

@@ -54,7 +54,7 @@ def run_search(pool: str, *, mongo_url: str | None, mlflow_uri: str | None = Non
     """
     import dataclasses
 
-    from qlib_ext.pool.manager import load_pool_meta, open_db
+    from qlib_ext.pool.database import load_pool_meta, open_db
     from qlib_ext.search.summary import summary_lines
     from qlib_ext.workflow.load import load_workflow
 

@@ -6,7 +6,7 @@ from collections import Counter
 
 from pymongo.database import Database
 
-from qlib_ext.pool.manager import find_pool_meta
+from qlib_ext.pool.database import find_pool_meta
 from qlib_ext.pool.record import PoolMeta
 from qlib_ext.search.trials import TrialState, TrialStore
 

@@ -109,14 +109,14 @@ class TrialStore:
 
 def open_search(db: Database, pool: str, until: dt.datetime, owner: str) -> None:
     """Hold the pool open until ``until`` (store time): workers wait for proposals instead of exiting."""
-    from qlib_ext.pool.manager import update_pool_meta
+    from qlib_ext.pool.database import update_pool_meta
 
     update_pool_meta(db, pool, search_until=until, search_owner=owner)
 
 
 def close_search(db: Database, pool: str, done: bool) -> None:
     """Let workers exit once the queue is drained; ``done`` records that every trial finished."""
-    from qlib_ext.pool.manager import update_pool_meta
+    from qlib_ext.pool.database import update_pool_meta
 
     finished = {PoolMeta.Field.SEARCH_DONE: True} if done else {}
     update_pool_meta(db, pool, search_until=None, **finished)
