@@ -8,16 +8,18 @@ and the change log right. Not thread-safe: the engine calls it under its single 
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import bson
-import mongomock
 from bson.objectid import ObjectId
 from bson.raw_bson import RawBSONDocument
 from mongomock import filtering
+from mongomock.collection import Collection as MockCollection
+from mongomock.mongo_client import MongoClient as MockClient
 
 from qlib_ext.store.indexes import FieldIndex, PairIndex
 from qlib_ext.store.limits import check_insert, check_updated
@@ -37,7 +39,8 @@ DEFAULT_PAIRS = (("status", "priority"),)
 _MISSING = object()
 
 # mongomock's update, projection and upsert helpers are Collection methods that touch no state.
-_HELPER = mongomock.MongoClient().get_database("_helper").get_collection("_helper")
+# (Imported from mongomock's modules: its package stub types these names as pymongo's classes.)
+_HELPER: MockCollection = MockClient().get_database("_helper").get_collection("_helper")
 
 
 class WriteFailure(Exception):
@@ -99,9 +102,9 @@ class Collection:
                     self.fields[path] = index
             pair = tuple(spec["key"])[:2]
             if len(pair) == 2 and pair not in self.pairs:
-                index = PairIndex(*pair)
-                self._build(index)
-                self.pairs[pair] = index
+                pair_index = PairIndex(*pair)
+                self._build(pair_index)
+                self.pairs[pair] = pair_index
         except BaseException:
             self.fields, self.pairs, self.uniques = saved
             raise
@@ -243,7 +246,7 @@ class Collection:
         for key, direction in reversed(sort):  # stable sorts, last key first: mongomock's way
             if key.startswith("$"):
                 raise NotImplementedError(f"sorting by {key} is not supported")
-            docs.sort(key=lambda d, k=key: filtering.resolve_sort_key(k, d), reverse=direction < 0)
+            docs.sort(key=functools.partial(filtering.resolve_sort_key, key), reverse=direction < 0)
         return iter(docs)
 
     def _pair_walk(self, flt: dict[str, Any], order_path: str, descending: bool):
@@ -286,7 +289,7 @@ class Collection:
         else:
             return
         rest = sorted(candidates - visited)
-        rest.sort(key=index.keys.__getitem__, reverse=descending)  # stable: ties stay in seq order
+        rest.sort(key=index.sort_key, reverse=descending)  # stable: ties stay in seq order
         for seq in rest:
             doc = self.docs.get(seq)
             if doc is not None and filtering.filter_applies(flt, doc):

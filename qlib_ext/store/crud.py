@@ -92,7 +92,7 @@ def cmd_update(engine: Engine, db: str, body: dict, seqs: dict) -> dict:
         matched, modified = matched + n, modified + m
         if new_id is not None:
             upserted.append({"index": i, "_id": new_id})
-    reply = {"n": matched + len(upserted), "nModified": modified}
+    reply: dict[str, Any] = {"n": matched + len(upserted), "nModified": modified}
     if upserted:
         reply["upserted"] = upserted
     return _reply_with_errors(reply, errors)
@@ -139,15 +139,15 @@ def cmd_find_and_modify(engine: Engine, db: str, body: dict, seqs: dict) -> dict
     query = body.get("query") or {}
     doc = next(coll.find(query, _sort_list(body.get("sort"))), None)
     fields, last = body.get("fields"), {"n": 0, "updatedExisting": False}
+    value: dict[str, Any] | RawBSONDocument | None = None
     if doc is None:
-        value = None
-        if body.get("upsert") and not remove:
+        if body.get("upsert") and update is not None:  # not remove: exactly one of the two is given
             new = coll.upsert_doc(query, update)
             last.update(n=1, upserted=new["_id"])
             value = project(new, fields) if body.get("new") else None
     else:
         before = bson.encode(project(doc, fields))
-        if remove:
+        if update is None:  # remove
             coll.delete(doc)
         else:
             coll.update_doc(doc, query, update)
@@ -227,7 +227,8 @@ def cmd_get_more(engine: Engine, db: str, body: dict, seqs: dict) -> dict:
 
 
 def cmd_kill_cursors(engine: Engine, db: str, body: dict, seqs: dict) -> dict:
-    killed, missing = [], []
+    killed: list[Any] = []
+    missing: list[Any] = []
     for cursor_id in body.get("cursors", []):
         (killed if engine.cursors.pop(int(cursor_id), None) else missing).append(cursor_id)
     return {"cursorsKilled": killed, "cursorsNotFound": missing, "cursorsAlive": [],

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, overload
 
 import bson
 
@@ -72,7 +72,7 @@ class Engine:
             except OSError as e:
                 return bson.encode(error_reply(1, self._fail(f"journal write failed: {e}")))
             encoded = bson.encode(reply)
-        if lsn:
+        if lsn and self.journal is not None:  # a non-zero lsn comes from the journal
             try:
                 self.journal.wait_durable(lsn)
             except OSError as e:
@@ -107,6 +107,12 @@ class Engine:
         return lsn
 
     # ------------------------------------------------------------------ namespaces
+    @overload
+    def collection(self, db: str, name: str, create: Literal[True]) -> Collection: ...
+
+    @overload
+    def collection(self, db: str, name: str, create: bool = False) -> Collection | None: ...
+
     def collection(self, db: str, name: str, create: bool = False) -> Collection | None:
         """The collection ``db.name``; created (and journaled) when ``create`` and missing."""
         colls = self.dbs.get(db)

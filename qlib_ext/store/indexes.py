@@ -15,15 +15,29 @@ from __future__ import annotations
 
 import bisect
 import datetime
+import enum
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Final, Literal, TypeAlias
 
 from bson.int64 import Int64
 from bson.objectid import ObjectId
 
-COMPLEX = object()
+
+class _Complex(enum.Enum):
+    """Type of :data:`COMPLEX`: a one-member enum, so ``key is COMPLEX`` narrows a :data:`Key`."""
+
+    COMPLEX = "complex"
+
+
+COMPLEX: Final = _Complex.COMPLEX
 """Marker key: the value cannot be placed in the index (array, sub-document, NaN, binary...)."""
+
+Key: TypeAlias = tuple[Any, ...]
+"""An index key: ``(rank, value)``, sorted entries append the sequence number."""
+
+KeyOrComplex: TypeAlias = Key | Literal[_Complex.COMPLEX]
+"""What the key functions return: a key, or :data:`COMPLEX`."""
 
 _INF = float("inf")
 RANK_NULL, RANK_NUMBER, RANK_STRING, RANK_OBJECT, RANK_ARRAY, RANK_BINARY = 1, 2, 3, 4, 5, 6
@@ -33,7 +47,7 @@ MAX_KEY_DEPTH = 100
 """Embedded documents/arrays deeper than this (MongoDB's storage limit) are not hashed: COMPLEX."""
 
 
-def scalar_key(value: Any) -> tuple | object:
+def scalar_key(value: Any) -> KeyOrComplex:
     """Index key of one value, or :data:`COMPLEX`."""
     if value is None:
         return (RANK_NULL, None)
@@ -53,7 +67,7 @@ def scalar_key(value: Any) -> tuple | object:
     return COMPLEX
 
 
-def value_key(value: Any, _depth: int = 0) -> tuple | object:
+def value_key(value: Any, _depth: int = 0) -> KeyOrComplex:
     """Hashable equality key of any value, embedded documents and arrays included, or COMPLEX.
 
     Documents compare regardless of field order (mongomock's dict ``==``), so the key is a superset
@@ -76,7 +90,7 @@ def value_key(value: Any, _depth: int = 0) -> tuple | object:
     return scalar_key(value)
 
 
-def doc_key(doc: dict[str, Any], path: str) -> tuple | object:
+def doc_key(doc: dict[str, Any], path: str) -> KeyOrComplex:
     """Index key of ``doc`` at dotted ``path``; missing sorts and matches like null."""
     value: Any = doc
     for part in path.split("."):
@@ -98,11 +112,11 @@ class FieldIndex:
 
     def __init__(self, path: str):
         self.path = path
-        self.buckets: dict[tuple, set] = {}
-        self.sorted: list[tuple] = []  # (rank, value, seq), ascending
+        self.buckets: dict[Key, set[int]] = {}
+        self.sorted: list[Key] = []  # (rank, value, seq), ascending
         self.complex: set[int] = set()
         self.objects: set[int] = set()  # embedded-document values: hashed, never in ``sorted``
-        self.keys: dict[int, tuple | object] = {}  # seq -> key last indexed
+        self.keys: dict[int, KeyOrComplex] = {}  # seq -> key last indexed
 
     def add(self, seq: int, doc: dict[str, Any]) -> None:
         """Index ``doc``, known by its insertion sequence number (the collection's internal id)."""
@@ -143,7 +157,7 @@ class FieldIndex:
         self.remove(seq)
         self.add(seq, doc)
 
-    def equal(self, keys: list[tuple]) -> set:
+    def equal(self, keys: list[Key]) -> set[int]:
         """Sequence numbers that may equal any of ``keys``. Read-only: may be the live bucket, not a copy."""
         if len(keys) == 1 and not self.complex:
             return self.buckets.get(keys[0], set())
@@ -152,7 +166,7 @@ class FieldIndex:
             out |= self.buckets.get(key, set())
         return out
 
-    def between(self, rank: int, low: tuple | None, high: tuple | None) -> set:
+    def between(self, rank: int, low: tuple[Any, bool] | None, high: tuple[Any, bool] | None) -> set[int]:
         """Sequence numbers that may lie in a range of one rank; ``low``/``high`` are ``(value, inclusive)``."""
         lst = self.sorted
         if low is None:
@@ -169,6 +183,18 @@ class FieldIndex:
         """Sequence numbers in sort order, in chunks; see :func:`walk_sorted`."""
         return walk_sorted(self.sorted, descending)
 
+    def sort_key(self, seq: int) -> Key:
+        """Key that sorts ``seq`` among the others; only while :meth:`sortable` holds.
+
+        Raises:
+            KeyError: ``seq`` was never indexed.
+            TypeError: its value has no place in the sort order (:data:`COMPLEX`).
+        """
+        key = self.keys[seq]
+        if key is COMPLEX:
+            raise TypeError(f"index {self.path!r}: document {seq} has no sortable key")
+        return key
+
     def sortable(self) -> bool:
         """Whether :meth:`walk` visits every document (no arrays, exotic values or documents)."""
         return not self.complex and not self.objects
@@ -177,7 +203,7 @@ class FieldIndex:
         return len(self.keys)
 
 
-def walk_sorted(lst: list[tuple], descending: bool, chunk: int = 128) -> Iterator[list[int]]:
+def walk_sorted(lst: list[Key], descending: bool, chunk: int = 128) -> Iterator[list[int]]:
     """Sequence numbers (last item of each ``(rank, value, seq)`` entry) in sort order, in chunks.
 
     Chunks make stopping early cheap. Ties keep insertion order in both directions, as mongomock's
@@ -207,11 +233,11 @@ class PairIndex:
 
     def __init__(self, eq_path: str, order_path: str):
         self.eq_path, self.order_path = eq_path, order_path
-        self.lists: dict[tuple, list[tuple]] = {}  # eq key -> sorted (rank, value, seq)
-        self.keys: dict[int, tuple | None] = {}  # seq -> (eq key, order key); None when complex
+        self.lists: dict[Key, list[Key]] = {}  # eq key -> sorted (rank, value, seq)
+        self.keys: dict[int, tuple[Key, Key] | None] = {}  # seq -> (eq key, order key); None when complex
         self.complex: set[int] = set()
 
-    def _key(self, doc: dict[str, Any]) -> tuple | None:
+    def _key(self, doc: dict[str, Any]) -> tuple[Key, Key] | None:
         eq, order = doc_key(doc, self.eq_path), doc_key(doc, self.order_path)
         if eq is COMPLEX or order is COMPLEX or order[0] == RANK_OBJECT:
             return None

@@ -8,11 +8,12 @@ clause gives a valid superset and several are intersected. The matcher then chec
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from bson.regex import Regex
 
-from qlib_ext.store.indexes import COMPLEX, RANK_NULL, FieldIndex, scalar_key, value_key
+from qlib_ext.store.indexes import COMPLEX, RANK_NULL, FieldIndex, Key, scalar_key, value_key
 
 _RANGE_OPS = {"$gt", "$gte", "$lt", "$lte"}
 
@@ -98,14 +99,16 @@ def _in_part(index: FieldIndex, cond: dict) -> set | None:
     values = cond.get("$in")
     if not isinstance(values, list) or not all(map(plain, values)):
         return None
-    keys = [scalar_key(v) for v in values]
-    return None if COMPLEX in keys else index.equal(keys)
+    keys = _scalar_keys(values)
+    return None if keys is None else index.equal(keys)
 
 
 def _range_part(index: FieldIndex, cond: dict) -> set | None:
-    bounds = {op: scalar_key(v) for op, v in cond.items() if op in _RANGE_OPS}
-    if not bounds or COMPLEX in bounds.values():
+    ops = [op for op in cond if op in _RANGE_OPS]
+    keys = _scalar_keys(cond[op] for op in ops)
+    if not ops or keys is None:
         return None
+    bounds = dict(zip(ops, keys, strict=True))
     ranks = {key[0] for key in bounds.values()}
     if len(ranks) != 1 or RANK_NULL in ranks:
         return None  # mixed or null bounds: MongoDB's bracketing rules get subtle, scan instead
@@ -116,6 +119,17 @@ def _range_part(index: FieldIndex, cond: dict) -> set | None:
         else:
             high = (key[1], op == "$lte")
     return index.between(ranks.pop(), low, high)
+
+
+def _scalar_keys(values: Iterable[Any]) -> list[Key] | None:
+    """Index keys of scalar ``values``, or None when any of them cannot be indexed."""
+    keys: list[Key] = []
+    for value in values:
+        key = scalar_key(value)
+        if key is COMPLEX:
+            return None
+        keys.append(key)
+    return keys
 
 
 def exact_count(flt: dict[str, Any], ids: dict, fields: dict[str, FieldIndex]) -> int | None:
