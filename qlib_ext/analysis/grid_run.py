@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qlib_ext.analysis import plots
-from qlib_ext.pool.record import Metric, Tag
+from qlib_ext.pool.record import Doc, Metric, Tag
 from qlib_ext.tracking import mlflow_ui
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def collect(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None =
 
 def _first_error(tm: Any) -> str | None:
     failed = tm.failed(limit=1)
-    errors = (failed[0] if failed else {}).get("errors") or []
+    errors = (failed[0] if failed else {}).get(Doc.ERRORS) or []
     return str(errors[-1].get("error", ""))[-2000:] if errors else None
 
 

@@ -20,7 +20,7 @@ from qlib_ext.analysis import flags as fl
 from qlib_ext.analysis.grid_stats import STAT_KEYS, annotate
 from qlib_ext.analysis.series import VALIDITY, to_pandas
 from qlib_ext.errors import ConfigError
-from qlib_ext.pool.record import SIGNAL_METRICS, Metric, Tag
+from qlib_ext.pool.record import SIGNAL_METRICS, Doc, Metric, Outcome, Tag, TaskMeta
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def ranked(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = 
 def _mark_pruned(rows: list[dict], tm: Any) -> None:
     """A configuration a search pruned (some of its windows are ``pruned`` in the pool) ranks after
     every complete one, flagged ``pruned``: its mean covers only its first windows."""
-    pruned = {meta.get("config_id") for meta in tm.metas("pruned")}
+    pruned = {TaskMeta.from_dict(block).config_id for block in tm.metas("pruned")}
     for r in rows:
         r["pruned"] = r.get("config_id") in pruned
         if r["pruned"]:
@@ -149,24 +149,25 @@ def _mark_pruned(rows: list[dict], tm: Any) -> None:
 
 
 def _rows(results: list[dict], runs: dict[str, Any]) -> list[dict]:
-    committed = {str(res["_id"]): res.get("run_id") for res in results}
+    committed = {str(res[Doc.ID]): res.get(Outcome.RUN_ID) for res in results}
     rows = []
     for res in results:
-        run = runs.get(res.get("run_id"))
-        if run is None or run.info.status != "FINISHED" or not _ranked(res["meta"], committed):
+        run = runs.get(res.get(Outcome.RUN_ID))
+        meta = TaskMeta.from_dict(res["meta"])
+        if run is None or run.info.status != "FINISHED" or not _ranked(meta, committed):
             continue
-        meta, validity = res["meta"], res.get(VALIDITY) or {}
-        coords = dict(meta.get("coords") or {})
-        if meta.get("model"):
-            coords["model"] = meta["model"]
+        validity = res.get(VALIDITY) or {}
+        coords = dict(meta.coords)
+        if meta.model:
+            coords["model"] = meta.model
         metrics = dict(run.data.metrics)
         rows.append({
-            "run_id": run.info.run_id, "run_name": run.info.run_name, "task_id": str(res["_id"]),
-            "config_id": meta.get("config_id"), "window": (meta.get("window") or {}).get("index"),
-            "params": dict(sorted(run.data.params.items())), "metrics": metrics, "worker": res.get("worker"),
+            "run_id": run.info.run_id, "run_name": run.info.run_name, "task_id": str(res[Doc.ID]),
+            "config_id": meta.config_id, "window": (meta.window or {}).get("index"),
+            "params": dict(sorted(run.data.params.items())), "metrics": metrics, Doc.WORKER: res.get(Doc.WORKER),
             "coords": coords, "validity": validity, "returns": to_pandas(validity.get("returns")),
-            "flags": fl.run_flags(validity, metrics, rolling=meta.get("window") is not None),
-            "kind": meta.get("kind"), "parent_run_id": meta.get("parent_run_id"),
+            "flags": fl.run_flags(validity, metrics, rolling=meta.window is not None),
+            "kind": meta.kind, "parent_run_id": meta.parent_run_id,
             "trial": _trial(run),
         })
     _inherit_model_checks(rows, results)
@@ -181,7 +182,7 @@ def _trial(run: Any) -> int | None:
 
 def _inherit_model_checks(rows: list[dict], results: list[dict]) -> None:
     """A sweep backtest's model is its training run's: it inherits that run's model flags."""
-    by_run = {res.get("run_id"): res for res in results}
+    by_run = {res.get(Outcome.RUN_ID): res for res in results}
     for row in rows:
         parent = by_run.get(row.get("parent_run_id"))
         if parent is None:
@@ -192,15 +193,15 @@ def _inherit_model_checks(rows: list[dict], results: list[dict]) -> None:
             row["flags"].append(fl.LEARNED_NOTHING)
 
 
-def _ranked(meta: dict, committed: dict[str, str | None]) -> bool:
+def _ranked(meta: TaskMeta, committed: dict[str, str | None]) -> bool:
     """Whether a committed task is a leaderboard row: a training task with a strategy sweep is
     represented by its backtests (each has model and strategy params), and a backtest only counts
     when its training run is the one its training task committed (a retried training task queues
     backtests of its own)."""
-    if meta.get("sweep"):
+    if meta.sweep:
         return False
-    parent_task = meta.get("parent_task_id")
-    return parent_task is None or committed.get(parent_task, meta.get("parent_run_id")) == meta.get("parent_run_id")
+    parent_task = meta.parent_task_id
+    return parent_task is None or committed.get(parent_task, meta.parent_run_id) == meta.parent_run_id
 
 
 def _choose_metric(rows: list[dict], metric: str | None, objective: dict, pool: str) -> tuple[str, str]:
@@ -278,7 +279,7 @@ def _window_row(client: Any, members: list[dict]) -> dict:
     return {"run_id": first["run_id"], "run_name": first["run_name"].rsplit(" w", 1)[0],
             "task_id": first["task_id"], "config_id": first["config_id"], "window": None,
             "params": params, "metrics": metrics, "runs": [m["run_id"] for m in members],
-            "worker": first["worker"], "coords": first["coords"], "returns": returns, "kind": first.get("kind"),
+            Doc.WORKER: first[Doc.WORKER], "coords": first["coords"], "returns": returns, "kind": first.get("kind"),
             "trial": first.get("trial"),
             "validity": {}, "flags": sorted({f for m in members for f in m["flags"]}),
             "compare": _compared(metrics)}

@@ -21,9 +21,9 @@ import pickle
 from typing import Any
 
 from qlib_ext.errors import TaskDecodeError
-from qlib_ext.pool.record import META
+from qlib_ext.pool.record import META, QLIB_ENCODED_PREFIXES, TaskMeta
 
-ENCODED_PREFIXES = ("def", "res")
+ENCODED_PREFIXES = QLIB_ENCODED_PREFIXES
 """Qlib's ``TaskManager.ENCODE_FIELDS_PREFIX``: document fields whose names start with these are pickles."""
 
 SAFE_GLOBALS: frozenset[tuple[str, str]] = frozenset({
@@ -104,14 +104,15 @@ def check_shape(task: Any, task_id: Any = None) -> dict:
     where = f"task {task_id}: 'def'" if task_id is not None else "task 'def'"
     if not isinstance(task, dict):
         raise TaskDecodeError(f"{where} is a {type(task).__name__}, not a task dict")
-    meta = task.get(META, {})
-    if not isinstance(meta, dict):
-        raise TaskDecodeError(f"{where}: key 'qlib_ext' is a {type(meta).__name__}, expected a dict")
+    block = task.get(META, {})
+    if not isinstance(block, dict):
+        raise TaskDecodeError(f"{where}: key 'qlib_ext' is a {type(block).__name__}, expected a dict")
     if "record" in task and not isinstance(task["record"], (dict, list)):
         raise TaskDecodeError(f"{where}: key 'record' is a {type(task['record']).__name__}, expected a list")
-    if meta.get("kind") == "backtest":
+    meta = TaskMeta.from_dict(block)
+    if meta.is_backtest:
         required = {"record": (dict, list)}
-        if not meta.get("parent_run_id"):
+        if not meta.parent_run_id:
             raise TaskDecodeError(f"{where}: a backtest task needs key 'qlib_ext.parent_run_id'")
     else:
         required = {"model": dict, "dataset": dict}

@@ -7,6 +7,7 @@ import sys
 import time
 from collections import defaultdict
 
+from qlib_ext.pool.record import Doc, ErrorEntry
 from qlib_ext.pool.status import TaskStatus
 
 
@@ -66,9 +67,10 @@ def status_report(pool: str, mongo_url: str | None) -> str:
     now = tm.now()
     by_host: dict[str, list[str]] = defaultdict(list)
     for d in tm.running():
-        age = (now - d["started_at"]).total_seconds() if isinstance(d.get("started_at"), dt.datetime) else 0
-        by_host[d.get("host", "?")].append(f"    {d['_id']}  {d.get('worker')}  attempt {d.get('attempt')}  "
-                                           f"{age:.0f}s  {d['name']}")
+        started = d.get(Doc.STARTED_AT)
+        age = (now - started).total_seconds() if isinstance(started, dt.datetime) else 0
+        by_host[d.get(Doc.HOST, "?")].append(f"    {d[Doc.ID]}  {d.get(Doc.WORKER)}  attempt {d.get(Doc.ATTEMPT)}  "
+                                             f"{age:.0f}s  {d['name']}")
     for host, rows in sorted(by_host.items()):
         lines.append(f"running on {host}:")
         lines.extend(rows)
@@ -76,8 +78,9 @@ def status_report(pool: str, mongo_url: str | None) -> str:
     if failed:
         lines.append("failed:")
     for d in failed:
-        last = (d.get("errors") or [{}])[-1].get("error", "").strip().splitlines()
-        lines.append(f"    {d['_id']}  {d['name']}  {len(d.get('errors') or [])} attempts  "
+        errors = d.get(Doc.ERRORS) or []
+        last = (errors or [{}])[-1].get(ErrorEntry.ERROR, "").strip().splitlines()
+        lines.append(f"    {d[Doc.ID]}  {d['name']}  {len(errors)} attempts  "
                      f"last error: {last[-1] if last else '?'}")
     lines.extend(_infra_faults(tm))
     return "\n".join(lines)
@@ -88,7 +91,7 @@ def _infra_faults(tm) -> list[str]:
     docs = tm.handed_back()
     if not docs:
         return []
-    last = max(docs, key=lambda d: str((d.get("infra_error") or {}).get("time", "")))
-    cause = str((last.get("infra_error") or {}).get("error", "")).strip().splitlines()
+    last = max(docs, key=lambda d: str((d.get(Doc.INFRA_ERROR) or {}).get(ErrorEntry.TIME, "")))
+    cause = str((last.get(Doc.INFRA_ERROR) or {}).get(ErrorEntry.ERROR, "")).strip().splitlines()
     return [f"infrastructure faults: {len(docs)} unfinished tasks handed back without using an attempt "
-            f"({sum(d['infra_retries'] for d in docs)} times); last: {cause[-1] if cause else '?'}"]
+            f"({sum(d[Doc.INFRA_RETRIES] for d in docs)} times); last: {cause[-1] if cause else '?'}"]
