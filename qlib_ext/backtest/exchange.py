@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -67,7 +68,7 @@ class DayArrayQuote:
             arr = np.full(shape, np.nan)
             arr[rows, cols] = quote_df[name].to_numpy(dtype=np.float64, na_value=np.nan)
             self.fields[name] = arr
-        self._rows: dict[tuple, int] = {}
+        self._rows: dict[tuple[pd.Timestamp, pd.Timestamp], tuple[int, int, int]] = {}
 
     def get_all_stock(self) -> Any:
         return self.base.get_all_stock()
@@ -98,7 +99,7 @@ class DayArrayQuote:
         if col is None:
             return None
         arr = self.fields.get(field)
-        agg = _AGG.get(method)
+        agg = None if method is None else _AGG.get(method)
         if arr is None or not (isinstance(start_time, pd.Timestamp) and isinstance(end_time, pd.Timestamp)):
             return self.base.get_data(stock_id, start_time, end_time, field, method)
         row, lo, hi = self.window(start_time, end_time)
@@ -119,7 +120,7 @@ def _ts_data_last(values: np.ndarray) -> Any:
     return None if len(valid) == 0 else valid[-1]
 
 
-_AGG = {"ts_data_last": _ts_data_last, "sum": np.nansum, "all": np.ndarray.all}
+_AGG: dict[str, Callable[[np.ndarray], Any]] = {"ts_data_last": _ts_data_last, "sum": np.nansum, "all": np.ndarray.all}
 """``NumpyQuote._agg_data`` methods on a several-bar slice, on the slice's float64 values
 (``IndexData.all`` is ``data.all()`` for a float array: ``None in data`` is False)."""
 

@@ -94,7 +94,8 @@ class DayTopkDropoutStrategy(_strategy_cls()):  # type: ignore[misc]
             return TradeDecisionWO([], self)
         exchange = self.trade_exchange
         if self.only_tradable:
-            def get_first_n(li: list, n: int, reverse: bool = False) -> list:
+            # Qlib's get_first_n(li, n, reverse=False), named apart so that each helper has one signature
+            def tradable_n(li: list, n: int, reverse: bool) -> list:
                 cur_n = 0
                 res = []
                 for si in reversed(li) if reverse else li:
@@ -105,10 +106,13 @@ class DayTopkDropoutStrategy(_strategy_cls()):  # type: ignore[misc]
                             break
                 return res[::-1] if reverse else res
 
-            def get_last_n(li: list, n: int) -> list:
-                return get_first_n(li, n, reverse=True)
+            def get_first_n(li: list, n: int) -> list:
+                return tradable_n(li, n, reverse=False)
 
-            def filter_stock(li: list) -> Any:
+            def get_last_n(li: list, n: int) -> list:
+                return tradable_n(li, n, reverse=True)
+
+            def filter_stock(li: Any) -> Any:
                 return [si for si in li if exchange.is_stock_tradable(stock_id=si, start_time=trade_start_time,
                                                                       end_time=trade_end_time)]
         else:
