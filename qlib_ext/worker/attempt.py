@@ -31,7 +31,7 @@ from pymongo.errors import PyMongoError
 from qlib_ext import defaults
 from qlib_ext.errors import StoreError
 from qlib_ext.pool.manager import Claim, GridTaskManager
-from qlib_ext.pool.record import Outcome, Tag, TaskMeta
+from qlib_ext.pool.record import Doc, Outcome, Tag, TaskMeta
 from qlib_ext.pool.status import EndReason, RunStatus, TaskStatus
 from qlib_ext.tracking.reaper import end_run
 from qlib_ext.worker.timeouts import ChildProcessTask, ChildTaskFailed, InProcessTask, TaskInterrupted, TaskTimeout
@@ -100,7 +100,7 @@ class Attempt:
         from qlib_ext.pool.codec import check_shape
         from qlib_ext.worker.settings import limit_threads
 
-        task = check_shape(self.claim.task.get("def"), self.claim.id)
+        task = check_shape(self.claim.task.get(Doc.DEF), self.claim.id)
         check_modules(task, tuple(self.s.allowed_modules))
         return limit_threads(task, self.s.threads)
 
@@ -207,7 +207,7 @@ class Attempt:
     def _infra(self, error: str) -> float | None:
         """Hand the task back without using an attempt after a fault outside it (MLflow, store, disk); the
         back-off to wait, or None once it has had ``INFRA_RETRIES`` such retries (it then counts as an attempt)."""
-        retries = int(self.claim.task.get("infra_retries") or 0)
+        retries = int(self.claim.task.get(Doc.INFRA_RETRIES) or 0)
         if retries >= defaults.INFRA_RETRIES:
             return None
         delay = min(defaults.INFRA_BACKOFF_SECONDS * 2 ** retries, defaults.OUTAGE_MAX_SECONDS)
