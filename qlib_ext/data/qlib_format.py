@@ -151,12 +151,30 @@ def write_features(root: Path, panel: Panel, spans: Mapping[str, tuple[int, int]
     logger.info("qlib_format: wrote %d instruments x %d fields under %s", len(spans), len(FIELDS), root)
 
 
-def read_calendar(root: Path) -> pd.DatetimeIndex:
-    """Read ``calendars/day.txt`` of a dataset."""
-    path = Path(root) / CALENDAR_FILE
+def calendar_path(root: str | Path) -> Path:
+    """The daily calendar file (``calendars/day.txt``) of the dataset at ``root`` (``~`` expanded)."""
+    return Path(root).expanduser() / CALENDAR_FILE
+
+
+def calendar_days(root: str | Path) -> list[str]:
+    """The trading days of the dataset at ``root`` as written (ISO dates, ascending).
+
+    Raises:
+        DataError: ``root`` has no calendar.
+    """
+    path = calendar_path(root)
     if not path.is_file():
         raise DataError(f"{root}: not a Qlib dataset (missing {CALENDAR_FILE})")
-    return pd.DatetimeIndex(pd.to_datetime(path.read_text().split()))
+    return path.read_text().split()
+
+
+def read_calendar(root: str | Path) -> pd.DatetimeIndex:
+    """Read ``calendars/day.txt`` of a dataset as dates.
+
+    Raises:
+        DataError: ``root`` has no calendar.
+    """
+    return pd.DatetimeIndex(pd.to_datetime(calendar_days(root)))
 
 
 def read_instruments(root: Path, market: str) -> dict[str, tuple[str, str]]:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class TaskStatus(str, Enum):
+class TaskStatus(StrEnum):
     """Status of a task document. The first four are Qlib's ``TaskManager`` states; the rest are ours:
     ``pruned`` is a rolling window a search's pruner dropped before it was ever queued."""
 
@@ -17,15 +17,12 @@ class TaskStatus(str, Enum):
     CANCELLED = "cancelled"
     PRUNED = "pruned"
 
-    def __str__(self) -> str:
-        return self.value
-
 
 UNFINISHED = (TaskStatus.WAITING.value, TaskStatus.RUNNING.value, TaskStatus.PART_DONE.value)
 """States in which a task still has work ahead of it."""
 
 
-class RunStatus(str, Enum):
+class RunStatus(StrEnum):
     """Status of an attempt's MLflow run (MLflow's own names). The worker that owns the attempt ends it:
     FINISHED only once its result is committed in the pool, KILLED when it was interrupted or its commit
     refused, FAILED once its failure is recorded; the reaper ends the runs of workers that died."""
@@ -35,11 +32,8 @@ class RunStatus(str, Enum):
     FAILED = "FAILED"
     KILLED = "KILLED"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class EndReason(str, Enum):
+class EndReason(StrEnum):
     """Why an attempt ended without its result committed: the error entry of a task handed back, the
     ``qlib_ext.discarded`` tag of a run ended KILLED, and what a task runner's interrupt carries."""
 
@@ -53,6 +47,3 @@ class EndReason(str, Enum):
     SPOOL_REFUSED = "spooled result refused: task taken over"  # a replayed spool's commit was refused
     ATTEMPT_OVER = "its attempt is over"  # reaper: a RUNNING run whose worker died or lost the task
     TIMED_OUT = "task timed out"  # the task child was killed at its deadline
-
-    def __str__(self) -> str:
-        return self.value

@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable
-from enum import Enum
+from enum import StrEnum
 
 from pymongo import ReturnDocument
 from pymongo.database import Database
@@ -29,16 +29,13 @@ logger = logging.getLogger(__name__)
 TRIALS_COLLECTION = "_qlib_ext_trials"
 """Collection of the trial documents of every pool's search."""
 
-class TrialState(str, Enum):
+class TrialState(StrEnum):
     """State of a trial document (Optuna's ``TrialState`` names, lower case)."""
 
     RUNNING = "running"
     COMPLETE = "complete"
     FAIL = "fail"
     PRUNED = "pruned"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 FINISHED = (TrialState.COMPLETE.value, TrialState.FAIL.value, TrialState.PRUNED.value)

@@ -72,8 +72,10 @@ def limit_threads(task: dict, threads: int) -> dict:
 
 def data_identity(provider_uri: str) -> dict:
     """What must match between the submitter's data and a worker's: calendar range, instrument count."""
+    from qlib_ext.data.qlib_format import calendar_days
+
     root = Path(provider_uri)
-    days = (root / "calendars" / "day.txt").read_text().split()
+    days = calendar_days(root)
     instruments = root / "instruments" / "all.txt"
     n = sum(1 for line in instruments.read_text().splitlines() if line.strip()) if instruments.exists() else None
     return {"calendar_start": days[0], "calendar_end": days[-1], "days": len(days), "instruments": n}
@@ -99,9 +101,11 @@ def check_worker_data(pool: str, meta: PoolMeta, provider_uri: str | None = None
         ConfigError: the directory is not a Qlib dataset here, or its calendar range or instrument
             count differs from the submitted one (both sides and the fix are named).
     """
+    from qlib_ext.data.qlib_format import calendar_path
+
     origin = "--provider-uri" if provider_uri else "the path recorded at submit"
     path = Path(str(provider_uri or meta.provider_uri)).expanduser().resolve()
-    if not (path / "calendars" / "day.txt").is_file():
+    if not calendar_path(path).is_file():
         raise ConfigError(f"pool {pool}: data directory {path} ({origin}) is not a Qlib dataset on this host "
                           f"(no calendars/day.txt); {_DATA_FIX}")
     want = meta.data

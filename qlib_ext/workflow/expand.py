@@ -26,6 +26,8 @@ import pandas as pd
 from qlib.workflow.task.gen import RollingGen, TaskGen, task_generator, trunc_segments
 from qlib.workflow.task.utils import TimeAdjuster
 
+from qlib_ext.data.qlib_format import calendar_path
+from qlib_ext.data.qlib_format import read_calendar as qlib_calendar
 from qlib_ext.errors import ConfigError
 from qlib_ext.identity import canonical_json, digest
 from qlib_ext.pool.record import META, STRATEGY_PREFIX, TaskMeta, edit_meta
@@ -338,17 +340,17 @@ def read_calendar(wf: Workflow, provider_uri: str | None = None, *, required: bo
     """
     uri = provider_uri or (wf.config.get("qlib_init") or {}).get("provider_uri")
     local = isinstance(uri, str) and "://" not in uri
-    if not required and not (local and (Path(uri).expanduser() / "calendars" / "day.txt").is_file()):
+    if not required and not (local and calendar_path(uri).is_file()):
         return []
     if not isinstance(uri, str) or "://" in uri:
         raise ConfigError(f"grid.rolling needs a local Qlib data directory for its calendar, but "
                           f"qlib_init.provider_uri of {wf.path} is {uri!r}; pass --provider-uri PATH")
-    path = Path(uri).expanduser() / "calendars" / "day.txt"
+    path = calendar_path(uri)
     if not path.is_file():
         raise ConfigError(f"grid.rolling of {wf.path} needs the Qlib calendar, but {path} does not exist; "
                           f"make the data with `qlib-ext data synth --out {path.parent.parent}` "
                           "or pass --provider-uri PATH")
-    return list(pd.to_datetime([line.strip() for line in path.read_text().splitlines() if line.strip()]))
+    return list(qlib_calendar(uri))
 
 
 def check_backtest_end(task: dict, calendar: list[pd.Timestamp], file: Path) -> None:
