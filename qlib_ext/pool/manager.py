@@ -38,7 +38,7 @@ from qlib_ext.pool.database import (  # the database-level functions, also impor
     save_pool_meta,
     update_pool_meta,
 )
-from qlib_ext.pool.record import DOC_FORMAT, META, Doc, ErrorEntry, Outcome, PoolMeta
+from qlib_ext.pool.record import DOC_FORMAT, META, Doc, ErrorEntry, Outcome, PoolMeta, TaskMeta
 from qlib_ext.pool.status import UNFINISHED, TaskStatus
 
 logger = logging.getLogger(__name__)
@@ -58,8 +58,8 @@ def task_hash(task: dict) -> str:
     point, and the points that were already run must stay deduplicated.
     """
     meta = task.get(META)
-    if isinstance(meta, dict) and "grid_hash" in meta:
-        task = {**task, META: {k: v for k, v in meta.items() if k != "grid_hash"}}
+    if isinstance(meta, dict) and TaskMeta.Field.GRID_HASH in meta:
+        task = {**task, META: {k: v for k, v in meta.items() if k != TaskMeta.Field.GRID_HASH}}
     return digest(task)
 
 
@@ -412,10 +412,10 @@ class GridTaskManager(TaskManager):
 
     def by_run_name(self, run_names: list[str]) -> dict[str, list[dict]]:
         """Run name -> the documents (status, started_at) of the tasks with that ``qlib_ext.run_name``."""
-        key = f"{Doc.FILTER}.{META}.run_name"
+        key = f"{Doc.FILTER}.{META}.{TaskMeta.Field.RUN_NAME}"
         out: dict[str, list[dict]] = {}
         for d in self.task_pool.find({key: {"$in": list(run_names)}}, {Doc.STATUS: 1, Doc.STARTED_AT: 1, key: 1}):
-            out.setdefault(d[Doc.FILTER][META]["run_name"], []).append(d)
+            out.setdefault(_run_name(d), []).append(d)
         return out
 
     def committed_run(self, task_id: Any) -> tuple[str | None, str | None]:
@@ -431,7 +431,7 @@ class GridTaskManager(TaskManager):
 
     def running(self) -> list[dict]:
         """Running tasks: ``_id``, worker, host, attempt, started_at and run name (``name``)."""
-        key = f"{Doc.FILTER}.{META}.run_name"
+        key = f"{Doc.FILTER}.{META}.{TaskMeta.Field.RUN_NAME}"
         cur = self.task_pool.find({Doc.STATUS: TaskStatus.RUNNING.value},
                                   {Doc.WORKER: 1, Doc.HOST: 1, Doc.STARTED_AT: 1, Doc.ATTEMPT: 1, key: 1})
         return [{**d, "name": _run_name(d)} for d in cur]
@@ -439,7 +439,7 @@ class GridTaskManager(TaskManager):
     def failed(self, limit: int = 0) -> list[dict]:
         """Failed tasks (at most ``limit``, 0: all): ``_id``, ``errors`` and run name (``name``)."""
         cur = self.task_pool.find({Doc.STATUS: TaskStatus.FAILED.value},
-                                  {Doc.ERRORS: 1, f"{Doc.FILTER}.{META}.run_name": 1}, limit=limit)
+                                  {Doc.ERRORS: 1, f"{Doc.FILTER}.{META}.{TaskMeta.Field.RUN_NAME}": 1}, limit=limit)
         return [{**d, "name": _run_name(d)} for d in cur]
 
     def set_max_attempts(self, max_attempts: int) -> int:
@@ -470,7 +470,7 @@ class GridTaskManager(TaskManager):
 
 
 def _run_name(doc: dict) -> str:
-    return str(((doc.get(Doc.FILTER) or {}).get(META) or {}).get("run_name", ""))
+    return str(TaskMeta.of(doc.get(Doc.FILTER) or {}).run_name or "")
 
 
 __all__ = ["GridTaskManager", "Claim", "task_hash", "worker_id", "open_db", "POOLS_COLLECTION", "find_pool_meta",

@@ -30,7 +30,7 @@ from pymongo.errors import PyMongoError
 from qlib_ext import defaults
 from qlib_ext.errors import StoreError
 from qlib_ext.pool.manager import GridTaskManager, task_hash
-from qlib_ext.pool.record import Tag
+from qlib_ext.pool.record import Tag, TaskMeta
 from qlib_ext.pool.status import TaskStatus
 from qlib_ext.search import pruning, queue
 from qlib_ext.search.trials import FINISHED, TrialState, TrialStore, close_search, open_search
@@ -166,13 +166,13 @@ class Proposer:
             self.local[number], self.reported[number] = trial, 0
         doc = self.store.get(number)
         self._queue(doc, 0, doc["released"])
-        logger.info("search %s: trial %d proposed (%s)", self.wf.pool, number, doc["tasks"][0]["qlib_ext"]["run_name"])
+        logger.info("search %s: trial %d proposed (%s)", self.wf.pool, number, TaskMeta.of(doc["tasks"][0]).run_name)
         return number
 
     def _doc(self, tasks: list[dict], params: dict) -> dict:
         return {"params": params, "tasks": tasks, "hashes": [task_hash(t) for t in tasks],
                 "released": pruning.first_release(self.grid.prune, len(tasks)), "sampler": self.grid.search,
-                "config_id": tasks[0]["qlib_ext"]["config_id"], "objective": dataclasses.asdict(self.grid.objective),
+                "config_id": TaskMeta.of(tasks[0]).config_id, "objective": dataclasses.asdict(self.grid.objective),
                 "judged": {}, "proposer": self.owner}
 
     def _queue(self, doc: dict, start: int, stop: int, status: str = TaskStatus.WAITING.value) -> None:
@@ -308,8 +308,8 @@ def _configs(wf: Workflow, provider_uri: str | None) -> list[list[dict]]:
     plain = dataclasses.replace(wf, grid=dataclasses.replace(wf.grid, train_once=False))
     groups: dict[str, list[dict]] = {}
     for task in expand(plain, provider_uri=provider_uri):
-        groups.setdefault(task["qlib_ext"]["config_id"], []).append(task)
-    return [sorted(g, key=lambda t: (t["qlib_ext"]["window"] or {}).get("index", 0)) for g in groups.values()]
+        groups.setdefault(TaskMeta.of(task).config_id, []).append(task)
+    return [sorted(g, key=lambda t: (TaskMeta.of(t).window or {}).get("index", 0)) for g in groups.values()]
 
 
 def batch_size(grid: GridSpec, workers: int) -> int:

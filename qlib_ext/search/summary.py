@@ -7,7 +7,7 @@ from collections import Counter
 from pymongo.database import Database
 
 from qlib_ext.pool.database import find_pool_meta
-from qlib_ext.pool.record import PoolMeta
+from qlib_ext.pool.record import PoolMeta, TaskMeta
 from qlib_ext.search.trials import TrialState, TrialStore
 
 
@@ -39,6 +39,6 @@ def summary_lines(db: Database, pool: str) -> list[str]:
         number, value = improved[-1]
         best = next(d for d in docs if d["number"] == number)
         lines.append(f"best {objective['metric']} {value:.4f} ({objective['direction']}) at trial {number}: "
-                     f"{best['tasks'][0]['qlib_ext']['run_name'].rsplit(' w', 1)[0]}")
+                     f"{str(TaskMeta.of(best['tasks'][0]).run_name).rsplit(' w', 1)[0]}")
         lines.append("best so far: " + ", ".join(f"#{n} {v:.4f}" for n, v in improved))
     return lines

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qlib_ext.pool.record import HEADLINE_METRICS, STRATEGY_PREFIX, Metric, Tag
+from qlib_ext.pool.record import HEADLINE_METRICS, STRATEGY_PREFIX, Metric, SweepPoint, Tag, TaskMeta
 
 logger = logging.getLogger(__name__)
 
@@ -124,30 +124,30 @@ def grid_axes(tasks: list[dict]) -> dict[str, str]:
     """Short name -> full path of every axis the tasks vary (coordinates and strategy keys)."""
     paths: set[str] = set()
     for t in tasks:
-        meta = t.get("qlib_ext", {})
-        paths.update(meta.get("coords") or {})
-        paths.update(STRATEGY_PREFIX + k for k in meta.get("strategy") or {})
-        for point in meta.get("sweep") or []:
-            paths.update(STRATEGY_PREFIX + k for k in (point.get("strategy") or {}))
+        meta = TaskMeta.of(t)
+        paths.update(meta.coords)
+        paths.update(STRATEGY_PREFIX + k for k in meta.strategy)
+        for point in meta.sweep or []:
+            paths.update(STRATEGY_PREFIX + k for k in SweepPoint.from_dict(point).strategy)
     return {short: full for full, short in sorted(short_names(paths).items())}
 
 
 def run_params(task: dict, axes: dict[str, str] | None = None) -> dict[str, Any]:
     """A task run's params: each grid axis once under its short name, model, window."""
-    meta = task.get("qlib_ext", {})
-    values = dict(meta.get("coords") or {})
-    values.update({STRATEGY_PREFIX + k: v for k, v in (meta.get("strategy") or {}).items()})
+    meta = TaskMeta.of(task)
+    values = dict(meta.coords)
+    values.update({STRATEGY_PREFIX + k: v for k, v in meta.strategy.items()})
     by_path = {full: short for short, full in (axes or {}).items()}
     missing = [p for p in values if p not in by_path]
     if missing:  # a path the grid run does not know (e.g. a search proposal): a name that does not clash
         extra = short_names(set(missing) | set(by_path))
         by_path.update({p: extra[p] for p in missing})
     params: dict[str, Any] = {by_path[p]: v for p, v in values.items()}
-    model_class = meta.get("model_class") or (task.get("model") or {}).get("class")
-    params["model"] = meta.get("model") or model_class
+    model_class = meta.model_class or (task.get("model") or {}).get("class")
+    params["model"] = meta.model or model_class
     if model_class:
         params["model.class"] = model_class
-    window = meta.get("window") or {}
+    window = meta.window or {}
     for seg in ("train", "valid", "test"):
         if seg in window:
             params[f"window.{seg}_start"], params[f"window.{seg}_end"] = window[seg]
@@ -163,25 +163,25 @@ def headline_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 def run_note(task: dict, task_id: str = "") -> str:
     """A markdown description of what a task run is (``mlflow.note.content``)."""
-    meta = task.get("qlib_ext", {})
+    meta = TaskMeta.of(task)
     lines = []
-    if meta.get("kind") == "backtest":
-        lines.append(f"**Backtest** of training run `{meta.get('parent_run_id', '')}`'s predictions.")
+    if meta.is_backtest:
+        lines.append(f"**Backtest** of training run `{meta.parent_run_id or ''}`'s predictions.")
     else:
-        model = (task.get("model") or {}).get("class", meta.get("model", "model"))
+        model = (task.get("model") or {}).get("class", meta.model or "model")
         handler = (((task.get("dataset") or {}).get("kwargs") or {}).get("handler") or {})
         hname = handler.get("class", "") if isinstance(handler, dict) else str(handler)
-        lines.append(f"**{meta.get('model') or model}** ({model}) on {hname or 'its dataset'}.")
+        lines.append(f"**{meta.model or model}** ({model}) on {hname or 'its dataset'}.")
     axes = run_params(task)
     shown = {k: v for k, v in axes.items() if not k.startswith(("model", "window."))}
     if shown:
         lines.append("Grid point: " + ", ".join(f"`{k}={v}`" for k, v in shown.items()) + ".")
-    window = meta.get("window") or {}
+    window = meta.window or {}
     if "test" in window:
         lines.append(f"Rolling window {window.get('index')}: test {window['test'][0]} .. {window['test'][1]}.")
-    if meta.get("sweep"):
-        lines.append(f"Trains once; {len(meta['sweep'])} strategy backtests run as child runs.")
-    lines.append(f"Task `{task_id}` of pool `{meta.get('pool', '')}` (config `{meta.get('config_id', '')}`).")
+    if meta.sweep:
+        lines.append(f"Trains once; {len(meta.sweep)} strategy backtests run as child runs.")
+    lines.append(f"Task `{task_id}` of pool `{meta.pool or ''}` (config `{meta.config_id or ''}`).")
     return "\n\n".join(lines)
 
 
@@ -251,17 +251,16 @@ def _ensure_config_runs(client: Any, exp_id: str, pool: str, grid_id: str, tasks
     """One run per configuration that has rolling windows (its windows nest under it)."""
     rolling: dict[str, dict] = {}
     for t in tasks:
-        meta = t.get("qlib_ext", {})
-        if meta.get("window") and meta.get("config_id"):
-            rolling.setdefault(meta["config_id"], t)
+        meta = TaskMeta.of(t)
+        if meta.window and meta.config_id:
+            rolling.setdefault(meta.config_id, t)
     if not rolling:
         return {}
     have = {r.data.tags.get(Tag.CONFIG_ID): r.info.run_id for r in _find(client, exp_id, pool, KIND_CONFIG)}
     for config_id, task in rolling.items():
         if config_id in have:
             continue
-        meta = task["qlib_ext"]
-        name = str(meta.get("run_name", config_id)).rsplit(" w", 1)[0]
+        name = str(TaskMeta.of(task).run_name or config_id).rsplit(" w", 1)[0]
         params = {k: v for k, v in run_params(task, axes).items() if not k.startswith("window.")}
         run = client.create_run(exp_id, run_name=name, tags={
             Tag.POOL: pool, Tag.KIND: KIND_CONFIG, Tag.CONFIG_ID: config_id, Tag.MLFLOW_PARENT: grid_id,
@@ -295,16 +294,16 @@ def run_decoration(client: Any, experiment_id: str, task: dict, task_id: str) ->
     A backtest keeps its training run as parent; a rolling window nests under its config run; every
     other task run under the grid run. Never raises: a grid submitted before this existed has none.
     """
-    meta = task.get("qlib_ext", {})
-    row = "window" if meta.get("window") else "model" if meta.get("sweep") else ROW_CONFIG
+    meta = TaskMeta.of(task)
+    row = "window" if meta.window else "model" if meta.sweep else ROW_CONFIG
     tags = {NOTE_TAG: run_note(task, task_id), ROW_TAG: row}
     try:
-        runs = grid_runs(client, experiment_id, str(meta.get("pool", "")))
+        runs = grid_runs(client, experiment_id, str(meta.pool or ""))
     except Exception as e:  # the run still gets logged, only not nested
-        logger.warning("mlflow ui: no grid run for pool %s (%s)", meta.get("pool"), e)
+        logger.warning("mlflow ui: no grid run for pool %s (%s)", meta.pool, e)
         runs = None
-    if runs is not None and meta.get("kind") != "backtest":
-        parent = runs.config_runs.get(meta.get("config_id")) if meta.get("window") else None
+    if runs is not None and not meta.is_backtest:
+        parent = runs.config_runs.get(meta.config_id) if meta.window else None
         tags[Tag.MLFLOW_PARENT] = parent or runs.grid_run_id
     return tags, run_params(task, runs.axes if runs else None)
 
