@@ -19,6 +19,7 @@ from test_grid_e2e import cli
 from qlib_ext.analysis.leaderboard import _ranked
 from qlib_ext.errors import ConfigError
 from qlib_ext.pool.manager import GridTaskManager, task_hash
+from qlib_ext.pool.record import TaskMeta
 from qlib_ext.worker.follow_up import backtest_tasks, enqueue
 from qlib_ext.workflow.expand import expand
 from qlib_ext.workflow.load import load_workflow
@@ -150,11 +151,15 @@ def test_enqueue_needs_the_lease_and_dedups_a_repeat(tm, tmp_path):
 
 def test_leaderboard_rows_skip_the_training_task_and_stale_backtests():
     committed = {"t1": "run2"}
-    assert not _ranked({"sweep": [{}]}, committed)
-    assert _ranked({"kind": "backtest", "parent_task_id": "t1", "parent_run_id": "run2"}, committed)
-    assert not _ranked({"kind": "backtest", "parent_task_id": "t1", "parent_run_id": "run1"}, committed)
-    assert _ranked({"kind": "backtest", "parent_task_id": "t2", "parent_run_id": "run7"}, committed)
-    assert _ranked({"coords": {}}, committed)
+
+    def ranked(block: dict) -> bool:
+        return _ranked(TaskMeta.from_dict(block), committed)
+
+    assert not ranked({"sweep": [{}]})
+    assert ranked({"kind": "backtest", "parent_task_id": "t1", "parent_run_id": "run2"})
+    assert not ranked({"kind": "backtest", "parent_task_id": "t1", "parent_run_id": "run1"})
+    assert ranked({"kind": "backtest", "parent_task_id": "t2", "parent_run_id": "run7"})
+    assert ranked({"coords": {}})
 
 
 # --------------------------------------------------------------------------- end to end

@@ -63,11 +63,11 @@ def collect(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None =
 
     db = open_db(mongo_url)
     meta = load_pool_meta(db, pool)
-    uri = mlflow_uri or meta.mlflow_uri
+    uri = mlflow_uri or meta.mlflow_uri or ""
     client = mlflow.MlflowClient(tracking_uri=uri)
     rows, grid = ranked_rows(pool, mongo_url, uri, metric)
     tm = GridTaskManager(pool, db)
-    exp = client.get_experiment_by_name(meta.experiment)
+    exp = client.get_experiment_by_name(meta.experiment or "")
     data = GridData(pool, grid.get("metric") or metric or Metric.IC, rows, grid, dict(tm.counts()),
                     exp.experiment_id if exp else "", None, uri)
     data.runs = mlflow_ui.grid_runs(client, data.experiment_id, pool) if exp else None

@@ -21,6 +21,7 @@ from qlib_ext.analysis.grid_stats import STAT_KEYS, annotate
 from qlib_ext.analysis.series import VALIDITY, to_pandas
 from qlib_ext.errors import ConfigError
 from qlib_ext.pool.record import SIGNAL_METRICS, Doc, Metric, Outcome, Tag, TaskMeta
+from qlib_ext.tables import text_table
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def ranked(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = 
     db = open_db(mongo_url, db_name or defaults.TASK_DB_NAME)
     meta = load_pool_meta(db, pool)
     client = mlflow.MlflowClient(tracking_uri=mlflow_uri or meta.mlflow_uri)
-    exp = client.get_experiment_by_name(meta.experiment)
+    exp = client.get_experiment_by_name(meta.experiment or "")
     runs = _search_pool_runs(client, exp.experiment_id, pool) if exp else {}
     tm = GridTaskManager(pool, db)
     results = tm.results()
@@ -152,7 +153,7 @@ def _rows(results: list[dict], runs: dict[str, Any]) -> list[dict]:
     committed = {str(res[Doc.ID]): res.get(Outcome.RUN_ID) for res in results}
     rows = []
     for res in results:
-        run = runs.get(res.get(Outcome.RUN_ID))
+        run = runs.get(res.get(Outcome.RUN_ID) or "")
         meta = TaskMeta.from_dict(res["meta"])
         if run is None or run.info.status != "FINISHED" or not _ranked(meta, committed):
             continue
@@ -354,9 +355,7 @@ def format_table(rows: list[dict], grid: dict | str | None = None, top: int | No
         vals = [_fmt(_value(r, m)) for m in [metric, *([std] if std else []), *extra]]
         lines.append([str(i), r["run_name"] or "", *vals, _fmt(st.get("sharpe")), _fmt(st.get("psr")),
                       _fmt(st.get("dsr")), _fmt(st.get("T")), ",".join(r.get("flags") or []) or "-", r["run_id"]])
-    widths = [max(len(str(row[c])) for row in lines) for c in range(len(header))]
-    table = "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in lines)
-    return "\n".join([_trials_line(grid, len(rows), len(shown)), table, _pbo_line(grid)])
+    return "\n".join([_trials_line(grid, len(rows), len(shown)), text_table(lines), _pbo_line(grid)])
 
 
 _SHORT = {Metric.ANN_RETURN: "ann.return", Metric.IR: "IR", Metric.MAX_DRAWDOWN: "MDD"}

@@ -41,8 +41,9 @@ def open_db(mongo_url: str | None, db_name: str = defaults.TASK_DB_NAME, *, work
     url = resolve_mongo_url(mongo_url)
     if worker:
         timeout_ms = int(defaults.STORE_TIMEOUT_SECONDS * 1000)
-        client = pymongo.MongoClient(url, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms,
-                                     socketTimeoutMS=max(timeout_ms, 30_000), tz_aware=False)
+        client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+            url, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms,
+            socketTimeoutMS=max(timeout_ms, 30_000), tz_aware=False)
         return client[db_name]
     try:
         client = pymongo.MongoClient(url, serverSelectionTimeoutMS=10_000, tz_aware=False)

@@ -189,8 +189,8 @@ class _Block:
     def from_dict(cls, block: dict) -> Self:
         """Read a stored block."""
         known = {f.name for f in dataclasses.fields(cls)} - set(cls._NOT_STORED)  # type: ignore[arg-type]
-        meta = cls(**{k: v for k, v in block.items() if k in known},
-                   extra={k: v for k, v in block.items() if k not in known})
+        meta: Any = cls(**{k: v for k, v in block.items() if k in known},  # type: ignore[call-arg]
+                        extra={k: v for k, v in block.items() if k not in known})
         meta._present = [k for k in block if k in known]
         return meta
 

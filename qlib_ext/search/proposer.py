@@ -308,7 +308,7 @@ def _configs(wf: Workflow, provider_uri: str | None) -> list[list[dict]]:
     plain = dataclasses.replace(wf, grid=dataclasses.replace(wf.grid, train_once=False))
     groups: dict[str, list[dict]] = {}
     for task in expand(plain, provider_uri=provider_uri):
-        groups.setdefault(TaskMeta.of(task).config_id, []).append(task)
+        groups.setdefault(str(TaskMeta.of(task).config_id), []).append(task)
     return [sorted(g, key=lambda t: (TaskMeta.of(t).window or {}).get("index", 0)) for g in groups.values()]
 
 

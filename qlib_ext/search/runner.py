@@ -60,7 +60,7 @@ def run_search(pool: str, *, mongo_url: str | None, mlflow_uri: str | None = Non
 
     db = open_db(mongo_url)
     meta = load_pool_meta(db, pool)
-    wf = load_workflow(workflow or meta.workflow)
+    wf = load_workflow(workflow or str(meta.workflow))
     wf = dataclasses.replace(wf, pool=pool)
     proposer = Proposer(wf, db, batch=batch or batch_size(wf.grid, os.cpu_count() or 1),
                         provider_uri=provider_uri or meta.provider_uri,

@@ -303,7 +303,7 @@ def run_decoration(client: Any, experiment_id: str, task: dict, task_id: str) ->
         logger.warning("mlflow ui: no grid run for pool %s (%s)", meta.pool, e)
         runs = None
     if runs is not None and not meta.is_backtest:
-        parent = runs.config_runs.get(meta.config_id) if meta.window else None
+        parent = runs.config_runs.get(meta.config_id or "") if meta.window else None
         tags[Tag.MLFLOW_PARENT] = parent or runs.grid_run_id
     return tags, run_params(task, runs.axes if runs else None)
 

@@ -340,7 +340,7 @@ def read_calendar(wf: Workflow, provider_uri: str | None = None, *, required: bo
     """
     uri = provider_uri or (wf.config.get("qlib_init") or {}).get("provider_uri")
     local = isinstance(uri, str) and "://" not in uri
-    if not required and not (local and calendar_path(uri).is_file()):
+    if not required and not (local and calendar_path(str(uri)).is_file()):
         return []
     if not isinstance(uri, str) or "://" in uri:
         raise ConfigError(f"grid.rolling needs a local Qlib data directory for its calendar, but "
