@@ -14,7 +14,7 @@ from typing import Any
 
 from qlib_ext import defaults
 from qlib_ext.pool.manager import GridTaskManager, task_hash
-from qlib_ext.pool.record import Doc
+from qlib_ext.pool.record import Doc, Outcome
 from qlib_ext.pool.status import TaskStatus
 
 WINDOW_SLOTS = 1000
@@ -55,5 +55,6 @@ def states(tm: GridTaskManager, hashes: list[str]) -> dict[str, TaskState]:
     out = {}
     for doc in tm.by_hash(hashes):  # a 0.1.0 pool's `result` was renamed `outcome` when tm opened it
         outcome: dict[str, Any] = doc.get(Doc.OUTCOME) or {}
-        out[doc[Doc.HASH]] = TaskState(doc.get(Doc.STATUS, ""), outcome.get("metrics") or {}, outcome.get("run_id"))
+        out[doc[Doc.HASH]] = TaskState(doc.get(Doc.STATUS, ""), outcome.get(Outcome.METRICS) or {},
+                                       outcome.get(Outcome.RUN_ID))
     return out
