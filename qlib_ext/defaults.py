@@ -17,6 +17,12 @@ STORE_PORT = 27017
 STORE_HOST = "127.0.0.1"
 """Address the embedded store binds by default: loopback only (others need authentication, and TLS on a LAN)."""
 
+MLFLOW_HOST = "127.0.0.1"
+"""Address ``qlib-ext mlflow serve`` binds by default: loopback only (the server has no authentication)."""
+
+MLFLOW_PORT = 5000
+"""TCP port of ``qlib-ext mlflow serve`` (MLflow's own default)."""
+
 MAX_MESSAGE_BYTES = 48 * 1000 * 1000
 """Largest wire message the embedded store accepts (MongoDB's maxMessageSizeBytes), bytes."""
 

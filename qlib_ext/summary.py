@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+from qlib_ext.tables import text_table
 
 logger = logging.getLogger(__name__)
 
@@ -17,13 +20,16 @@ EXIT_ALL_FAILED = 1
 """Exit code of ``run``/``worker`` when every task of the pool failed."""
 
 
-
 @dataclass
 class Summary:
-    """The text to print after the workers exited and the exit code to end with."""
+    """The text to print after the workers exited and the exit code to end with; the counts, the grid's
+    numbers and the MLflow links behind it (what ``qlib_ext.run`` returns)."""
 
     text: str
     code: int
+    counts: dict[str, int] = field(default_factory=dict)
+    grid: dict[str, Any] = field(default_factory=dict)
+    links: dict[str, str] = field(default_factory=dict)
 
 
 def after_workers(pool: str, *, mongo_url: str, mlflow_uri: str, metric: str | None, code: int,
@@ -53,9 +59,10 @@ def after_workers(pool: str, *, mongo_url: str, mlflow_uri: str, metric: str | N
         code = code or EXIT_ALL_FAILED
     elif failed:
         lines.append(f"\nwarning: {failed} of {sum(counts.values())} tasks failed: qlib-ext status {pool}")
-    if data is not None and data.experiment_id:
+    links = ui_links(mlflow_uri, data.experiment_id, pool, data.metric) if data and data.experiment_id else {}
+    if links:
         lines.append("\n" + ui_lines(mlflow_uri, data.experiment_id, pool, data.metric))
-    return Summary("\n".join(lines), code)
+    return Summary("\n".join(lines), code, dict(counts), dict(data.grid) if data is not None else {}, links)
 
 
 def _table(pool: str, mongo_url: str, mlflow_uri: str, metric: str | None, data: object, top: int) -> str:
@@ -67,10 +74,7 @@ def _table(pool: str, mongo_url: str, mlflow_uri: str, metric: str | None, data:
         from qlib_ext.analysis.grid_run import ranked_rows
 
         rows, grid = ranked_rows(pool, mongo_url, mlflow_uri, metric)
-    try:
-        return format_table(rows, grid, top=top)
-    except TypeError:  # the older format_table(rows, metric)
-        return format_table(rows[:top], grid.get("metric", metric or "IC"))
+    return format_table(rows, grid, top=top)
 
 
 def _counts(pool: str, mongo_url: str) -> dict[str, int]:
@@ -82,16 +86,25 @@ def _counts(pool: str, mongo_url: str) -> dict[str, int]:
         return {}
 
 
-def ui_lines(mlflow_uri: str, experiment_id: str, pool: str, metric: str) -> str:
-    """How to open the runs: the UI command (as pasted) and the two views of the grid."""
+def ui_links(mlflow_uri: str, experiment_id: str, pool: str, metric: str) -> dict[str, str]:
+    """How to open the runs: ``ui`` (the command that starts the MLflow UI, as pasted), ``ranked`` and
+    ``grid`` (URLs of the ranked configurations and of the grid as one row)."""
     from qlib_ext.tracking import mlflow_ui
 
     base = mlflow_ui.ui_base(mlflow_uri)
+    return {"ui": mlflow_ui.ui_command(mlflow_uri),
+            "ranked": mlflow_ui.runs_url(base, experiment_id, pool, metric, mlflow_ui.RANKED),
+            "grid": mlflow_ui.runs_url(base, experiment_id, pool, metric, mlflow_ui.GRID)}
+
+
+def ui_lines(mlflow_uri: str, experiment_id: str, pool: str, metric: str) -> str:
+    """The links of :func:`ui_links` as printed, and the report command."""
+    links = ui_links(mlflow_uri, experiment_id, pool, metric)
     return "\n".join([
         "compare runs in the MLflow UI:",
-        f"  start it:   {mlflow_ui.ui_command(mlflow_uri)}",
-        f"  ranked:     {mlflow_ui.runs_url(base, experiment_id, pool, metric, mlflow_ui.RANKED)}",
-        f"  grid:       {mlflow_ui.runs_url(base, experiment_id, pool, metric, mlflow_ui.GRID)}",
+        f"  start it:   {links['ui']}",
+        f"  ranked:     {links['ranked']}",
+        f"  grid:       {links['grid']}",
         f"  report:     qlib-ext report {pool}",
     ])
 
@@ -108,5 +121,4 @@ def pools_table(mongo_url: str | None) -> str:
     for name in names:
         counts = GridTaskManager(name, db).counts()
         rows.append([name, str(sum(counts.values())), ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))])
-    widths = [max(len(r[c]) for r in rows) for c in range(3)]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    return text_table(rows)

@@ -16,7 +16,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qlib_ext"
 LAYERS: list[tuple[str, ...]] = [
     # the base: imported by everyone; pool.record is the schema of the pool's documents, identity the canonical
     # JSON and its digests (stdlib only)
-    ("qlib_ext", "qlib_ext.errors", "qlib_ext.defaults", "qlib_ext.identity", "qlib_ext.pool.record"),
+    ("qlib_ext", "qlib_ext.errors", "qlib_ext.defaults", "qlib_ext.identity", "qlib_ext.pool.record",
+     "qlib_ext.tables"),
     ("qlib_ext.store", "qlib_ext.data"),
     ("qlib_ext.workflow",),
     ("qlib_ext.pool",),
@@ -24,7 +25,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("qlib_ext.tracking",),
     ("qlib_ext.analysis",),
     ("qlib_ext.worker", "qlib_ext.search"),
-    ("qlib_ext.api", "qlib_ext.cli", "qlib_ext.__main__", "qlib_ext.summary", "qlib_ext.profile"),
+    # the run session (submit, proposer, warm-up, workers, summary) and the summary it prints
+    ("qlib_ext.session", "qlib_ext.summary"),
+    # thin entry points over the session: the command line and the Python API (neither imports the other)
+    ("qlib_ext.api", "qlib_ext.cli", "qlib_ext.__main__", "qlib_ext.profile"),
 ]
 """Lowest first. A module belongs to the longest prefix listed; it may import its own layer and below."""
 
@@ -111,3 +115,12 @@ def test_the_checker_sees_lazy_relative_and_from_package_imports(tmp_path, monke
                                                ("qlib_ext.cli", TOP), ("qlib_ext.worker.body", 7)])
 def test_layer_of(module, layer):
     assert layer_of(module) == layer
+
+
+def test_the_command_line_and_the_api_do_not_import_each_other():
+    # both are thin layers over the run session (qlib_ext.session); neither calls the other
+    def part(module: str) -> str:
+        return next((p for p in ("qlib_ext.cli", "qlib_ext.api") if module == p or module.startswith(p + ".")), "")
+
+    edges = {(part(module_name(p)), part(m)) for p in PACKAGE.rglob("*.py") for _, m in imported(p)}
+    assert ("qlib_ext.cli", "qlib_ext.api") not in edges and ("qlib_ext.api", "qlib_ext.cli") not in edges

@@ -6,6 +6,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -86,7 +87,10 @@ def run_workers(settings: WorkerSettings, n: int, on_tick: Callable[[], None] | 
     ``on_tick()`` is called about every ``tick_seconds`` (the progress display of ``qlib-ext run``).
     """
     group = WorkerGroup(settings, n).start()
-    old = {s: signal.signal(s, group.stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    # signal.signal works in the main thread only; a run driven from another thread (a program's worker
+    # thread, a notebook's executor) stops its workers by their own end instead
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, group.stop) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:
         while group.alive():
             time.sleep(tick_seconds)

@@ -10,6 +10,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from qlib_ext import defaults
 from qlib_ext.errors import ConfigError
@@ -128,21 +129,37 @@ def _describe(identity: dict) -> str:
 
 
 def worker_settings(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = None,
-                    provider_uri: str | None = None, workers: int = 1, threads: int | None = None,
-                    db_name: str = defaults.TASK_DB_NAME, cache: bool = True, log_to_files: bool = False,
-                    **overrides) -> object:
-    """Worker settings from the pool's recorded metadata; explicit arguments win.
+                    provider_uri: str | None = None, db_name: str = defaults.TASK_DB_NAME,
+                    **kwargs: Any) -> WorkerSettings:
+    """Worker settings from the pool's metadata read from the store (``qlib-ext worker``, ``cache warm``).
 
-    ``overrides`` are ``WorkerSettings`` fields (lease_seconds, grace_seconds, exit_when_idle...);
-    None values are ignored so CLI flags left unset fall back to the workflow's ``workers:``.
+    The data directory is checked against the one the pool was submitted with; ``kwargs`` are those of
+    :func:`settings_from_meta`.
     """
-    from qlib_ext.pool import allowlist
     from qlib_ext.pool.manager import load_pool_meta, open_db
     from qlib_ext.store import resolve_mongo_url
 
     url = resolve_mongo_url(mongo_url)
     meta = load_pool_meta(open_db(url, db_name), pool)
     provider = check_worker_data(pool, meta, provider_uri)
+    return settings_from_meta(pool, meta, mongo_url=url, provider_uri=provider, mlflow_uri=mlflow_uri,
+                              db_name=db_name, **kwargs)
+
+
+def settings_from_meta(pool: str, meta: PoolMeta, *, mongo_url: str, provider_uri: str,
+                       mlflow_uri: str | None = None, workers: int = 1, threads: int | None = None,
+                       db_name: str = defaults.TASK_DB_NAME, cache: bool = True, log_to_files: bool = False,
+                       **overrides: Any) -> WorkerSettings:
+    """Worker settings from the pool's metadata (held in memory by a run); explicit arguments win.
+
+    Args:
+        mongo_url: the resolved store URL.
+        provider_uri: the checked data directory.
+        overrides: ``WorkerSettings`` fields (lease_seconds, grace_seconds, exit_when_idle...) and
+            ``allow_module``; None values are ignored so flags left unset fall back to the workflow's ``workers:``.
+    """
+    from qlib_ext.pool import allowlist
+
     spec = meta.workers
     wanted = threads if threads is not None else spec.get("threads_per_worker", "auto")
     recorded = WorkersSpec()
@@ -151,7 +168,7 @@ def worker_settings(pool: str, *, mongo_url: str | None = None, mlflow_uri: str 
     fields["allowed_modules"] = allowlist.resolve(explicit or None, spec.get("allowed_modules"))
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return WorkerSettings(
-        pool=pool, mongo_url=url, mlflow_uri=mlflow_uri or meta.mlflow_uri, provider_uri=provider,
+        pool=pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri or meta.mlflow_uri, provider_uri=provider_uri,
         region=meta.region, db_name=db_name, qlib_kwargs=meta.qlib_init,
         cache_dir=str(defaults.cache_dir()) if cache else None,
         log_dir=str(defaults.home() / "logs" / pool) if log_to_files else None,

@@ -1,0 +1,234 @@
+"""The ``qlib-ext`` commands on a pool: submit, run, worker, status, search, retry, cancel, leaderboard,
+reproduce, report and demo. Each parses its flags and calls the library (:mod:`qlib_ext.session` for a run)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from qlib_ext import defaults
+from qlib_ext.cli.app import main, mlflow_option, mongo_option, printer, provider_option, session_options
+
+
+@main.command("submit")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@session_options("submit")
+def submit_cmd(file: Path, mongo_url: str, mlflow_uri: str | None, provider_uri: str | None,
+               max_attempts: int | None, limit: int | None) -> None:
+    """Expand FILE (a qrun YAML with an optional grid: section) and add its new tasks to the pool."""
+    from qlib_ext.session.plan import submit
+
+    click.echo(submit(file, mongo_url=mongo_url, mlflow_uri=mlflow_uri, provider_uri=provider_uri,
+                      max_attempts=max_attempts, limit=limit))
+
+
+@main.command("worker")
+@click.option("--pool", required=True, help="Name of the pool to drain.")
+@session_options("worker")
+@click.pass_context
+def worker_cmd(ctx: click.Context, pool: str, **opts: object) -> None:
+    """Start worker processes that drain POOL; they exit when the pool is finished."""
+    from qlib_ext.session.options import RunOptions
+    from qlib_ext.session.run import work
+
+    outcome = work(pool, RunOptions(**opts), printer())  # type: ignore[arg-type]
+    click.echo(outcome.text)
+    ctx.exit(outcome.code)
+
+
+@main.command("run")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@session_options("run")
+@click.pass_context
+def run_cmd(ctx: click.Context, file: Path, **opts: object) -> None:
+    """Submit FILE, run local workers with a live progress line, then print the leaderboard."""
+    from qlib_ext.session.options import RunOptions
+    from qlib_ext.session.run import run
+
+    outcome = run(file, RunOptions(**opts), printer())  # type: ignore[arg-type]
+    click.echo(outcome.text)
+    ctx.exit(outcome.code)
+
+
+@main.command("status")
+@click.argument("pool", required=False)
+@mongo_option
+def status_cmd(pool: str | None, mongo_url: str) -> None:
+    """Counts per status, running tasks (worker, age) and failed tasks (last error) of POOL;
+    without POOL, every pool with its counts."""
+    from qlib_ext.pool.progress import status_report
+    from qlib_ext.summary import pools_table
+
+    if pool is None:
+        click.echo(pools_table(mongo_url))
+        return
+    _pool_tm(pool, mongo_url)  # a typo in POOL is an error listing the known pools, not "empty"
+    click.echo(status_report(pool, mongo_url))
+    _echo_search(pool, mongo_url)
+
+
+def _echo_search(pool: str, mongo_url: str) -> None:
+    """A search's trials per state and how its best improved (nothing for a grid)."""
+    from qlib_ext.session.run import report_search
+
+    report_search(pool, mongo_url, printer())
+
+@main.command("search")
+@click.argument("pool")
+@mongo_option
+@mlflow_option
+@provider_option
+@click.option("--workflow", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="The pool's workflow YAML on this host (default: the path recorded at submit).")
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help="Trials in flight (default: grid.batch; auto = this host's core count).")
+def search_cmd(pool: str, mongo_url: str, mlflow_uri: str | None, provider_uri: str | None, workflow: Path | None,
+               batch: int | None) -> None:
+    """Propose POOL's trials (Optuna ask-and-tell) until n_trials have finished; workers on any host run them.
+
+    The pool is the study: a restarted proposer (even after kill -9) rebuilds it from the pool's trials
+    and continues, and several proposers on one pool never exceed n_trials."""
+    from qlib_ext.search.runner import run_search
+
+    click.echo(run_search(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, provider_uri=provider_uri,
+                          workflow=workflow, batch=batch))
+
+
+def _pool_tm(pool: str, mongo_url: str):
+    from qlib_ext.pool.manager import GridTaskManager, load_pool_meta, open_db
+
+    db = open_db(mongo_url)
+    load_pool_meta(db, pool)  # a typo in POOL is an error listing the known pools, not "0 tasks"
+    return GridTaskManager(pool, db)
+
+
+@main.command("retry")
+@click.argument("pool")
+@mongo_option
+@click.option("--failed", "failed_only", is_flag=True, help="Only failed tasks (default: failed and cancelled).")
+@click.option("--task", "task_id", default=None, help="Only this task id (any state but running).")
+def retry_cmd(pool: str, mongo_url: str, failed_only: bool, task_id: str | None) -> None:
+    """Requeue POOL's failed/cancelled tasks (or one task): attempts start over, the error history stays."""
+    from bson import ObjectId
+    from bson.errors import InvalidId
+
+    tm = _pool_tm(pool, mongo_url)
+    try:
+        oid = None if task_id is None else ObjectId(task_id)
+    except InvalidId as e:
+        raise click.BadParameter(f"{task_id!r} is not a task id (24 hex digits, see `qlib-ext status`)") from e
+    n = tm.retry(oid, failed_only=failed_only)
+    if oid is not None and n == 0:
+        raise click.ClickException(f"task {task_id} not requeued: no such task in pool {pool}, or it is running "
+                                   f"(stop it first with `qlib-ext cancel {pool} --now`)")
+    click.echo(f"pool {pool}: {n} tasks requeued")
+
+
+@main.command("cancel")
+@click.argument("pool")
+@mongo_option
+@click.option("--now", is_flag=True, help="Also stop running tasks (their workers interrupt them).")
+def cancel_cmd(pool: str, mongo_url: str, now: bool) -> None:
+    """Stop POOL's waiting tasks from being claimed; running ones finish unless --now.
+    `qlib-ext retry POOL` requeues cancelled tasks."""
+    n = _pool_tm(pool, mongo_url).cancel(now=now)
+    click.echo(f"pool {pool}: {n} tasks cancelled" + ("" if now else "; running tasks will finish"))
+
+
+@main.command("leaderboard")
+@click.argument("pool")
+@mongo_option
+@mlflow_option
+@click.option("--metric", default=None, help="Metric to rank by, any the runs logged (case-insensitive) or "
+              "sharpe/psr/dsr (default: grid.objective, else IC; a strategy sweep: "
+              "1day.excess_return_with_cost.information_ratio).")
+@click.option("--top", default=None, type=click.IntRange(min=1), help="Show only the best K rows.")
+@click.option("--trials", default=None, type=click.IntRange(min=0),
+              help="Configurations tried outside this pool, added to N for the Deflated Sharpe.")
+@click.option("--blocks", default=defaults.PBO_BLOCKS, show_default=True, type=click.IntRange(min=2),
+              help="CSCV blocks S for the PBO (even).")
+@click.option("--tag-runs", is_flag=True, help="Also set the tags qlib_ext.flags and qlib_ext.dsr on the runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print {rows: [...best first], grid: {N, PBO, ...}} as JSON.")
+def leaderboard_cmd(pool: str, mongo_url: str, mlflow_uri: str | None, metric: str | None, top: int | None,
+                    trials: int | None, blocks: int, tag_runs: bool, as_json: bool) -> None:
+    """Rank POOL's finished runs (rolling windows aggregated per configuration), with N tried,
+    Sharpe, PSR, Deflated Sharpe, sanity flags and PBO (docs/validity.md)."""
+    import json
+
+    from qlib_ext.analysis.leaderboard import format_table, ranked, tag_flags
+
+    rows, grid = ranked(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric, trials=trials,
+                        blocks=blocks)
+    if tag_runs:
+        tag_flags(rows, grid)
+    if as_json:
+        click.echo(json.dumps({"rows": rows[:top] if top else rows, "grid": grid}, indent=2, default=str))
+    else:
+        click.echo(format_table(rows, grid, top=top))
+        _echo_search(pool, mongo_url)  # a search's trials per state and how its best improved
+
+
+@main.command("reproduce")
+@click.argument("run_id")
+@mlflow_option
+@mongo_option
+@provider_option
+@click.option("--tolerance", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Largest absolute metric difference accepted.")
+def reproduce_cmd(run_id: str, mlflow_uri: str | None, mongo_url: str, provider_uri: str | None,
+                  tolerance: float) -> None:
+    """Re-run RUN_ID's task (its MLflow 'task' artifact) and compare the metrics with the recorded ones.
+
+    Exit code 0 when every recorded metric (timings aside) is reproduced within --tolerance, 1 otherwise.
+    """
+    from qlib_ext.worker.reproduce import reproduce
+
+    result = reproduce(run_id, mlflow_uri=mlflow_uri, mongo_url=mongo_url, provider_uri=provider_uri,
+                       tolerance=tolerance)
+    click.echo(result.table())
+    sys.exit(0 if result.ok else 1)
+
+
+@main.command("report")
+@click.argument("pool")
+@mongo_option
+@mlflow_option
+@click.option("--metric", default=None, help="Metric to rank by (default: the leaderboard's).")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory for report.html (default: $QLIB_EXT_HOME/reports/POOL).")
+def report_cmd(pool: str, mongo_url: str, mlflow_uri: str | None, metric: str | None, out: Path | None) -> None:
+    """Write POOL's report (leaderboard, grid plots, the best run) as one self-contained HTML page and
+    attach it to the grid's parent run in MLflow."""
+    from qlib_ext.analysis.report import build
+
+    click.echo(f"report: {build(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric, out=out)}")
+
+
+# --------------------------------------------------------------------------- demo
+@main.command("demo")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where data, store and MLflow DB live (default: $QLIB_EXT_HOME, else ~/.qlib-ext).")
+@click.option("-n", "--workers", default=None, type=int, help="Worker processes (default: number of cores).")
+@click.pass_context
+def demo_cmd(ctx: click.Context, workdir: Path | None, workers: int | None) -> None:
+    """Make synthetic data if needed, then run workflows/quickstart.yaml on the defaults
+    (embedded task store, sqlite MLflow) and print the leaderboard."""
+    import os
+
+    if workdir is not None:
+        os.environ[defaults.HOME_ENV] = str(workdir.resolve())
+    data_dir = defaults.synth_data_dir()
+    if not (data_dir / "calendars" / "day.txt").exists():
+        from qlib_ext.data.synth import write_synthetic
+
+        click.echo(f"writing synthetic data to {data_dir} ...")
+        click.echo(write_synthetic(data_dir, instruments=300, days=1500, start="2015-01-05", seed=0, market="csi300"))
+    quickstart = Path(__file__).resolve().parents[2] / "workflows" / "quickstart.yaml"
+    if not quickstart.exists():
+        raise click.ClickException(f"{quickstart} not found: run the demo from a source checkout (pip install -e .)")
+    # Every option left out takes its default: the demo runs on the built-in defaults only.
+    ctx.invoke(run_cmd, file=quickstart, mongo_url="embedded", mlflow_uri=None, provider_uri=str(data_dir),
+               workers=workers)
+
