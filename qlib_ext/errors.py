@@ -1,4 +1,11 @@
-"""Exceptions users can catch: one base class, a subclass per thing that can go wrong."""
+"""Exceptions users can catch: one base class, a subclass per thing that can go wrong.
+
+The embedded store's own exceptions (``store/``: ``CommandError``, ``LimitError``, ``WriteFailure``,
+``ProtocolError``, ``IdleTimeout``) stay in that package on purpose: they are signals inside the MongoDB
+wire server, each turned into a MongoDB error reply (code and message) or a closed connection before
+anything leaves the server, so no qlib-ext caller ever sees one; what a caller sees is pymongo's error,
+wrapped in :class:`StoreError` at the boundary.
+"""
 
 from __future__ import annotations
 
