@@ -2,7 +2,7 @@
 
 The notebook API, loaded on first use (``import qlib_ext`` stays light: no qlib, mlflow or lightgbm)::
 
-    qlib_ext.run(path, workers=2)       # submit + local workers + leaderboard, like `qlib-ext run`
+    qlib_ext.run(path, workers=2)       # like `qlib-ext run`, quiet: a RunResult (counts, leaderboard, PBO, links)
     qlib_ext.leaderboard(pool)          # pandas DataFrame, best first
     qlib_ext.report(pool)               # self-contained HTML report, also on the grid's MLflow run
     qlib_ext.submit(path)               # only add the tasks

@@ -2,7 +2,7 @@
 
 The profile becomes click's ``default_map``; click then applies the precedence we want without any
 code of ours: **flag > environment variable > profile > pool metadata > built-in default** (pool
-metadata only fills values still unset, in :func:`qlib_ext.api.worker_settings`). Example::
+metadata only fills values still unset, in :func:`qlib_ext.worker.settings.settings_from_meta`). Example::
 
     # qlib-ext.toml — top-level keys apply to every command that has the option
     mongo_url = "mongodb://tasks.lab:27017/"

@@ -59,13 +59,14 @@ def after_workers(pool: str, *, mongo_url: str, mlflow_uri: str, metric: str | N
         code = code or EXIT_ALL_FAILED
     elif failed:
         lines.append(f"\nwarning: {failed} of {sum(counts.values())} tasks failed: qlib-ext status {pool}")
-    links = ui_links(mlflow_uri, data.experiment_id, pool, data.metric) if data and data.experiment_id else {}
-    if links:
-        lines.append("\n" + ui_lines(mlflow_uri, data.experiment_id, pool, data.metric))
+    links: dict[str, str] = {}
+    if data is not None and data.experiment_id:
+        links = ui_links(mlflow_uri, data.experiment_id, pool, data.metric)
+        lines.append("\n" + _links_text(pool, links))
     return Summary("\n".join(lines), code, dict(counts), dict(data.grid) if data is not None else {}, links)
 
 
-def _table(pool: str, mongo_url: str, mlflow_uri: str, metric: str | None, data: object, top: int) -> str:
+def _table(pool: str, mongo_url: str, mlflow_uri: str, metric: str | None, data: Any, top: int) -> str:
     from qlib_ext.analysis.leaderboard import format_table
 
     if data is not None:
@@ -97,9 +98,8 @@ def ui_links(mlflow_uri: str, experiment_id: str, pool: str, metric: str) -> dic
             "grid": mlflow_ui.runs_url(base, experiment_id, pool, metric, mlflow_ui.GRID)}
 
 
-def ui_lines(mlflow_uri: str, experiment_id: str, pool: str, metric: str) -> str:
+def _links_text(pool: str, links: dict[str, str]) -> str:
     """The links of :func:`ui_links` as printed, and the report command."""
-    links = ui_links(mlflow_uri, experiment_id, pool, metric)
     return "\n".join([
         "compare runs in the MLflow UI:",
         f"  start it:   {links['ui']}",

@@ -54,7 +54,7 @@ def result_of(outcome: Any, metric: str | None = None) -> RunResult:
     import pandas as pd
 
     sub, summary = outcome.submitted, outcome.summary
-    frame, grid = pd.DataFrame(), dict(getattr(summary, "grid", None) or {})
+    frame, grid = pd.DataFrame(), dict(summary.grid)
     try:
         from qlib_ext.analysis.leaderboard import leaderboard_frame
 
@@ -63,5 +63,5 @@ def result_of(outcome: Any, metric: str | None = None) -> RunResult:
         frame.attrs["grid"] = grid
     except Exception as e:  # the result still holds the counts, links and exit code
         logger.warning("run %s: no leaderboard: %s", outcome.pool, e)
-    return RunResult(outcome.pool, outcome.code, dict(getattr(summary, "counts", {}) or {}), frame, grid,
-                     dict(getattr(summary, "links", {}) or {}), sub, outcome.text)
+    return RunResult(outcome.pool, outcome.code, dict(summary.counts), frame, grid, dict(summary.links), sub,
+                     outcome.text)

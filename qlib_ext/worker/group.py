@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from multiprocessing.process import BaseProcess
 
 from qlib_ext import defaults
 from qlib_ext.worker.loop import worker_main
@@ -33,7 +34,7 @@ class WorkerGroup:
     def __init__(self, settings: WorkerSettings, n: int, max_restarts: int = 3):
         self.settings, self.n, self.max_restarts = settings, n, max_restarts
         self._ctx = mp.get_context("spawn")
-        self.procs: list[mp.Process] = []
+        self.procs: list[BaseProcess] = []
         self._restarts = [0] * n
         self.stopping = False
         self.killed = False
@@ -45,7 +46,7 @@ class WorkerGroup:
         self.procs = [self._spawn() for _ in range(self.n)]
         return self
 
-    def _spawn(self) -> mp.Process:
+    def _spawn(self) -> BaseProcess:
         proc = self._ctx.Process(target=worker_main, args=(WorkerSettings(**asdict(self.settings)),))
         proc.start()
         return proc

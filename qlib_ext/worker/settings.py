@@ -168,7 +168,7 @@ def settings_from_meta(pool: str, meta: PoolMeta, *, mongo_url: str, provider_ur
     fields["allowed_modules"] = allowlist.resolve(explicit or None, spec.get("allowed_modules"))
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return WorkerSettings(
-        pool=pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri or meta.mlflow_uri, provider_uri=provider_uri,
+        pool=pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri or meta.mlflow_uri or "", provider_uri=provider_uri,
         region=meta.region, db_name=db_name, qlib_kwargs=meta.qlib_init,
         cache_dir=str(defaults.cache_dir()) if cache else None,
         log_dir=str(defaults.home() / "logs" / pool) if log_to_files else None,
