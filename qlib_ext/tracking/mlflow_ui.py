@@ -98,7 +98,8 @@ class GridRuns:
 
 def short_names(paths: list[str] | set[str]) -> dict[str, str]:
     """A short unique param name per dotted path: the last meaningful part, prefixed by its context
-    (``strategy.``, ``handler.``, ``backtest.``), more parts where two would clash."""
+    (``strategy.``, ``handler.``, ``backtest.``), more parts where two would clash. Run names label their
+    coordinates differently (:func:`qlib_ext.workflow.expand._labels`, fixed: they are hashed)."""
     keep = {p: [s for s in p.split(".") if s not in _DROP] or p.split(".") for p in paths}
     depth = dict.fromkeys(paths, 1)
     for _ in range(8):

@@ -390,7 +390,11 @@ def model_short_name(block: dict) -> str:
 
 
 def _labels(paths: set[str]) -> dict[str, str]:
-    """Run-name label per coordinate: an abbreviation of the last part, two parts if that clashes."""
+    """Run-name label per coordinate: an abbreviation of the last part, two parts if that clashes.
+
+    Not :func:`qlib_ext.tracking.mlflow_ui.short_names` (MLflow param names): a run name is part of the
+    ``qlib_ext`` block and so of ``task_hash``, and changing its labels would stop submitted pools deduplicating.
+    """
     short = {p: ABBREVIATIONS.get(p.rsplit(".", 1)[-1], p.rsplit(".", 1)[-1]) for p in paths}
     clashes = {s for s in short.values() if list(short.values()).count(s) > 1}
     return {p: (".".join(p.split(".")[-2:]) if s in clashes else s) for p, s in short.items()}
