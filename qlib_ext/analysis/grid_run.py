@@ -123,7 +123,7 @@ def draw(data: GridData, out: Path) -> dict[str, Path]:
         "pbo": lambda p: _pbo_plot(data, p),
     }
     out.mkdir(parents=True, exist_ok=True)
-    drawn = {}
+    drawn: dict[str, Path] = {}
     for name, fn in todo.items():
         try:
             path = fn(out / f"{name}.png")
@@ -183,7 +183,7 @@ def finish_grid(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | No
         _log_metrics(client, data.runs.grid_run_id, grid_metrics(data))
         mlflow_ui.save_view(client, data.experiment_id, pool, data.metric, data.runs.axes)  # the printed links
         for row in data.rows:
-            run_id = data.runs.config_runs.get(row.get("config_id")) if row.get("runs") else None
+            run_id = data.runs.config_runs.get(row.get("config_id") or "") if row.get("runs") else None
             if run_id:
                 metrics = {k: v for k, v in row["metrics"].items() if _number(v)}
                 metrics.update(mlflow_ui.headline_metrics(metrics))

@@ -213,6 +213,7 @@ def _choose_metric(rows: list[dict], metric: str | None, objective: dict, pool: 
     """
     available = sorted({k for r in rows for k in r["metrics"]} | ({"sharpe", "psr", "dsr"} if rows else set()))
     by_lower = {k.lower(): k for k in available}
+    wanted: str | None
     if metric:
         wanted, where = metric, "--metric"
     else:
@@ -239,8 +240,9 @@ def _value(row: dict, name: str) -> Any:
 
 
 def _sort_key(value: float | None, direction: str = "max") -> tuple[int, float]:
-    missing = value is None or (isinstance(value, float) and math.isnan(value))
-    return (1, 0.0) if missing else (0, -value if direction == "max" else value)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return (1, 0.0)
+    return (0, -value if direction == "max" else value)
 
 
 def _aggregate_windows(client: Any, rows: list[dict]) -> list[dict]:

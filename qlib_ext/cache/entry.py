@@ -81,7 +81,7 @@ class Entry:
         handler = None
         if problem is None:
             try:
-                handler = self._read(self.data_path, meta["header_offset"])
+                handler = self._read(self.data_path, meta["header_offset"])  # type: ignore[index]  # problem is None: meta was read
             except Exception as e:  # a checksum-valid file that still fails to load: rebuild
                 problem = f"loading failed: {e!r}"
         if problem is not None:
@@ -166,7 +166,9 @@ def _write_handler(handler: Any, fh: Any) -> int:
     """Write the arrays, then the pickled rest of the handler; return the pickle's offset."""
     import numpy as np
 
-    stripped, frames, specs, seen = copy.copy(handler), [], [], {}
+    stripped, seen = copy.copy(handler), {}
+    frames: list[Any] = []
+    specs: list[Any] = []
     stripped.__dict__ = dict(handler.__dict__)
     for attr in FRAME_ATTRS:
         df = handler.__dict__.get(attr)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from qlib_ext.cache.datasets import data_fingerprint, key_digest, shared, versions
-from qlib_ext.cache.entry import PickleEntry, stats, write_or_skip
+from qlib_ext.cache.entry import Entry, PickleEntry, stats, write_or_skip
 
 logger = logging.getLogger("qlib_ext.cache")
 
@@ -94,7 +94,7 @@ def exchange_key(kwargs: dict) -> str:
     return key_digest(payload)
 
 
-def _build(kwargs: dict, entry: QuoteEntry) -> Any:
+def _build(kwargs: dict, entry: Entry) -> Any:
     from qlib.backtest import get_exchange
 
     start = time.perf_counter()

@@ -82,7 +82,8 @@ def reused_lgb_data(model: Any, dataset_key: str | None, cache_dir: str | os.Pat
         yield
         return
     entry = BinnedEntry(Path(cache_dir), entry_key(dataset_key, model.params))
-    original, built = model._prepare_data, []
+    original = model._prepare_data
+    built: list[Any] = []
 
     def prepare(dataset: Any, reweighter: Any = None) -> Any:
         if reweighter is not None:  # weights are part of the binned data: nothing to share

@@ -111,7 +111,7 @@ def check_shape(task: Any, task_id: Any = None) -> dict:
         raise TaskDecodeError(f"{where}: key 'record' is a {type(task['record']).__name__}, expected a list")
     meta = TaskMeta.from_dict(block)
     if meta.is_backtest:
-        required = {"record": (dict, list)}
+        required: dict[str, type | tuple[type, ...]] = {"record": (dict, list)}
         if not meta.parent_run_id:
             raise TaskDecodeError(f"{where}: a backtest task needs key 'qlib_ext.parent_run_id'")
     else:

@@ -147,7 +147,7 @@ class GridTaskManager(TaskManager):
         """
         if self._clock is None or time.monotonic() - self._clock[1] > defaults.CLOCK_RESYNC_SECONDS:
             self.sync_clock()
-        store_time, mono = self._clock
+        store_time, mono = self._clock  # type: ignore[misc]  # set by sync_clock
         return store_time + dt.timedelta(seconds=time.monotonic() - mono)
 
     def sync_clock(self) -> None:

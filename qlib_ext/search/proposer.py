@@ -97,9 +97,10 @@ class Proposer:
             from qlib_ext.workflow.space import PointBuilder
 
             self.builder = PointBuilder(wf, provider_uri)
-            self.n_trials = int(wf.grid.n_trials)
+            self.n_trials = int(wf.grid.n_trials or 0)  # the spec requires n_trials for a sampler
         self.n_trials = min(self.n_trials, n_trials or self.n_trials)
-        self.study = optuna.create_study(direction=wf.grid.objective.direction, sampler=make_sampler(wf.grid),
+        direction: Any = wf.grid.objective.direction  # "maximize" | "minimize", checked by the spec
+        self.study = optuna.create_study(direction=direction, sampler=make_sampler(wf.grid),
                                          pruner=pruning.make_pruner(wf.grid.prune))
         self.local: dict[int, Any] = {}  # trial number -> the Optuna trial standing for it
         self.reported: dict[int, int] = {}  # trial number -> windows reported to the pruner
@@ -164,7 +165,7 @@ class Proposer:
             return None
         if trial is not None:
             self.local[number], self.reported[number] = trial, 0
-        doc = self.store.get(number)
+        doc = self.store.get(number) or {}  # reserved above: it exists
         self._queue(doc, 0, doc["released"])
         logger.info("search %s: trial %d proposed (%s)", self.wf.pool, number, TaskMeta.of(doc["tasks"][0]).run_name)
         return number
@@ -176,7 +177,7 @@ class Proposer:
                 "judged": {}, "proposer": self.owner}
 
     def _queue(self, doc: dict, start: int, stop: int, status: str = TaskStatus.WAITING.value) -> None:
-        tasks = doc.get("tasks") or self.store.get(doc["number"])["tasks"]
+        tasks = doc.get("tasks") or (self.store.get(doc["number"]) or {})["tasks"]
         for i in range(start, stop):
             queue.insert(self.tm, [tasks[i]], doc["number"], i, status=status, max_attempts=self.max_attempts)
 

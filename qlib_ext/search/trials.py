@@ -88,7 +88,7 @@ class TrialStore:
         update = {"$set": {"state": state, "value": value, "finished_at": _now(), "finished_by": by}}
         doc = self.coll.find_one_and_update({"_id": self._id(number), "state": TrialState.RUNNING.value}, update,
                                             return_document=ReturnDocument.AFTER)
-        return doc or self.coll.find_one({"_id": self._id(number)})
+        return doc or self.coll.find_one({"_id": self._id(number)}) or {}
 
     def judge(self, number: int, step: int, decision: str) -> str:
         """Record the pruning decision at ``step`` unless one is recorded; return the recorded one."""

@@ -43,4 +43,7 @@ def ensure_experiment(uri: str, name: str) -> str:
     try:
         return client.create_experiment(name, artifact_location=artifacts)
     except mlflow.exceptions.MlflowException:  # created meanwhile by another submitter
-        return client.get_experiment_by_name(name).experiment_id
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id

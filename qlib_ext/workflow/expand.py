@@ -112,13 +112,13 @@ def axis_generators(grid: GridSpec) -> list[TaskGen]:
 class ParamGen(TaskGen):
     """Cartesian product of dotted-path axes, each path set from the root of the qrun config."""
 
-    def __init__(self, axes: dict[str, list]):
-        self.axes = axes
+    def __init__(self, axes: dict[str, Values]):
+        self.axes = axes  # lists: a Dist axis is random search's (RandomGen), refused for a grid by the spec
 
     def generate(self, task: dict) -> list[dict]:
         """Return one deep copy of ``task`` (a root config) per combination of axis values."""
         out = []
-        for combo in itertools.product(*self.axes.values()):
+        for combo in itertools.product(*self.axes.values()):  # type: ignore[arg-type]
             root = copy.deepcopy(task)
             for key, value in zip(self.axes, combo, strict=True):
                 self.apply(root, key, value)
@@ -167,17 +167,17 @@ class RandomGen(TaskGen):
 
     def generate(self, task: dict) -> list[dict]:
         """Return up to ``n_trials`` copies of ``task``, one per distinct draw."""
-        rng, out, seen = random.Random(self.grid.seed), [], set()
-        for _ in range(self.grid.n_trials * 1000):
+        rng, out, seen, n_trials = random.Random(self.grid.seed), [], set(), int(self.grid.n_trials or 0)
+        for _ in range(n_trials * 1000):
             draw = self._draw(rng)
             key = canonical_json(draw)
             if key not in seen:
                 seen.add(key)
                 out.append(self._build(task, *draw))
-            if len(out) == self.grid.n_trials:
+            if len(out) == n_trials:
                 break
-        if len(out) < self.grid.n_trials:
-            logger.warning("gen: random search found only %d distinct points of %d", len(out), self.grid.n_trials)
+        if len(out) < n_trials:
+            logger.warning("gen: random search found only %d distinct points of %d", len(out), n_trials)
         return out
 
     def _draw(self, rng: random.Random) -> tuple[str | None, dict, dict]:
@@ -318,7 +318,8 @@ class WindowGen(RollingGen):
         segs = kwargs["segments"] = {k: [date_str(d) if d is not None else None for d in v] for k, v in segs.items()}
         handler = kwargs.get("handler")
         hkw = handler.get("kwargs") if isinstance(handler, dict) else None
-        if isinstance(hkw, dict) and hkw.get("end_time") is not None and str(hkw["end_time"]) < segs["test"][1]:
+        test_end_str = segs["test"][1] or ""
+        if isinstance(hkw, dict) and hkw.get("end_time") is not None and str(hkw["end_time"]) < test_end_str:
             hkw["end_time"] = segs["test"][1]
         for cfg in portana_configs(task):
             if isinstance(cfg.get("backtest"), dict):

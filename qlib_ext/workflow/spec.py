@@ -214,7 +214,7 @@ def _mapping(raw: Any, file: Path, key: str, allowed: tuple[str, ...] | None = N
         raise _err(file, key, f"{type(raw).__name__} value {raw!r}", "a mapping")
     unknown = [k for k in raw if allowed is not None and k not in allowed]
     if unknown:
-        raise _err(file, key, f"unknown key '{unknown[0]}'", "one of: " + ", ".join(allowed))
+        raise _err(file, key, f"unknown key '{unknown[0]}'", "one of: " + ", ".join(allowed or ()))
     return raw
 
 
@@ -285,7 +285,7 @@ def parse_grid(raw: Any, config: dict, file: Path) -> GridSpec:
     if not isinstance(spec.train_once, bool):
         raise _err(file, "grid.train_once", f"{type(spec.train_once).__name__} value {spec.train_once!r}",
                    "true (train each model once, backtest every strategy on it) or false")
-    if search == "random" and _space_size(spec) < spec.n_trials:
+    if search == "random" and _space_size(spec) < (spec.n_trials or 0):
         raise _err(file, "grid.n_trials", f"n_trials {spec.n_trials} exceeds the {_space_size(spec)} "
                    "distinct points of the search space", "fewer trials, more values, or search: grid")
     return spec
