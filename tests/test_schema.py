@@ -48,10 +48,8 @@ OTHER_CHANGE = {
 }
 """Modules (relative to qlib_ext/) whose literals another change of issue 19 is rewriting."""
 
-ELSEWHERE = {
+ELSEWHERE: dict[tuple[str, str], str] = {
     # (module, name): a key of another record that happens to share a schema field's name
-    ("search/trials.py", Doc.CREATED_AT): "a trial document's (collection _qlib_ext_trials, owned by trials.py)",
-    ("search/trials.py", Doc.FINISHED_AT): "a trial document's (collection _qlib_ext_trials, owned by trials.py)",
 }
 """Literals that are not pool fields: each with the record they belong to."""
 

@@ -124,6 +124,29 @@ class Tag:
     HOSTNAME: Final = "hostname"
 
 
+class Trial:
+    """Field names of a search's trial document (collection ``_qlib_ext_trials``, :mod:`qlib_ext.search.trials`)."""
+
+    ID: Final = "_id"  # "<pool>:<number>": unique, enforces the trial budget
+    POOL: Final = "pool"
+    NUMBER: Final = "number"  # 0 .. n_trials - 1
+    STATE: Final = "state"  # a TrialState value
+    CREATED_AT: Final = "created_at"
+    FINISHED_AT: Final = "finished_at"
+    FINISHED_BY: Final = "finished_by"  # the proposer that moved it out of running
+    VALUE: Final = "value"  # the objective value (None unless complete)
+    PARAMS: Final = "params"  # the Optuna params (None for a grid/random configuration)
+    TASKS: Final = "tasks"  # the trial's task dicts, one per rolling window, oldest first
+    HASHES: Final = "hashes"  # their task_hash values
+    RELEASED: Final = "released"  # windows queued so far
+    JUDGED: Final = "judged"  # pruning decision per step ({"<step>": decision})
+    SAMPLER: Final = "sampler"  # grid.search
+    CONFIG_ID: Final = "config_id"
+    OBJECTIVE: Final = "objective"  # the grid's objective (metric, direction)
+    PROPOSER: Final = "proposer"  # the proposer that reserved it
+    TAGGED: Final = "tagged"  # its runs carry the trial's state tags
+
+
 class Metric:
     """Qlib's metric names (``SigAnaRecord``, ``PortAnaRecord``) that qlib-ext reads, copies and ranks by."""
 

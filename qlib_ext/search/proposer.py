@@ -30,7 +30,7 @@ from pymongo.errors import PyMongoError
 from qlib_ext import defaults
 from qlib_ext.errors import StoreError
 from qlib_ext.pool.manager import GridTaskManager, task_hash
-from qlib_ext.pool.record import Tag, TaskMeta
+from qlib_ext.pool.record import Tag, TaskMeta, Trial
 from qlib_ext.pool.status import TaskStatus
 from qlib_ext.search import pruning, queue
 from qlib_ext.search.trials import FINISHED, TrialState, TrialStore, close_search, open_search
@@ -166,28 +166,29 @@ class Proposer:
         if trial is not None:
             self.local[number], self.reported[number] = trial, 0
         doc = self.store.get(number) or {}  # reserved above: it exists
-        self._queue(doc, 0, doc["released"])
-        logger.info("search %s: trial %d proposed (%s)", self.wf.pool, number, TaskMeta.of(doc["tasks"][0]).run_name)
+        self._queue(doc, 0, doc[Trial.RELEASED])
+        logger.info("search %s: trial %d proposed (%s)", self.wf.pool, number,
+                    TaskMeta.of(doc[Trial.TASKS][0]).run_name)
         return number
 
     def _doc(self, tasks: list[dict], params: dict) -> dict:
-        return {"params": params, "tasks": tasks, "hashes": [task_hash(t) for t in tasks],
-                "released": pruning.first_release(self.grid.prune, len(tasks)), "sampler": self.grid.search,
-                "config_id": TaskMeta.of(tasks[0]).config_id, "objective": dataclasses.asdict(self.grid.objective),
-                "judged": {}, "proposer": self.owner}
+        return {Trial.PARAMS: params, Trial.TASKS: tasks, Trial.HASHES: [task_hash(t) for t in tasks],
+                Trial.RELEASED: pruning.first_release(self.grid.prune, len(tasks)), Trial.SAMPLER: self.grid.search,
+                Trial.CONFIG_ID: TaskMeta.of(tasks[0]).config_id,
+                Trial.OBJECTIVE: dataclasses.asdict(self.grid.objective), Trial.JUDGED: {}, Trial.PROPOSER: self.owner}
 
     def _queue(self, doc: dict, start: int, stop: int, status: str = TaskStatus.WAITING.value) -> None:
-        tasks = doc.get("tasks") or (self.store.get(doc["number"]) or {})["tasks"]
+        tasks = doc.get(Trial.TASKS) or (self.store.get(doc[Trial.NUMBER]) or {})[Trial.TASKS]
         for i in range(start, stop):
-            queue.insert(self.tm, [tasks[i]], doc["number"], i, status=status, max_attempts=self.max_attempts)
+            queue.insert(self.tm, [tasks[i]], doc[Trial.NUMBER], i, status=status, max_attempts=self.max_attempts)
 
     # ------------------------------------------------------------------ advancing a trial
     def _local(self, doc: dict) -> Any:
         """The in-memory Optuna trial of a trial document (replayed from its params when new here)."""
-        number = doc["number"]
+        number = doc[Trial.NUMBER]
         if number not in self.local:
-            if doc["params"]:
-                self.study.enqueue_trial(doc["params"])
+            if doc[Trial.PARAMS]:
+                self.study.enqueue_trial(doc[Trial.PARAMS])
             trial = self.study.ask()
             if not self.fixed:
                 from qlib_ext.workflow.space import suggest
@@ -198,76 +199,77 @@ class Proposer:
 
     def _advance(self, doc: dict) -> str:
         """Bring one trial up to date with its tasks; return its state."""
-        number = doc["number"]
+        number = doc[Trial.NUMBER]
         if number in self.told:
-            if not doc.get("tagged"):  # the proposer that finished it died before tagging its runs
-                self._tag_runs(doc, queue.states(self.tm, doc["hashes"]))
+            if not doc.get(Trial.TAGGED):  # the proposer that finished it died before tagging its runs
+                self._tag_runs(doc, queue.states(self.tm, doc[Trial.HASHES]))
             return self.told[number]
         trial = self._local(doc)
-        states = queue.states(self.tm, doc["hashes"])
-        if doc["state"] == TrialState.RUNNING.value and any(h not in states for h in doc["hashes"][:doc["released"]]):
-            self._queue(doc, 0, doc["released"])  # a proposer died between reserving and queueing
-            states = queue.states(self.tm, doc["hashes"])
+        states = queue.states(self.tm, doc[Trial.HASHES])
+        released = doc[Trial.HASHES][:doc[Trial.RELEASED]]
+        if doc[Trial.STATE] == TrialState.RUNNING.value and any(h not in states for h in released):
+            self._queue(doc, 0, doc[Trial.RELEASED])  # a proposer died between reserving and queueing
+            states = queue.states(self.tm, doc[Trial.HASHES])
         values, failed = _window_values(doc, states, self.grid.objective.metric)
-        if failed and doc["state"] == TrialState.RUNNING.value:
+        if failed and doc[Trial.STATE] == TrialState.RUNNING.value:
             doc = self._finish(doc, TrialState.FAIL.value, None, states)
         doc = self._report(doc, trial, values, states)
-        if doc["state"] == TrialState.RUNNING.value and len(values) == len(doc["hashes"]):
+        if doc[Trial.STATE] == TrialState.RUNNING.value and len(values) == len(doc[Trial.HASHES]):
             doc = self._finish(doc, TrialState.COMPLETE.value, statistics.fmean(values), states)
-        if doc["state"] in FINISHED:
+        if doc[Trial.STATE] in FINISHED:
             self._tell(trial, doc)
-            if not doc.get("tagged"):
+            if not doc.get(Trial.TAGGED):
                 self._tag_runs(doc, states)
-        return doc["state"]
+        return doc[Trial.STATE]
 
     def _report(self, doc: dict, trial: Any, values: list[float], states: dict) -> dict:
         """Report windows done in time order; judge, then prune or queue the next window."""
-        number, windows = doc["number"], len(doc["hashes"])
+        number, windows = doc[Trial.NUMBER], len(doc[Trial.HASHES])
         for step in range(self.reported[number], len(values)):
             trial.report(pruning.reported_value(self.grid.prune, values[:step + 1]), step)
             self.reported[number] = step + 1
             if not pruning.judged(self.grid.prune, step, windows):
                 continue
             wants = PRUNE if trial.should_prune() else CONTINUE  # also feeds the pruner's own bookkeeping
-            running = doc["state"] == TrialState.RUNNING.value
-            decision = self.store.judge(number, step, wants) if running else doc["judged"].get(str(step), CONTINUE)
+            running = doc[Trial.STATE] == TrialState.RUNNING.value
+            decision = self.store.judge(number, step, wants) if running else doc[Trial.JUDGED].get(str(step), CONTINUE)
             if decision == PRUNE:
                 if running:
                     doc = self._finish(doc, TrialState.PRUNED.value, statistics.fmean(values[:step + 1]), states)
                 break
-            if running and doc["released"] == step + 1 and self.store.release(number, step + 1):
-                doc["released"] = step + 2
+            if running and doc[Trial.RELEASED] == step + 1 and self.store.release(number, step + 1):
+                doc[Trial.RELEASED] = step + 2
                 self._queue(doc, step + 1, step + 2)
         return doc
 
     def _finish(self, doc: dict, state: str, value: float | None, states: dict) -> dict:
         """Move the trial to ``state`` in the store (once, whoever wins); the winner queues a pruned
         trial's remaining windows as ``pruned``."""
-        after = self.store.finish(doc["number"], state, value, by=self.owner)
-        if after.get("finished_by") == self.owner and after["state"] == state:
+        after = self.store.finish(doc[Trial.NUMBER], state, value, by=self.owner)
+        if after.get(Trial.FINISHED_BY) == self.owner and after[Trial.STATE] == state:
             if state == TrialState.PRUNED.value:
-                self._queue(after, after["released"], len(after["hashes"]), status=TaskStatus.PRUNED.value)
-            logger.info("search %s: trial %d %s (value %s)", self.wf.pool, doc["number"], state, value)
+                self._queue(after, after[Trial.RELEASED], len(after[Trial.HASHES]), status=TaskStatus.PRUNED.value)
+            logger.info("search %s: trial %d %s (value %s)", self.wf.pool, doc[Trial.NUMBER], state, value)
         return after
 
     def _tell(self, trial: Any, doc: dict) -> None:
         import optuna
 
-        state = doc["state"]
+        state = doc[Trial.STATE]
         if state == TrialState.COMPLETE.value:
-            self.study.tell(trial, doc["value"])
+            self.study.tell(trial, doc[Trial.VALUE])
         else:
             self.study.tell(trial, state=optuna.trial.TrialState.PRUNED if state == TrialState.PRUNED.value
                             else optuna.trial.TrialState.FAIL)
-        self.told[doc["number"]] = state
-        self.local.pop(doc["number"], None)
+        self.told[doc[Trial.NUMBER]] = state
+        self.local.pop(doc[Trial.NUMBER], None)
 
     def _tag_runs(self, doc: dict, states: dict) -> None:
         """Trial number, sampler and state as tags of a finished trial's MLflow runs, then ``tagged`` in
         its document (any proposer does it once the trial finished; tags are idempotent; best effort)."""
-        runs = [states[h].run_id for h in doc["hashes"] if h in states and states[h].run_id]
-        tags = {Tag.TRIAL: str(doc["number"]), Tag.SAMPLER: doc["sampler"], Tag.TRIAL_STATE: doc["state"]}
-        if doc["state"] == TrialState.PRUNED.value:
+        runs = [states[h].run_id for h in doc[Trial.HASHES] if h in states and states[h].run_id]
+        tags = {Tag.TRIAL: str(doc[Trial.NUMBER]), Tag.SAMPLER: doc[Trial.SAMPLER], Tag.TRIAL_STATE: doc[Trial.STATE]}
+        if doc[Trial.STATE] == TrialState.PRUNED.value:
             tags[Tag.PRUNED] = "true"
         if runs and self.mlflow_uri:
             try:
@@ -278,27 +280,27 @@ class Proposer:
                     for key, value in tags.items():
                         client.set_tag(run_id, key, value)
             except Exception as e:  # noqa: BLE001 - tags are for people; the search goes on without them
-                logger.warning("search %s: could not tag the runs of trial %d (%s)", self.wf.pool, doc["number"], e)
-        self.store.coll.update_one({"_id": doc["_id"]}, {"$set": {"tagged": True}})
-        doc["tagged"] = True
+                logger.warning("search %s: could not tag the runs of trial %d (%s)", self.wf.pool, doc[Trial.NUMBER], e)
+        self.store.coll.update_one({Trial.ID: doc[Trial.ID]}, {"$set": {Trial.TAGGED: True}})
+        doc[Trial.TAGGED] = True
 
 
 def _window_values(doc: dict, states: dict[str, queue.TaskState], metric: str) -> tuple[list[float], bool]:
     """Objective values of the windows done in time order (stopping at the first not done), and whether
     the trial failed: a task ended ``failed``, or a done task has no finite ``metric``."""
     values: list[float] = []
-    for h in doc["hashes"]:
+    for h in doc[Trial.HASHES]:
         state = states.get(h)
         if state is None or state.status != TaskStatus.DONE.value:
             break
         value = state.metrics.get(metric)
         if value is None or not math.isfinite(value):
-            logger.warning("search: trial %d: a task has no %s among its metrics %s", doc["number"], metric,
+            logger.warning("search: trial %d: a task has no %s among its metrics %s", doc[Trial.NUMBER], metric,
                            sorted(state.metrics))
             return values, True
         values.append(float(value))
     failed = any(states.get(h) is not None and states[h].status == TaskStatus.FAILED.value
-                 for h in doc["hashes"][:doc["released"]])
+                 for h in doc[Trial.HASHES][:doc[Trial.RELEASED]])
     return values, failed
 
 

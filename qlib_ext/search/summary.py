@@ -7,19 +7,19 @@ from collections import Counter
 from pymongo.database import Database
 
 from qlib_ext.pool.database import find_pool_meta
-from qlib_ext.pool.record import PoolMeta, TaskMeta
+from qlib_ext.pool.record import PoolMeta, TaskMeta, Trial
 from qlib_ext.search.trials import TrialState, TrialStore
 
 
 def best_so_far(docs: list[dict]) -> list[tuple[int, float]]:
     """``(trial number, value)`` each time a completed trial beat every earlier one, in trial order."""
     out: list[tuple[int, float]] = []
-    for doc in sorted(docs, key=lambda d: d["number"]):
-        if doc["state"] != TrialState.COMPLETE.value or doc.get("value") is None:
+    for doc in sorted(docs, key=lambda d: d[Trial.NUMBER]):
+        if doc[Trial.STATE] != TrialState.COMPLETE.value or doc.get(Trial.VALUE) is None:
             continue
-        sign = 1 if doc["objective"]["direction"] == "maximize" else -1
-        if not out or sign * doc["value"] > sign * out[-1][1]:
-            out.append((doc["number"], doc["value"]))
+        sign = 1 if doc[Trial.OBJECTIVE]["direction"] == "maximize" else -1
+        if not out or sign * doc[Trial.VALUE] > sign * out[-1][1]:
+            out.append((doc[Trial.NUMBER], doc[Trial.VALUE]))
     return out
 
 
@@ -28,16 +28,16 @@ def summary_lines(db: Database, pool: str) -> list[str]:
     docs = TrialStore(db, pool).all()
     if not docs:
         return []
-    counts = Counter(d["state"] for d in docs)
+    counts = Counter(d[Trial.STATE] for d in docs)
     meta = find_pool_meta(db, pool, [PoolMeta.Field.SEARCH])
     n_trials = (meta.search_trials if meta else None) or len(docs)
-    objective = docs[0]["objective"]
+    objective = docs[0][Trial.OBJECTIVE]
     lines = [f"search {docs[0]['sampler']}: {len(docs)} of {n_trials} trials — "
              + ", ".join(f"{s.value} {counts[s.value]}" for s in TrialState if counts[s.value])]
     improved = best_so_far(docs)
     if improved:
         number, value = improved[-1]
-        best = next(d for d in docs if d["number"] == number)
+        best = next(d for d in docs if d[Trial.NUMBER] == number)
         lines.append(f"best {objective['metric']} {value:.4f} ({objective['direction']}) at trial {number}: "
                      f"{str(TaskMeta.of(best['tasks'][0]).run_name).rsplit(' w', 1)[0]}")
         lines.append("best so far: " + ", ".join(f"#{n} {v:.4f}" for n, v in improved))

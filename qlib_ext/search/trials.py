@@ -22,7 +22,7 @@ from pymongo import ReturnDocument
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
-from qlib_ext.pool.record import PoolMeta
+from qlib_ext.pool.record import PoolMeta, Trial
 
 logger = logging.getLogger(__name__)
 
@@ -54,16 +54,16 @@ class TrialStore:
 
     def all(self, tasks: bool = True) -> list[dict]:
         """Every trial document of the pool, by number (without the task dicts unless ``tasks``)."""
-        projection = None if tasks else {"tasks": 0}
-        return sorted(self.coll.find({"pool": self.pool}, projection), key=lambda d: d["number"])
+        projection = None if tasks else {Trial.TASKS: 0}
+        return sorted(self.coll.find({Trial.POOL: self.pool}, projection), key=lambda d: d[Trial.NUMBER])
 
     def count(self) -> int:
         """Trials reserved so far (any state)."""
-        return self.coll.count_documents({"pool": self.pool})
+        return self.coll.count_documents({Trial.POOL: self.pool})
 
     def get(self, number: int) -> dict | None:
         """The document of trial ``number``."""
-        return self.coll.find_one({"_id": self._id(number)})
+        return self.coll.find_one({Trial.ID: self._id(number)})
 
     def reserve(self, n_trials: int, doc_for: Callable[[int], dict]) -> int | None:
         """Insert ``doc_for(number)`` as the lowest free trial number below ``n_trials``; None when the
@@ -75,8 +75,9 @@ class TrialStore:
         number = self.count()
         while number < n_trials:
             try:
-                self.coll.insert_one({**doc_for(number), "_id": self._id(number), "pool": self.pool, "number": number,
-                                      "state": TrialState.RUNNING.value, "created_at": _now()})
+                self.coll.insert_one({**doc_for(number), Trial.ID: self._id(number), Trial.POOL: self.pool,
+                                      Trial.NUMBER: number, Trial.STATE: TrialState.RUNNING.value,
+                                      Trial.CREATED_AT: _now()})
                 return number
             except DuplicateKeyError:
                 number += 1
@@ -85,22 +86,22 @@ class TrialStore:
     def finish(self, number: int, state: str, value: float | None = None, by: str = "") -> dict:
         """Move a running trial to ``state`` (once); return the document as it now is (``finished_by``
         names the caller that made the move)."""
-        update = {"$set": {"state": state, "value": value, "finished_at": _now(), "finished_by": by}}
-        doc = self.coll.find_one_and_update({"_id": self._id(number), "state": TrialState.RUNNING.value}, update,
+        update = {"$set": {Trial.STATE: state, Trial.VALUE: value, Trial.FINISHED_AT: _now(), Trial.FINISHED_BY: by}}
+        doc = self.coll.find_one_and_update({Trial.ID: self._id(number), Trial.STATE: TrialState.RUNNING.value}, update,
                                             return_document=ReturnDocument.AFTER)
-        return doc or self.coll.find_one({"_id": self._id(number)}) or {}
+        return doc or self.coll.find_one({Trial.ID: self._id(number)}) or {}
 
     def judge(self, number: int, step: int, decision: str) -> str:
         """Record the pruning decision at ``step`` unless one is recorded; return the recorded one."""
-        key = f"judged.{step}"
-        self.coll.update_one({"_id": self._id(number), key: {"$exists": False}}, {"$set": {key: decision}})
-        doc = self.coll.find_one({"_id": self._id(number)}, {"judged": 1}) or {}
-        return (doc.get("judged") or {}).get(str(step), decision)
+        key = f"{Trial.JUDGED}.{step}"
+        self.coll.update_one({Trial.ID: self._id(number), key: {"$exists": False}}, {"$set": {key: decision}})
+        doc = self.coll.find_one({Trial.ID: self._id(number)}, {Trial.JUDGED: 1}) or {}
+        return (doc.get(Trial.JUDGED) or {}).get(str(step), decision)
 
     def release(self, number: int, released: int) -> bool:
         """Count one more queued window (``released`` -> ``released + 1``); False if another proposer did."""
-        res = self.coll.update_one({"_id": self._id(number), "released": released,
-                                    "state": TrialState.RUNNING.value}, {"$set": {"released": released + 1}})
+        res = self.coll.update_one({Trial.ID: self._id(number), Trial.RELEASED: released,
+                                    Trial.STATE: TrialState.RUNNING.value}, {"$set": {Trial.RELEASED: released + 1}})
         return res.modified_count == 1
 
 
