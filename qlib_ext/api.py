@@ -52,7 +52,7 @@ def run(path: str | Path, workers: int | None = None, *, progress: bool = False,
     from qlib_ext.session.result import result_of
 
     given = {k: v for k, v in {"workers": workers, **options}.items() if v is not None}
-    opts = RunOptions.of(given)  # checks the keywords before the environment and profile fill the rest
+    RunOptions.of(given)  # the keywords are checked before the environment and the profile fill the rest
     opts = RunOptions.of({**_profile_values(), **from_environment(), **given})
     reporter = session.Reporter(echo=print, warn=print, progress=True) if progress else session.Reporter()
     _quiet_downloads()
@@ -73,6 +73,13 @@ def _profile_values() -> dict[str, Any]:
     return values
 
 
+def _default(name: str, value: Any) -> Any:
+    """A keyword's value, else its environment variable, else the profile's: what the command line would use."""
+    if value is not None:
+        return value
+    return {**_profile_values(), **from_environment()}.get(name)
+
+
 def leaderboard(pool: str, *, metric: str | None = None, mongo_url: str | None = None,
                 mlflow_uri: str | None = None) -> Any:
     """The pool's leaderboard as a ``pandas.DataFrame``, best first (one row per configuration).
@@ -84,7 +91,8 @@ def leaderboard(pool: str, *, metric: str | None = None, mongo_url: str | None =
     from qlib_ext.analysis.leaderboard import leaderboard_frame
 
     _quiet_downloads()
-    frame, grid = leaderboard_frame(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric)
+    frame, grid = leaderboard_frame(pool, mongo_url=_default("mongo_url", mongo_url),
+                                    mlflow_uri=_default("mlflow_uri", mlflow_uri), metric=metric)
     frame.attrs["grid"] = grid
     return frame
 
@@ -95,7 +103,8 @@ def report(pool: str, *, out: str | Path | None = None, metric: str | None = Non
     from qlib_ext.analysis.report import build
 
     _quiet_downloads()
-    return build(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric, out=out)
+    return build(pool, mongo_url=_default("mongo_url", mongo_url), mlflow_uri=_default("mlflow_uri", mlflow_uri),
+                 metric=metric, out=out)
 
 
 def _quiet_downloads() -> None:
