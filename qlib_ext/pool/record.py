@@ -73,6 +73,16 @@ DOC_FORMAT: Final = 2
 """Format of the task documents: 1 = 0.1.0 (the committed result in ``result``), 2 = ``outcome``."""
 
 
+class SpoolEntry:
+    """Field names of a spooled result on a worker host's disk (:mod:`qlib_ext.worker.spool`): a commit
+    the store was away for, replayed later under the same claim."""
+
+    TASK_ID: Final = "task_id"
+    WORKER: Final = "worker"
+    ATTEMPT: Final = "attempt"
+    RESULT: Final = "result"
+
+
 class ErrorEntry:
     """Field names of one entry of a document's ``errors`` list."""
 

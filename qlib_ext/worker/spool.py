@@ -20,6 +20,7 @@ from bson.errors import InvalidId
 
 from qlib_ext import defaults
 from qlib_ext.pool.manager import Claim
+from qlib_ext.pool.record import Doc, SpoolEntry
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ def write(pool: str, claim: Claim, result: dict) -> Path:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = directory / f"{claim.id}-a{claim.attempt}.json"
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    blob = {"task_id": str(claim.id), "worker": claim.worker, "attempt": claim.attempt, "result": result}
+    blob = {SpoolEntry.TASK_ID: str(claim.id), SpoolEntry.WORKER: claim.worker, SpoolEntry.ATTEMPT: claim.attempt,
+            SpoolEntry.RESULT: result}
     with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:  # owner-only
         json.dump(blob, f, default=str)
         f.flush()
@@ -62,11 +64,12 @@ def pending(pool: str) -> list[Spooled]:
     for path in sorted(directory.glob("*.json"), key=lambda p: p.stat().st_mtime):
         try:
             blob = json.loads(path.read_text())
-            claim = Claim(task={"_id": ObjectId(blob["task_id"])}, worker=blob["worker"], attempt=blob["attempt"])
+            claim = Claim(task={Doc.ID: ObjectId(blob[SpoolEntry.TASK_ID])}, worker=blob[SpoolEntry.WORKER],
+                          attempt=blob[SpoolEntry.ATTEMPT])
         except (OSError, ValueError, KeyError, InvalidId) as e:
             logger.warning("spool: cannot read %s (%s); leaving it for inspection", path, e)
             continue
-        out.append(Spooled(claim, blob["result"], path))
+        out.append(Spooled(claim, blob[SpoolEntry.RESULT], path))
     return out
 
 

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from qlib_ext.pool.record import Doc
 from qlib_ext.worker.settings import WorkerSettings
 from qlib_ext.workflow.spec import is_port_ana
 
@@ -148,10 +149,10 @@ def waiting_tasks(settings: WorkerSettings) -> list[dict]:
         tm = GridTaskManager(settings.pool, db)
         for doc in tm.waiting_documents():
             try:
-                task = check_shape(decode_document(doc).get("def"), doc["_id"])
+                task = check_shape(decode_document(doc).get(Doc.DEF), doc[Doc.ID])
                 check_modules(task, tuple(settings.allowed_modules))
             except TaskRejected as e:
-                logger.warning("cache: skipping task %s: %s", doc["_id"], e)
+                logger.warning("cache: skipping task %s: %s", doc[Doc.ID], e)
                 continue
             tasks.append(task)
     finally:
