@@ -23,6 +23,7 @@ demo: $(STAMP)
 # start-up, sockets and leases, so two files at once keep both cores busy.
 test: $(STAMP)
 	$(BIN)/ruff check qlib_ext tests benchmarks
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -ra --durations=15 -n 2 --dist loadfile
 
 test-fast: $(STAMP)
@@ -30,6 +31,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check qlib_ext tests benchmarks
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -51,6 +51,18 @@ POLL_MAX_SECONDS = 5.0
 STORE_TIMEOUT_SECONDS = 5.0
 """How long a worker's store operation waits for an unreachable store before backing off, seconds."""
 
+STORE_SOCKET_TIMEOUT_SECONDS = 30.0
+"""Longest a worker waits on one reply of a reachable store (a slow query, not an outage), seconds."""
+
+STORE_PING_SECONDS = 10.0
+"""How long a command (not a worker) waits for the store to answer its first ping, seconds."""
+
+WORKER_RESTARTS = 3
+"""Times a local worker slot is restarted after its process died, before it stays empty."""
+
+PROGRESS_TICK_SECONDS = 1.0
+"""Interval between progress-line refreshes while local workers run, seconds."""
+
 OUTAGE_MAX_SECONDS = 10.0
 """Cap of a worker's exponential back-off while the store is unreachable, seconds."""
 

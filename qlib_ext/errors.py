@@ -52,3 +52,24 @@ class BadResultError(TaskRejected):
 
 class InfraError(QlibExtError):
     """Something outside the task failed (MLflow, the store, the disk): retried without using an attempt."""
+
+
+class TaskTimeout(TaskError, TimeoutError):
+    """The task ran longer than its wall-clock limit and was killed (a failed attempt)."""
+
+
+class TaskInterrupted(TaskError):
+    """The task was stopped from outside: worker shutdown, lost lease or ``cancel --now``."""
+
+    def __init__(self, reason: str):
+        super().__init__(str(reason))
+        self.reason = reason  # an EndReason (qlib_ext.pool.status) for the worker's own interrupts
+
+
+class ChildTaskFailed(TaskError):
+    """The task raised in its child process; ``str(e)`` is the child's formatted traceback, ``kind``
+    whose fault it was (:func:`qlib_ext.worker.faults.classify`: "rejected", "infra" or None)."""
+
+    def __init__(self, text: str, kind: str | None = None):
+        super().__init__(text)
+        self.kind = kind

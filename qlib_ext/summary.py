@@ -83,7 +83,7 @@ def _counts(pool: str, mongo_url: str) -> dict[str, int]:
 
     try:
         return dict(GridTaskManager(pool, open_db(mongo_url)).counts())
-    except Exception:  # the summary still prints what it has
+    except Exception:  # noqa: BLE001 - the summary still prints what it has
         return {}
 
 

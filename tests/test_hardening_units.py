@@ -138,7 +138,8 @@ def _rejected() -> None:
 
 
 def test_a_task_child_reports_whose_fault_its_error_was():
-    from qlib_ext.worker.timeouts import ChildProcessTask, ChildTaskFailed
+    from qlib_ext.errors import ChildTaskFailed
+    from qlib_ext.worker.timeouts import ChildProcessTask
 
     for fn, kind in ((_disk_full, faults.INFRA), (_rejected, faults.REJECTED), (_bad_value, None)):
         with pytest.raises(ChildTaskFailed) as info:

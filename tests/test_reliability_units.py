@@ -16,12 +16,13 @@ from click.testing import CliRunner
 
 from qlib_ext.cli import main
 from qlib_ext.defaults import TASK_DB_NAME
+from qlib_ext.errors import ChildTaskFailed, TaskInterrupted, TaskTimeout
 from qlib_ext.pool.manager import GridTaskManager, save_pool_meta
 from qlib_ext.pool.record import PoolMeta
 from qlib_ext.worker import spool as spool
 from qlib_ext.worker.loop import StopState, Worker
 from qlib_ext.worker.settings import WorkerSettings
-from qlib_ext.worker.timeouts import ChildProcessTask, ChildTaskFailed, InProcessTask, TaskInterrupted, TaskTimeout
+from qlib_ext.worker.timeouts import ChildProcessTask, InProcessTask
 
 
 def _sleep(seconds: float) -> str:

@@ -96,7 +96,7 @@ def _read_series(client: Any, data: GridData, limit: int = 200) -> None:
                 try:
                     report = read_frame(client.download_artifacts(run_id, SERIES_ARTIFACT, tmp))  # not read_pickle
                     parts.append(report["return"] - report["bench"] - report["cost"])
-                except Exception:  # no backtest in this task
+                except Exception:  # noqa: BLE001 - no backtest in this task
                     pass
             if parts:
                 s = pd.concat(parts).sort_index()
@@ -127,7 +127,7 @@ def draw(data: GridData, out: Path) -> dict[str, Path]:
     for name, fn in todo.items():
         try:
             path = fn(out / f"{name}.png")
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a failed plot loses only that plot
             logger.warning("plots: grid %s: no %s plot: %s", data.pool, name, e)
             path = None
         if path is not None:
@@ -199,7 +199,7 @@ def finish_grid(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | No
             client.set_terminated(data.runs.grid_run_id, status)
             client.set_tag(data.runs.grid_run_id, Tag.KIND, mlflow_ui.KIND_GRID)
         return data
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - the grid summary is cosmetic; task results stand
         logger.warning("grid %s: summary not updated: %s", pool, e)
         return None
 

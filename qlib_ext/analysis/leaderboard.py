@@ -324,7 +324,7 @@ def stitched_ic(run_ids: list[str], client: Any) -> float | None:
             except TaskDecodeError as e:
                 logger.warning("leaderboard: refused an artifact of run %s: %s", run_id, e)
                 return None
-            except Exception as e:  # a run without SignalRecord artifacts has nothing to stitch
+            except Exception as e:  # noqa: BLE001 - a run without SignalRecord artifacts has nothing to stitch
                 logger.warning("leaderboard: no stitched IC over runs %s: run %s has no predictions (%s: %s)",
                                ", ".join(run_ids), run_id, type(e).__name__, e)
                 return None

@@ -103,7 +103,7 @@ def log_run_plots(recorder: Any, title: str = "") -> str | None:
             path = run_figure(report, ic, Path(tmp) / "run.png", title)
             recorder.client.log_artifact(recorder.id, str(path), "plots")
         return "plots/run.png"
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - a run without its figure is still a result
         logger.warning("plots: no run figure for run %s: %s", getattr(recorder, "id", "?"), e)
         return None
 
@@ -111,7 +111,7 @@ def log_run_plots(recorder: Any, title: str = "") -> str | None:
 def _load(recorder: Any, name: str) -> Any:
     try:
         return recorder.load_object(name)
-    except Exception:  # the record was not part of this task
+    except Exception:  # noqa: BLE001 - the record was not part of this task
         return None
 
 

@@ -89,7 +89,7 @@ def _best_run_png(data: Any, tmp: Path) -> Path | None:
     client = mlflow.MlflowClient(tracking_uri=data.mlflow_uri)
     try:
         return Path(client.download_artifacts(data.rows[0]["run_id"], "plots/run.png", str(tmp)))
-    except Exception as e:  # runs made before plots existed
+    except Exception as e:  # noqa: BLE001 - runs made before plots existed
         logger.info("report: no plots/run.png for run %s: %s", data.rows[0]["run_id"], e)
         return None
 

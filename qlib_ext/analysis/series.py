@@ -58,7 +58,7 @@ def to_pandas(block: dict | None) -> Any:
 def _load(recorder: Any, name: str) -> Any:
     try:
         return recorder.load_object(name)
-    except Exception as e:  # the run has no such record (no PortAnaRecord, no SigAnaRecord)
+    except Exception as e:  # noqa: BLE001 - the run has no such record (no PortAnaRecord, no SigAnaRecord)
         logger.debug("validity: run %s has no %s (%s)", recorder.id, name, e)
         return None
 
@@ -110,7 +110,7 @@ def label_gap(task: dict) -> dict[str, int]:
         from qlib.data import D
 
         cal = D.calendar(freq="day")
-    except Exception as e:  # noqa: BLE001 — no calendar, no check
+    except Exception as e:  # noqa: BLE001 - no calendar, no check
         logger.debug("validity: no calendar for the label gap (%s)", e)
         return {"label_horizon": horizon}
     import numpy as np

@@ -82,7 +82,7 @@ class Entry:
         if problem is None:
             try:
                 handler = self._read(self.data_path, meta["header_offset"])  # type: ignore[index]  # problem is None: meta was read
-            except Exception as e:  # a checksum-valid file that still fails to load: rebuild
+            except Exception as e:  # noqa: BLE001 - a checksum-valid file that still fails to load: rebuild
                 problem = f"loading failed: {e!r}"
         if problem is not None:
             if report and meta is not None:

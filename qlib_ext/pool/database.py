@@ -31,7 +31,7 @@ def open_db(mongo_url: str | None, db_name: str = defaults.TASK_DB_NAME, *, work
         db_name: the database holding the pools.
         worker: a worker's client: no ping here, and an unreachable store fails each operation after
             ``STORE_TIMEOUT_SECONDS`` (pymongo's default is 30 s) so the worker retries with its own
-            back-off; otherwise the store must answer a ping within 10 s.
+            back-off; otherwise the store must answer a ping within ``STORE_PING_SECONDS``.
 
     Raises:
         StoreError: (not ``worker``) the store did not answer.
@@ -43,10 +43,11 @@ def open_db(mongo_url: str | None, db_name: str = defaults.TASK_DB_NAME, *, work
         timeout_ms = int(defaults.STORE_TIMEOUT_SECONDS * 1000)
         client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
             url, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms,
-            socketTimeoutMS=max(timeout_ms, 30_000), tz_aware=False)
+            socketTimeoutMS=max(timeout_ms, int(defaults.STORE_SOCKET_TIMEOUT_SECONDS * 1000)), tz_aware=False)
         return client[db_name]
     try:
-        client = pymongo.MongoClient(url, serverSelectionTimeoutMS=10_000, tz_aware=False)
+        client = pymongo.MongoClient(url, serverSelectionTimeoutMS=int(defaults.STORE_PING_SECONDS * 1000),
+                                     tz_aware=False)
         client.admin.command("ping")
     except PyMongoError as e:
         raise StoreError(f"cannot reach the task store at {mask_url(url)}: {e}") from e

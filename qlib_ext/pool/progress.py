@@ -45,7 +45,7 @@ class Progress:
         self._last = now
         try:
             text = self.line()
-        except Exception as e:  # a store hiccup must not stop the run
+        except Exception as e:  # noqa: BLE001 - a store hiccup must not stop the run
             text = f"(progress unavailable: {e})"
         end = "\r" if sys.stdout.isatty() else "\n"
         sys.stdout.write(text.ljust(100) + end)

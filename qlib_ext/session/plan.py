@@ -160,5 +160,5 @@ def _grid_runs(mlflow_uri: str, experiment: str, pool: str, tasks: list[dict], p
 
     try:
         ensure_grid_runs(mlflow_uri, experiment, pool, tasks, workflow=path, objective=objective)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - a failure only loses the nesting in the UI
         logger.warning("submit: no grid run in MLflow for pool %s (runs will not nest): %s", pool, e)

@@ -61,7 +61,7 @@ def result_of(outcome: Any, metric: str | None = None) -> RunResult:
         frame, grid = leaderboard_frame(outcome.pool, mongo_url=sub.mongo_url, mlflow_uri=sub.mlflow_uri,
                                         metric=metric)
         frame.attrs["grid"] = grid
-    except Exception as e:  # the result still holds the counts, links and exit code
+    except Exception as e:  # noqa: BLE001 - the result still holds the counts, links and exit code
         logger.warning("run %s: no leaderboard: %s", outcome.pool, e)
     return RunResult(outcome.pool, outcome.code, dict(summary.counts), frame, grid, dict(summary.links), sub,
                      outcome.text)

@@ -84,7 +84,7 @@ def cmd_update(engine: Engine, db: str, body: dict, seqs: dict) -> dict:
     for i, stmt in enumerate(_items(body, seqs, "updates")):
         try:
             n, m, new_id = _update_one_statement(coll, stmt)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any statement error is a writeError in the reply, as MongoDB does
             errors.append(_write_error(i, e))
             if ordered:
                 break
@@ -121,7 +121,7 @@ def cmd_delete(engine: Engine, db: str, body: dict, seqs: dict) -> dict:
             for doc in docs:
                 coll.delete(doc)
             n += len(docs)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any statement error is a writeError in the reply, as MongoDB does
             errors.append(_write_error(i, e))
             if ordered:
                 break

@@ -300,7 +300,7 @@ def run_decoration(client: Any, experiment_id: str, task: dict, task_id: str) ->
     tags = {NOTE_TAG: run_note(task, task_id), ROW_TAG: row}
     try:
         runs = grid_runs(client, experiment_id, str(meta.pool or ""))
-    except Exception as e:  # the run still gets logged, only not nested
+    except Exception as e:  # noqa: BLE001 - the run still gets logged, only not nested
         logger.warning("mlflow ui: no grid run for pool %s (%s)", meta.pool, e)
         runs = None
     if runs is not None and not meta.is_backtest:
@@ -390,5 +390,5 @@ def log_headline_metrics(client: Any, run_id: str, metrics: dict[str, float]) ->
 
             now = int(time.time() * 1000)
             client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in short.items()])
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - short names are cosmetic; the full names are logged
         logger.warning("mlflow ui: no short metric names on run %s: %s", run_id, e)

@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any
 from pymongo.errors import PyMongoError
 
 from qlib_ext import defaults
-from qlib_ext.errors import StoreError
+from qlib_ext.errors import ChildTaskFailed, StoreError, TaskInterrupted, TaskTimeout
 from qlib_ext.pool.manager import Claim, GridTaskManager
 from qlib_ext.pool.record import Doc, Outcome, Tag, TaskMeta
 from qlib_ext.pool.status import EndReason, RunStatus, TaskStatus
 from qlib_ext.tracking.reaper import end_run
-from qlib_ext.worker.timeouts import ChildProcessTask, ChildTaskFailed, InProcessTask, TaskInterrupted, TaskTimeout
+from qlib_ext.worker.timeouts import ChildProcessTask, InProcessTask
 
 if TYPE_CHECKING:
     from qlib_ext.worker.loop import Worker

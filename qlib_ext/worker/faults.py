@@ -42,10 +42,11 @@ _INFRA_TYPES = frozenset({("sqlalchemy", "OperationalError"), ("sqlalchemy", "Da
 def chain(exc: BaseException) -> Iterator[BaseException]:
     """``exc`` and its causes/contexts, outermost first (cycles cut)."""
     seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        yield link
+        link = link.__cause__ or link.__context__
 
 
 def _is_infra(exc: BaseException) -> bool:

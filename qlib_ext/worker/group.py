@@ -31,7 +31,7 @@ class WorkerGroup:
     second ``stop()`` kills them (SIGKILL), for a user pressing Ctrl-C twice.
     """
 
-    def __init__(self, settings: WorkerSettings, n: int, max_restarts: int = 3):
+    def __init__(self, settings: WorkerSettings, n: int, max_restarts: int = defaults.WORKER_RESTARTS):
         self.settings, self.n, self.max_restarts = settings, n, max_restarts
         self._ctx = mp.get_context("spawn")
         self.procs: list[BaseProcess] = []
@@ -80,7 +80,7 @@ class WorkerGroup:
 
 
 def run_workers(settings: WorkerSettings, n: int, on_tick: Callable[[], None] | None = None,
-                tick_seconds: float = 1.0) -> int:
+                tick_seconds: float = defaults.PROGRESS_TICK_SECONDS) -> int:
     """Run ``n`` workers until they exit; Ctrl-C/SIGTERM stops them gracefully. Returns 0 on a clean exit
     and after a graceful SIGTERM stop (every task was handed back or finished: what a supervisor such
     as systemd expects), 130 after Ctrl-C (SIGINT, as shells report it), 1 if a worker failed.

@@ -25,34 +25,13 @@ from collections.abc import Callable
 from typing import Any
 
 from qlib_ext import defaults
-from qlib_ext.errors import TaskError
+from qlib_ext.errors import ChildTaskFailed, TaskInterrupted, TaskTimeout
 from qlib_ext.pool.status import EndReason
 
 logger = logging.getLogger(__name__)
 
 INTERRUPT_SIGNAL = signal.SIGUSR1
 """Signal that interrupts an in-process task (raised as an exception inside it)."""
-
-
-class TaskTimeout(TaskError, TimeoutError):
-    """The task ran longer than its wall-clock limit and was killed (a failed attempt)."""
-
-
-class TaskInterrupted(TaskError):
-    """The task was stopped from outside: worker shutdown, lost lease or ``cancel --now``."""
-
-    def __init__(self, reason: str):
-        super().__init__(str(reason))
-        self.reason = reason  # an EndReason for the worker's own interrupts
-
-
-class ChildTaskFailed(TaskError):
-    """The task raised in its child process; ``str(e)`` is the child's formatted traceback, ``kind``
-    whose fault it was (:func:`qlib_ext.worker.faults.classify`: "rejected", "infra" or None)."""
-
-    def __init__(self, text: str, kind: str | None = None):
-        super().__init__(text)
-        self.kind = kind
 
 
 class _Interrupt(KeyboardInterrupt):
