@@ -21,7 +21,11 @@ pytest_plugins = ["store_fixtures", "data_fixtures"]
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Slow end-to-end tests first (stable within each group): ``make test`` spreads test files over two
-    processes (pytest-xdist ``--dist loadfile``), and starting the long files first keeps one process from
-    finishing early while the other still has a long file ahead of it."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Slow end-to-end tests first, the files with the most of them first (stable otherwise): ``make test``
+    spreads test files over two processes (pytest-xdist ``--dist loadfile``, a whole file to one process),
+    and starting the longest files first keeps one process from finishing early while the other still has
+    a long file ahead of it (test_workflows_run, eight end-to-end runs, used to start last and set the tail)."""
+    from collections import Counter
+
+    slow = Counter(item.path for item in items if item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, -slow[item.path]))
