@@ -27,30 +27,52 @@ def _hex_addr(addr: tuple, family: int) -> str:
     return f"{words}:{addr[1]:04X}"
 
 
+_ESTABLISHED = "01"  # the ``st`` column of /proc/net/tcp*: TCP_ESTABLISHED
+
+
 def loopback_peer_uid(conn: socket.socket) -> int | None:
-    """The uid owning the other end of a loopback TCP connection, or None (not loopback, not Linux,
-    or the client's socket is already gone)."""
+    """The uid owning the other end of a live loopback TCP connection, or None when in doubt.
+
+    Only the client's own row counts, and only while the kernel vouches for it: state ESTABLISHED
+    and a non-zero inode (a socket some process still holds). A client that has already closed
+    leaves an orphan (FIN_WAIT*, TIME_WAIT) whose uid reads 0 and inode 0: that is None, never
+    root. None also for a non-loopback peer, no ``/proc`` (not Linux) or a row that does not parse.
+    """
     try:
         peer, local = conn.getpeername(), conn.getsockname()
-        family = conn.family
         if not _is_loopback(peer[0]):
             return None
-        want = (_hex_addr(peer, family), _hex_addr(local, family))
-        table = "/proc/net/tcp" if family == socket.AF_INET else "/proc/net/tcp6"
-        with open(table) as f:
-            next(f)
-            for line in f:
-                cols = line.split()
-                if (cols[1], cols[2]) == want:
-                    return int(cols[7])
+        return _row_uid(_table(conn.family), (_hex_addr(peer, conn.family), _hex_addr(local, conn.family)))
     except (OSError, ValueError, IndexError, StopIteration) as e:
         logger.debug("store: no peer uid for a connection: %s", e)
     return None
 
 
+def _table(family: int) -> str:
+    return "/proc/net/tcp" if family == socket.AF_INET else "/proc/net/tcp6"
+
+
+def _row_uid(table: str, want: tuple[str, str]) -> int | None:
+    """The uid of the live, established row for (local, remote) = ``want`` in ``table``, else None."""
+    with open(table) as f:
+        next(f)
+        for line in f:
+            cols = line.split()
+            if (cols[1], cols[2]) == want:
+                if cols[3] != _ESTABLISHED or int(cols[9]) == 0:
+                    return None  # closing or orphaned: no process vouches for this uid
+                return int(cols[7])
+    return None
+
+
 def is_owner(conn: socket.socket) -> bool:
     """Whether the client at the other end of ``conn`` runs as the user this store runs as."""
-    return loopback_peer_uid(conn) == os.geteuid()
+    return owner_uid(loopback_peer_uid(conn))
+
+
+def owner_uid(uid: int | None) -> bool:
+    """Whether a peer uid from :func:`loopback_peer_uid` is this store's owner (None never is)."""
+    return uid is not None and uid == os.geteuid()
 
 
 def _is_loopback(ip: str) -> bool:
