@@ -176,3 +176,23 @@ def test_a_failing_accept_is_logged_once_and_the_store_keeps_serving(tmp_path, c
         store.server.shutdown()
         thread.join(5)
     assert caplog.text.count("accepting a connection failed") == 1 and "Too many open files" in caplog.text
+
+
+@pytest.mark.parametrize("family,host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
+def test_both_ways_of_asking_the_kernel_agree_and_a_closed_client_is_nobody(family, host):
+    from qlib_ext.store import peer
+
+    try:
+        server = socket.create_server((host, 0), family=family)
+    except OSError as e:
+        pytest.skip(f"no {host} here: {e}")
+    with server:
+        client = socket.create_connection(server.getsockname()[:2])
+        conn, _ = server.accept()
+        with conn:
+            table = (peer._hex_addr(conn.getpeername(), family), peer._hex_addr(conn.getsockname(), family))
+            assert peer.loopback_peer_uid(conn) == os.geteuid()
+            assert peer._row_uid(peer._table(family), table) == os.geteuid()
+            client.close()  # the client's end becomes an orphan (FIN_WAIT2): uid 0, inode 0
+            assert peer.loopback_peer_uid(conn) is None
+            assert peer._row_uid(peer._table(family), table) is None
