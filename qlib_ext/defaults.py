@@ -123,7 +123,18 @@ CLOCK_RESYNC_SECONDS = 300.0
 
 # --- store connections and security
 STORE_MAX_CONNECTIONS = 4096
-"""Client connections the embedded store serves at once (one thread each); more are refused, count."""
+"""Client connections the embedded store serves at once (one thread each); more are refused, count.
+Lowered at start to what the open-file limit allows, less STORE_RESERVED_FILES."""
+
+STORE_RESERVED_FILES = 64
+"""Open files the store keeps free of connections (journal, snapshot, credentials, logs), count."""
+
+STORE_OWNER_CONNECTIONS = 32
+"""Connections kept for the store's owner (peer-identified loopback clients): every other client
+together gets at most the connection cap less this, count."""
+
+STORE_ACCEPT_BACKOFF_SECONDS = 0.1
+"""Pause after a failed ``accept`` (e.g. out of file descriptors) before trying again, seconds."""
 
 STORE_IDLE_CONNECTION_SECONDS = 900.0
 """The embedded store closes a connection that sends nothing for this long, seconds (pymongo's

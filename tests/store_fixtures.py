@@ -34,14 +34,17 @@ class StoreProcess:
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
-    def start(self, timeout: float = 30.0, port: int = 0, args: tuple[str, ...] = ()) -> str:
-        """Start the server (port 0: any free one; ``args``: more ``serve`` flags) and wait until it
-        answers; return its URL (with the credentials, as :func:`qlib_ext.store.running_url` gives it)."""
+    def start(self, timeout: float = 30.0, port: int = 0, args: tuple[str, ...] = (),
+              wrapper: tuple[str, ...] = ()) -> str:
+        """Start the server (port 0: any free one; ``args``: more ``serve`` flags; ``wrapper``: a command
+        it runs under, e.g. ``prlimit --nofile=1024:1024``) and wait until it answers; return its URL
+        (with the credentials, as :func:`qlib_ext.store.running_url` gives it)."""
         from qlib_ext.store import running_url
 
         log = open(self.dir.parent / f"{self.dir.name}.log", "ab")  # noqa: SIM115 - child keeps it
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qlib_ext.store", "serve", "--dir", str(self.dir), "--port", str(port), *args],
+            [*wrapper, sys.executable, "-m", "qlib_ext.store", "serve", "--dir", str(self.dir), "--port", str(port),
+             *args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         deadline = time.monotonic() + timeout

@@ -3,8 +3,12 @@
 A connection that sends something unreadable (oversized, malformed, garbage) is closed with one
 log line; every other connection carries on. So is a connection that stays silent for
 ``idle_timeout`` seconds between messages, or takes longer than ``read_timeout`` to finish a
-message (or a TLS handshake) it started. At most ``max_connections`` are served at once; more are
-closed on arrival, with a log line at most every few seconds. Threads rather than asyncio: the
+message (or a TLS handshake) it started. At most ``max_connections`` are served at once (lowered at
+start to fit the open-file limit, :mod:`qlib_ext.store.capacity`); more are closed on arrival, with a
+log line at most every few seconds. Clients other than the owner's own (peer-identified) ones share
+all but ``STORE_OWNER_CONNECTIONS`` of them, so no other user can lock the owner out. A failed
+``accept`` (out of file descriptors, say) is logged and retried after a pause: nothing a client
+does ends the server. Threads rather than asyncio: the
 engine serialises commands anyway, and a writer blocked in ``fdatasync`` releases the GIL.
 
 With a :class:`~qlib_ext.store.auth.Verifier`, each connection must authenticate (SCRAM-SHA-256)
@@ -24,8 +28,9 @@ import bson
 
 from qlib_ext import defaults
 from qlib_ext.store.auth import Session, Verifier
+from qlib_ext.store.capacity import connection_cap, others_cap, raise_open_file_limit
 from qlib_ext.store.engine import Engine
-from qlib_ext.store.peer import is_owner
+from qlib_ext.store.peer import loopback_peer_uid, owner_uid
 from qlib_ext.store.wire import HEADER, ProtocolError, encode_reply, parse_header, parse_message
 
 logger = logging.getLogger(__name__)
@@ -83,7 +88,7 @@ class StoreServer:
         self.tls = tls
         self.idle_timeout = defaults.STORE_IDLE_CONNECTION_SECONDS
         self.read_timeout = defaults.STORE_READ_TIMEOUT_SECONDS
-        self.max_connections = defaults.STORE_MAX_CONNECTIONS
+        self.max_connections = connection_cap(defaults.STORE_MAX_CONNECTIONS, raise_open_file_limit())
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -94,7 +99,9 @@ class StoreServer:
         self.stopping = threading.Event()
         self.last_activity = time.monotonic()
         self.connections = 0
+        self.others = 0  # connections not identified as the owner's (other users, remote, unknown)
         self.refused = 0
+        self._accept_failing = False
         self._last_refusal_log = 0.0
         self._count_lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -111,42 +118,74 @@ class StoreServer:
                     logger.info("store: idle for %.0f s, exiting", idle)
                     break
                 continue
-            except OSError:
+            except OSError as e:
                 if self.stopping.is_set():
                     break
-                raise
+                self._accept_failed(e)
+                continue
+            self._accept_failing = False
             if not self._admit(conn, peer):
                 continue
             threading.Thread(target=self._serve_connection, args=(conn, peer), daemon=True,
                              name=f"store-conn-{peer}").start()
         self.sock.close()
 
+    def _accept_failed(self, error: OSError) -> None:
+        """Log the first of a run of failed ``accept`` calls, then pause briefly before the next."""
+        if not self._accept_failing:
+            self._accept_failing = True
+            logger.error("store: accepting a connection failed (%s); retrying every %g s, still serving "
+                         "open connections", error, defaults.STORE_ACCEPT_BACKOFF_SECONDS)
+        self.stopping.wait(defaults.STORE_ACCEPT_BACKOFF_SECONDS)
+
     def _admit(self, conn: socket.socket, peer: tuple) -> bool:
         with self._count_lock:
             if self.connections < self.max_connections:
                 self.connections += 1
                 return True
+        self._refuse(conn, peer, f"{self.max_connections} connections open, the limit (STORE_MAX_CONNECTIONS)")
+        return False
+
+    def _admit_other(self) -> bool:
+        """Count a connection that is not the owner's, unless others already hold their share."""
+        with self._count_lock:
+            if self.others < others_cap(self.max_connections):
+                self.others += 1
+                return True
+        return False
+
+    def _refuse(self, conn: socket.socket, peer: tuple, why: str) -> None:
+        with self._count_lock:
             self.refused += 1
         now = time.monotonic()
         if now - self._last_refusal_log > _REFUSAL_LOG_SECONDS:
             self._last_refusal_log = now
-            logger.warning("store: refusing connection from %s: %d connections open, the limit "
-                           "(STORE_MAX_CONNECTIONS); %d refused so far", peer, self.max_connections, self.refused)
+            logger.warning("store: refusing connection from %s: %s; %d refused so far", peer, why, self.refused)
         conn.close()
-        return False
 
     def shutdown(self) -> None:
         """Stop accepting; :meth:`serve_forever` returns within a fraction of a second."""
         self.stopping.set()
 
     def _serve_connection(self, conn: socket.socket, peer: tuple) -> None:
+        # The peer is judged once, now, while the kernel still vouches for the client's socket; the
+        # verdict lives and dies with this connection (docs/security.md, "peer authentication").
+        is_owner = owner_uid(loopback_peer_uid(conn))
+        other = not is_owner
+        if other and not self._admit_other():
+            other = False  # not counted
+            with self._count_lock:
+                self.connections -= 1
+            self._refuse(conn, peer, f"clients other than the owner hold {others_cap(self.max_connections)} "
+                                     "connections, their share (STORE_MAX_CONNECTIONS less STORE_OWNER_CONNECTIONS)")
+            return
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.tls is not None:
                 conn.settimeout(self.read_timeout)
                 conn = self.tls.wrap_socket(conn, server_side=True)
-            owner = (lambda: is_owner(conn)) if self.peer_auth and self.tls is None else None
-            session = Session(self.verifier, trusted_peer=owner)
+            trusted = self.peer_auth and self.tls is None and is_owner
+            session = Session(self.verifier, trusted_peer=(lambda: trusted) if trusted else None)
             while not self.stopping.is_set() and self._serve_one(conn, session):
                 self.last_activity = time.monotonic()
         except IdleTimeout:
@@ -160,6 +199,7 @@ class StoreServer:
         finally:
             with self._count_lock:
                 self.connections -= 1
+                self.others -= other
             self.last_activity = time.monotonic()
             conn.close()
 
