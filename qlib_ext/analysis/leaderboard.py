@@ -414,12 +414,12 @@ def pbo_words(value: float) -> str:
 def indistinguishable_words(p: dict) -> str:
     """The PBO line of a grid whose configurations cannot be told apart."""
     eq = p.get("equality") or {}
-    return (f"PBO: not shown: the {p.get('strategies')} configurations' returns are indistinguishable (no pair's "
-            f"Sharpe ratios differ: largest |z| {_fmt(eq.get('max_z'))} <= {_fmt(eq.get('critical_z'))}, "
-            f"Jobson-Korkie/Memmel test over {eq.get('pairs')} pairs, Bonferroni, {eq.get('alpha', 0.05):.0%}; "
-            f"CSCV would give {_fmt(p.get('cscv_pbo'))}).\n"
-            f"  The grid is flat, not overfit: any of its configurations is as good as the best; "
-            f"the choice among them does not matter.")
+    return (f"PBO not shown: the {p.get('strategies')} configurations' returns are indistinguishable over "
+            f"{p.get('days')} days (no pair's Sharpe ratios differ: largest |z| {_fmt(eq.get('max_z'))} <= "
+            f"{_fmt(eq.get('critical_z'))}, Jobson-Korkie/Memmel test over {eq.get('pairs')} pairs, Bonferroni, "
+            f"{eq.get('alpha', 0.05):.0%}; CSCV, S={p.get('blocks')}, would give {_fmt(p.get('cscv_pbo'))}).\n"
+            f"  The grid is flat, not overfit: on this test no configuration can be shown better than another, so "
+            f"which one is picked does not matter (a longer test may still separate them).")
 
 
 def _fmt(value: Any) -> str:
