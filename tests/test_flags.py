@@ -145,3 +145,15 @@ def test_indistinguishable_grid_says_so_instead_of_a_pbo():
     grid = annotate(flat)
     assert grid["pbo"]["pbo"] is not None and not grid["pbo"]["indistinguishable"]
     assert "holds up" in _pbo_line(grid) and "PBO (CSCV, S=16" in _pbo_line(grid)
+
+
+def test_rolling_row_decides_learned_nothing_on_the_stitched_ic():
+    from qlib_ext.analysis.leaderboard import _window_flags
+
+    windows = [_ic(0.02, sd=0.1, days=20, seed=s) for s in range(8)]  # each window alone: |t| < 1.96
+    members = [{"flags": fl.run_flags({"pred_flat_share": 0.0, "ic": w}, {}, rolling=True),
+                "validity": {"pred_flat_share": 0.0, "ic": w}} for w in windows]
+    assert all(fl.LEARNED_NOTHING in m["flags"] for m in members)
+    stitched = pd.Series([v for w in windows for v in w["values"]])
+    assert _window_flags(members, stitched) == [], "160 days of IC 0.02 is a signal"
+    assert _window_flags(members, None) == [fl.LEARNED_NOTHING], "no stitched IC: the windows' own flags"
