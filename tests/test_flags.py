@@ -157,3 +157,13 @@ def test_rolling_row_decides_learned_nothing_on_the_stitched_ic():
     stitched = pd.Series([v for w in windows for v in w["values"]])
     assert _window_flags(members, stitched) == [], "160 days of IC 0.02 is a signal"
     assert _window_flags(members, None) == [fl.LEARNED_NOTHING], "no stitched IC: the windows' own flags"
+
+
+def test_daily_ic_from_predictions_and_labels():
+    from qlib_ext.analysis.series import daily_ic
+
+    index = pd.MultiIndex.from_product([pd.bdate_range("2020-01-01", periods=3), ["A", "B", "C"]],
+                                       names=["datetime", "instrument"])
+    pred = pd.DataFrame({"score": [1.0, 2.0, 3.0] * 3}, index=index)
+    label = pd.DataFrame({"LABEL0": [0.1, 0.2, 0.3, 0.3, 0.2, 0.1, 0.1, 0.3, 0.2]}, index=index)
+    assert daily_ic(pred, label).round(6).tolist() == [1.0, -1.0, 0.5]
