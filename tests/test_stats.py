@@ -98,3 +98,31 @@ def test_pbo_deterministic_for_seed_and_blocks():
 def test_pbo_refuses_bad_input(shape, blocks, match):
     with pytest.raises(ValueError, match=match):
         stats.pbo_cscv(np.ones(shape), blocks=blocks)
+
+
+def _base(T: int = 300) -> np.ndarray:
+    return np.random.default_rng(0).normal(0.0008, 0.01, T)
+
+
+def test_pbo_ranks_ties_as_ties():
+    # two fit_intercept runs of a Linear model with identical returns: the choice between them is a coin
+    # toss (0.5), not an overfit selection (1.0)
+    tied = np.column_stack([_base(), _base()])
+    assert stats.pbo_cscv(tied).pbo == 0.5
+    assert stats.sharpe_equality(tied).max_z == 0.0 and stats.sharpe_equality(tied).indistinguishable
+    # a tie for the in-sample best among three: their mean OOS rank, not the first column's
+    three = np.column_stack([_base(), _base(), _base() - 0.002])
+    assert stats.pbo_cscv(three).pbo < 0.5
+
+
+def test_sharpe_equality_tells_flat_grids_from_real_differences():
+    rng = np.random.default_rng(0)
+    flat = np.column_stack([_base() + rng.normal(0, 0.0005, 300) for _ in range(4)])  # four near-identical configs
+    eq = stats.sharpe_equality(flat)
+    assert eq.indistinguishable and eq.pairs == 6 and eq.critical == pytest.approx(2.638, abs=1e-3)
+    assert stats.pbo_cscv(flat).pbo > 0.7, "what CSCV reads on a flat grid: an overfit-looking number"
+    seventh = np.column_stack([_base() + 1e-9 * rng.normal(size=300) for _ in range(4)])  # differ in the 7th digit
+    assert stats.sharpe_equality(seventh).indistinguishable
+    skill = np.column_stack([flat, _base() + 0.002])  # one configuration clearly better
+    eq = stats.sharpe_equality(skill)
+    assert not eq.indistinguishable and 4 in eq.best_pair and eq.p_value < 0.05

@@ -73,7 +73,11 @@ def test_planted_alpha_ranks_first_and_flags_fire(tmp_path, synth_provider, mong
     print({r["run_name"]: (r["metrics"].get("IC"), r["stats"]["sharpe"], r["stats"]["dsr"], r["flags"]) for r in rows})
     print(grid["pbo"])
     assert planted["stats"]["dsr"] > 0.5 and planted["stats"]["dsr"] - max(others) > 0.3
-    assert 0.0 <= grid["pbo"]["pbo"] <= 1.0 and grid["pbo"]["strategies"] == 4 and grid["pbo"]["blocks"] == 16
+    assert grid["pbo"]["strategies"] == 4 and grid["pbo"]["blocks"] == 16
+    # 78 days cannot prove Sharpe 3.3 beats -0.4 at 5 % over 6 pairs (|z| 1.54 < 2.64): PBO is replaced by that
+    # verdict, CSCV's number kept beside it
+    pbo = grid["pbo"]["cscv_pbo"] if grid["pbo"]["indistinguishable"] else grid["pbo"]["pbo"]
+    assert 0.0 <= pbo <= 0.5
     for row in rows:  # our Sharpe is Qlib's information ratio of the same series
         assert row["stats"]["sharpe"] == pytest.approx(row["metrics"]["1day.excess_return_with_cost.information_ratio"],
                                                        rel=1e-9)
@@ -92,7 +96,7 @@ def test_planted_alpha_ranks_first_and_flags_fire(tmp_path, synth_provider, mong
     assert validity["label_horizon"] == 2 and validity["label_gap_days"] == 1
 
     table = _board("validity", "--top", "2", "--trials", "10", *common).output
-    assert "14 configurations tried" in table and "showing 2 of 4" in table and "PBO (CSCV, S=16" in table
+    assert "14 configurations tried" in table and "showing 2 of 4" in table and "CSCV, S=16" in table
     bad = _board("validity", "--metric", "no_such_metric", *common)
     assert bad.exit_code != 0 and "unknown metric 'no_such_metric'" in bad.output and "ICIR" in bad.output
 

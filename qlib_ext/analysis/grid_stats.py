@@ -49,13 +49,20 @@ def annotate(rows: list[dict], *, trials: int | None = None, blocks: int = defau
 
 
 def pbo(rows: list[dict], blocks: int = defaults.PBO_BLOCKS) -> dict[str, Any]:
-    """PBO by CSCV over the rows' daily returns aligned on the days they all have."""
+    """PBO by CSCV over the rows' daily returns aligned on the days they all have, unless the rows'
+    Sharpe ratios cannot be told apart (:func:`stats.sharpe_equality`): then ``pbo`` is None,
+    ``indistinguishable`` True and ``cscv_pbo`` holds the number CSCV gave. ``equality`` holds the test."""
     import pandas as pd
 
     if len(rows) < 2:
         return {"error": f"needs at least 2 configurations with returns, have {len(rows)}"}
     matrix = pd.concat({i: r["returns"] for i, r in enumerate(rows)}, axis=1, join="inner").dropna()
     try:
-        return stats.pbo_cscv(matrix.to_numpy(), blocks=blocks).summary()
+        out = stats.pbo_cscv(matrix.to_numpy(), blocks=blocks).summary()
     except ValueError as e:
         return {"error": str(e)}
+    equality = stats.sharpe_equality(matrix.to_numpy())
+    out.update(equality=equality.summary(), indistinguishable=equality.indistinguishable)
+    if equality.indistinguishable:
+        out["cscv_pbo"], out["pbo"] = out["pbo"], None
+    return out

@@ -189,8 +189,7 @@ def _inherit_model_checks(rows: list[dict], results: list[dict]) -> None:
         if parent is None:
             continue
         validity = parent.get(VALIDITY) or {}
-        model_only = {k: validity[k] for k in ("best_iteration", "pred_flat_share") if k in validity}
-        if fl.LEARNED_NOTHING in fl.run_flags(model_only, {}, rolling=False) and fl.LEARNED_NOTHING not in row["flags"]:
+        if fl.learned_nothing(validity) and fl.LEARNED_NOTHING not in row["flags"]:
             row["flags"].append(fl.LEARNED_NOTHING)
 
 
@@ -284,8 +283,22 @@ def _window_row(client: Any, members: list[dict]) -> dict:
             "params": params, "metrics": metrics, "runs": [m["run_id"] for m in members],
             Doc.WORKER: first[Doc.WORKER], "coords": first["coords"], "returns": returns, "kind": first.get("kind"),
             "trial": first.get("trial"),
-            "validity": {}, "flags": sorted({f for m in members for f in m["flags"]}),
+            "validity": {}, "flags": _window_flags(members, ic),
             "compare": _compared(metrics)}
+
+
+def _window_flags(members: list[dict], ic: Any) -> list[str]:
+    """The windows' flags, with ``learned_nothing`` decided on the stitched daily IC (one short window's
+    IC cannot be told from zero even for a model that learned) when every window stored its IC."""
+    flags = {f for m in members for f in m["flags"]}
+    if ic is None:
+        return sorted(flags)
+    days = [max(len((m["validity"].get("ic") or {}).get("values") or []), 1) for m in members]
+    flat = sum(d * float(m["validity"].get("pred_flat_share") or 0.0) for d, m in zip(days, members, strict=True))
+    block = {"pred_flat_share": flat / sum(days), "label_horizon": members[0]["validity"].get("label_horizon"),
+             "ic": {"values": [None if math.isnan(v) else float(v) for v in ic.tolist()]}}
+    flags.discard(fl.LEARNED_NOTHING)
+    return sorted(flags | ({fl.LEARNED_NOTHING} if fl.learned_nothing(block) else set()))
 
 
 def _compared(metrics: dict) -> dict:
@@ -374,11 +387,39 @@ def _trials_line(grid: dict, total: int, shown: int) -> str:
 
 
 def _pbo_line(grid: dict) -> str:
+    """The PBO line under the table, saying in words what the number means for this grid."""
     p = grid.get("pbo") or {}
-    if "pbo" not in p:
+    if p.get("indistinguishable"):
+        return indistinguishable_words(p)
+    if p.get("pbo") is None:
         return f"PBO: not computed ({p.get('error', 'no returns')})"
     return (f"PBO (CSCV, S={p['blocks']}, {p['splits']} splits, {p['strategies']} configurations x {p['days']} days): "
-            f"{p['pbo']:.3f}; OOS-vs-IS Sharpe slope {_fmt(p['slope'])}; P[OOS loss] {p['prob_oos_loss']:.3f}")
+            f"{p['pbo']:.3f}; OOS-vs-IS Sharpe slope {_fmt(p['slope'])}; P[OOS loss] {p['prob_oos_loss']:.3f}\n"
+            f"  {pbo_words(p['pbo'])}")
+
+
+def pbo_words(value: float) -> str:
+    """What a PBO means for the grid, in words (thresholds in docs/validity.md)."""
+    share = f"in {value:.0%} of the in-sample/out-of-sample splits the configuration that looked best in-sample"
+    if value < 0.1:
+        return f"{share} fell below the out-of-sample median: picking the best of this grid holds up."
+    if value < 0.4:
+        return f"{share} fell below the out-of-sample median: picking the best mostly holds up, not always."
+    if value <= 0.6:
+        return f"{share} fell below the out-of-sample median: picking the best of this grid is a coin toss."
+    return (f"{share} fell below the out-of-sample median: the selection is overfit, what looks best in-sample "
+            f"was lucky there and tends to do worse than the rest out of sample.")
+
+
+def indistinguishable_words(p: dict) -> str:
+    """The PBO line of a grid whose configurations cannot be told apart."""
+    eq = p.get("equality") or {}
+    return (f"PBO not shown: the {p.get('strategies')} configurations' returns are indistinguishable over "
+            f"{p.get('days')} days (no pair's Sharpe ratios differ: largest |z| {_fmt(eq.get('max_z'))} <= "
+            f"{_fmt(eq.get('critical_z'))}, Jobson-Korkie/Memmel test over {eq.get('pairs')} pairs, Bonferroni, "
+            f"{eq.get('alpha', 0.05):.0%}; CSCV, S={p.get('blocks')}, would give {_fmt(p.get('cscv_pbo'))}).\n"
+            f"  The grid is flat, not overfit: on this test no configuration can be shown better than another, so "
+            f"which one is picked does not matter (a longer test may still separate them).")
 
 
 def _fmt(value: Any) -> str:

@@ -4,12 +4,12 @@ The leaderboard computes Sharpe, PSR, DSR, PBO and the sanity flags from these a
 downloading or unpickling MLflow artifacts. Layout of ``result[VALIDITY]``::
 
     {"returns": {"dates": ["2016-03-28", ...], "values": [0.0012, ...]},  # return - bench - cost
-     "ic": {"dates": [...], "values": [...]},                              # daily IC (SigAnaRecord)
+     "ic": {"dates": [...], "values": [...]},   # daily IC (SigAnaRecord's, else from pred.pkl and label.pkl)
      "trade_days": 61,          # days with turnover > 0 in the backtest
      "pred_flat_share": 0.0,    # share of days whose predictions are (nearly) constant across stocks
-     "best_iteration": 27,      # LightGBM's best iteration (None for other models)
+     "best_iteration": 27,      # LightGBM's best iteration (None for other models; informative, no flag)
      "label_horizon": 2,        # days the label looks ahead (from the handler's label expression)
-     "label_gap_days": 1,       # trading days from the last train/valid day to the test start
+     "label_gap_days": 1,       # trading days from the last train/valid day to the test start (leak if < horizon)
      "flags": ["nan_ic", ...]}  # the per-run sanity flags (qlib_ext.analysis.flags)
 
 One float and one ISO date per day: ten years of two series is about 150 kB, far below MongoDB's
@@ -72,16 +72,27 @@ def collect(recorder: Any, task: dict, model: Any = None) -> dict:
         if "turnover" in report:
             out["trade_days"] = int((report["turnover"].fillna(0) > 0).sum())
     ic = _load(recorder, IC_ARTIFACT)
-    if ic is not None:
-        out["ic"] = plain_series(ic)
     pred = _load(recorder, "pred.pkl")
     if pred is not None and len(pred):
         std = pred.iloc[:, 0].groupby(level="datetime").std(ddof=0).fillna(0.0)
         out["pred_flat_share"] = float((std <= FLAT_PRED_STD).mean())
+        if ic is None:  # no SigAnaRecord: the signal check still needs the daily IC
+            label = _load(recorder, "label.pkl")
+            ic = daily_ic(pred, label) if label is not None else None
+    if ic is not None:
+        out["ic"] = plain_series(ic)
     if model is not None:
         out["best_iteration"] = best_iteration(model)
     out.update(label_gap(task))
     return out
+
+
+def daily_ic(pred: Any, label: Any) -> Any:
+    """Pearson correlation of prediction and label across stocks, per day (what SigAnaRecord's ``ic.pkl`` holds)."""
+    import pandas as pd
+
+    frame = pd.concat({"pred": pred.iloc[:, 0], "label": label.iloc[:, 0]}, axis=1).dropna()
+    return frame.groupby(level="datetime").apply(lambda d: d["pred"].corr(d["label"])).astype(float)
 
 
 def best_iteration(model: Any) -> int | None:

@@ -152,6 +152,69 @@ def deflate(stats: list[SharpeStats], n_trials: int | None = None) -> list[float
     return [deflated_sharpe_ratio(s.sr, s.T, s.skew, s.kurtosis, n, var) for s in stats]
 
 
+SHARPE_DECIMALS = 12
+"""Per-period Sharpe ratios equal to this many decimals are tied in CSCV's ranks (float summation noise)."""
+
+EQUALITY_ALPHA = 0.05
+"""Family-wise level of the test that the configurations' Sharpe ratios differ (Bonferroni over pairs)."""
+
+
+# ------------------------------------------------------------------------- equal Sharpe ratios
+@dataclass(frozen=True)
+class SharpeEquality:
+    """Whether any two configurations' Sharpe ratios differ: Jobson-Korkie test with Memmel's correction
+    on every pair, Bonferroni over the pairs."""
+
+    max_z: float  # largest |z| over the pairs
+    critical: float  # |z| a pair needs to differ at EQUALITY_ALPHA family-wise
+    p_value: float  # Bonferroni-adjusted p of the most different pair (capped at 1)
+    pairs: int  # N (N - 1) / 2
+    best_pair: tuple[int, int]  # columns of the most different pair
+    indistinguishable: bool  # max_z <= critical: no pair's Sharpe ratios can be told apart
+
+    def summary(self) -> dict[str, Any]:
+        """Plain values for JSON."""
+        return {"test": "Jobson-Korkie/Memmel equal-Sharpe z, Bonferroni over pairs", "alpha": EQUALITY_ALPHA,
+                "max_z": finite(self.max_z), "critical_z": self.critical, "p_value": self.p_value,
+                "pairs": self.pairs, "best_pair": list(self.best_pair), "indistinguishable": self.indistinguishable}
+
+
+def sharpe_equality(matrix: Any, alpha: float = EQUALITY_ALPHA) -> SharpeEquality:
+    """Test that the T x N matrix's columns have equal Sharpe ratios, pair by pair.
+
+    For columns i, j with per-period Sharpe ratios SR_i, SR_j and correlation rho over T days (Jobson &
+    Korkie 1981, corrected by Memmel 2003): ``z = (SR_i - SR_j) / sqrt(V / T)`` with
+    ``V = 2 (1 - rho) + (SR_i^2 + SR_j^2 - 2 SR_i SR_j rho^2) / 2``. Identical columns give z = 0; nearly
+    identical ones (rho near 1) differ as soon as their Sharpe ratios differ consistently. The
+    configurations are indistinguishable when no |z| exceeds ``Z^-1(1 - alpha / (2 m))``, m = N (N - 1) / 2.
+
+    Raises:
+        ValueError: fewer than 2 columns or 3 rows.
+    """
+    m = np.asarray(matrix, dtype=float)
+    if m.ndim != 2 or m.shape[1] < 2 or m.shape[0] < 3:
+        raise ValueError(f"the equal-Sharpe test needs a T x N matrix with T >= 3, N >= 2, got shape {m.shape}")
+    t, n = m.shape
+    std = m.std(axis=0, ddof=1)
+    sr = np.where(std > 0, m.mean(axis=0) / np.where(std > 0, std, 1.0), 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = np.nan_to_num(np.corrcoef(m, rowvar=False), nan=1.0)
+    diff = np.round(sr[:, None] - sr[None, :], SHARPE_DECIMALS)
+    var = 2 * (1 - rho) + (sr[:, None] ** 2 + sr[None, :] ** 2 - 2 * np.outer(sr, sr) * rho ** 2) / 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.where(diff == 0, 0.0, np.abs(diff) / np.sqrt(np.maximum(var, 0.0) / t))
+    z = np.nan_to_num(z, nan=0.0, posinf=math.inf)
+    pairs = n * (n - 1) // 2
+    upper = np.triu_indices(n, 1)
+    k = int(np.argmax(z[upper]))
+    i, j = int(upper[0][k]), int(upper[1][k])
+    max_z = float(z[i, j])
+    critical = float(sps.norm.ppf(1 - alpha / (2 * pairs)))
+    p_value = min(1.0, float(2 * sps.norm.sf(max_z)) * pairs)
+    return SharpeEquality(max_z=max_z, critical=critical, p_value=p_value, pairs=pairs, best_pair=(i, j),
+                          indistinguishable=max_z <= critical)
+
+
 # ----------------------------------------------------------------------------------- PBO by CSCV
 @dataclass(frozen=True)
 class PBOResult:
@@ -241,13 +304,15 @@ def pbo_cscv(matrix: Any, blocks: int = defaults.PBO_BLOCKS, max_splits: int = d
     mask = _splits(blocks, max_splits, seed).astype(float)
     is_sr = _sharpe_from_sums(mask @ count, mask @ sums, mask @ squares)
     oos_sr = _sharpe_from_sums((1 - mask) @ count, (1 - mask) @ sums, (1 - mask) @ squares)
-    best = np.argmax(is_sr, axis=1)
-    rows = np.arange(len(best))
-    ranks = sps.rankdata(oos_sr, axis=1)[rows, best]
-    omega = ranks / (m.shape[1] + 1)
+    is_sr, oos_sr = np.round(is_sr, SHARPE_DECIMALS), np.round(oos_sr, SHARPE_DECIMALS)  # float noise is a tie
+    tied_best = is_sr == is_sr.max(axis=1, keepdims=True)  # every IS best, ties included
+    ranks = sps.rankdata(oos_sr, axis=1)  # ties get the average rank
+    omega = (ranks * tied_best).sum(1) / tied_best.sum(1) / (m.shape[1] + 1)
     logits = np.log(omega / (1 - omega))
-    x, y = is_sr[rows, best], oos_sr[rows, best]
+    x = (is_sr * tied_best).sum(1) / tied_best.sum(1)
+    y = (oos_sr * tied_best).sum(1) / tied_best.sum(1)
     slope, intercept = np.polyfit(x, y, 1) if np.ptp(x) > 0 else (math.nan, math.nan)
-    return PBOResult(pbo=float(np.mean(logits <= 0)), logits=logits, blocks=blocks, splits=len(best),
+    pbo = float(np.mean(logits < 0) + 0.5 * np.mean(logits == 0))
+    return PBOResult(pbo=pbo, logits=logits, blocks=blocks, splits=len(logits),
                      n_strategies=m.shape[1], n_obs=m.shape[0], slope=float(slope), intercept=float(intercept),
                      prob_oos_loss=float(np.mean(y < 0)), is_sharpe=x, oos_sharpe=y)
