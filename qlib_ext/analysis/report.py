@@ -124,7 +124,8 @@ def _summary_table(data: Any) -> str:
              (f"best {data.metric}", best["metrics"].get(data.metric) if best else "-"),
              ("best configuration", best.get("run_name") if best else "-"),
              ("DSR of the best", (best.get("stats") or {}).get("dsr", "-") if best else "-"),
-             ("PBO", pbo.get("pbo", pbo.get("error", "-")))]
+             ("PBO", "indistinguishable (see the leaderboard line)" if pbo.get("indistinguishable")
+              else pbo.get("pbo", pbo.get("error", "-")))]
     return "<table>" + "".join(f"<tr><th>{html.escape(str(k))}</th><td class='n'>{_fmt(v)}</td></tr>"
                                for k, v in items) + "</table>"
 
