@@ -20,12 +20,25 @@ def _isolated_home(tmp_path, monkeypatch):
 pytest_plugins = ["store_fixtures", "data_fixtures"]
 
 
+SLOW_FILE_SECONDS = {
+    "test_workflows_run.py": 450, "test_grid_e2e.py": 190, "test_reliability.py": 150, "test_multihost.py": 135,
+    "test_warm.py": 100, "test_validity_e2e.py": 90, "test_train_once.py": 80, "test_api.py": 75,
+    "test_ui_browser.py": 70, "test_search_e2e.py": 70, "test_leaderboard_rolling.py": 65, "test_qlib_tools.py": 60,
+}
+"""Seconds each long test file took in ``make test`` (2026-12-03, quiet 2-core machine); a slow file not listed
+counts 30 s per slow test. Only the order of the files depends on it, never a result."""
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """Slow end-to-end tests first, the files with the most of them first (stable otherwise): ``make test``
-    spreads test files over two processes (pytest-xdist ``--dist loadfile``, a whole file to one process),
-    and starting the longest files first keeps one process from finishing early while the other still has
-    a long file ahead of it (test_workflows_run, eight end-to-end runs, used to start last and set the tail)."""
+    """Slow end-to-end files first, the longest first (stable otherwise): ``make test`` spreads test files over
+    worker processes (pytest-xdist ``--dist loadfile``, a whole file to one process), and starting the longest
+    files first (longest-processing-time order) keeps one process from finishing early while another still has
+    a long file ahead of it."""
     from collections import Counter
 
     slow = Counter(item.path for item in items if item.get_closest_marker("slow") is not None)
-    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, -slow[item.path]))
+
+    def cost(item: pytest.Item) -> float:
+        return SLOW_FILE_SECONDS.get(item.path.name, 30.0 * slow[item.path])
+
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, -cost(item)))
