@@ -93,7 +93,7 @@ def test_another_user_racing_peer_authentication_lands_no_write(store_proc, host
         try:
             socket.socket(socket.AF_INET6).bind(("::1", 0))
         except OSError as e:
-            pytest.skip(f"no IPv6 loopback here: {e}")
+            pytest.skip(f"this host has no IPv6 loopback (binding ::1 failed: {e}), so the race over ::1 cannot run")
         store_proc.stop()
         store_proc.start(args=("--host", "::1"))
     _, port = _host_port(store_proc.url)
@@ -185,7 +185,7 @@ def test_both_ways_of_asking_the_kernel_agree_and_a_closed_client_is_nobody(fami
     try:
         server = socket.create_server((host, 0), family=family)
     except OSError as e:
-        pytest.skip(f"no {host} here: {e}")
+        pytest.skip(f"this host cannot listen on {host} ({e}), so the kernel lookup over it cannot be checked")
     with server:
         client = socket.create_connection(server.getsockname()[:2])
         conn, _ = server.accept()
