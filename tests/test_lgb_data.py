@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 
 import numpy as np
@@ -117,3 +118,38 @@ def test_other_models_are_left_alone(dataset, tmp_path):
     with lgb_data.reused_lgb_data(model, dataset[1], tmp_path):
         assert model._prepare_data() == "own"
     assert not list(tmp_path.glob("*.bin"))
+
+
+def _curve(batched: bool, dataset) -> tuple[dict, dict]:
+    """The training curve LightGBM's fit leaves in MLflow, and the client calls that wrote it."""
+    from collections import Counter
+
+    from qlib.contrib.model.gbdt import LGBModel
+    from qlib.workflow import R
+
+    from qlib_ext.tracking.batch import batched_metrics
+
+    calls: Counter = Counter()
+    model = LGBModel(**PARAMS)
+    with R.start(experiment_name="lgb_curve"):
+        recorder = R.get_recorder()
+        client = recorder.client
+        for name in ("log_metric", "log_batch"):  # the real client, its calls counted
+            real = getattr(client, name)
+            setattr(client, name, lambda *a, _real=real, _name=name, **k: (calls.update([_name]), _real(*a, **k))[1])
+        with batched_metrics(recorder) if batched else contextlib.nullcontext():
+            model.fit(dataset[0])
+        recorder.async_log.wait()  # Qlib's background logging, before reading back
+        recorder.async_log = None
+        curve = {key: [(m.step, m.value) for m in client.get_metric_history(recorder.id, key)]
+                 for key in client.get_run(recorder.id).data.metrics}
+    return curve, dict(calls)
+
+
+def test_the_training_curve_is_written_in_one_batch_with_the_same_points(dataset):
+    plain, plain_calls = _curve(False, dataset)
+    batched, batched_calls = _curve(True, dataset)
+    assert set(plain) == {"l2.train", "l2.valid"} and len(plain["l2.train"]) > 5
+    assert batched == plain  # same keys, steps and values as Qlib's own per-round logging
+    assert plain_calls.get("log_metric", 0) == sum(len(v) for v in plain.values())
+    assert batched_calls == {"log_batch": 1}
