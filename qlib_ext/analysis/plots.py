@@ -5,7 +5,8 @@ matplotlib, not plotly: MLflow's artifact viewer previews PNGs inline (an HTML p
 own JavaScript, which MLflow sandboxes), the HTML report embeds the same PNGs as data URIs and
 stays one self-contained file that opens offline, and a notebook shows the figures unchanged.
 Everything here draws with the Agg backend (no display) and is cheap: a run's figure of 250 days
-takes ~0.5 s of CPU (measured; matplotlib's first import aside).
+takes ~0.5 s of CPU on a loaded 2-core machine, 1.15 s while its daily IC was drawn as one bar per day
+(measured; matplotlib's first import aside).
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def run_figure(report: Any, ic: Any, out: Path, title: str = "") -> Path:
         ax.legend(loc="upper left", fontsize=8)
     if ic is not None:
         ax = axes.pop(0)
-        ax.bar(ic.index, ic.values, width=1.0, color="tab:blue", alpha=0.5, label="daily IC")
+        # one filled step polygon, not one bar patch per day (a year of bars took most of the figure's time)
+        ax.fill_between(ic.index, ic.values, step="mid", color="tab:blue", alpha=0.5, lw=0, label="daily IC")
         ax.plot(ic.rolling(20, min_periods=1).mean(), color="tab:red", label="20-day mean")
         ax.axhline(0, color="black", lw=0.5)
         ax.set_ylabel("IC")
