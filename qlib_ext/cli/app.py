@@ -114,6 +114,20 @@ def provider_option(f: Callable) -> Callable:
     return session_options("run", ("provider_uri",))(f)
 
 
+def pool_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """click callback of every POOL argument and ``--pool`` option: the name checked by
+    :func:`qlib_ext.names.check_pool_name` before the command touches anything."""
+    from qlib_ext.errors import ConfigError
+    from qlib_ext.names import check_pool_name
+
+    if value is None:
+        return None
+    try:
+        return check_pool_name(value)
+    except ConfigError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from e
+
+
 def printer() -> Any:
     """The session reporter of the command line: messages on stdout, warnings on stderr, the progress line."""
     from qlib_ext.session.run import Reporter

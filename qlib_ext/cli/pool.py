@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from qlib_ext import defaults
-from qlib_ext.cli.app import main, mlflow_option, mongo_option, printer, provider_option, session_options
+from qlib_ext.cli.app import main, mlflow_option, mongo_option, pool_name, printer, provider_option, session_options
 
 
 @main.command("submit")
@@ -25,7 +25,7 @@ def submit_cmd(file: Path, mongo_url: str, mlflow_uri: str | None, provider_uri:
 
 
 @main.command("worker")
-@click.option("--pool", required=True, help="Name of the pool to drain.")
+@click.option("--pool", required=True, callback=pool_name, help="Name of the pool to drain.")
 @session_options("worker")
 @click.pass_context
 def worker_cmd(ctx: click.Context, pool: str, **opts: object) -> None:
@@ -53,7 +53,7 @@ def run_cmd(ctx: click.Context, file: Path, **opts: object) -> None:
 
 
 @main.command("status")
-@click.argument("pool", required=False)
+@click.argument("pool", required=False, callback=pool_name)
 @mongo_option
 def status_cmd(pool: str | None, mongo_url: str) -> None:
     """Counts per status, running tasks (worker, age) and failed tasks (last error) of POOL;
@@ -76,7 +76,7 @@ def _echo_search(pool: str, mongo_url: str) -> None:
     report_search(pool, mongo_url, printer())
 
 @main.command("search")
-@click.argument("pool")
+@click.argument("pool", callback=pool_name)
 @mongo_option
 @mlflow_option
 @provider_option
@@ -105,7 +105,7 @@ def _pool_tm(pool: str, mongo_url: str):
 
 
 @main.command("retry")
-@click.argument("pool")
+@click.argument("pool", callback=pool_name)
 @mongo_option
 @click.option("--failed", "failed_only", is_flag=True, help="Only failed tasks (default: failed and cancelled).")
 @click.option("--task", "task_id", default=None, help="Only this task id (any state but running).")
@@ -127,7 +127,7 @@ def retry_cmd(pool: str, mongo_url: str, failed_only: bool, task_id: str | None)
 
 
 @main.command("cancel")
-@click.argument("pool")
+@click.argument("pool", callback=pool_name)
 @mongo_option
 @click.option("--now", is_flag=True, help="Also stop running tasks (their workers interrupt them).")
 def cancel_cmd(pool: str, mongo_url: str, now: bool) -> None:
@@ -138,7 +138,7 @@ def cancel_cmd(pool: str, mongo_url: str, now: bool) -> None:
 
 
 @main.command("leaderboard")
-@click.argument("pool")
+@click.argument("pool", callback=pool_name)
 @mongo_option
 @mlflow_option
 @click.option("--metric", default=None, help="Metric to rank by, any the runs logged (case-insensitive) or "
@@ -192,7 +192,7 @@ def reproduce_cmd(run_id: str, mlflow_uri: str | None, mongo_url: str, provider_
 
 
 @main.command("report")
-@click.argument("pool")
+@click.argument("pool", callback=pool_name)
 @mongo_option
 @mlflow_option
 @click.option("--metric", default=None, help="Metric to rank by (default: the leaderboard's).")

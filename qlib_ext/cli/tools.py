@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from qlib_ext import defaults
-from qlib_ext.cli.app import _Group, main, mongo_option, printer, provider_option
+from qlib_ext.cli.app import _Group, main, mongo_option, pool_name, printer, provider_option
 from qlib_ext.pool.record import STRATEGY_PREFIX, TaskMeta
 from qlib_ext.tables import text_table
 
@@ -239,7 +239,7 @@ def cache_ls(dir_: Path | None) -> None:
 
 
 @cache_group.command("warm")
-@click.argument("pool")
+@click.argument("pool", callback=pool_name)
 @mongo_option
 @provider_option
 @_cache_dir_option

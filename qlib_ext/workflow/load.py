@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from qlib_ext.errors import ConfigError
+from qlib_ext.names import check_pool_name
 from qlib_ext.workflow.spec import GridSpec, WorkersSpec, parse_grid, parse_workers
 
 __all__ = ["Workflow", "load_workflow", "load_qrun_config", "normalise_dates", "date_str", "GridSpec",
@@ -69,7 +70,7 @@ def load_workflow(path: str | Path) -> Workflow:
         logger.warning("%s: grid: has no params, models, strategies or rolling: the workflow runs as ONE task",
                        path)
     workers = parse_workers(workers_raw, path)
-    pool = grid.pool or path.stem
+    pool = grid.pool or check_pool_name(path.stem, f"the file stem of {path}; set grid.pool to choose another")
     return Workflow(path, config, grid, workers, pool, str(config.get("experiment_name") or pool))
 
 

@@ -11,13 +11,13 @@ import importlib
 import importlib.util
 import inspect
 import math
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from qlib_ext import defaults
 from qlib_ext.errors import ConfigError
+from qlib_ext.names import POOL_NAME_RULE, pool_name_problem
 from qlib_ext.pool.record import Metric
 
 SAMPLERS = ("tpe", "cmaes", "gp", "qmc")
@@ -47,7 +47,6 @@ ROLLING_KEYS = ("step", "type", "trunc_days")
 DIST_FORM = "a non-empty list of values or {dist: int|uniform|loguniform, low: ..., high: ...}"
 """What an axis may look like, for error messages."""
 
-_POOL_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 @dataclass(frozen=True)
@@ -323,8 +322,9 @@ def _parse_prune(raw: Any, file: Path, rolling: RollingSpec | None) -> PruneSpec
 
 
 def _pool(raw: Any, file: Path) -> str | None:
-    if raw is not None and not (isinstance(raw, str) and _POOL_RE.match(raw) and not raw.startswith("system.")):
-        raise _err(file, "grid.pool", f"invalid pool name {raw!r}", "letters, digits, '_', '-', '.'")
+    problem = None if raw is None else pool_name_problem(raw)
+    if problem:
+        raise _err(file, "grid.pool", f"invalid pool name {raw!r}", f"{POOL_NAME_RULE} (this one: {problem})")
     return raw
 
 

