@@ -67,3 +67,70 @@ def test_a_workflow_names_a_valid_pool_or_is_refused(tmp_path):
         load_workflow(stem)
     (tmp_path / "fine.yaml").write_text(body + f"grid:\n    pool: p_{uuid.uuid4().hex[:6]}\n")
     assert load_workflow(tmp_path / "fine.yaml").pool.startswith("p_")
+
+
+# --------------------------------------------------------------------------- control characters printed
+OSC_TITLE = "\x1b]0;owned\x07"
+
+
+def test_printable_escapes_controls_and_keeps_unicode():
+    from qlib_ext.tables import printable, text_table
+
+    assert printable(f"a{OSC_TITLE}b\r\x9b2J\u202eZ") == "a\\x1b]0;owned\\x07b\\r\\x9b2J\\u202eZ"
+    assert printable("café 日本 ✓ 😀 naïve\nnext\tcol", keep="\n\t") == "café 日本 ✓ 😀 naïve\nnext\tcol"
+    assert text_table([["a", "b"], [f"x{OSC_TITLE}", "y\nz"]]).splitlines()[1] == "x\\x1b]0;owned\\x07  y\\nz"
+
+
+def test_the_command_line_prints_only_through_its_escaping_echo():
+    """Every message of qlib_ext/cli leaves through cli.app.echo (the one printing edge)."""
+    from pathlib import Path
+
+    for path in (Path(cli.__file__).parent).glob("*.py"):
+        text = path.read_text()
+        assert "print(" not in text, path
+        assert text.count("click.echo(") == (1 if path.name == "app.py" else 0), path
+
+
+@pytest.fixture
+def planted(mongo_url):
+    """A pool whose task's error and run name hold an escape sequence, and a pool metadata document whose
+    name does (planted by a pool writer bypassing qlib-ext), in the commands' default database; removed after."""
+    from qlib_ext.pool.database import POOLS_COLLECTION
+    from qlib_ext.pool.manager import open_db
+
+    db = open_db(mongo_url)
+    evil, pool = f"evil{uuid.uuid4().hex[:4]}{OSC_TITLE}", f"p_{uuid.uuid4().hex[:6]}"
+    db[POOLS_COLLECTION].insert_one({"_id": evil})
+    yield db, pool
+    db[POOLS_COLLECTION].delete_many({"_id": {"$in": [evil, pool]}})
+    db.drop_collection(pool)
+
+
+def test_status_and_known_pools_escape_a_planted_pool_name_and_error(mongo_url, planted):
+    from qlib_ext.pool.manager import GridTaskManager, save_pool_meta
+    from qlib_ext.pool.record import PoolMeta
+
+    db, pool = planted
+    save_pool_meta(db, pool, PoolMeta())
+    tm = GridTaskManager(pool, db)
+    tm.create_tasks([{"model": {}, "qlib_ext": {"pool": pool, "run_name": f"r{OSC_TITLE}", "coords": {}}}],
+                    max_attempts=1)
+    tm.fail(tm.claim(worker="host:1"), f"boom{OSC_TITLE}")
+    runner = CliRunner()
+    outputs = [runner.invoke(cli.main, [*args, "--mongo-url", mongo_url]) for args in
+               (["status"], ["status", "nonexistent"], ["status", pool])]
+    assert [r.exit_code for r in outputs] == [0, 2, 0], [r.output for r in outputs]
+    for result in outputs:
+        assert "\x1b" not in result.output and "\x07" not in result.output, result.output
+    assert "\\x1b]0;owned\\x07" in outputs[0].output and "\\x1b]0;owned\\x07" in outputs[1].output
+    assert "boom\\x1b]0;owned\\x07" in outputs[2].output
+
+
+def test_expand_escapes_an_axis_value(tmp_path):
+    flow = tmp_path / "flow.yaml"
+    flow.write_text('task:\n    model: {class: LGBModel, module_path: qlib.contrib.model.gbdt, kwargs: {x: 1}}\n'
+                    '    dataset: {class: DatasetH, module_path: qlib.data.dataset}\n'
+                    'grid:\n    params:\n        task.model.kwargs.x: ["\\e]0;owned\\a", "caf\u00e9"]\n')
+    result = CliRunner().invoke(cli.main, ["expand", str(flow)])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\\x1b]0;owned\\x07" in result.output and "caf\u00e9" in result.output

@@ -13,6 +13,7 @@ import click
 
 from qlib_ext.errors import QlibExtError
 from qlib_ext.session.options import Option, options_for
+from qlib_ext.tables import PrintableFormatter, printable
 
 
 class _Group(click.Group):
@@ -22,8 +23,18 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except QlibExtError as e:
-            click.echo(f"error: {e}", err=True)
+            echo(f"error: {e}", err=True)
             sys.exit(2)
+        except click.ClickException as e:  # click prints it: its text may quote pool data too
+            e.message = printable(e.message, keep="\n\t")
+            raise
+
+
+def echo(text: object = "", err: bool = False) -> None:
+    """Print one message of the command line (stdout, or stderr with ``err``): the one place where output
+    leaves qlib-ext, so pool data (axis values, pool and run names, errors) reaches the terminal with its
+    control characters escaped (:func:`qlib_ext.tables.printable`)."""
+    click.echo(printable(text, keep="\n\t"), err=err)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -40,7 +51,12 @@ def main(ctx: click.Context, verbose: int, profile_path: Path | None) -> None:
     from qlib_ext.profile import load_default_map, redact_url_passwords
 
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root, fmt = logging.getLogger(), "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    before = list(root.handlers)
+    logging.basicConfig(level=level, format=fmt)
+    for handler in root.handlers:  # only a handler set up here (not a host's, e.g. pytest's)
+        if handler not in before:
+            handler.setFormatter(PrintableFormatter(fmt))
     _quiet_gym_banner()
     # Subcommand contexts are made after this callback, so they inherit the profile's defaults.
     ctx.default_map = load_default_map(main, profile_path)
@@ -132,4 +148,4 @@ def printer() -> Any:
     """The session reporter of the command line: messages on stdout, warnings on stderr, the progress line."""
     from qlib_ext.session.run import Reporter
 
-    return Reporter(echo=click.echo, warn=lambda text: click.echo(text, err=True), progress=True)
+    return Reporter(echo=echo, warn=lambda text: echo(text, err=True), progress=True)
