@@ -134,3 +134,69 @@ def test_expand_escapes_an_axis_value(tmp_path):
     result = CliRunner().invoke(cli.main, ["expand", str(flow)])
     assert result.exit_code == 0, result.output
     assert "\x1b" not in result.output and "\\x1b]0;owned\\x07" in result.output and "caf\u00e9" in result.output
+
+
+# --------------------------------------------------------------------------- file:// and module paths
+FILE_REFERENCES = ["FILE:///tmp/x.pkl", " file:///tmp/x.pkl", "fi\tle:///tmp/x.pkl", "\x00file:///tmp/x.pkl",
+                   "File://tmp/x.pkl", "file:/tmp/x.pkl", "fi\nle:///tmp/x.pkl"]
+
+
+def _task(handler: object = None, module_path: str = "qlib.contrib.model.gbdt", cls: str = "LGBModel") -> dict:
+    return {"model": {"class": cls, "module_path": module_path},
+            "dataset": {"class": "DatasetH", "module_path": "qlib.data.dataset", "kwargs": {"handler": handler}}}
+
+
+@pytest.mark.parametrize("ref", FILE_REFERENCES)
+def test_a_file_reference_is_refused_however_it_is_spelled(ref):
+    from qlib_ext import defaults
+    from qlib_ext.errors import ModuleNotAllowed
+    from qlib_ext.pool import allowlist
+
+    with pytest.raises(ModuleNotAllowed, match=r"task key dataset\.kwargs\.handler names a pickle file reference"):
+        allowlist.check_modules(_task(ref), defaults.ALLOWED_MODULES)
+    allowlist.check_modules(_task(ref), (*defaults.ALLOWED_MODULES, "file://"))  # listed: allowed
+
+
+def test_qlib_unpickles_a_case_changed_file_reference(tmp_path):
+    """Why the check follows Qlib's parsing: Qlib itself opens these spellings."""
+    import pickle
+
+    from qlib.utils import init_instance_by_config
+
+    target = tmp_path / "x.pkl"
+    target.write_bytes(pickle.dumps({"ran": True}))
+    for ref in (f"FILE://{target}", f" file://{target}", f"fi\tle://{target}"):
+        assert init_instance_by_config(ref) == {"ran": True}
+
+
+@pytest.mark.parametrize("module_path", ["qlib./../../x.py", "lightgbm.x/../../evil.py", "qlib..x", "qlib.x/y",
+                                         ".qlib.x", "qlib.x.", "qlibx", "lightgbmx.y", "/tmp/evil.py"])
+def test_a_module_path_outside_the_list_is_refused_after_normalising(module_path):
+    from qlib_ext import defaults
+    from qlib_ext.errors import ModuleNotAllowed
+    from qlib_ext.pool import allowlist
+
+    with pytest.raises(ModuleNotAllowed, match=r"task key model\.module_path names module"):
+        allowlist.check_modules(_task(module_path=module_path), defaults.ALLOWED_MODULES)
+    with pytest.raises(ModuleNotAllowed, match=r"task key model\.class names module"):
+        allowlist.check_modules(_task(cls=f"{module_path}.Evil"), defaults.ALLOWED_MODULES)
+
+
+def test_a_py_file_is_allowed_only_inside_a_listed_directory(tmp_path):
+    from qlib_ext import defaults
+    from qlib_ext.errors import ModuleNotAllowed
+    from qlib_ext.pool import allowlist
+
+    lab, outside = tmp_path / "lab", tmp_path / "evil.py"
+    lab.mkdir()
+    (lab / "m.py").write_text("")
+    outside.write_text("")
+    (lab / "link.py").symlink_to(outside)
+    prefixes = (*defaults.ALLOWED_MODULES, f"{lab}/")
+    for ok in ("qlib", "qlib.contrib.model.gbdt", "lightgbm", "lightgbm.sklearn", f"{lab}/m.py"):
+        allowlist.check_modules(_task(module_path=ok), prefixes)
+    for bad in (f"{lab}/../evil.py", f"{lab}/link.py", f"{lab}x/m.py", str(outside)):
+        with pytest.raises(ModuleNotAllowed):
+            allowlist.check_modules(_task(module_path=bad), prefixes)
+    with pytest.raises(ModuleNotAllowed):  # a prefix that is not a directory admits no file
+        allowlist.check_modules(_task(module_path=f"{lab}/m.py"), (*defaults.ALLOWED_MODULES, f"{lab}/m"))
