@@ -200,3 +200,69 @@ def test_a_py_file_is_allowed_only_inside_a_listed_directory(tmp_path):
             allowlist.check_modules(_task(module_path=bad), prefixes)
     with pytest.raises(ModuleNotAllowed):  # a prefix that is not a directory admits no file
         allowlist.check_modules(_task(module_path=f"{lab}/m.py"), (*defaults.ALLOWED_MODULES, f"{lab}/m"))
+
+
+# --------------------------------------------------------------------------- sizes
+_SMALL = ("task:\n    model: {class: LGBModel, module_path: qlib.contrib.model.gbdt, kwargs: {a: 1, b: 1, c: 1}}\n"
+          "    dataset: {class: DatasetH, module_path: qlib.data.dataset}\n")
+
+
+def _grid(tmp_path, name: str, values: int, extra: str = "") -> object:
+    axis = "[" + ", ".join(map(str, range(values))) + "]"
+    path = tmp_path / name
+    path.write_text(_SMALL + "grid:\n" + extra + "    params:\n"
+                    + "".join(f"        task.model.kwargs.{k}: {axis}\n" for k in "abc"))
+    return path
+
+
+_SIZE_SCRIPT = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # before the fix these ran into MemoryError
+from click.testing import CliRunner
+from qlib_ext import cli
+for args in sys.argv[1:]:
+    r = CliRunner().invoke(cli.main, args.split("|"))
+    print(r.exit_code, r.output.replace("\\n", " "))
+"""
+
+
+def test_a_huge_grid_and_an_alias_bomb_are_refused_before_anything_is_built(tmp_path):
+    """300 values on each of three axes (2.7 * 10^7 points) and nine nested levels of nine aliases in the
+    task (9^9 nodes once expanded), through the real command line in a process capped at 4 GiB of memory."""
+    import os
+    import subprocess
+    import sys
+
+    big = _grid(tmp_path, "big.yaml", 300)
+    bomb = tmp_path / "bomb.yaml"
+    levels = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    bomb.write_text("\n".join(levels) + "\n" + _SMALL.replace("qlib.data.dataset}", "qlib.data.dataset, kwargs: "
+                    "{handler: {class: Alpha158, module_path: qlib.contrib.data.handler, kwargs: {x: *a9}}}}"))
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _SIZE_SCRIPT, f"expand|{big}",
+                          f"submit|{big}|--limit|1|--mongo-url|mongodb://127.0.0.1:1/", f"expand|{bomb}"],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    lines = out.stdout.splitlines()
+    assert len(lines) == 3, out.stdout + out.stderr
+    for line in lines[:2]:
+        assert line.startswith("2 error: grid of ") and "big.yaml expands to 27,000,000 tasks" in line, line
+        assert "(task.model.kwargs.a: 300 x task.model.kwargs.b: 300 x task.model.kwargs.c: 300)" in line, line
+        assert "above the cap of 100,000 (grid.max_points" in line, line
+    assert lines[2].startswith("2 error: YAML of ") and "bomb.yaml expands to more than 1,000,000 nodes" in lines[2]
+
+
+def test_grid_max_points_raises_the_cap_and_is_not_part_of_the_grids_identity(tmp_path):
+    from qlib_ext.workflow.expand import workflow_hash
+    from qlib_ext.workflow.load import load_workflow
+
+    with pytest.raises(ConfigError, match=r"expands to 8 tasks .* above the cap of 7 \(grid.max_points"):
+        load_workflow(_grid(tmp_path, "seven.yaml", 2, "    max_points: 7\n"))
+    raised = load_workflow(_grid(tmp_path, "eight.yaml", 2, "    max_points: 8\n"))
+    default = load_workflow(_grid(tmp_path, "eight.yaml", 2))
+    assert (raised.grid.max_points, default.grid.max_points) == (8, 100_000)
+    assert workflow_hash(raised) == workflow_hash(default)
+    recursive = tmp_path / "recursive.yaml"
+    recursive.write_text(_SMALL + "x: &x [1, *x]\n")
+    with pytest.raises(ConfigError, match="recursive alias"):
+        load_workflow(recursive)

@@ -19,6 +19,7 @@ from typing import Any
 
 from qlib_ext.errors import ConfigError
 from qlib_ext.names import check_pool_name
+from qlib_ext.workflow.limits import check_yaml_size
 from qlib_ext.workflow.spec import GridSpec, WorkersSpec, parse_grid, parse_workers
 
 __all__ = ["Workflow", "load_workflow", "load_qrun_config", "normalise_dates", "date_str", "GridSpec",
@@ -135,6 +136,7 @@ def _parse_yaml(text: str, path: Path) -> dict:
         raise ConfigError(f"YAML error in {path}: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"top level of {path} is {type(data).__name__}; expected a mapping of sections")
+    check_yaml_size(data, path)  # before anything copies, hashes or prints it: refuses alias bombs
     return data
 
 
