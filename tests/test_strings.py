@@ -266,3 +266,33 @@ def test_grid_max_points_raises_the_cap_and_is_not_part_of_the_grids_identity(tm
     recursive.write_text(_SMALL + "x: &x [1, *x]\n")
     with pytest.raises(ConfigError, match="recursive alias"):
         load_workflow(recursive)
+
+
+# --------------------------------------------------------------------------- MLflow parameter names
+def test_an_axis_mlflow_refuses_as_a_param_name_is_refused_at_submit_and_expand(mongo_url, tmp_path):
+    from qlib_ext.pool.manager import open_db, pool_names
+
+    (tmp_path / "data" / "calendars").mkdir(parents=True)
+    pool = f"params_{uuid.uuid4().hex[:6]}"
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(f"qlib_init: {{provider_uri: {tmp_path / 'data'}}}\n" + _SMALL
+                    + f"grid:\n    pool: {pool}\n    params:\n        +task.model.kwargs.a'b: [1, 2]\n")
+    runner = CliRunner()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for args in (["submit", str(flow), "--mongo-url", mongo_url, "--mlflow-uri", uri], ["expand", str(flow)]):
+        result = runner.invoke(cli.main, args)
+        assert result.exit_code == 2, result.output
+        assert "grid axis task.model.kwargs.a'b of" in result.output and "as the parameter \"a'b\"" in result.output
+        assert "Names may only contain alphanumerics" in result.output
+    assert pool not in pool_names(open_db(mongo_url)) and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_search_axis_is_checked_before_its_trials_exist(tmp_path):
+    from qlib_ext.tracking.params import check_param_names
+    from qlib_ext.workflow.load import load_workflow
+
+    flow = tmp_path / "search.yaml"
+    flow.write_text(_SMALL + "grid:\n    search: random\n    n_trials: 2\n    params:\n"
+                    "        +task.model.kwargs.x@y: {dist: uniform, low: 0, high: 1}\n")
+    with pytest.raises(ConfigError, match=r"grid axis task.model.kwargs.x@y .* parameter 'x@y', which MLflow refuses"):
+        check_param_names([], flow, load_workflow(flow).grid)
