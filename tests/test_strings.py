@@ -124,6 +124,8 @@ def test_status_and_known_pools_escape_a_planted_pool_name_and_error(mongo_url, 
         assert "\x1b" not in result.output and "\x07" not in result.output, result.output
     assert "\\x1b]0;owned\\x07" in outputs[0].output and "\\x1b]0;owned\\x07" in outputs[1].output
     assert "boom\\x1b]0;owned\\x07" in outputs[2].output
+    extra = runner.invoke(cli.main, ["status", pool, OSC_TITLE, "--mongo-url", mongo_url])  # click's own error
+    assert extra.exit_code == 2 and "unexpected extra argument (\\x1b]0;owned\\x07)" in extra.output, extra.output
 
 
 def test_expand_escapes_an_axis_value(tmp_path):

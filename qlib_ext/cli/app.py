@@ -26,7 +26,7 @@ class _Group(click.Group):
             echo(f"error: {e}", err=True)
             sys.exit(2)
         except click.ClickException as e:  # click prints it: its text may quote pool data too
-            e.message = printable(e.message, keep="\n\t")
+            e.message = printable(e.message, keep="\n\t")  # type: ignore[misc]  # Final in typeshed only
             raise
 
 
