@@ -298,3 +298,19 @@ def test_a_search_axis_is_checked_before_its_trials_exist(tmp_path):
                     "        +task.model.kwargs.x@y: {dist: uniform, low: 0, high: 1}\n")
     with pytest.raises(ConfigError, match=r"grid axis task.model.kwargs.x@y .* parameter 'x@y', which MLflow refuses"):
         check_param_names([], flow, load_workflow(flow).grid)
+
+
+def test_qlib_evaluates_a_label_expression_that_the_allow_list_cannot_stop():
+    """docs/security.md: the allow-list narrows the surface, but Qlib `eval`s expressions (harmless getpid)."""
+    import os
+
+    from qlib.data.data import LocalExpressionProvider
+
+    from qlib_ext import defaults
+    from qlib_ext.pool import allowlist
+
+    label = '((__import__)("os").getpid)()'
+    handler = {"class": "Alpha158", "module_path": "qlib.contrib.data.handler", "kwargs": {"label": [[label], ["L"]]}}
+    task = _task(handler)
+    allowlist.check_modules(task, defaults.ALLOWED_MODULES)  # every class is qlib.*: it passes
+    assert LocalExpressionProvider().get_expression_instance(label) == os.getpid()  # and Qlib runs the code
