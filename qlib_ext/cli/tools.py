@@ -139,11 +139,12 @@ def expand_cmd(file: Path, provider_uri: str | None, as_json: bool) -> None:
     """Expand FILE's grid into Qlib tasks and print them (count and coordinates); submits nothing."""
     import json
 
-    from qlib_ext.tracking.params import check_param_names
-    from qlib_ext.workflow.expand import expand
     from qlib_ext.workflow.load import load_workflow
 
-    wf = load_workflow(file)
+    wf = load_workflow(file)  # first: a bad or oversized workflow fails before Qlib and MLflow are imported
+    from qlib_ext.tracking.params import check_param_names
+    from qlib_ext.workflow.expand import expand
+
     tasks = expand(wf, provider_uri=provider_uri)
     check_param_names(tasks, file, wf.grid)
     if as_json:
