@@ -41,6 +41,21 @@ class PrintableFormatter(logging.Formatter):
         return printable(super().format(record), keep="\n\t")
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+"""The log line of every qlib-ext process that logs to a terminal (the CLI, workers, the cache warmer)."""
+
+
+def log_to_terminal(level: int | str) -> None:
+    """``logging.basicConfig`` with :class:`PrintableFormatter` on the handler it adds (a host's own
+    handlers, e.g. pytest's, are left as they are; nothing is added where the root logger has one)."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+    for handler in root.handlers:
+        if handler not in before:
+            handler.setFormatter(PrintableFormatter(LOG_FORMAT))
+
+
 def text_table(rows: Sequence[Sequence[object]]) -> str:
     """Rows (the first is usually the header) as left-aligned columns two spaces apart, no trailing blanks.
 

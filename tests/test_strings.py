@@ -81,6 +81,17 @@ def test_printable_escapes_controls_and_keeps_unicode():
     assert text_table([["a", "b"], [f"x{OSC_TITLE}", "y\nz"]]).splitlines()[1] == "x\\x1b]0;owned\\x07  y\\nz"
 
 
+def test_log_lines_on_a_terminal_are_escaped():
+    """The CLI's, a worker's and the cache warmer's log handler (qlib_ext.tables.log_to_terminal)."""
+    import subprocess
+    import sys
+
+    code = ("import logging; from qlib_ext.tables import log_to_terminal; log_to_terminal('INFO'); "
+            "logging.getLogger('w').warning('claimed %s', 'r\\x1b]0;owned\\x07 caf\\u00e9')")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stderr
+    assert "claimed r\\x1b]0;owned\\x07 caf\u00e9" in err and "\x1b" not in err, err
+
+
 def test_the_command_line_prints_only_through_its_escaping_echo():
     """Every message of qlib_ext/cli leaves through cli.app.echo (the one printing edge)."""
     from pathlib import Path

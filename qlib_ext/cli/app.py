@@ -13,7 +13,7 @@ import click
 
 from qlib_ext.errors import QlibExtError
 from qlib_ext.session.options import Option, options_for
-from qlib_ext.tables import PrintableFormatter, printable
+from qlib_ext.tables import log_to_terminal, printable
 
 
 class _Group(click.Group):
@@ -51,12 +51,7 @@ def main(ctx: click.Context, verbose: int, profile_path: Path | None) -> None:
     from qlib_ext.profile import load_default_map, redact_url_passwords
 
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
-    root, fmt = logging.getLogger(), "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    before = list(root.handlers)
-    logging.basicConfig(level=level, format=fmt)
-    for handler in root.handlers:  # only a handler set up here (not a host's, e.g. pytest's)
-        if handler not in before:
-            handler.setFormatter(PrintableFormatter(fmt))
+    log_to_terminal(level)  # log lines quote pool data too: control characters escaped
     _quiet_gym_banner()
     # Subcommand contexts are made after this callback, so they inherit the profile's defaults.
     ctx.default_map = load_default_map(main, profile_path)
