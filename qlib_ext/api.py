@@ -89,7 +89,9 @@ def leaderboard(pool: str, *, metric: str | None = None, mongo_url: str | None =
     trials, PBO).
     """
     from qlib_ext.analysis.leaderboard import leaderboard_frame
+    from qlib_ext.names import check_pool_name
 
+    check_pool_name(pool)
     _quiet_downloads()
     frame, grid = leaderboard_frame(pool, mongo_url=_default("mongo_url", mongo_url),
                                     mlflow_uri=_default("mlflow_uri", mlflow_uri), metric=metric)
@@ -101,7 +103,9 @@ def report(pool: str, *, out: str | Path | None = None, metric: str | None = Non
            mlflow_uri: str | None = None) -> Path:
     """Write the pool's HTML report (``qlib-ext report``), log it to the grid's MLflow run, return its path."""
     from qlib_ext.analysis.report import build
+    from qlib_ext.names import check_pool_name
 
+    check_pool_name(pool)
     _quiet_downloads()
     return build(pool, mongo_url=_default("mongo_url", mongo_url), mlflow_uri=_default("mlflow_uri", mlflow_uri),
                  metric=metric, out=out)

@@ -167,6 +167,16 @@ ALLOWED_MODULES: tuple[str, ...] = ("qlib.", "qlib_ext.", "lightgbm")
 ALLOWED_MODULES_ENV = "QLIB_EXT_ALLOWED_MODULES"
 """Environment variable with a worker's comma-separated allow-list of module prefixes."""
 
+POOL_NAME_MAX_CHARS = 100
+"""Longest pool name (a MongoDB collection name; database plus name must stay under 255 bytes), characters."""
+
+MAX_GRID_POINTS = 100_000
+"""Most tasks a grid may expand to (product of its axis lengths, times rolling windows) unless the YAML's
+``grid.max_points`` raises it; checked before the grid is built, count."""
+
+MAX_YAML_NODES = 1_000_000
+"""Most nodes a workflow YAML may hold once its aliases are expanded (refuses alias bombs), count."""
+
 INFRA_RETRIES = 5
 """Times a worker retries a task whose attempt failed outside the task (MLflow, store, disk full) before it
 counts as one of the task's attempts, count."""

@@ -111,6 +111,7 @@ def _links_text(pool: str, links: dict[str, str]) -> str:
 
 def pools_table(mongo_url: str | None) -> str:
     """Every pool of the task database with its counts per status (``qlib-ext status`` without POOL)."""
+    from qlib_ext.names import pool_name_problem
     from qlib_ext.pool.manager import GridTaskManager, open_db, pool_names
 
     db = open_db(mongo_url)
@@ -119,6 +120,10 @@ def pools_table(mongo_url: str | None) -> str:
         return f"no pools in database {db.name!r}; submit a workflow first (qlib-ext run FILE)"
     rows = [["pool", "tasks", "counts"]]
     for name in names:
+        problem = pool_name_problem(name)  # a name written past qlib-ext: listed, not opened
+        if problem:
+            rows.append([name, "-", f"invalid pool name ({problem}); not opened"])
+            continue
         counts = GridTaskManager(name, db).counts()
         rows.append([name, str(sum(counts.values())), ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))])
     return text_table(rows)

@@ -272,6 +272,13 @@ def test_rolling_windows_cover_the_test_segment(tmp_path, synth_calendar):
     assert _meta(tasks, "run_name")[:2] == ["lgb lr=0.05 w0", "lgb lr=0.05 w1"]
 
 
+def test_rolling_windows_count_against_the_grid_cap_before_they_are_built(tmp_path, synth_calendar):
+    flow = write_yaml(tmp_path, ROLLING.replace("rolling:", "max_points: 5\n        rolling:") % "expanding")
+    with pytest.raises(ConfigError, match=r"expands to 6 tasks \(task.model.kwargs.learning_rate: 2 x rolling "
+                                          r"windows: 3\), above the cap of 5 \(grid.max_points"):
+        expand(load_workflow(flow), provider_uri=str(synth_calendar))
+
+
 def test_sliding_windows_move_the_train_start(tmp_path, synth_calendar):
     tasks = expand(load_workflow(write_yaml(tmp_path, ROLLING % "sliding")), provider_uri=str(synth_calendar))
     assert [w["train"][0] for w in _meta(tasks, "window")[:3]] == ["2017-01-03", "2017-03-28", "2017-06-20"]

@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
     # the base: imported by everyone; pool.record is the schema of the pool's documents, identity the canonical
     # JSON and its digests (stdlib only)
     ("qlib_ext", "qlib_ext.errors", "qlib_ext.defaults", "qlib_ext.identity", "qlib_ext.pool.record",
-     "qlib_ext.tables"),
+     "qlib_ext.tables", "qlib_ext.names"),
     ("qlib_ext.store", "qlib_ext.data"),
     ("qlib_ext.workflow",),
     ("qlib_ext.pool",),

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from qlib_ext.names import check_pool_name
 from qlib_ext.pool.record import Metric
 from qlib_ext.tracking import mlflow_ui
 
@@ -59,6 +60,7 @@ def build(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = N
     from qlib_ext import defaults
     from qlib_ext.analysis.grid_run import draw, finish_grid
 
+    check_pool_name(pool)  # before anything is written: the name is a directory below
     data = finish_grid(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric)
     if data is None:  # finish_grid logged why; collect again to raise the real error
         from qlib_ext.analysis.grid_run import collect

@@ -13,6 +13,7 @@ import click
 
 from qlib_ext.errors import QlibExtError
 from qlib_ext.session.options import Option, options_for
+from qlib_ext.tables import log_to_terminal, printable
 
 
 class _Group(click.Group):
@@ -22,8 +23,18 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except QlibExtError as e:
-            click.echo(f"error: {e}", err=True)
+            echo(f"error: {e}", err=True)
             sys.exit(2)
+        except click.ClickException as e:  # click prints it: its text may quote pool data too
+            e.message = printable(e.message, keep="\n\t")  # type: ignore[misc]  # Final in typeshed only
+            raise
+
+
+def echo(text: object = "", err: bool = False) -> None:
+    """Print one message of the command line (stdout, or stderr with ``err``): the one place where output
+    leaves qlib-ext, so pool data (axis values, pool and run names, errors) reaches the terminal with its
+    control characters escaped (:func:`qlib_ext.tables.printable`)."""
+    click.echo(printable(text, keep="\n\t"), err=err)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -40,7 +51,7 @@ def main(ctx: click.Context, verbose: int, profile_path: Path | None) -> None:
     from qlib_ext.profile import load_default_map, redact_url_passwords
 
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_terminal(level)  # log lines quote pool data too: control characters escaped
     _quiet_gym_banner()
     # Subcommand contexts are made after this callback, so they inherit the profile's defaults.
     ctx.default_map = load_default_map(main, profile_path)
@@ -114,8 +125,22 @@ def provider_option(f: Callable) -> Callable:
     return session_options("run", ("provider_uri",))(f)
 
 
+def pool_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """click callback of every POOL argument and ``--pool`` option: the name checked by
+    :func:`qlib_ext.names.check_pool_name` before the command touches anything."""
+    from qlib_ext.errors import ConfigError
+    from qlib_ext.names import check_pool_name
+
+    if value is None:
+        return None
+    try:
+        return check_pool_name(value)
+    except ConfigError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from e
+
+
 def printer() -> Any:
     """The session reporter of the command line: messages on stdout, warnings on stderr, the progress line."""
     from qlib_ext.session.run import Reporter
 
-    return Reporter(echo=click.echo, warn=lambda text: click.echo(text, err=True), progress=True)
+    return Reporter(echo=echo, warn=lambda text: echo(text, err=True), progress=True)

@@ -9,7 +9,16 @@ from pathlib import Path
 import click
 
 from qlib_ext import defaults
-from qlib_ext.cli.app import main, mlflow_option, mongo_option, printer, provider_option, session_options
+from qlib_ext.cli.app import (
+    echo,
+    main,
+    mlflow_option,
+    mongo_option,
+    pool_name,
+    printer,
+    provider_option,
+    session_options,
+)
 
 
 @main.command("submit")
@@ -20,12 +29,12 @@ def submit_cmd(file: Path, mongo_url: str, mlflow_uri: str | None, provider_uri:
     """Expand FILE (a qrun YAML with an optional grid: section) and add its new tasks to the pool."""
     from qlib_ext.session.plan import submit
 
-    click.echo(submit(file, mongo_url=mongo_url, mlflow_uri=mlflow_uri, provider_uri=provider_uri,
+    echo(submit(file, mongo_url=mongo_url, mlflow_uri=mlflow_uri, provider_uri=provider_uri,
                       max_attempts=max_attempts, limit=limit))
 
 
 @main.command("worker")
-@click.option("--pool", required=True, help="Name of the pool to drain.")
+@click.option("--pool", required=True, callback=pool_name, help="Name of the pool to drain.")
 @session_options("worker")
 @click.pass_context
 def worker_cmd(ctx: click.Context, pool: str, **opts: object) -> None:
@@ -34,7 +43,7 @@ def worker_cmd(ctx: click.Context, pool: str, **opts: object) -> None:
     from qlib_ext.session.run import work
 
     outcome = work(pool, RunOptions(**opts), printer())  # type: ignore[arg-type]
-    click.echo(outcome.text)
+    echo(outcome.text)
     ctx.exit(outcome.code)
 
 
@@ -48,12 +57,12 @@ def run_cmd(ctx: click.Context, file: Path, **opts: object) -> None:
     from qlib_ext.session.run import run
 
     outcome = run(file, RunOptions(**opts), printer())  # type: ignore[arg-type]
-    click.echo(outcome.text)
+    echo(outcome.text)
     ctx.exit(outcome.code)
 
 
 @main.command("status")
-@click.argument("pool", required=False)
+@click.argument("pool", required=False, callback=pool_name)
 @mongo_option
 def status_cmd(pool: str | None, mongo_url: str) -> None:
     """Counts per status, running tasks (worker, age) and failed tasks (last error) of POOL;
@@ -62,10 +71,10 @@ def status_cmd(pool: str | None, mongo_url: str) -> None:
     from qlib_ext.summary import pools_table
 
     if pool is None:
-        click.echo(pools_table(mongo_url))
+        echo(pools_table(mongo_url))
         return
     _pool_tm(pool, mongo_url)  # a typo in POOL is an error listing the known pools, not "empty"
-    click.echo(status_report(pool, mongo_url))
+    echo(status_report(pool, mongo_url))
     _echo_search(pool, mongo_url)
 
 
@@ -76,7 +85,7 @@ def _echo_search(pool: str, mongo_url: str) -> None:
     report_search(pool, mongo_url, printer())
 
 @main.command("search")
-@click.argument("pool")
+@click.argument("pool", callback=pool_name)
 @mongo_option
 @mlflow_option
 @provider_option
@@ -92,7 +101,7 @@ def search_cmd(pool: str, mongo_url: str, mlflow_uri: str | None, provider_uri: 
     and continues, and several proposers on one pool never exceed n_trials."""
     from qlib_ext.search.runner import run_search
 
-    click.echo(run_search(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, provider_uri=provider_uri,
+    echo(run_search(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, provider_uri=provider_uri,
                           workflow=workflow, batch=batch))
 
 
@@ -105,7 +114,7 @@ def _pool_tm(pool: str, mongo_url: str):
 
 
 @main.command("retry")
-@click.argument("pool")
+@click.argument("pool", callback=pool_name)
 @mongo_option
 @click.option("--failed", "failed_only", is_flag=True, help="Only failed tasks (default: failed and cancelled).")
 @click.option("--task", "task_id", default=None, help="Only this task id (any state but running).")
@@ -123,22 +132,22 @@ def retry_cmd(pool: str, mongo_url: str, failed_only: bool, task_id: str | None)
     if oid is not None and n == 0:
         raise click.ClickException(f"task {task_id} not requeued: no such task in pool {pool}, or it is running "
                                    f"(stop it first with `qlib-ext cancel {pool} --now`)")
-    click.echo(f"pool {pool}: {n} tasks requeued")
+    echo(f"pool {pool}: {n} tasks requeued")
 
 
 @main.command("cancel")
-@click.argument("pool")
+@click.argument("pool", callback=pool_name)
 @mongo_option
 @click.option("--now", is_flag=True, help="Also stop running tasks (their workers interrupt them).")
 def cancel_cmd(pool: str, mongo_url: str, now: bool) -> None:
     """Stop POOL's waiting tasks from being claimed; running ones finish unless --now.
     `qlib-ext retry POOL` requeues cancelled tasks."""
     n = _pool_tm(pool, mongo_url).cancel(now=now)
-    click.echo(f"pool {pool}: {n} tasks cancelled" + ("" if now else "; running tasks will finish"))
+    echo(f"pool {pool}: {n} tasks cancelled" + ("" if now else "; running tasks will finish"))
 
 
 @main.command("leaderboard")
-@click.argument("pool")
+@click.argument("pool", callback=pool_name)
 @mongo_option
 @mlflow_option
 @click.option("--metric", default=None, help="Metric to rank by, any the runs logged (case-insensitive) or "
@@ -164,9 +173,9 @@ def leaderboard_cmd(pool: str, mongo_url: str, mlflow_uri: str | None, metric: s
     if tag_runs:
         tag_flags(rows, grid)
     if as_json:
-        click.echo(json.dumps({"rows": rows[:top] if top else rows, "grid": grid}, indent=2, default=str))
+        echo(json.dumps({"rows": rows[:top] if top else rows, "grid": grid}, indent=2, default=str))
     else:
-        click.echo(format_table(rows, grid, top=top))
+        echo(format_table(rows, grid, top=top))
         _echo_search(pool, mongo_url)  # a search's trials per state and how its best improved
 
 
@@ -187,12 +196,12 @@ def reproduce_cmd(run_id: str, mlflow_uri: str | None, mongo_url: str, provider_
 
     result = reproduce(run_id, mlflow_uri=mlflow_uri, mongo_url=mongo_url, provider_uri=provider_uri,
                        tolerance=tolerance)
-    click.echo(result.table())
+    echo(result.table())
     sys.exit(0 if result.ok else 1)
 
 
 @main.command("report")
-@click.argument("pool")
+@click.argument("pool", callback=pool_name)
 @mongo_option
 @mlflow_option
 @click.option("--metric", default=None, help="Metric to rank by (default: the leaderboard's).")
@@ -203,7 +212,7 @@ def report_cmd(pool: str, mongo_url: str, mlflow_uri: str | None, metric: str | 
     attach it to the grid's parent run in MLflow."""
     from qlib_ext.analysis.report import build
 
-    click.echo(f"report: {build(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric, out=out)}")
+    echo(f"report: {build(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric, out=out)}")
 
 
 # --------------------------------------------------------------------------- demo
@@ -223,8 +232,8 @@ def demo_cmd(ctx: click.Context, workdir: Path | None, workers: int | None) -> N
     if not (data_dir / "calendars" / "day.txt").exists():
         from qlib_ext.data.synth import write_synthetic
 
-        click.echo(f"writing synthetic data to {data_dir} ...")
-        click.echo(write_synthetic(data_dir, instruments=300, days=1500, start="2015-01-05", seed=0, market="csi300"))
+        echo(f"writing synthetic data to {data_dir} ...")
+        echo(write_synthetic(data_dir, instruments=300, days=1500, start="2015-01-05", seed=0, market="csi300"))
     quickstart = Path(__file__).resolve().parents[2] / "workflows" / "quickstart.yaml"
     if not quickstart.exists():
         raise click.ClickException(f"{quickstart} not found: run the demo from a source checkout (pip install -e .)")

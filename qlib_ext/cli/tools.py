@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from qlib_ext import defaults
-from qlib_ext.cli.app import _Group, main, mongo_option, printer, provider_option
+from qlib_ext.cli.app import _Group, echo, main, mongo_option, pool_name, printer, provider_option
 from qlib_ext.pool.record import STRATEGY_PREFIX, TaskMeta
 from qlib_ext.tables import text_table
 
@@ -39,7 +39,7 @@ def data_synth(out: Path, instruments: int, days: int, start: str, seed: int, ma
 
     summary = write_synthetic(out, instruments=instruments, days=days, start=start, seed=seed, market=market,
                               overwrite=overwrite)
-    click.echo(summary)
+    echo(summary)
 
 
 @data.command("import-csv")
@@ -62,7 +62,7 @@ def data_import_csv(files: tuple[Path, ...], out: Path, market: str, benchmark: 
 
     summary = import_csv(list(files), out, market=market, benchmark=benchmark, min_rows=min_rows,
                          overwrite=overwrite)
-    click.echo(summary)
+    echo(summary)
 
 
 @data.command("info")
@@ -71,7 +71,7 @@ def data_info(path: Path) -> None:
     """Show instruments, date range, fields and missing-data share of a Qlib dataset."""
     from qlib_ext.data.info import describe
 
-    click.echo(describe(path))
+    echo(describe(path))
 
 
 # --------------------------------------------------------------------------- store
@@ -116,7 +116,7 @@ def store_url(dir_: Path | None) -> None:
     url = running_url(dir_)
     if url is None:
         raise click.ClickException("no store is running there; start one with `qlib-ext store serve`")
-    click.echo(url)
+    echo(url)
 
 
 @store.command("stop")
@@ -126,7 +126,7 @@ def store_stop(dir_: Path | None) -> None:
     """Stop the store running on DIR (SIGTERM; it finishes pending writes first)."""
     from qlib_ext.store import stop
 
-    click.echo("stopped" if stop(dir_) else "no store was running there")
+    echo("stopped" if stop(dir_) else "no store was running there")
 
 
 # --------------------------------------------------------------------------- grid
@@ -139,20 +139,23 @@ def expand_cmd(file: Path, provider_uri: str | None, as_json: bool) -> None:
     """Expand FILE's grid into Qlib tasks and print them (count and coordinates); submits nothing."""
     import json
 
-    from qlib_ext.workflow.expand import expand
     from qlib_ext.workflow.load import load_workflow
 
-    wf = load_workflow(file)
+    wf = load_workflow(file)  # first: a bad or oversized workflow fails before Qlib and MLflow are imported
+    from qlib_ext.tracking.params import check_param_names
+    from qlib_ext.workflow.expand import expand
+
     tasks = expand(wf, provider_uri=provider_uri)
+    check_param_names(tasks, file, wf.grid)
     if as_json:
-        click.echo(json.dumps(tasks, indent=2))
+        echo(json.dumps(tasks, indent=2))
         return
     metas = [TaskMeta.of(t) for t in tasks]
     swept = sum(len(m.sweep or []) for m in metas)
-    click.echo(f"{len(tasks)} tasks for pool {wf.pool} (experiment {wf.experiment_name}, "
+    echo(f"{len(tasks)} tasks for pool {wf.pool} (experiment {wf.experiment_name}, "
                f"grid {metas[0].grid_hash if metas else '-'})"
                + (f", then {swept} strategy backtests on their predictions" if swept else ""))
-    click.echo(_coords_table(metas))
+    echo(_coords_table(metas))
 
 
 def _coords_table(metas: list[TaskMeta]) -> str:
@@ -234,12 +237,12 @@ def cache_ls(dir_: Path | None) -> None:
         span = f"{e['start_time']}..{e['end_time']}" if e["start_time"] or e["end_time"] else "-"
         rows.append([e["key"][:12], handler, "-" if e["instruments"] is None else str(e["instruments"]), span,
                      f"{e['size'] / 2**20:.1f} MB", when(e["created"]), when(e["last_used"])])
-    click.echo(text_table(rows))
-    click.echo(f"{len(rows) - 1} entries in {folder}")
+    echo(text_table(rows))
+    echo(f"{len(rows) - 1} entries in {folder}")
 
 
 @cache_group.command("warm")
-@click.argument("pool")
+@click.argument("pool", callback=pool_name)
 @mongo_option
 @provider_option
 @_cache_dir_option
@@ -260,7 +263,7 @@ def cache_clear(dir_: Path | None, older_than: float | None) -> None:
     from qlib_ext.cache.datasets import clear
 
     folder = dir_ or defaults.cache_dir()
-    click.echo(f"deleted {len(clear(folder, older_than))} entries from {folder}")
+    echo(f"deleted {len(clear(folder, older_than))} entries from {folder}")
 
 
 # --------------------------------------------------------------------------- bench
@@ -293,7 +296,7 @@ def bench_cmd(quick: bool, only: tuple[str, ...]) -> None:
     for script, (quick_args, full_args) in BENCHES.items():
         if only and script not in only:
             continue
-        click.echo(f"=== {script}")
+        echo(f"=== {script}")
         code = subprocess.call([sys.executable, script, *(quick_args if quick else full_args)], cwd=root)
         if code:
             failed.append(script)

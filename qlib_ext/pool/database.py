@@ -17,6 +17,7 @@ from pymongo.errors import PyMongoError
 
 from qlib_ext import defaults
 from qlib_ext.errors import StoreError
+from qlib_ext.names import check_pool_name
 from qlib_ext.pool.record import Doc, PoolMeta
 
 POOLS_COLLECTION = "_qlib_ext_pools"
@@ -60,6 +61,7 @@ def save_pool_meta(db: Database, pool: str, meta: PoolMeta) -> None:
     Writes the keys ``meta.to_dict()`` holds (for a new record: the submit's fields); other keys the
     document has (a search's hold, ``doc_format``) are kept.
     """
+    check_pool_name(pool)
     db[POOLS_COLLECTION].update_one({Doc.ID: pool}, {"$set": meta.to_dict()}, upsert=True)
 
 
@@ -72,6 +74,7 @@ def update_pool_meta(db: Database, pool: str, **values: Any) -> None:
     unknown = sorted(set(values) - set(PoolMeta.stored_fields()))
     if unknown:
         raise ValueError(f"unknown pool metadata fields {unknown}; expected one of {PoolMeta.stored_fields()}")
+    check_pool_name(pool)
     db[POOLS_COLLECTION].update_one({Doc.ID: pool}, {"$set": values}, upsert=True)
 
 
@@ -88,6 +91,7 @@ def find_pool_meta(db: Database, pool: str, fields: list[str] | None = None) -> 
 
 def load_pool_meta(db: Database, pool: str) -> PoolMeta:
     """The metadata recorded by ``submit`` for ``pool``; StoreError if the pool was never submitted."""
+    check_pool_name(pool)
     meta = find_pool_meta(db, pool)
     if meta is None:
         raise StoreError(f"no pool named {pool!r} in database {db.name!r}; known pools: "

@@ -29,6 +29,7 @@ from qlib.workflow.task.manage import TaskManager
 from qlib_ext import defaults
 from qlib_ext.errors import StoreError, TaskDecodeError
 from qlib_ext.identity import digest
+from qlib_ext.names import check_pool_name
 from qlib_ext.pool.database import (  # the database-level functions, also importable from here
     POOLS_COLLECTION,
     find_pool_meta,
@@ -93,6 +94,7 @@ class GridTaskManager(TaskManager):
     """
 
     def __init__(self, task_pool: str, db: Database | None = None, migrate: bool = True):
+        check_pool_name(task_pool)  # before the collection is named (qlib_ext.names)
         if db is None:
             super().__init__(task_pool)
         else:

@@ -9,6 +9,7 @@ from collections import defaultdict
 
 from qlib_ext.pool.record import Doc, ErrorEntry
 from qlib_ext.pool.status import TaskStatus
+from qlib_ext.tables import printable
 
 
 class Progress:
@@ -48,12 +49,12 @@ class Progress:
         except Exception as e:  # noqa: BLE001 - a store hiccup must not stop the run
             text = f"(progress unavailable: {e})"
         end = "\r" if sys.stdout.isatty() else "\n"
-        sys.stdout.write(text.ljust(100) + end)
+        sys.stdout.write(printable(text, keep="").ljust(100) + end)
         sys.stdout.flush()
 
     def finish(self) -> None:
         self._last = 0.0
-        sys.stdout.write(self.line().ljust(100) + "\n")
+        sys.stdout.write(printable(self.line(), keep="").ljust(100) + "\n")
 
 
 def status_report(pool: str, mongo_url: str | None) -> str:

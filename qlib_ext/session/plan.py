@@ -90,16 +90,19 @@ class Plan:
         Raises:
             ConfigError: a bad workflow or data directory.
         """
-        from qlib_ext.search.proposer import is_search
-        from qlib_ext.worker.settings import data_identity
-        from qlib_ext.workflow.expand import expand
         from qlib_ext.workflow.load import load_workflow
 
-        wf = load_workflow(path)
+        wf = load_workflow(path)  # first: a bad or oversized workflow fails before Qlib and MLflow are imported
+        from qlib_ext.search.proposer import is_search
+        from qlib_ext.tracking.params import check_param_names
+        from qlib_ext.worker.settings import data_identity
+        from qlib_ext.workflow.expand import expand
+
         qlib_init = dict(wf.config.get("qlib_init") or {})
         provider = resolve_provider(provider_uri, qlib_init, str(path))
         searching = is_search(wf.grid)  # a proposer queues the tasks as the search goes (qlib-ext search)
         tasks = [] if searching else spread_sample(expand(wf, provider_uri=provider), limit)
+        check_param_names(tasks, Path(path), wf.grid)  # a name MLflow refuses would fail every attempt
         objective = wf.grid.objective
         meta = PoolMeta(
             workflow=str(Path(path).resolve()), provider_uri=provider, region=qlib_init.get("region", "cn"),

@@ -22,6 +22,7 @@ from typing import Any
 from qlib_ext import defaults
 from qlib_ext.errors import TaskDecodeError
 from qlib_ext.pool.status import EndReason
+from qlib_ext.tables import log_to_terminal
 from qlib_ext.worker.attempt import STORE_ERRORS, Attempt
 from qlib_ext.worker.settings import THREAD_ENV_VARS, WorkerSettings
 
@@ -34,7 +35,7 @@ def worker_main(settings: WorkerSettings) -> None:
         os.environ[var] = str(settings.threads)
     if settings.log_dir:
         _redirect_output(Path(settings.log_dir))
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_terminal(settings.log_level)  # control characters in pool data escaped
     stop = _install_stop_handlers(settings.grace_seconds)
     init_qlib(settings)
     n = Worker(settings, stop).loop()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from qlib_ext.pool.record import Doc
+from qlib_ext.tables import log_to_terminal
 from qlib_ext.worker.settings import WorkerSettings
 from qlib_ext.workflow.spec import is_port_ana
 
@@ -94,7 +95,7 @@ class Warmer:
 def _child(settings: dict, cores: int, queue: mp.Queue, ready: str) -> None:
     from qlib_ext.worker.loop import init_qlib
 
-    logging.basicConfig(level=settings["log_level"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_terminal(settings["log_level"])  # control characters in pool data escaped
     s = replace(WorkerSettings(**settings), threads=cores)
     init_qlib(s)
     queue.put(asdict(warm(s, on_locked=Path(ready).touch)))

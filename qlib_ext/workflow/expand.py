@@ -31,6 +31,7 @@ from qlib_ext.data.qlib_format import read_calendar as qlib_calendar
 from qlib_ext.errors import ConfigError
 from qlib_ext.identity import canonical_json, digest
 from qlib_ext.pool.record import META, STRATEGY_PREFIX, TaskMeta, edit_meta
+from qlib_ext.workflow.limits import check_grid_size
 from qlib_ext.workflow.load import Workflow, date_str, normalise_dates
 from qlib_ext.workflow.spec import Dist, GridSpec, ModelSpec, RollingSpec, Values, portana_configs, set_path
 
@@ -75,7 +76,10 @@ def expand(wf: Workflow, provider_uri: str | None = None) -> list[dict]:
     tasks = [_to_task(r) for r in task_generator(root, axis_generators(wf.grid))]
     calendar = read_calendar(wf, provider_uri, required=wf.grid.rolling is not None)
     if wf.grid.rolling is not None:
-        tasks = task_generator(tasks, WindowGen(wf.grid.rolling, calendar, wf.path))
+        windows = WindowGen(wf.grid.rolling, calendar, wf.path)
+        if tasks:  # the windows of one point, counted before every point's are built
+            check_grid_size(wf.grid, wf.path, windows=len(windows.generate(copy.deepcopy(tasks[0]))))
+        tasks = task_generator(tasks, windows)
     grid_hash = workflow_hash(wf)
     labels = _labels({path for t in tasks for path in TaskMeta.of(t).coords})
     for task in tasks:
@@ -98,7 +102,8 @@ def draft_meta() -> dict:
 
 def workflow_hash(wf: Workflow) -> str:
     """The grid hash of ``wf`` (``qlib_ext.grid_hash``): identity of its qrun config and ``grid:`` section."""
-    return digest({"config": wf.config, "grid": asdict(wf.grid)}, length=12)
+    grid = {k: v for k, v in asdict(wf.grid).items() if k != "max_points"}  # a cap, not what is computed
+    return digest({"config": wf.config, "grid": grid}, length=12)
 
 
 def axis_generators(grid: GridSpec) -> list[TaskGen]:

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from qlib_ext.errors import ConfigError
+from qlib_ext.names import check_pool_name
+from qlib_ext.workflow.limits import check_yaml_size
 from qlib_ext.workflow.spec import GridSpec, WorkersSpec, parse_grid, parse_workers
 
 __all__ = ["Workflow", "load_workflow", "load_qrun_config", "normalise_dates", "date_str", "GridSpec",
@@ -69,7 +71,7 @@ def load_workflow(path: str | Path) -> Workflow:
         logger.warning("%s: grid: has no params, models, strategies or rolling: the workflow runs as ONE task",
                        path)
     workers = parse_workers(workers_raw, path)
-    pool = grid.pool or path.stem
+    pool = grid.pool or check_pool_name(path.stem, f"the file stem of {path}; set grid.pool to choose another")
     return Workflow(path, config, grid, workers, pool, str(config.get("experiment_name") or pool))
 
 
@@ -134,6 +136,7 @@ def _parse_yaml(text: str, path: Path) -> dict:
         raise ConfigError(f"YAML error in {path}: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"top level of {path} is {type(data).__name__}; expected a mapping of sections")
+    check_yaml_size(data, path)  # before anything copies, hashes or prints it: refuses alias bombs
     return data
 
 

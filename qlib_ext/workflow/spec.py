@@ -11,14 +11,15 @@ import importlib
 import importlib.util
 import inspect
 import math
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from qlib_ext import defaults
 from qlib_ext.errors import ConfigError
+from qlib_ext.names import POOL_NAME_RULE, pool_name_problem
 from qlib_ext.pool.record import Metric
+from qlib_ext.workflow.limits import check_grid_size
 
 SAMPLERS = ("tpe", "cmaes", "gp", "qmc")
 """Model-based searches: an Optuna sampler proposes each point (``qlib_ext.search``)."""
@@ -47,7 +48,6 @@ ROLLING_KEYS = ("step", "type", "trunc_days")
 DIST_FORM = "a non-empty list of values or {dist: int|uniform|loguniform, low: ..., high: ...}"
 """What an axis may look like, for error messages."""
 
-_POOL_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,7 @@ class GridSpec:
     strategies: dict[str, Values] = field(default_factory=dict)  # key inside strategy.kwargs -> axis
     rolling: RollingSpec | None = None  # walk-forward windows; None = the segments as written
     train_once: bool = True  # one training task per model config, its strategy points as backtest tasks
+    max_points: int = defaults.MAX_GRID_POINTS  # most tasks the grid may expand to, count (not in its identity)
 
 
 @dataclass
@@ -285,6 +286,8 @@ def parse_grid(raw: Any, config: dict, file: Path) -> GridSpec:
     if not isinstance(spec.train_once, bool):
         raise _err(file, "grid.train_once", f"{type(spec.train_once).__name__} value {spec.train_once!r}",
                    "true (train each model once, backtest every strategy on it) or false")
+    spec.max_points = _number(raw.get("max_points", defaults.MAX_GRID_POINTS), file, "grid.max_points", integer=True)
+    check_grid_size(spec, file)  # before anything is built: a 10^7-point grid is refused here
     if search == "random" and _space_size(spec) < (spec.n_trials or 0):
         raise _err(file, "grid.n_trials", f"n_trials {spec.n_trials} exceeds the {_space_size(spec)} "
                    "distinct points of the search space", "fewer trials, more values, or search: grid")
@@ -323,8 +326,9 @@ def _parse_prune(raw: Any, file: Path, rolling: RollingSpec | None) -> PruneSpec
 
 
 def _pool(raw: Any, file: Path) -> str | None:
-    if raw is not None and not (isinstance(raw, str) and _POOL_RE.match(raw) and not raw.startswith("system.")):
-        raise _err(file, "grid.pool", f"invalid pool name {raw!r}", "letters, digits, '_', '-', '.'")
+    problem = None if raw is None else pool_name_problem(raw)
+    if problem:
+        raise _err(file, "grid.pool", f"invalid pool name {raw!r}", f"{POOL_NAME_RULE} (this one: {problem})")
     return raw
 
 
