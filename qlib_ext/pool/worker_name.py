@@ -35,7 +35,7 @@ class SchedulerJob:
         """``slurm-123_4`` (SLURM's own array notation), ``slurm-123``, ``k8s-<pod>``."""
         if not self.task:
             return f"{self.scheduler}-{self.job}"
-        if self.task.startswith(self.job):  # a pod's name starts with its Job's
+        if self.task.startswith(self.job + "-"):  # a pod's name is its Job's and a suffix
             return f"{self.scheduler}-{self.task}"
         return f"{self.scheduler}-{self.job}_{self.task}"
 
