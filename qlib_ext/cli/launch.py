@@ -20,8 +20,9 @@ _COMMON = [
     click.option("--gpus-per-worker", type=click.IntRange(min=1), default=None, help="GPUs per worker."),
     click.option("--mem", default=None, help="Memory per worker (SLURM: 16G; Kubernetes: 16Gi)."),
     click.option("--provider-uri", default=None, help="The Qlib data directory as the workers see it."),
-    click.option("--grace-seconds", type=click.FloatRange(min=0), default=defaults.GRACE_SECONDS,
-                 show_default=True, help="The workers' grace period after SIGTERM, s (the stop is timed for it)."),
+    click.option("--grace-seconds", type=click.FloatRange(min=0), default=None,
+                 help=f"The workers' grace period after SIGTERM, s; the scheduler's stop is timed for it (default: "
+                      f"the pool's workers.grace_seconds, {defaults.GRACE_SECONDS:g})."),
 ]
 
 

@@ -26,15 +26,26 @@ def check_launch(pool: str, workers: int) -> None:
         raise ConfigError(f"--workers {workers}: at least 1 worker")
 
 
+def stop_margin(grace_seconds: float | None) -> int:
+    """Seconds a scheduler's stop should leave a worker: its grace period (default ``defaults.GRACE_SECONDS``) and
+    ``defaults.LAUNCH_STOP_MARGIN_SECONDS``."""
+    grace = defaults.GRACE_SECONDS if grace_seconds is None else grace_seconds
+    return int(grace + defaults.LAUNCH_STOP_MARGIN_SECONDS)
+
+
 def launch_dir(pool: str) -> Path:
     """Where a launch writes its job script or manifest (and SLURM its logs): ``$QLIB_EXT_HOME/launch/POOL``."""
     return defaults.home() / "launch" / pool
 
 
-def worker_args(pool: str, processes: int, cpus: int | None, provider_uri: str | None) -> list[str]:
+def worker_args(pool: str, processes: int, cpus: int | None, provider_uri: str | None,
+                grace_seconds: float | None) -> list[str]:
     """``qlib-ext worker``'s arguments for one launched worker: the pool, its processes, their threads (``cpus``
-    shared out) and the data directory. Never a store URL or MLflow URI (they may hold a password)."""
+    shared out), the grace period when one was given (else the pool's ``workers.grace_seconds``) and the data
+    directory. Never a store URL or MLflow URI (they may hold a password)."""
     args = ["worker", "--pool", pool, "--workers", str(processes)]
+    if grace_seconds is not None:
+        args += ["--grace-seconds", f"{grace_seconds:g}"]
     if cpus:
         args += ["--threads", str(max(1, cpus // processes))]
     if provider_uri:

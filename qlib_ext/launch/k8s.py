@@ -23,7 +23,7 @@ from typing import Any
 
 from qlib_ext import defaults
 from qlib_ext.errors import LaunchError
-from qlib_ext.launch import check_launch, launch_dir, worker_args
+from qlib_ext.launch import check_launch, launch_dir, stop_margin, worker_args
 from qlib_ext.pool.worker_name import K8S_JOB_ENV, K8S_POD_ENV
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class K8sJob:
     mem: str | None = None  # memory request and limit, Kubernetes syntax (16Gi)
     provider_uri: str | None = None  # the data directory inside the container
     data_claim: str | None = None  # a PersistentVolumeClaim mounted read-only at provider_uri
-    grace_seconds: float = defaults.GRACE_SECONDS  # the workers' grace period after SIGTERM, s
+    grace_seconds: float | None = None  # the workers' grace period after SIGTERM, s (None: the pool's)
 
     @property
     def job_name(self) -> str:
@@ -73,7 +73,7 @@ def manifest(job: K8sJob) -> dict[str, Any]:
         meta["namespace"] = job.namespace
     pod: dict[str, Any] = {
         "restartPolicy": "OnFailure",
-        "terminationGracePeriodSeconds": int(job.grace_seconds + defaults.LAUNCH_STOP_MARGIN_SECONDS),
+        "terminationGracePeriodSeconds": stop_margin(job.grace_seconds),
         "containers": [_container(job)],
     }
     if job.data_claim:
@@ -87,7 +87,8 @@ def manifest(job: K8sJob) -> dict[str, Any]:
 def _container(job: K8sJob) -> dict[str, Any]:
     container: dict[str, Any] = {
         "name": "worker", "image": job.image,
-        "command": ["qlib-ext", *worker_args(job.pool, job.processes, job.cpus_per_worker, job.provider_uri)],
+        "command": ["qlib-ext", *worker_args(job.pool, job.processes, job.cpus_per_worker, job.provider_uri,
+                                              job.grace_seconds)],
         "env": _env(job),
     }
     resources = _resources(job)

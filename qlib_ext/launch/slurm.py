@@ -21,9 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qlib_ext import defaults
 from qlib_ext.errors import LaunchError
-from qlib_ext.launch import check_launch, launch_dir, worker_args
+from qlib_ext.launch import check_launch, launch_dir, stop_margin, worker_args
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +43,7 @@ class SlurmJob:
     provider_uri: str | None = None  # the data directory as the compute nodes see it
     profile: Path | None = None  # the qlib-ext.toml the workers read (a path, never its contents)
     sbatch_args: tuple[str, ...] = ()  # more #SBATCH lines, verbatim (--account=lab, --qos=low)
-    grace_seconds: float = defaults.GRACE_SECONDS  # the workers' grace period after SIGTERM, s
+    grace_seconds: float | None = None  # the workers' grace period after SIGTERM, s (None: the pool's)
     out_dir: Path | None = None  # script and logs; default $QLIB_EXT_HOME/launch/POOL
     python: str = field(default_factory=lambda: sys.executable)  # the interpreter with qlib-ext on the nodes
 
@@ -77,7 +76,7 @@ def _directives(job: SlurmJob) -> list[str]:
     lines += [f"--{name}={value}" for name, value in
               (("mem", job.mem), ("partition", job.partition), ("time", job.time)) if value]
     if job.time:  # SIGTERM to the worker (the batch shell) in time for its grace period before the limit
-        lines.append(f"--signal=B:TERM@{int(job.grace_seconds + defaults.LAUNCH_STOP_MARGIN_SECONDS)}")
+        lines.append(f"--signal=B:TERM@{stop_margin(job.grace_seconds)}")
     return [f"#SBATCH {shlex.quote(line)}" for line in [*lines, *job.sbatch_args]]
 
 
@@ -85,7 +84,8 @@ def _body(job: SlurmJob) -> list[str]:
     lines = ["set -eu"]
     if job.profile:
         lines.append(f"export QLIB_EXT_PROFILE={shlex.quote(str(job.profile.resolve()))}")
-    args = worker_args(job.pool, job.processes, job.cpus_per_worker, job.provider_uri)
+    args = worker_args(job.pool, job.processes, job.cpus_per_worker, job.provider_uri,
+                       job.grace_seconds)
     lines.append(f"exec {shlex.join([job.python, '-m', 'qlib_ext', *args])}")
     return lines
 
