@@ -42,6 +42,14 @@ MAX_ATTEMPTS = 3
 GRACE_SECONDS = 30.0
 """Time a running task gets to finish after SIGTERM/SIGINT before it is handed back, seconds."""
 
+LAUNCH_STOP_MARGIN_SECONDS = 30.0
+"""Beyond a worker's grace period, how much earlier a cluster launch stops it: SLURM's SIGTERM before the job's
+time limit (``--signal``), Kubernetes' wait before SIGKILL (``terminationGracePeriodSeconds``), seconds."""
+
+K8S_SECRET = "qlib-ext"
+"""Kubernetes Secret a ``launch k8s`` worker reads its store URL (key ``mongo-url``) and MLflow URI
+(``mlflow-uri``) from."""
+
 POLL_MIN_SECONDS = 0.2
 """First idle back-off of a worker polling an empty pool, seconds."""
 

@@ -54,6 +54,11 @@ class InfraError(QlibExtError):
     """Something outside the task failed (MLflow, the store, the disk): retried without using an attempt."""
 
 
+class LaunchError(QlibExtError):
+    """A cluster scheduler (``sbatch``, ``kubectl``) is missing or refused a launch; the message says which command
+    and what it printed."""
+
+
 class TaskTimeout(TaskError, TimeoutError):
     """The task ran longer than its wall-clock limit and was killed (a failed attempt)."""
 

@@ -25,8 +25,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("qlib_ext.tracking",),
     ("qlib_ext.analysis",),
     ("qlib_ext.worker", "qlib_ext.search"),
-    # the run session (submit, proposer, warm-up, workers, summary) and the summary it prints
-    ("qlib_ext.session", "qlib_ext.summary"),
+    # the run session (submit, proposer, warm-up, workers, summary) and the summary it prints; launch starts the
+    # workers on a cluster scheduler instead (SLURM, Kubernetes)
+    ("qlib_ext.session", "qlib_ext.summary", "qlib_ext.launch"),
     # thin entry points over the session: the command line and the Python API (neither imports the other)
     ("qlib_ext.api", "qlib_ext.cli", "qlib_ext.__main__", "qlib_ext.profile"),
 ]

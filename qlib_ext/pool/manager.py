@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import pickle
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -65,10 +64,11 @@ def task_hash(task: dict) -> str:
 
 
 def worker_id() -> str:
-    """``host:pid`` of the calling process, as stamped on the tasks it claims."""
-    import os
+    """``host:pid`` of the calling process (with its scheduler job, :mod:`qlib_ext.pool.worker_name`), as stamped
+    on the tasks it claims."""
+    from qlib_ext.pool.worker_name import worker_id as name
 
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return name()
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,9 @@ class Tag:
     SAMPLER: Final = "qlib_ext.sampler"  # the search's sampler
     TRIAL_STATE: Final = "qlib_ext.trial_state"  # the trial's state
     PRUNED: Final = "qlib_ext.pruned"  # "true" on the runs of a pruned trial
+    SCHEDULER: Final = "qlib_ext.scheduler"  # slurm or k8s: the worker was started by `qlib-ext launch` (launch/)
+    SCHEDULER_JOB: Final = "qlib_ext.scheduler_job"  # its SLURM job id / Kubernetes Job name
+    SCHEDULER_TASK: Final = "qlib_ext.scheduler_task"  # its SLURM array task id / pod name (or completion index)
     MLFLOW_PARENT: Final = "mlflow.parentRunId"  # MLflow's own: nests a backtest run under its training run
     HOSTNAME: Final = "hostname"
 

@@ -22,6 +22,7 @@ from typing import Any
 from qlib_ext import defaults
 from qlib_ext.analysis.series import VALIDITY
 from qlib_ext.pool.record import KEY_METRICS, KIND_BACKTEST, KIND_TRAIN, META, Outcome, Tag, TaskMeta
+from qlib_ext.pool.worker_name import scheduler_job, split_worker
 from qlib_ext.tracking import mlflow_ui
 
 logger = logging.getLogger(__name__)
@@ -45,18 +46,26 @@ def mlflow_tags(task: dict, task_id: str, worker: str, attempt: int) -> dict[str
     meta = TaskMeta.of(task)
     return {
         **_sweep_tags(meta),
+        **_scheduler_tags(),
         Tag.POOL: str(meta.pool or ""),
         Tag.TASK_ID: str(task_id),
         Tag.GRID_HASH: str(meta.grid_hash or ""),
         Tag.CONFIG_ID: str(meta.config_id or ""),
         Tag.WORKER: worker,
-        Tag.HOST: worker.rsplit(":", 1)[0] if ":" in worker else socket.gethostname(),
+        Tag.HOST: split_worker(worker)[0] if ":" in worker else socket.gethostname(),
         Tag.ATTEMPT: str(attempt),
         # What the worker's thread limits were, so oversubscription is visible in the MLflow UI.
         Tag.THREADS: os.environ.get("OMP_NUM_THREADS", ""),
         Tag.LGB_NUM_THREADS: str(task.get("model", {}).get("kwargs", {}).get("num_threads", "")),
         Tag.HOSTNAME: socket.gethostname(),
     }
+
+
+def _scheduler_tags() -> dict[str, str]:
+    """The SLURM/Kubernetes job this worker runs in (``qlib-ext launch``), none outside a scheduler."""
+    job = scheduler_job()
+    return {} if job is None else {Tag.SCHEDULER: job.scheduler, Tag.SCHEDULER_JOB: job.job,
+                                   Tag.SCHEDULER_TASK: job.task}
 
 
 def _sweep_tags(meta: TaskMeta) -> dict[str, str]:

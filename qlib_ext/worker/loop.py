@@ -248,7 +248,9 @@ def _owner_alive(worker: str) -> bool:
     """Whether ``host:pid`` is a live process on this host other than us."""
     import socket
 
-    host, _, pid = worker.rpartition(":")
+    from qlib_ext.pool.worker_name import split_worker
+
+    host, pid = split_worker(worker)
     if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
         return False
     try:
