@@ -15,6 +15,7 @@ from pathlib import Path
 
 from qlib.data.dataset import Dataset
 from qlib.model.base import Model
+from qlib.workflow.record_temp import PortAnaRecord
 
 MARKS_ENV = "QLIB_EXT_TEST_MARKS"
 """Environment variable naming the directory where ``ChaosModel.fit`` leaves its start marks."""
@@ -135,3 +136,7 @@ class ProbeModel(Model):
 
 def _exit_quietly() -> None:
     pass
+
+
+class ShuffledPortAnaRecord(PortAnaRecord):
+    """A user's own ``PortAnaRecord`` subclass, named dotted (``fixtures.ShuffledPortAnaRecord``) in a workflow."""

@@ -161,6 +161,18 @@ def test_strategies_reach_every_port_ana_record(tmp_path):
         assert task["qlib_ext"]["strategy"] == {"topk": topk, "n_drop": 2}
 
 
+@pytest.mark.parametrize("cls, module", [("MultiPassPortAnaRecord", "qlib.workflow.record_temp"),
+                                         ("fixtures.ShuffledPortAnaRecord", None)])
+def test_strategies_reach_every_port_ana_record_subclass(tmp_path, cls, module):
+    """Qlib's MultiPassPortAnaRecord and a user's own PortAnaRecord subclass are PortAnaRecords (issue 23 §5)."""
+    where = f", module_path: {module}" if module else ""
+    base = BASE.replace("{class: PortAnaRecord, module_path: qlib.workflow.record_temp", f"{{class: {cls}{where}")
+    assert cls in base
+    tasks = _expand(tmp_path, "grid:\n    train_once: false\n    strategies: {topk: [20, 30]}\n", base=base)
+    assert [t["record"][2]["kwargs"]["config"]["strategy"]["kwargs"]["topk"] for t in tasks] == [20, 30]
+    assert [t["qlib_ext"]["strategy"] for t in tasks] == [{"topk": 20}, {"topk": 30}]
+
+
 def test_model_short_names():
     assert model_short_name({"class": "LGBModel"}) == "lgb"
     assert model_short_name({"class": "LinearModel"}) == "linear"

@@ -19,6 +19,7 @@ from typing import Any
 from qlib_ext import defaults
 from qlib_ext.errors import ConfigError
 from qlib_ext.pool.record import Metric
+from qlib_ext.workflow.records import is_port_ana, portana_configs  # noqa: F401 - re-exported
 
 SAMPLERS = ("tpe", "cmaes", "gp", "qmc")
 """Model-based searches: an Optuna sampler proposes each point (``qlib_ext.search``)."""
@@ -181,24 +182,6 @@ def check_path(root: Any, dotted: str, *, allow_new: bool = False) -> tuple[str,
         node = _step(node, part)
         walked = part if walked == "<root>" else f"{walked}.{part}"
     return None
-
-
-def is_port_ana(record: Any) -> bool:
-    """Whether a record config is a ``PortAnaRecord``: its ``class`` is that name, bare or dotted
-    (``qlib.workflow.record_temp.PortAnaRecord``). The one rule for expansion, sweep and cache warming."""
-    return isinstance(record, dict) and str(record.get("class", "")).rsplit(".", 1)[-1] == "PortAnaRecord"
-
-
-def portana_configs(task: dict) -> list[dict]:
-    """Return the ``config`` mapping of every ``PortAnaRecord`` in ``task['record']`` (each once)."""
-    records = task.get("record") or []
-    found: dict[int, dict] = {}
-    for rec in records if isinstance(records, list) else [records]:
-        if is_port_ana(rec):
-            cfg = (rec.get("kwargs") or {}).get("config")
-            if isinstance(cfg, dict) and isinstance(cfg.get("strategy"), dict):
-                found.setdefault(id(cfg), cfg)
-    return list(found.values())
 
 
 # --------------------------------------------------------------------------- validation
