@@ -305,6 +305,24 @@ def test_rolling_test_end_must_leave_a_trading_day(tmp_path, synth_provider):
     assert "end the test on 2016-07-14 or earlier" in str(e.value)
 
 
+def test_trunc_days_from_the_calendars_first_day_is_a_config_error(tmp_path, synth_provider):
+    """Qlib's TimeAdjuster.truncate asserts every truncated date lies after the calendar's first day: a bare
+    AssertionError from expand and run before (issue 23 §5); now a ConfigError naming the key and the fix."""
+    base = _synth_base().replace("train: [2015-03-30, 2015-12-04]", "train: [2015-01-05, 2015-12-04]")
+    path = write_yaml(tmp_path, "grid:\n    rolling: {step: 40, trunc_days: 3}\n", base=base)
+    with pytest.raises(ConfigError) as e:
+        expand(load_workflow(path), provider_uri=str(synth_provider))
+    assert "grid.rolling.trunc_days (3) with task.dataset.kwargs.segments.train of" in str(e.value)
+    assert "start segments.train on 2015-01-06 or later" in str(e.value)
+    fixed = write_yaml(tmp_path, "grid:\n    rolling: {step: 40, trunc_days: 3}\n", name="fixed.yaml",
+                       base=base.replace("train: [2015-01-05,", "train: [2015-01-06,"))
+    assert [w["train"][0] for w in _meta(expand(load_workflow(fixed), provider_uri=str(synth_provider)),
+                                         "window")] == ["2015-01-06", "2015-01-06"]
+    cli = CliRunner().invoke(main, ["expand", "--provider-uri", str(synth_provider), str(path)])
+    assert cli.exit_code != 0 and "start segments.train on 2015-01-06 or later" in cli.output
+    assert "AssertionError" not in cli.output.replace("(AssertionError)", "")
+
+
 def test_rolling_without_a_calendar_says_how_to_get_one(tmp_path):
     path = write_yaml(tmp_path, ROLLING % "expanding")
     with pytest.raises(ConfigError, match=r"needs the Qlib calendar, but .*calendars/day.txt does not exist"):
