@@ -35,12 +35,12 @@ class TinyDataset(Dataset):
 
 
 class ChaosModel(Model):
-    """Sleeps ``seconds`` in ``fit``; raises on ``fail_on`` points, sleeps forever on ``hang_on`` ones
-    (with SIGTERM blocked when ``stubborn``, so only SIGKILL ends it)."""
+    """Sleeps ``seconds`` in ``fit``; raises on ``fail_on`` points (``message``, else "poison grid point"), sleeps
+    forever on ``hang_on`` ones (with SIGTERM blocked when ``stubborn``, so only SIGKILL ends it)."""
 
     def __init__(self, i: int = 0, seconds: float = 0.5, fail_on: list | None = None, hang_on: list | None = None,
-                 stubborn: bool = False):
-        self.i, self.seconds = i, seconds
+                 stubborn: bool = False, message: str | None = None):
+        self.i, self.seconds, self.message = i, seconds, message
         self.fail_on, self.hang_on, self.stubborn = fail_on or [], hang_on or [], stubborn
 
     def fit(self, dataset: Dataset, reweighter=None) -> None:
@@ -50,7 +50,7 @@ class ChaosModel(Model):
         if marks:
             Path(marks, f"started-{self.i}-{os.getpid()}").touch()
         if self.i in self.fail_on:
-            raise ValueError(f"poison grid point i={self.i}")
+            raise ValueError(self.message or f"poison grid point i={self.i}")
         if self.i in self.hang_on:
             if self.stubborn:
                 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})

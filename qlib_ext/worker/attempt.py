@@ -172,7 +172,7 @@ class Attempt:
     def failed(self, exc: Exception) -> None:
         """Record a failed attempt (rejected at once, handed back after an infrastructure fault, or one
         attempt used), then end its run: KILLED after a timeout, FAILED otherwise."""
-        from qlib_ext.worker.faults import INFRA, REJECTED, classify, describe
+        from qlib_ext.worker.faults import INFRA, RECURRING, REJECTED, classify, describe, root_cause
 
         if isinstance(exc, ChildTaskFailed):
             error, kind = str(exc), exc.kind
@@ -182,6 +182,11 @@ class Attempt:
             error, kind = describe(exc), classify(exc)
         if kind == REJECTED:
             self.reject(error)
+            return
+        if kind == RECURRING:
+            cause = root_cause(exc) if not isinstance(exc, ChildTaskFailed) else error.strip().splitlines()[-1]
+            self.reject(f"{error}\nnot retried: this error recurs identically on every attempt ({cause}); fix the "
+                        f"task, then `qlib-ext retry {self.s.pool} --failed` or resubmit")
             return
         delay = self._infra(error) if kind == INFRA else None
         if delay is None:
@@ -197,7 +202,8 @@ class Attempt:
             self.worker.stop.event.wait(delay)
 
     def reject(self, error: str) -> None:
-        """Fail a task that can never succeed as written, now, without using its other attempts."""
+        """Fail a task that can never succeed as written, now, without using its other attempts (a rejection, or
+        an error that would recur identically)."""
         claim = self.claim
         logger.error("worker %s: task %s rejected: %s", claim.worker, claim.id, error.strip().splitlines()[-1])
         status = self.worker.store_retry(lambda: self.tm.fail(claim, error, max_attempts=claim.attempt))
