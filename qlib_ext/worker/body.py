@@ -223,10 +223,12 @@ def _train_and_record(task: dict, recorder: Any, timings: dict[str, float], cach
     from qlib.workflow.record_temp import PortAnaRecord
 
     from qlib_ext.cache.lgb_bins import reused_lgb_data
+    from qlib_ext.worker import torch_compat
     from qlib_ext.worker.sanity import check_record
 
     with _stage(timings, "data"):
         dataset = _dataset(task["dataset"], cache_dir)
+    torch_compat.prepare(task["model"])
     model = init_instance_by_config(task["model"], accept_types=Model)
     with _stage(timings, "fit"), reused_lgb_data(model, _dataset_key(task["dataset"], cache_dir), cache_dir):
         auto_filter_kwargs(model.fit)(dataset, reweighter=task.get("reweighter"))
