@@ -114,12 +114,20 @@ class NaNModel(Model):
 
 class ProbeModel(Model):
     """Records, as tags of its MLflow run, how the task's own child processes start (the start method a
-    ``DataLoader(num_workers=n)`` or a joblib pool gets) and which devices it was given."""
+    ``DataLoader(num_workers=n)`` or a joblib pool gets) and which devices it was given. With ``GPU`` (Qlib's
+    PyTorch models' keyword) and a CUDA device visible, it trains a small torch model on ``cuda:GPU`` and tags the
+    UUID of the device it really ran on."""
+
+    def __init__(self, GPU: int | None = None):  # noqa: N803 - Qlib's PyTorch models spell it so
+        self.gpu = GPU
 
     def fit(self, dataset: Dataset, reweighter=None) -> None:
         import multiprocessing as mp
 
         from qlib.workflow import R
+
+        if self.gpu is not None:
+            R.set_tags(**{"probe.cuda_uuid": _train_on_gpu(self.gpu)})
 
         ctx = mp.get_context()  # what torch's DataLoader and joblib's multiprocessing backend use
         child = ctx.Process(target=_exit_quietly)
@@ -136,6 +144,25 @@ class ProbeModel(Model):
 
 def _exit_quietly() -> None:
     pass
+
+
+def _train_on_gpu(gpu: int) -> str:
+    """A few steps of a small torch model on ``cuda:gpu``; the UUID of the device it ran on ("none" without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "none"
+    device = torch.device(f"cuda:{gpu}")
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1)).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = torch.randn(256, 16, device=device), torch.randn(256, 1, device=device)
+    for _ in range(20):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+    assert next(model.parameters()).device == device
+    return str(torch.cuda.get_device_properties(device).uuid)
 
 
 class ShuffledPortAnaRecord(PortAnaRecord):

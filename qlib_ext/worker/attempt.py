@@ -76,7 +76,8 @@ class Attempt:
         self.worker.stop.task_started(runner)
         try:
             task = self._checked()
-            self.run_id = open_run(s.mlflow_uri, task, str(claim.id), claim.worker, claim.attempt)
+            self.run_id = open_run(s.mlflow_uri, task, str(claim.id), claim.worker, claim.attempt,
+                                   device=self.worker.device)
             with HeartbeatThread(self.tm, claim, s.lease_seconds, s.heartbeat_seconds,
                                  on_lost=lambda: runner.interrupt(EndReason.LEASE_LOST)):
                 result = runner.run(run_grid_task, task, self.run_id, cache_dir=s.cache_dir,
@@ -255,11 +256,12 @@ def replay(worker: Worker, item: Spooled) -> None:
 
 
 # ---------------------------------------------------------------------- the run
-def open_run(mlflow_uri: str, task: dict, task_id: str, worker: str, attempt: int) -> str:
+def open_run(mlflow_uri: str, task: dict, task_id: str, worker: str, attempt: int, device: str | None = None) -> str:
     """Create the attempt's MLflow run, RUNNING, and return its id.
 
-    The run is born with all its tags in one call (MLflow's context tags, qlib-ext's, the grid nesting), so
-    the reaper never sees it half tagged; its params follow in batches of 100.
+    The run is born with all its tags in one call (MLflow's context tags, qlib-ext's, the grid nesting, the
+    worker's ``device`` when it was given GPUs), so the reaper never sees it half tagged; its params follow in
+    batches of 100.
 
     Raises:
         Exception: whatever MLflow raises (classified by :mod:`qlib_ext.worker.faults`: MLflow away is an
@@ -275,7 +277,8 @@ def open_run(mlflow_uri: str, task: dict, task_id: str, worker: str, attempt: in
     client = _client(mlflow_uri)
     experiment_id = _experiment_id(mlflow_uri, meta.experiment or "workflow")
     ui_tags, params = mlflow_ui.run_decoration(client, experiment_id, task, task_id)
-    tags = resolve_tags({**mlflow_tags(task, task_id, worker, attempt), **ui_tags})
+    device_tag = {Tag.DEVICE: device} if device else {}
+    tags = resolve_tags({**mlflow_tags(task, task_id, worker, attempt), **ui_tags, **device_tag})
     run_id = client.create_run(experiment_id, run_name=meta.run_name, tags=tags).info.run_id
     batch = [Param(k, str(v)) for k, v in params.items()]
     try:

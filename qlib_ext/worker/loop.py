@@ -29,7 +29,10 @@ logger = logging.getLogger(__name__)
 
 
 def worker_main(settings: WorkerSettings) -> None:
-    """Entry point of one worker process: configure threads and Qlib, then drain the pool."""
+    """Entry point of one worker process: its device, threads and Qlib, then drain the pool."""
+    from qlib_ext.worker import gpus
+
+    gpus.isolate(settings.device, settings.gpus)  # before anything imports torch
     for var in THREAD_ENV_VARS:
         os.environ[var] = str(settings.threads)
     if settings.log_dir:
@@ -145,8 +148,10 @@ class Worker:
 
     def __init__(self, settings: WorkerSettings, stop: StopState):
         from qlib_ext.pool.manager import GridTaskManager
+        from qlib_ext.worker import gpus
 
         self.s = settings
+        self.device = gpus.label(settings.device, settings.gpus)  # "cuda:N", "cpu" or None (no GPUs configured)
         self.stop = stop
         self.tm = GridTaskManager(settings.pool, task_db(settings), migrate=False)
         self._backoff = defaults.POLL_MIN_SECONDS
@@ -199,7 +204,7 @@ class Worker:
         if recovered:
             self._reap([c.id for c in recovered])  # their workers died or lost them: end their runs
         try:
-            claim = self.tm.claim(self.s.lease_seconds)
+            claim = self.tm.claim(self.s.lease_seconds, device=self.device)
         except TaskDecodeError as e:  # claimed, but its def/res is not plain data: fail it, go on
             Attempt(self, e.claim).reject(f"{type(e).__name__}: {e}")
             return True

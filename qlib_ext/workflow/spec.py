@@ -128,6 +128,8 @@ class WorkersSpec:
     threads_per_worker: str | int = defaults.THREADS_PER_WORKER  # 'auto' (cores // workers) or a count
     allowed_modules: tuple[str, ...] = ()  # module prefixes added to the workers' default allow-list
     fast_backtest: bool = defaults.FAST_BACKTEST  # covered PortAnaRecord backtests on the fast, identical path
+    gpus: list | str | None = None  # GPU ids the workers get, one each ([0, 1] or "all"); None: no GPUs
+    workers_per_gpu: int = 1  # workers sharing each of those devices
 
 
 # --------------------------------------------------------------------------- dotted paths
@@ -462,4 +464,7 @@ def parse_workers(raw: Any, file: Path) -> WorkersSpec:
     spec.allowed_modules = tuple(modules)
     if not isinstance(spec.fast_backtest, bool):
         raise _err(file, "workers.fast_backtest", f"got {spec.fast_backtest!r}", "true or false")
+    _number(spec.workers_per_gpu, file, "workers.workers_per_gpu", integer=True)
+    if spec.gpus is not None and not isinstance(spec.gpus, (str, int, list)):
+        raise _err(file, "workers.gpus", f"got {spec.gpus!r}", "a list of device ids such as [0, 1], or all")
     return spec
