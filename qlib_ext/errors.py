@@ -73,7 +73,7 @@ class TaskInterrupted(TaskError):
 
 class ChildTaskFailed(TaskError):
     """The task raised in its child process; ``str(e)`` is the child's formatted traceback, ``kind``
-    whose fault it was (:func:`qlib_ext.worker.faults.classify`: "rejected", "infra" or None)."""
+    whose fault it was (:func:`qlib_ext.worker.faults.classify`: "rejected", "infra", "recurring" or None)."""
 
     def __init__(self, text: str, kind: str | None = None):
         super().__init__(text)

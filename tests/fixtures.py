@@ -15,6 +15,7 @@ from pathlib import Path
 
 from qlib.data.dataset import Dataset
 from qlib.model.base import Model
+from qlib.workflow.record_temp import PortAnaRecord
 
 MARKS_ENV = "QLIB_EXT_TEST_MARKS"
 """Environment variable naming the directory where ``ChaosModel.fit`` leaves its start marks."""
@@ -34,12 +35,12 @@ class TinyDataset(Dataset):
 
 
 class ChaosModel(Model):
-    """Sleeps ``seconds`` in ``fit``; raises on ``fail_on`` points, sleeps forever on ``hang_on`` ones
-    (with SIGTERM blocked when ``stubborn``, so only SIGKILL ends it)."""
+    """Sleeps ``seconds`` in ``fit``; raises on ``fail_on`` points (``message``, else "poison grid point"), sleeps
+    forever on ``hang_on`` ones (with SIGTERM blocked when ``stubborn``, so only SIGKILL ends it)."""
 
     def __init__(self, i: int = 0, seconds: float = 0.5, fail_on: list | None = None, hang_on: list | None = None,
-                 stubborn: bool = False):
-        self.i, self.seconds = i, seconds
+                 stubborn: bool = False, message: str | None = None):
+        self.i, self.seconds, self.message = i, seconds, message
         self.fail_on, self.hang_on, self.stubborn = fail_on or [], hang_on or [], stubborn
 
     def fit(self, dataset: Dataset, reweighter=None) -> None:
@@ -49,7 +50,7 @@ class ChaosModel(Model):
         if marks:
             Path(marks, f"started-{self.i}-{os.getpid()}").touch()
         if self.i in self.fail_on:
-            raise ValueError(f"poison grid point i={self.i}")
+            raise ValueError(self.message or f"poison grid point i={self.i}")
         if self.i in self.hang_on:
             if self.stubborn:
                 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
@@ -109,3 +110,60 @@ class NaNModel(Model):
 
         features = dataset.prepare(segment, col_set="feature")
         return pd.Series(np.nan, index=features.index, dtype=float)
+
+
+class ProbeModel(Model):
+    """Records, as tags of its MLflow run, how the task's own child processes start (the start method a
+    ``DataLoader(num_workers=n)`` or a joblib pool gets) and which devices it was given. With ``GPU`` (Qlib's
+    PyTorch models' keyword) and a CUDA device visible, it trains a small torch model on ``cuda:GPU`` and tags the
+    UUID of the device it really ran on."""
+
+    def __init__(self, GPU: int | None = None):  # noqa: N803 - Qlib's PyTorch models spell it so
+        self.gpu = GPU
+
+    def fit(self, dataset: Dataset, reweighter=None) -> None:
+        import multiprocessing as mp
+
+        from qlib.workflow import R
+
+        if self.gpu is not None:
+            R.set_tags(**{"probe.cuda_uuid": _train_on_gpu(self.gpu)})
+
+        ctx = mp.get_context()  # what torch's DataLoader and joblib's multiprocessing backend use
+        child = ctx.Process(target=_exit_quietly)
+        child.start()
+        child.join()
+        R.set_tags(**{"probe.start_method": ctx.get_start_method(), "probe.child_exit": str(child.exitcode),
+                      "probe.cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"),
+                      "probe.omp_num_threads": os.environ.get("OMP_NUM_THREADS", "<unset>"),
+                      "probe.pid": str(os.getpid())})
+
+    def predict(self, dataset: Dataset, segment="test"):
+        raise NotImplementedError("ProbeModel has no predictions")
+
+
+def _exit_quietly() -> None:
+    pass
+
+
+def _train_on_gpu(gpu: int) -> str:
+    """A few steps of a small torch model on ``cuda:gpu``; the UUID of the device it ran on ("none" without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "none"
+    device = torch.device(f"cuda:{gpu}")
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1)).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = torch.randn(256, 16, device=device), torch.randn(256, 1, device=device)
+    for _ in range(20):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+    assert next(model.parameters()).device == device
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+class ShuffledPortAnaRecord(PortAnaRecord):
+    """A user's own ``PortAnaRecord`` subclass, named dotted (``fixtures.ShuffledPortAnaRecord``) in a workflow."""

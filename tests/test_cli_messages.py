@@ -76,3 +76,25 @@ def test_a_strategy_sweep_says_what_follows():
     sub = Submitted("p", 1, 1, "mongodb://x", "sqlite:///x", "p", backtests=4)
     assert str(sub) == "pool p: 1 new of 1 training task, 4 backtests to follow (experiment 'p')"
     assert str(Submitted("p", 4, 4, "m", "u", "p")) == "pool p: 4 new of 4 tasks (experiment 'p')"
+
+
+def test_resubmitting_a_pool_whose_tasks_failed_says_how_to_retry(tmp_path, synth_provider, mongo_url):
+    """'0 new of 2' alone left a user wondering why nothing ran (issue 23 §5): the failed tasks are named, with
+    the commands that show why and requeue them."""
+    from fixtures import write_chaos_workflow
+
+    from qlib_ext.pool.manager import GridTaskManager, open_db
+
+    pool = f"refail_{uuid.uuid4().hex[:8]}"
+    wf = write_chaos_workflow(tmp_path / "wf.yaml", synth_provider, 2, pool, max_attempts=1)
+    args = ["submit", "--mongo-url", mongo_url, "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", str(wf)]
+    first = CliRunner().invoke(cli.main, args)
+    assert first.exit_code == 0 and "retry" not in first.output, first.output
+    tm = GridTaskManager(pool, open_db(mongo_url))
+    for _ in range(2):
+        tm.fail(tm.claim(worker="host:1"), "ValueError: poison")
+    again = CliRunner().invoke(cli.main, args)
+    assert again.exit_code == 0, again.output
+    assert f"pool {pool}: 0 new of 2 tasks" in again.output
+    assert (f"2 failed earlier: a submit does not run them again; `qlib-ext status {pool}` shows why, "
+            f"`qlib-ext retry {pool}` requeues them (attempts start over)") in again.output

@@ -161,6 +161,18 @@ def test_strategies_reach_every_port_ana_record(tmp_path):
         assert task["qlib_ext"]["strategy"] == {"topk": topk, "n_drop": 2}
 
 
+@pytest.mark.parametrize("cls, module", [("MultiPassPortAnaRecord", "qlib.workflow.record_temp"),
+                                         ("fixtures.ShuffledPortAnaRecord", None)])
+def test_strategies_reach_every_port_ana_record_subclass(tmp_path, cls, module):
+    """Qlib's MultiPassPortAnaRecord and a user's own PortAnaRecord subclass are PortAnaRecords (issue 23 §5)."""
+    where = f", module_path: {module}" if module else ""
+    base = BASE.replace("{class: PortAnaRecord, module_path: qlib.workflow.record_temp", f"{{class: {cls}{where}")
+    assert cls in base
+    tasks = _expand(tmp_path, "grid:\n    train_once: false\n    strategies: {topk: [20, 30]}\n", base=base)
+    assert [t["record"][2]["kwargs"]["config"]["strategy"]["kwargs"]["topk"] for t in tasks] == [20, 30]
+    assert [t["qlib_ext"]["strategy"] for t in tasks] == [{"topk": 20}, {"topk": 30}]
+
+
 def test_model_short_names():
     assert model_short_name({"class": "LGBModel"}) == "lgb"
     assert model_short_name({"class": "LinearModel"}) == "linear"
@@ -298,6 +310,24 @@ def test_rolling_test_end_must_leave_a_trading_day(tmp_path, synth_provider):
         expand(load_workflow(path), provider_uri=str(synth_provider))
     assert "calendar's last day 2016-07-15 in task.dataset.kwargs.segments.test of" in str(e.value)
     assert "end the test on 2016-07-14 or earlier" in str(e.value)
+
+
+def test_trunc_days_from_the_calendars_first_day_is_a_config_error(tmp_path, synth_provider):
+    """Qlib's TimeAdjuster.truncate asserts every truncated date lies after the calendar's first day: a bare
+    AssertionError from expand and run before (issue 23 §5); now a ConfigError naming the key and the fix."""
+    base = _synth_base().replace("train: [2015-03-30, 2015-12-04]", "train: [2015-01-05, 2015-12-04]")
+    path = write_yaml(tmp_path, "grid:\n    rolling: {step: 40, trunc_days: 3}\n", base=base)
+    with pytest.raises(ConfigError) as e:
+        expand(load_workflow(path), provider_uri=str(synth_provider))
+    assert "grid.rolling.trunc_days (3) with task.dataset.kwargs.segments.train of" in str(e.value)
+    assert "start segments.train on 2015-01-06 or later" in str(e.value)
+    fixed = write_yaml(tmp_path, "grid:\n    rolling: {step: 40, trunc_days: 3}\n", name="fixed.yaml",
+                       base=base.replace("train: [2015-01-05,", "train: [2015-01-06,"))
+    assert [w["train"][0] for w in _meta(expand(load_workflow(fixed), provider_uri=str(synth_provider)),
+                                         "window")] == ["2015-01-06", "2015-01-06"]
+    cli = CliRunner().invoke(main, ["expand", "--provider-uri", str(synth_provider), str(path)])
+    assert cli.exit_code != 0 and "start segments.train on 2015-01-06 or later" in cli.output
+    assert "AssertionError" not in cli.output.replace("(AssertionError)", "")
 
 
 def test_rolling_without_a_calendar_says_how_to_get_one(tmp_path):

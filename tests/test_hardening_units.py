@@ -107,6 +107,31 @@ def test_unwritable_mlflow_is_an_infrastructure_fault_named_by_its_root_cause(tm
         assert faults.classify(e) == faults.REJECTED
 
 
+def test_errors_that_recur_identically_are_told_from_those_that_may_change():
+    """Recurring: failed at the first attempt; a fault outside the task still wins (it may work later)."""
+    import importlib
+
+    recurring = [TypeError("__init__() got an unexpected keyword argument 'bogus'"),
+                 TypeError("__init__() missing 1 required positional argument: 'd_feat'"),
+                 AttributeError("module 'qlib.contrib.model.gbdt' has no attribute 'LGBModle'"),
+                 RuntimeError("catboost_options.cpp:594: Error: poisson bootstrap is not supported on CPU")]
+    try:
+        importlib.import_module("qlib_ext_no_such_module")
+    except ImportError as e:
+        recurring.append(e)
+    for exc in recurring:
+        assert faults.classify(exc) == faults.RECURRING, exc
+    for exc in (ValueError("poison"), MemoryError(), RuntimeError("CUDA out of memory"), TimeoutError("slow")):
+        assert faults.classify(exc) is None, exc
+    try:
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as e:
+            raise ImportError("cannot write the module cache") from e
+    except ImportError as e:
+        assert faults.classify(e) == faults.INFRA
+
+
 def test_artifacts_are_read_as_frames_and_a_crafted_pred_pkl_runs_nothing(tmp_path):
     import mlflow
 

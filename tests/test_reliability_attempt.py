@@ -127,6 +127,27 @@ def test_a_failure_is_recorded_in_the_pool_before_the_run_ends_failed(pool):
     assert pool.runs.get_run(run_id).info.status == RunStatus.FAILED.value
 
 
+CATBOOST_CPU = "catboost/private/libs/options/catboost_options.cpp:594: Error: poisson bootstrap is not supported " \
+               "on CPU"
+"""CatBoost's own words for a setting the CPU cannot run (raised here by ChaosModel: CatBoost is not installed)."""
+
+
+@pytest.mark.parametrize("task, timeout, cause", [
+    (_task(4, bogus=1), None, "got an unexpected keyword argument 'bogus'"),
+    (_task(7, fail_on=[7], message=CATBOOST_CPU), 60.0, "poisson bootstrap is not supported on CPU"),
+], ids=["bad-keyword", "catboost-cpu-child"])
+def test_an_error_that_recurs_identically_fails_the_task_at_its_first_attempt(pool, task, timeout, cause):
+    """A bad keyword, a missing class, a setting the hardware cannot run: the same error on every attempt, so the
+    first one fails the task with the reason instead of using all three (issue 23 §5)."""
+    pool.tm.create_tasks([task], max_attempts=3)
+    doc = _run_one(pool, task_timeout=timeout)
+    assert doc[Doc.STATUS] == TaskStatus.FAILED.value and doc[Doc.ATTEMPT] == 1
+    (error,) = doc[Doc.ERRORS]
+    assert cause in error["error"] and "not retried: this error recurs identically" in error["error"]
+    assert f"qlib-ext retry {POOL} --failed" in error["error"]
+    assert pool.runs.get_run(_run_id(pool)).info.status == RunStatus.FAILED.value
+
+
 # ---------------------------------------------------------------------- the reaper's one job
 def _run(status: str, attempt: str = "2", worker: str = "w:1", run_id: str = "r1", **tags) -> SimpleNamespace:
     tags = {Tag.ATTEMPT: attempt, Tag.WORKER: worker, **tags}

@@ -234,20 +234,23 @@ class GridTaskManager(TaskManager):
 
     # ------------------------------------------------------------------ claim / lease
     def claim(self, lease_seconds: float = defaults.LEASE_SECONDS, worker: str | None = None,
-              query: dict | None = None) -> Claim | None:
+              query: dict | None = None, device: str | None = None) -> Claim | None:
         """Atomically move the highest-priority waiting task to running under a lease.
 
         Returns None when nothing is waiting. Qlib's ``fetch_task`` does the same find-and-update
-        without owner, attempt or lease.
+        without owner, attempt or lease. ``device`` (``cuda:N``/``cpu``) is recorded for ``status``.
         """
         worker = worker or worker_id()
         now = self.now()
         flt = {**(query or {}), Doc.STATUS: TaskStatus.WAITING.value}
-        update = {
-            "$set": {Doc.STATUS: TaskStatus.RUNNING.value, Doc.WORKER: worker, Doc.HOST: worker.rsplit(":", 1)[0],
-                     Doc.STARTED_AT: now, Doc.LEASE_UNTIL: now + dt.timedelta(seconds=lease_seconds)},
-            "$inc": {Doc.ATTEMPT: 1},
-        }
+        fields: dict[str, Any] = {Doc.STATUS: TaskStatus.RUNNING.value, Doc.WORKER: worker,
+                                  Doc.HOST: worker.rsplit(":", 1)[0], Doc.STARTED_AT: now,
+                                  Doc.LEASE_UNTIL: now + dt.timedelta(seconds=lease_seconds)}
+        update: dict[str, Any] = {"$set": fields, "$inc": {Doc.ATTEMPT: 1}}
+        if device is not None:
+            fields[Doc.DEVICE] = device
+        else:
+            update["$unset"] = {Doc.DEVICE: ""}
         doc = self.task_pool.find_one_and_update(
             flt, update, sort=[(Doc.PRIORITY, pymongo.DESCENDING)], return_document=pymongo.ReturnDocument.AFTER
         )
@@ -435,7 +438,8 @@ class GridTaskManager(TaskManager):
         """Running tasks: ``_id``, worker, host, attempt, started_at and run name (``name``)."""
         key = f"{Doc.FILTER}.{META}.{TaskMeta.Field.RUN_NAME}"
         cur = self.task_pool.find({Doc.STATUS: TaskStatus.RUNNING.value},
-                                  {Doc.WORKER: 1, Doc.HOST: 1, Doc.STARTED_AT: 1, Doc.ATTEMPT: 1, key: 1})
+                                  {Doc.WORKER: 1, Doc.HOST: 1, Doc.STARTED_AT: 1, Doc.ATTEMPT: 1, Doc.DEVICE: 1,
+                                   key: 1})
         return [{**d, "name": _run_name(d)} for d in cur]
 
     def failed(self, limit: int = 0) -> list[dict]:

@@ -70,8 +70,9 @@ def status_report(pool: str, mongo_url: str | None) -> str:
     for d in tm.running():
         started = d.get(Doc.STARTED_AT)
         age = (now - started).total_seconds() if isinstance(started, dt.datetime) else 0
-        by_host[d.get(Doc.HOST, "?")].append(f"    {d[Doc.ID]}  {d.get(Doc.WORKER)}  attempt {d.get(Doc.ATTEMPT)}  "
-                                             f"{age:.0f}s  {d['name']}")
+        device = f"{d[Doc.DEVICE]}  " if d.get(Doc.DEVICE) else ""
+        by_host[d.get(Doc.HOST, "?")].append(f"    {d[Doc.ID]}  {d.get(Doc.WORKER)}  {device}attempt "
+                                             f"{d.get(Doc.ATTEMPT)}  {age:.0f}s  {d['name']}")
     for host, rows in sorted(by_host.items()):
         lines.append(f"running on {host}:")
         lines.extend(rows)

@@ -57,6 +57,7 @@ class Doc:
     ERRORS: Final = "errors"  # one entry (ErrorEntry fields) per failed attempt
     WORKER: Final = "worker"  # host:pid of the current or last owner
     HOST: Final = "host"  # host part of worker
+    DEVICE: Final = "device"  # the claiming worker's device, "cuda:N" or "cpu" (absent: started without GPUs)
     CREATED_AT: Final = "created_at"  # store time of insertion
     STARTED_AT: Final = "started_at"  # store time of the last claim
     LEASE_UNTIL: Final = "lease_until"  # store time the lease expires (only while running)
@@ -116,6 +117,7 @@ class Tag:
     HOST: Final = "qlib_ext.host"
     ATTEMPT: Final = "qlib_ext.attempt"
     THREADS: Final = "qlib_ext.threads"
+    DEVICE: Final = "qlib_ext.device"  # the worker's device, "cuda:N" (the host's id) or "cpu" (worker/gpus.py)
     LGB_NUM_THREADS: Final = "qlib_ext.lgb_num_threads"
     KIND: Final = "qlib_ext.kind"
     SWEEP: Final = "qlib_ext.sweep"

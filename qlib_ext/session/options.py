@@ -87,6 +87,14 @@ class RunOptions:
         None, type=int, minimum=1, commands=_ALL,
         help=f"Attempts before a task is marked failed (default: workers.max_attempts, {defaults.MAX_ATTEMPTS}). "
              "run/submit: stamped on the pool's tasks; worker: applies to the attempts it records.")
+    gpus: str | None = _opt(
+        None, env="QLIB_EXT_GPUS", metavar="IDS",
+        help="GPU ids the workers get, one device per worker process (CUDA_VISIBLE_DEVICES: a task's GPU: 0 is "
+             "its worker's device), e.g. 0,1,2,3, or 'all'; -n defaults to one worker per device (default: "
+             "workers.gpus; none). Env: QLIB_EXT_GPUS.")
+    workers_per_gpu: int | None = _opt(
+        None, type=int, minimum=1,
+        help="Workers sharing each of --gpus' devices (default: workers.workers_per_gpu, 1).")
     exit_when_idle: bool | None = _opt(
         None, type=bool, help="Exit as soon as nothing is waiting (default: when nothing is unfinished).")
     cache: bool = _opt(True, type=bool, decl="--cache/--no-cache", show_default=True,
@@ -108,7 +116,7 @@ class RunOptions:
     def knobs(self) -> dict[str, Any]:
         """The worker settings given as options (None: not given), as :func:`worker_settings` takes them."""
         names = ("lease_seconds", "heartbeat_seconds", "grace_seconds", "task_timeout", "max_attempts",
-                 "exit_when_idle", "allow_module")
+                 "exit_when_idle", "allow_module", "gpus", "workers_per_gpu")
         return {name: getattr(self, name) for name in names}
 
     @classmethod

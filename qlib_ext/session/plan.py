@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +32,24 @@ class Submitted:
     experiment: str
     backtests: int = 0  # strategy backtests the training tasks will queue when they finish (train-once)
     objective: str = "IC"  # grid.objective.metric: what the printed MLflow view sorts by
+    ended: dict[str, int] = field(default_factory=dict)  # failed/cancelled tasks already in the pool: not run again
 
     def __str__(self) -> str:
         if self.backtests:
             kind = "training task" if self.total == 1 else "training tasks"
-            return (f"pool {self.pool}: {self.new} new of {self.total} {kind}, {self.backtests} backtests to follow "
+            line = (f"pool {self.pool}: {self.new} new of {self.total} {kind}, {self.backtests} backtests to follow "
                     f"(experiment {self.experiment!r})")
-        return f"pool {self.pool}: {self.new} new of {self.total} tasks (experiment {self.experiment!r})"
+        else:
+            line = f"pool {self.pool}: {self.new} new of {self.total} tasks (experiment {self.experiment!r})"
+        return line + self._retry_hint()
+
+    def _retry_hint(self) -> str:
+        """What to do about tasks a resubmit does not run again (they ended failed or cancelled earlier)."""
+        if not self.ended:
+            return ""
+        counts = " and ".join(f"{n} {status}" for status, n in sorted(self.ended.items()))
+        return (f"\n  {counts} earlier: a submit does not run them again; `qlib-ext status {self.pool}` shows why, "
+                f"`qlib-ext retry {self.pool}` requeues them (attempts start over)")
 
 
 def resolve_provider(provider_uri: str | None, qlib_init: dict, source: str) -> str:
@@ -126,6 +137,7 @@ class Plan:
         the pool's tasks not yet finished, so a resubmit can change it.
         """
         from qlib_ext.pool.manager import GridTaskManager, open_db, save_pool_meta
+        from qlib_ext.pool.status import TaskStatus
         from qlib_ext.store import resolve_mongo_url
         from qlib_ext.tracking.experiment import ensure_experiment
 
@@ -141,7 +153,8 @@ class Plan:
         objective = self.wf.grid.objective.metric
         _grid_runs(mlflow_uri, self.wf.experiment_name, self.pool, self.tasks, self.path, objective)
         backtests = sum(len(TaskMeta.of(t).sweep or []) for t in self.tasks)
-        return Submitted(self.pool, new, total, url, mlflow_uri, self.wf.experiment_name, backtests, objective)
+        ended = {k: v for k, v in tm.counts().items() if k in (TaskStatus.FAILED.value, TaskStatus.CANCELLED.value)}
+        return Submitted(self.pool, new, total, url, mlflow_uri, self.wf.experiment_name, backtests, objective, ended)
 
 
 def submit(path: str | Path, *, mongo_url: str | None = None, mlflow_uri: str | None = None,

@@ -58,7 +58,7 @@ def run(path: str | Path, options: RunOptions, reporter: Reporter) -> Outcome:
     sub = plan.submit(mongo_url=options.mongo_url, max_attempts=options.max_attempts)
     reporter.say(str(sub))
     n = options.workers or os.cpu_count() or 1
-    settings = _settings_of(plan, sub, options, n)
+    settings, n = _on_gpus(_settings_of(plan, sub, options, n), options, n)
     searcher = _start_search(plan, sub, n, reporter)
     code = _drain_warm(settings, n, reporter)
     if searcher is not None:
@@ -85,7 +85,10 @@ def work(pool: str, options: RunOptions, reporter: Reporter) -> Outcome:
                                provider_uri=options.provider_uri, workers=n, threads=options.threads,
                                cache=options.cache, log_level=logging.getLogger().getEffectiveLevel(),
                                log_to_files=True, **options.knobs())
-    reporter.say(f"pool {pool}: starting {n} workers x {settings.threads} threads (worker logs: {settings.log_dir})")
+    settings, n = _on_gpus(settings, options, n)
+    on = f" on GPUs {','.join(settings.gpus)}" if settings.gpus else ""
+    reporter.say(f"pool {pool}: starting {n} workers x {settings.threads} threads{on} (worker logs: "
+                 f"{settings.log_dir})")
     code = _drain(pool, settings, n, reporter)
     from qlib_ext.summary import after_workers
 
@@ -107,6 +110,19 @@ def warm_cache(pool: str, *, mongo_url: str | None, provider_uri: str | None, ca
         _warm_report(warmer.wait, reporter)
     finally:
         warmer.close()
+
+
+def _on_gpus(settings: Any, options: RunOptions, n: int) -> tuple[Any, int]:
+    """With GPUs and no ``-n``: one worker per place on the devices, threads re-split over that many."""
+    from qlib_ext.worker import gpus
+    from qlib_ext.worker.settings import auto_threads
+
+    places = gpus.default_workers(settings.gpus, settings.workers_per_gpu)
+    if places is None or options.workers is not None:
+        return settings, n
+    threads = auto_threads(places) if options.threads is None and settings.threads == auto_threads(n) else (
+        settings.threads)
+    return replace(settings, threads=threads), places
 
 
 def _settings_of(plan: Plan, sub: Submitted, options: RunOptions, n: int) -> Any:

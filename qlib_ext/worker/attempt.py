@@ -76,7 +76,8 @@ class Attempt:
         self.worker.stop.task_started(runner)
         try:
             task = self._checked()
-            self.run_id = open_run(s.mlflow_uri, task, str(claim.id), claim.worker, claim.attempt)
+            self.run_id = open_run(s.mlflow_uri, task, str(claim.id), claim.worker, claim.attempt,
+                                   device=self.worker.device)
             with HeartbeatThread(self.tm, claim, s.lease_seconds, s.heartbeat_seconds,
                                  on_lost=lambda: runner.interrupt(EndReason.LEASE_LOST)):
                 result = runner.run(run_grid_task, task, self.run_id, cache_dir=s.cache_dir,
@@ -172,7 +173,7 @@ class Attempt:
     def failed(self, exc: Exception) -> None:
         """Record a failed attempt (rejected at once, handed back after an infrastructure fault, or one
         attempt used), then end its run: KILLED after a timeout, FAILED otherwise."""
-        from qlib_ext.worker.faults import INFRA, REJECTED, classify, describe
+        from qlib_ext.worker.faults import INFRA, RECURRING, REJECTED, classify, describe, root_cause
 
         if isinstance(exc, ChildTaskFailed):
             error, kind = str(exc), exc.kind
@@ -182,6 +183,11 @@ class Attempt:
             error, kind = describe(exc), classify(exc)
         if kind == REJECTED:
             self.reject(error)
+            return
+        if kind == RECURRING:
+            cause = root_cause(exc) if not isinstance(exc, ChildTaskFailed) else error.strip().splitlines()[-1]
+            self.reject(f"{error}\nnot retried: this error recurs identically on every attempt ({cause}); fix the "
+                        f"task, then `qlib-ext retry {self.s.pool} --failed` or resubmit")
             return
         delay = self._infra(error) if kind == INFRA else None
         if delay is None:
@@ -197,7 +203,8 @@ class Attempt:
             self.worker.stop.event.wait(delay)
 
     def reject(self, error: str) -> None:
-        """Fail a task that can never succeed as written, now, without using its other attempts."""
+        """Fail a task that can never succeed as written, now, without using its other attempts (a rejection, or
+        an error that would recur identically)."""
         claim = self.claim
         logger.error("worker %s: task %s rejected: %s", claim.worker, claim.id, error.strip().splitlines()[-1])
         status = self.worker.store_retry(lambda: self.tm.fail(claim, error, max_attempts=claim.attempt))
@@ -249,11 +256,12 @@ def replay(worker: Worker, item: Spooled) -> None:
 
 
 # ---------------------------------------------------------------------- the run
-def open_run(mlflow_uri: str, task: dict, task_id: str, worker: str, attempt: int) -> str:
+def open_run(mlflow_uri: str, task: dict, task_id: str, worker: str, attempt: int, device: str | None = None) -> str:
     """Create the attempt's MLflow run, RUNNING, and return its id.
 
-    The run is born with all its tags in one call (MLflow's context tags, qlib-ext's, the grid nesting), so
-    the reaper never sees it half tagged; its params follow in batches of 100.
+    The run is born with all its tags in one call (MLflow's context tags, qlib-ext's, the grid nesting, the
+    worker's ``device`` when it was given GPUs), so the reaper never sees it half tagged; its params follow in
+    batches of 100.
 
     Raises:
         Exception: whatever MLflow raises (classified by :mod:`qlib_ext.worker.faults`: MLflow away is an
@@ -269,7 +277,8 @@ def open_run(mlflow_uri: str, task: dict, task_id: str, worker: str, attempt: in
     client = _client(mlflow_uri)
     experiment_id = _experiment_id(mlflow_uri, meta.experiment or "workflow")
     ui_tags, params = mlflow_ui.run_decoration(client, experiment_id, task, task_id)
-    tags = resolve_tags({**mlflow_tags(task, task_id, worker, attempt), **ui_tags})
+    device_tag = {Tag.DEVICE: device} if device else {}
+    tags = resolve_tags({**mlflow_tags(task, task_id, worker, attempt), **ui_tags, **device_tag})
     run_id = client.create_run(experiment_id, run_name=meta.run_name, tags=tags).info.run_id
     batch = [Param(k, str(v)) for k, v in params.items()]
     try:

@@ -233,10 +233,12 @@ def _train_and_record(task: dict, recorder: Any, timings: dict[str, float], cach
 
     from qlib_ext.cache.lgb_bins import reused_lgb_data
     from qlib_ext.tracking.batch import batched_metrics
+    from qlib_ext.worker import torch_compat
     from qlib_ext.worker.sanity import check_record
 
     with _stage(timings, "data"):
         dataset = _dataset(task["dataset"], cache_dir)
+    torch_compat.prepare(task["model"])
     model = init_instance_by_config(task["model"], accept_types=Model)
     with _stage(timings, "fit"), reused_lgb_data(model, _dataset_key(task["dataset"], cache_dir), cache_dir), \
             batched_metrics(recorder):  # the training curve in a few requests, not one per round

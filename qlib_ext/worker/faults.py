@@ -5,7 +5,10 @@
 * **infra**: something outside the task failed — MLflow's database or server unreachable or
   unwritable, the task store away, the disk full. Retrying elsewhere or later may work, so the
   attempt is not counted (up to ``defaults.INFRA_RETRIES`` times).
-* anything else is the task's own error: one attempt used.
+* **recurring**: the task's own error, but one that comes back identically on every attempt — an
+  import error, a keyword the model does not take, CatBoost's "poisson bootstrap is not supported on
+  CPU": failed at once with the reason, as a rejection is (retrying would only repeat it).
+* anything else is the task's own error: one attempt used; retries are kept for what can change.
 
 :func:`describe` formats an error for the task document: the traceback, plus a last line naming the
 root cause when the traceback's own last line does not (SQLAlchemy ends its messages with
@@ -15,6 +18,7 @@ root cause when the traceback's own last line does not (SQLAlchemy ends its mess
 from __future__ import annotations
 
 import errno
+import re
 import traceback
 from collections.abc import Iterator
 
@@ -22,6 +26,16 @@ from qlib_ext.errors import InfraError, StoreError, TaskRejected
 
 REJECTED = "rejected"
 INFRA = "infra"
+RECURRING = "recurring"
+
+RECURRING_TYPES = (ImportError, SyntaxError)
+"""Exception types that recur identically on every attempt (a missing module or name, code that does not parse)."""
+
+RECURRING_MESSAGES = re.compile(r"got an unexpected keyword argument|missing \d+ required (?:positional|keyword-only) "
+                                r"argument|takes \d+ positional arguments? but \d+ (?:were|was) given|"
+                                r"module '[\w.]+' has no attribute|not supported on CPU")
+"""Messages of errors that recur identically: a bad keyword or argument count to a model or dataset class, a class
+missing from its module, a setting the hardware cannot run (CatBoost: "poisson bootstrap is not supported on CPU")."""
 
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 """OS errors that mean the disk, not the task, is at fault."""
@@ -59,16 +73,24 @@ def _is_infra(exc: BaseException) -> bool:
     return type(exc).__name__ == "MlflowException" and any(m in str(exc).lower() for m in INFRA_MESSAGES)
 
 
-def classify(exc: BaseException) -> str | None:
-    """``"rejected"``, ``"infra"`` or None (the task's own error) for an exception and its causes.
+def _is_recurring(exc: BaseException) -> bool:
+    return isinstance(exc, RECURRING_TYPES) or RECURRING_MESSAGES.search(str(exc)) is not None
 
-    A rejection anywhere in the chain wins (a task that wrapped it is still rejected).
+
+def classify(exc: BaseException) -> str | None:
+    """``"rejected"``, ``"infra"``, ``"recurring"`` or None (the task's own error, worth another attempt) for an
+    exception and its causes, in that order of precedence.
+
+    A rejection anywhere in the chain wins (a task that wrapped it is still rejected); a fault outside the task
+    wins over a recurring error (an import that failed on a full disk may work later).
     """
     causes = list(chain(exc))
     if any(isinstance(e, TaskRejected) for e in causes):
         return REJECTED
     if any(_is_infra(e) for e in causes):
         return INFRA
+    if any(_is_recurring(e) for e in causes):
+        return RECURRING
     return None
 
 

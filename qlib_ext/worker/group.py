@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import replace
 from multiprocessing.process import BaseProcess
 
 from qlib_ext import defaults
@@ -32,7 +32,10 @@ class WorkerGroup:
     """
 
     def __init__(self, settings: WorkerSettings, n: int, max_restarts: int = defaults.WORKER_RESTARTS):
+        from qlib_ext.worker import gpus
+
         self.settings, self.n, self.max_restarts = settings, n, max_restarts
+        self.devices = gpus.slots(settings.gpus, settings.workers_per_gpu, n)  # each slot's GPU, kept on restart
         self._ctx = mp.get_context("spawn")
         self.procs: list[BaseProcess] = []
         self._restarts = [0] * n
@@ -43,11 +46,12 @@ class WorkerGroup:
     def start(self) -> WorkerGroup:
         # spawned interpreters read it at start-up: every worker sums a backtest in the same order
         os.environ.setdefault("PYTHONHASHSEED", defaults.PYTHON_HASH_SEED)
-        self.procs = [self._spawn() for _ in range(self.n)]
+        self.procs = [self._spawn(i) for i in range(self.n)]
         return self
 
-    def _spawn(self) -> BaseProcess:
-        proc = self._ctx.Process(target=worker_main, args=(WorkerSettings(**asdict(self.settings)),))
+    def _spawn(self, slot: int) -> BaseProcess:
+        settings = replace(self.settings, device=self.devices[slot])  # a copy per process
+        proc = self._ctx.Process(target=worker_main, args=(settings,))
         proc.start()
         return proc
 
@@ -62,7 +66,7 @@ class WorkerGroup:
             if _pool_unfinished(self.settings):
                 logger.warning("worker %s died (exit %s); restarting it", p.pid, p.exitcode)
                 self._restarts[i] += 1
-                self.procs[i] = self._spawn()
+                self.procs[i] = self._spawn(i)
 
     def stop(self, signum: int | None = None, _frame: object = None) -> None:
         """First call: SIGTERM every worker (graceful). Second call: SIGKILL them."""

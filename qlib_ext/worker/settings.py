@@ -22,7 +22,8 @@ logger = logging.getLogger(__name__)
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 """Thread-pool sizes set in each worker so that workers x threads stays within the cores."""
 
-FROM_POOL = ("lease_seconds", "heartbeat_seconds", "grace_seconds", "task_timeout", "fast_backtest")
+FROM_POOL = ("lease_seconds", "heartbeat_seconds", "grace_seconds", "task_timeout", "fast_backtest", "gpus",
+             "workers_per_gpu")
 """``WorkerSettings`` fields taken from the pool's recorded ``workers:`` section (``WorkersSpec`` fields of the
 same name, whose defaults come from :mod:`qlib_ext.defaults`) unless a flag sets them."""
 
@@ -52,6 +53,9 @@ class WorkerSettings:
     qlib_kwargs: dict = field(default_factory=dict)  # further qlib.init arguments from the workflow
     fast_backtest: bool = defaults.FAST_BACKTEST  # PortAnaRecord backtests on qlib_ext.backtest's fast path
     allowed_modules: tuple[str, ...] = defaults.ALLOWED_MODULES  # module prefixes a task may name (pool/allowlist.py)
+    gpus: tuple[str, ...] = ()  # the group's GPU ids (worker/gpus.py); () = started without GPUs
+    workers_per_gpu: int = 1  # workers sharing each device
+    device: str | None = None  # this worker's GPU id (set per process by the group); None: none of its own
 
 
 def auto_threads(workers: int, cores: int | None = None) -> int:
@@ -159,6 +163,7 @@ def settings_from_meta(pool: str, meta: PoolMeta, *, mongo_url: str, provider_ur
             ``allow_module``; None values are ignored so flags left unset fall back to the workflow's ``workers:``.
     """
     from qlib_ext.pool import allowlist
+    from qlib_ext.worker import gpus
 
     spec = meta.workers
     wanted = threads if threads is not None else spec.get("threads_per_worker", "auto")
@@ -167,6 +172,7 @@ def settings_from_meta(pool: str, meta: PoolMeta, *, mongo_url: str, provider_ur
     explicit = overrides.pop("allow_module", None)
     fields["allowed_modules"] = allowlist.resolve(explicit or None, spec.get("allowed_modules"))
     fields.update({k: v for k, v in overrides.items() if v is not None})
+    fields["gpus"] = gpus.parse(fields.get("gpus"), "--gpus" if overrides.get("gpus") is not None else "workers.gpus")
     return WorkerSettings(
         pool=pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri or meta.mlflow_uri or "", provider_uri=provider_uri,
         region=meta.region, db_name=db_name, qlib_kwargs=meta.qlib_init,

@@ -289,6 +289,7 @@ class WindowGen(RollingGen):
         start = self.ta.align_idx(segments[self.test_key][0])
         segments[self.test_key] = (self.ta.get(start), self.ta.get(start + self.step - 1))
         if self.trunc_days is not None:
+            self._check_trunc(segments, int(self.trunc_days))
             trunc_segments(self.ta, segments, self.trunc_days, self.test_key)
         self._update_task_segs(first, segments)
         windows = [first, *self.gen_following_tasks(first, test_end)]
@@ -302,6 +303,24 @@ class WindowGen(RollingGen):
         except IndexError as e:
             raise ConfigError(f"segments {segments} lie after the calendar's last day "
                               f"{self.ta.max():%Y-%m-%d} in task.dataset.kwargs.segments of {self.file}") from e
+
+    def _check_trunc(self, segments: dict, days: int) -> None:
+        """Raise ``ConfigError`` where Qlib's ``TimeAdjuster.truncate`` would fail its bare assertion: every
+        truncated date of train/valid must land after the calendar's first day (index 0 is refused too)."""
+        test_idx = self.ta.align_idx(min(t for t in segments[self.test_key] if t is not None))
+        first, second = (f"{d:%Y-%m-%d}" for d in self.ta.cals[:2])
+        for key, seg in segments.items():
+            points = [p for p in (seg if key != self.test_key and isinstance(seg, tuple) else ()) if p is not None]
+            if not any(min(self.ta.align_idx(p), test_idx - days) <= 0 for p in points):
+                continue
+            where = f"grid.rolling.trunc_days ({days}) with task.dataset.kwargs.segments.{key} of {self.file}"
+            if test_idx - days <= 0:
+                raise ConfigError(f"{where}: cutting {days} trading days before the test start "
+                                  f"{self.ta.get(test_idx):%Y-%m-%d} reaches the calendar's first day {first}; "
+                                  f"use trunc_days {max(test_idx - 1, 0)} or less, or start the test later")
+            raise ConfigError(f"{where}: segment {key} starts on the calendar's first day {first}, which Qlib's "
+                              f"TimeAdjuster.truncate refuses (AssertionError) when trunc_days is set; start "
+                              f"segments.{key} on {second} or later")
 
     def _test_end(self, segments: dict) -> pd.Timestamp:
         """The written test end, checked to leave one trading day before the calendar ends."""

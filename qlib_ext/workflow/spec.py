@@ -20,6 +20,7 @@ from qlib_ext.errors import ConfigError
 from qlib_ext.names import POOL_NAME_RULE, pool_name_problem
 from qlib_ext.pool.record import Metric
 from qlib_ext.workflow.limits import check_grid_size
+from qlib_ext.workflow.records import is_port_ana, portana_configs  # noqa: F401 - re-exported
 
 SAMPLERS = ("tpe", "cmaes", "gp", "qmc")
 """Model-based searches: an Optuna sampler proposes each point (``qlib_ext.search``)."""
@@ -128,6 +129,8 @@ class WorkersSpec:
     threads_per_worker: str | int = defaults.THREADS_PER_WORKER  # 'auto' (cores // workers) or a count
     allowed_modules: tuple[str, ...] = ()  # module prefixes added to the workers' default allow-list
     fast_backtest: bool = defaults.FAST_BACKTEST  # covered PortAnaRecord backtests on the fast, identical path
+    gpus: list | str | None = None  # GPU ids the workers get, one each ([0, 1] or "all"); None: no GPUs
+    workers_per_gpu: int = 1  # workers sharing each of those devices
 
 
 # --------------------------------------------------------------------------- dotted paths
@@ -182,24 +185,6 @@ def check_path(root: Any, dotted: str, *, allow_new: bool = False) -> tuple[str,
         node = _step(node, part)
         walked = part if walked == "<root>" else f"{walked}.{part}"
     return None
-
-
-def is_port_ana(record: Any) -> bool:
-    """Whether a record config is a ``PortAnaRecord``: its ``class`` is that name, bare or dotted
-    (``qlib.workflow.record_temp.PortAnaRecord``). The one rule for expansion, sweep and cache warming."""
-    return isinstance(record, dict) and str(record.get("class", "")).rsplit(".", 1)[-1] == "PortAnaRecord"
-
-
-def portana_configs(task: dict) -> list[dict]:
-    """Return the ``config`` mapping of every ``PortAnaRecord`` in ``task['record']`` (each once)."""
-    records = task.get("record") or []
-    found: dict[int, dict] = {}
-    for rec in records if isinstance(records, list) else [records]:
-        if is_port_ana(rec):
-            cfg = (rec.get("kwargs") or {}).get("config")
-            if isinstance(cfg, dict) and isinstance(cfg.get("strategy"), dict):
-                found.setdefault(id(cfg), cfg)
-    return list(found.values())
 
 
 # --------------------------------------------------------------------------- validation
@@ -483,4 +468,7 @@ def parse_workers(raw: Any, file: Path) -> WorkersSpec:
     spec.allowed_modules = tuple(modules)
     if not isinstance(spec.fast_backtest, bool):
         raise _err(file, "workers.fast_backtest", f"got {spec.fast_backtest!r}", "true or false")
+    _number(spec.workers_per_gpu, file, "workers.workers_per_gpu", integer=True)
+    if spec.gpus is not None and not isinstance(spec.gpus, (str, int, list)):
+        raise _err(file, "workers.gpus", f"got {spec.gpus!r}", "a list of device ids such as [0, 1], or all")
     return spec

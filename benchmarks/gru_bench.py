@@ -1,0 +1,140 @@
+"""Qlib's GRU benchmark workflow, one task: ``qrun`` against ``qlib-ext run -n 1`` (issue 23 §1).
+
+Takes Qlib's own ``examples/benchmarks/GRU/workflow_config_gru_Alpha158.yaml`` (pass its path: it is Qlib's
+file, not shipped here), changes only its dates and data directory to fit a synthetic dataset
+(``qlib-ext data synth``), and runs it once under each command, measuring the wall time and the peak memory
+of the whole process tree (the sum of each process's PSS, so pages shared by forked children count once,
+sampled every ``--sample`` seconds). ``--before PATH`` adds a ``qlib-ext run`` of another checkout's code
+(e.g. the commit before a fix). A run is stopped when the machine's available memory falls under 2 GiB.
+
+    python benchmarks/gru_bench.py --yaml PATH/workflow_config_gru_Alpha158.yaml [--before /path/to/old/checkout]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, machine_line, table, write_section  # noqa: E402
+
+DATES = {"2008-01-01": "2015-01-05", "2014-12-31": "2018-12-28", "2015-01-01": "2019-01-02",
+         "2016-12-31": "2019-12-31", "2017-01-01": "2020-01-02", "2020-08-01": "2020-09-25"}
+"""Qlib's dates -> the synthetic calendar's (1,500 days from 2015-01-05): train, valid and test keep their order."""
+
+MIN_AVAILABLE_BYTES = 2 << 30
+"""A run is killed when the machine's available memory falls under this, bytes."""
+
+
+@dataclass
+class Measured:
+    name: str
+    wall: float
+    peak_pss_mb: float
+    peak_procs: int
+    exit_code: int
+    load: tuple[float, float]  # 1-minute load average at start and end
+
+    def row(self) -> list[object]:
+        return [self.name, f"{self.wall:.0f}", f"{self.peak_pss_mb:,.0f}", self.peak_procs, self.exit_code,
+                f"{self.load[0]:.1f} / {self.load[1]:.1f}"]
+
+
+def shrink(qlib_yaml: Path, provider: Path) -> str:
+    """Qlib's workflow text with only its dates and data directory changed."""
+    text = re.sub("|".join(DATES), lambda m: DATES[m.group(0)], qlib_yaml.read_text())
+    return re.sub(r'provider_uri: ".*?"', f'provider_uri: "{provider}"', text)
+
+
+def _pss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
+def measure(name: str, cmd: list[str], cwd: Path, env: dict, log: Path, sample: float) -> Measured:
+    """Run ``cmd`` to its end; its wall time and the peak summed PSS of its process tree."""
+    import psutil
+
+    start_load = os.getloadavg()[0]
+    t0 = time.monotonic()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    root, peak, procs = psutil.Process(proc.pid), 0, 0
+    while proc.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            break
+        peak = max(peak, sum(_pss_kb(p.pid) for p in tree))
+        procs = max(procs, len(tree))
+        if psutil.virtual_memory().available < MIN_AVAILABLE_BYTES:
+            print(f"{name}: machine memory nearly exhausted; killing the run", file=sys.stderr)
+            os.killpg(proc.pid, 9)
+        time.sleep(sample)
+    proc.wait()
+    return Measured(name, time.monotonic() - t0, peak / 1024, procs, proc.returncode, (start_load, os.getloadavg()[0]))
+
+
+def qlib_ext_env(code: Path, home: Path) -> dict:
+    return {**os.environ, "PYTHONPATH": str(code), "QLIB_EXT_HOME": str(home)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--yaml", type=Path, required=True, help="Qlib's workflow_config_gru_Alpha158.yaml")
+    ap.add_argument("--instruments", type=int, default=60)
+    ap.add_argument("--before", type=Path, help="a checkout whose qlib-ext code runs as 'before'")
+    ap.add_argument("--only", choices=["qrun", "before", "after"], action="append", help="run only these (repeat)")
+    ap.add_argument("--work", type=Path, help="working directory (default: a new temp dir)")
+    ap.add_argument("--sample", type=float, default=1.0, help="memory sampling interval, s")
+    ap.add_argument("--write", action="store_true", help="write the table into docs/performance.md")
+    args = ap.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="qlib-ext-gru-"))
+    data = work / "data"
+    if not (data / "calendars").exists():
+        subprocess.run([sys.executable, "-m", "qlib_ext", "data", "synth", "--out", str(data), "--instruments",
+                        str(args.instruments)], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    wf = work / "workflow_config_gru_Alpha158.yaml"
+    wf.write_text(shrink(args.yaml, data))
+    qrun = Path(sys.executable).with_name("qrun")
+    # qrun's default tracking store is ./mlruns, which this MLflow refuses unless told to accept it
+    cases = {"qrun": ([str(qrun), str(wf)], {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"}),
+             "after": ([sys.executable, "-m", "qlib_ext", "run", "-n", "1", str(wf)], qlib_ext_env(ROOT, work / "h1"))}
+    if args.before:
+        cases["before"] = ([sys.executable, "-m", "qlib_ext", "run", "-n", "1", str(wf)],
+                           qlib_ext_env(args.before, work / "h0"))
+    results = []
+    for name in ("qrun", "after", "before"):
+        if name not in cases or (args.only and name not in args.only):
+            continue
+        (work / name).mkdir(exist_ok=True)
+        cmd, env = cases[name]
+        results.append(m := measure(name, cmd, work / name, env, work / f"{name}.log", args.sample))
+        print(m.row(), flush=True)
+        _stop_store(work / ("h1" if name == "after" else "h0"))
+    text = table(["command", "wall s", "peak PSS MB (tree)", "peak processes", "exit", "load 1-min start / end"],
+                 [m.row() for m in results])
+    print(f"\n{machine_line()}; {args.instruments} instruments; work dir {work}\n\n{text}")
+    if args.write:
+        write_section("gru_bench", f"{machine_line()}; {args.instruments} synthetic instruments\n\n{text}")
+
+
+def _stop_store(home: Path) -> None:
+    if (home / "store" / "store.json").exists():
+        from qlib_ext.store import stop
+
+        stop(home / "store")
+
+
+if __name__ == "__main__":
+    main()
