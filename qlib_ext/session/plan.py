@@ -32,13 +32,15 @@ class Submitted:
     experiment: str
     backtests: int = 0  # strategy backtests the training tasks will queue when they finish (train-once)
     objective: str = "IC"  # grid.objective.metric: what the printed MLflow view sorts by
+    store_note: str = ""  # the embedded store is not on 27017: its port and the qlib.init lines for Qlib's tools
 
     def __str__(self) -> str:
+        note = f"\n{self.store_note}" if self.store_note else ""
         if self.backtests:
             kind = "training task" if self.total == 1 else "training tasks"
             return (f"pool {self.pool}: {self.new} new of {self.total} {kind}, {self.backtests} backtests to follow "
-                    f"(experiment {self.experiment!r})")
-        return f"pool {self.pool}: {self.new} new of {self.total} tasks (experiment {self.experiment!r})"
+                    f"(experiment {self.experiment!r}){note}")
+        return f"pool {self.pool}: {self.new} new of {self.total} tasks (experiment {self.experiment!r}){note}"
 
 
 def resolve_provider(provider_uri: str | None, qlib_init: dict, source: str) -> str:
@@ -138,7 +140,16 @@ class Plan:
         objective = self.wf.grid.objective.metric
         _grid_runs(mlflow_uri, self.wf.experiment_name, self.pool, self.tasks, self.path, objective)
         backtests = sum(len(TaskMeta.of(t).sweep or []) for t in self.tasks)
-        return Submitted(self.pool, new, total, url, mlflow_uri, self.wf.experiment_name, backtests, objective)
+        note = embedded_note(mongo_url, url, db_name)
+        return Submitted(self.pool, new, total, url, mlflow_uri, self.wf.experiment_name, backtests, objective, note)
+
+
+def embedded_note(option: str | None, url: str, db_name: str = defaults.TASK_DB_NAME) -> str:
+    """What to say about the embedded store's port (:func:`qlib_ext.store.access.qlib_note`) when ``option`` asked
+    for the embedded store and it is not on 27017; "" otherwise (a URL the user gave is theirs to know)."""
+    from qlib_ext.store.access import qlib_note
+
+    return qlib_note(url, db_name) if option in (None, "", "embedded") else ""
 
 
 def submit(path: str | Path, *, mongo_url: str | None = None, mlflow_uri: str | None = None,

@@ -59,7 +59,6 @@ def run(path: str | Path, options: RunOptions, reporter: Reporter) -> Outcome:
     reporter.say(str(sub))
     n = options.workers or os.cpu_count() or 1
     settings = _settings_of(plan, sub, options, n)
-    take_back_orphans(settings, reporter)
     searcher = _start_search(plan, sub, n, reporter)
     code = _drain_warm(settings, n, reporter)
     if searcher is not None:
@@ -86,7 +85,6 @@ def work(pool: str, options: RunOptions, reporter: Reporter) -> Outcome:
                                provider_uri=options.provider_uri, workers=n, threads=options.threads,
                                cache=options.cache, log_level=logging.getLogger().getEffectiveLevel(),
                                log_to_files=True, **options.knobs())
-    take_back_orphans(settings, reporter)
     reporter.say(f"pool {pool}: starting {n} workers x {settings.threads} threads (worker logs: {settings.log_dir})")
     code = _drain(pool, settings, n, reporter)
     from qlib_ext.summary import after_workers
@@ -109,24 +107,6 @@ def warm_cache(pool: str, *, mongo_url: str | None, provider_uri: str | None, ca
         _warm_report(warmer.wait, reporter)
     finally:
         warmer.close()
-
-
-def take_back_orphans(settings: Any, reporter: Reporter) -> None:
-    """Before the workers start (and the cache warms): put back the tasks that dead workers of this host still
-    hold (a run killed and started again), and end their runs; the lease would have kept them for minutes."""
-    from qlib_ext.pool.manager import GridTaskManager, open_db
-    from qlib_ext.tracking.reaper import reap_runs
-
-    tm = GridTaskManager(settings.pool, open_db(settings.mongo_url, settings.db_name), migrate=False)
-    back = tm.reclaim_orphaned(settings.max_attempts)
-    if not back:
-        return
-    reporter.say(f"pool {settings.pool}: took back {len(back)} task(s) held by dead workers of this host "
-                 f"({', '.join(sorted({str(c.worker) for c in back}))})")
-    try:
-        reap_runs(tm, settings.mlflow_uri, [c.id for c in back])
-    except Exception as e:  # noqa: BLE001 - the workers' own reaper retries; never stop a run for it
-        logger.warning("could not end the dead workers' MLflow runs yet (%s)", e)
 
 
 def _settings_of(plan: Plan, sub: Submitted, options: RunOptions, n: int) -> Any:

@@ -87,6 +87,7 @@ def run_workers(settings: WorkerSettings, n: int, on_tick: Callable[[], None] | 
 
     ``on_tick()`` is called about every ``tick_seconds`` (the progress display of ``qlib-ext run``).
     """
+    take_back_orphans(settings)
     group = WorkerGroup(settings, n).start()
     # signal.signal works in the main thread only; a run driven from another thread (a program's worker
     # thread, a notebook's executor) stops its workers by their own end instead
@@ -106,6 +107,27 @@ def run_workers(settings: WorkerSettings, n: int, on_tick: Callable[[], None] | 
     if group.stop_signal == signal.SIGINT:
         return EXIT_INTERRUPTED
     return group.exit_code()
+
+
+def take_back_orphans(settings: WorkerSettings) -> None:
+    """Before the workers start (their imports, the cache warm-up take a while): put back the tasks that dead
+    workers of this host still hold (a run killed and started again) and end their runs, not after the lease."""
+    from qlib_ext.pool.manager import GridTaskManager
+    from qlib_ext.tracking.reaper import reap_runs
+    from qlib_ext.worker.loop import task_db
+
+    db = task_db(settings)
+    try:
+        tm = GridTaskManager(settings.pool, db, migrate=False)
+        back = tm.reclaim_orphaned(settings.max_attempts)
+        if back:
+            logger.warning("pool %s: took back %d task(s) held by dead workers of this host (%s)", settings.pool,
+                           len(back), ", ".join(sorted({str(c.worker) for c in back})))
+            reap_runs(tm, settings.mlflow_uri, [c.id for c in back])
+    except Exception as e:  # noqa: BLE001 - the workers recover them too, each step; never stop a run for it
+        logger.warning("workers: could not take back the tasks of dead workers yet (%s: %s)", type(e).__name__, e)
+    finally:
+        db.client.close()
 
 
 def _pool_unfinished(settings: WorkerSettings) -> bool:
