@@ -55,10 +55,14 @@ class WorkerGroup:
         return any(p.is_alive() for p in self.procs)
 
     def poll(self) -> None:
-        """Restart workers that died with a non-zero exit code while work remains."""
-        for i, p in enumerate(self.procs):
-            if p.exitcode in (None, 0) or self.stopping or self._restarts[i] >= self.max_restarts:
-                continue
+        """Restart workers that died with a non-zero exit code while work remains; their tasks are taken back
+        now (:func:`take_back_orphans`), before the new worker has even imported Qlib."""
+        died = [i for i, p in enumerate(self.procs) if p.exitcode not in (None, 0) and not self.stopping
+                and self._restarts[i] < self.max_restarts]
+        if died:
+            take_back_orphans(self.settings)
+        for i in died:
+            p = self.procs[i]
             if _pool_unfinished(self.settings):
                 logger.warning("worker %s died (exit %s); restarting it", p.pid, p.exitcode)
                 self._restarts[i] += 1
