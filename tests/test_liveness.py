@@ -98,6 +98,7 @@ def test_only_a_surely_dead_process_of_this_host_and_pid_namespace_counts_as_gon
     tm.task_pool.update_many({}, {"$set": {"status": "running", "host": host, "pid": child.pid, "pid_start": None,
                                            "pid_scope": scope(), "worker": f"{host}:{child.pid}", "attempt": 1}})
     assert tm.reclaim_orphaned() == []
+    assert holder_note(tm.running()[0], tm.now(), 10.0) == ""  # nor called gone by `status`
 
 
 def test_a_silent_holder_elsewhere_is_named_with_its_missed_heartbeats(tm):

@@ -112,7 +112,7 @@ def holder_note(doc: dict, now: dt.datetime, heartbeat_seconds: float) -> str:
     left = (until - now).total_seconds() if isinstance(until, dt.datetime) else None
     when = ("returns at the next step of any worker (its lease has ended)" if left is not None and left <= 0 else
             f"returns when its lease ends in {left:.0f}s" if left is not None else "returns when its lease ends")
-    holder = Holder.of(doc)
+    holder = Holder.of(doc) if until is not None else None  # no lease: Qlib's own fetch_task holds it, not ours
     if holder is not None and holder.gone():
         return (f"{GONE}: process {holder.pid} no longer runs on this host; the task returns at once when a worker "
                 f"or run starts here, else {when.removeprefix('returns ')}")
