@@ -10,6 +10,12 @@ task when there is one, so kills land mid-task) and SIGKILLs the embedded store 
 waits (bounded) for the workers to drain the pool and prints, from the store, the worker logs and
 MLflow: tasks done / failed / lost (not finished), tasks committed twice, and FINISHED runs per task.
 Target: all done, 0 lost, 0 committed twice, exactly one FINISHED run per task, no RUNNING run.
+
+It also times each mid-task kill until the killed task is taken back from the dead attempt (``back_*``: waiting
+again, or already claimed anew) and until it runs again (``recovery_*``: claimed by a later attempt, or done),
+median and max, polled every 0.2 s by the driver. On one host a dead worker's task is taken back by the
+worker group's parent or the next step of any live worker (its process is gone), not after ``--lease``; it
+runs again as soon as a worker is free (a killed worker's replacement first imports Qlib: seconds to a minute).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import random
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -109,9 +116,13 @@ def drive(store: Store, settings: object, args: argparse.Namespace) -> dict[str,
     _wait_first_task(store, settings)  # chaos starts once workers are up (imports take a while)
     start = time.monotonic()
     next_kill, next_store = start + args.kill_every, start + args.store_every
-    did = collections.Counter()
+    did: collections.Counter = collections.Counter()
+    pending: dict[object, tuple[float, int]] = {}  # task killed mid-attempt -> (kill time, its attempt)
+    recovery: dict[str, list[float]] = {"back": [], "recovery": []}
+    taken_back: set[object] = set()
     while True:
         group.poll()  # restart the killed (only while work remains)
+        _recovered(store, settings, pending, recovery, taken_back)
         if not group.alive():
             break
         now = time.monotonic()
@@ -126,7 +137,9 @@ def drive(store: Store, settings: object, args: argparse.Namespace) -> dict[str,
                 if victim is not None:
                     os.kill(victim[0], signal.SIGKILL)
                     did["workers_killed"] += 1
-                    did["killed_mid_task"] += victim[1]
+                    did["killed_mid_task"] += victim[1] is not None
+                    if victim[1] is not None:
+                        pending[victim[1][0]] = (time.monotonic(), victim[1][1])
                 next_kill = now + args.kill_every
             if now >= next_store:
                 store.kill()
@@ -136,27 +149,65 @@ def drive(store: Store, settings: object, args: argparse.Namespace) -> dict[str,
                 next_store = time.monotonic() + args.store_every
         time.sleep(0.2)
     did["seconds"] = round(time.monotonic() - began)
+    for name, seconds in recovery.items():
+        if seconds:
+            did[f"{name}_median_s"] = round(statistics.median(seconds), 1)
+            did[f"{name}_max_s"] = round(max(seconds), 1)
+        did[f"{name}_timed"] = len(seconds)
+    did["recovery_not_seen"] = len(pending)
     return did
 
 
-def _running_pids(store: Store, settings: object) -> set[int]:
+def _holders(store: Store, settings: object) -> dict[int, tuple[object, int]]:
+    """pid -> (task id, attempt) of every running task."""
     import pymongo
 
     try:
         with pymongo.MongoClient(store.url, serverSelectionTimeoutMS=1000) as client:
-            docs = client[settings.db_name]["chaos"].find({"status": "running"}, {"worker": 1})
-            return {int(d["worker"].rsplit(":", 1)[1]) for d in docs}
+            docs = client[settings.db_name]["chaos"].find({"status": "running"}, {"worker": 1, "attempt": 1})
+            return {int(d["worker"].rsplit(":", 1)[1]): (d["_id"], d["attempt"]) for d in docs}
     except pymongo.errors.PyMongoError:
-        return set()
+        return {}
 
 
-def _pick_victim(group: object, store: Store, settings: object, rng: random.Random) -> tuple[int, int] | None:
-    """A random worker holding a task (so the kill lands mid-task), else any live one: (pid, mid-task)."""
+def _recovered(store: Store, settings: object, pending: dict[object, tuple[float, int]],
+               recovery: dict[str, list[float]], taken_back: set[object]) -> None:
+    """Time each killed task until it is taken back (no longer running under the killed attempt) and until it
+    runs again (a later attempt running, or done); failed ones are dropped."""
+    import pymongo
+
+    if not pending:
+        return
+    try:
+        with pymongo.MongoClient(store.url, serverSelectionTimeoutMS=1000) as client:
+            docs = list(client[settings.db_name]["chaos"].find({"_id": {"$in": list(pending)}},
+                                                               {"status": 1, "attempt": 1}))
+    except pymongo.errors.PyMongoError:
+        return  # the store is down: try again next round
+    now = time.monotonic()
+    for d in docs:
+        killed_at, attempt = pending[d["_id"]]
+        later = d.get("attempt", 0) > attempt
+        if d["_id"] not in taken_back and (d["status"] != "running" or later):
+            recovery["back"].append(now - killed_at)
+            taken_back.add(d["_id"])
+        if d["status"] == "failed" or (later and d["status"] in ("running", "done")):
+            if d["status"] != "failed":
+                recovery["recovery"].append(now - killed_at)
+            del pending[d["_id"]]
+
+
+def _pick_victim(group: object, store: Store, settings: object,
+                 rng: random.Random) -> tuple[int, tuple[object, int] | None] | None:
+    """A random worker holding a task (so the kill lands mid-task), else any live one: (pid, (task, attempt) or
+    None when idle)."""
     alive = {p.pid for p in group.procs if p.is_alive()}
-    busy = sorted(alive & _running_pids(store, settings))
+    holders = _holders(store, settings)
+    busy = sorted(alive & set(holders))
     if busy:
-        return rng.choice(busy), 1
-    return (rng.choice(sorted(alive)), 0) if alive else None
+        pid = rng.choice(busy)
+        return pid, holders[pid]
+    return (rng.choice(sorted(alive)), None) if alive else None
 
 
 def _wait_first_task(store: Store, settings: object, timeout: float = 600) -> None:

@@ -30,11 +30,22 @@ TASK_DB_NAME = "default_task_db"
 """MongoDB database that holds the task pools (one collection per pool): Qlib's own default, so
 ``python -m qlib.workflow.task.manage -t POOL task_stat`` finds them without configuration."""
 
-LEASE_SECONDS = 600.0
-"""How long a claimed task stays owned without a heartbeat, seconds."""
-
-HEARTBEAT_SECONDS = 30.0
+HEARTBEAT_SECONDS = 10.0
 """Interval between lease renewals by a worker's heartbeat thread, seconds."""
+
+LEASE_HEARTBEATS = 6
+"""Heartbeats a lease outlasts: a lease given without its own length is this many heartbeat intervals, so a
+worker on another host that died loses its task after a few missed heartbeats (the margin covers one renewal
+stuck for ``STORE_SOCKET_TIMEOUT_SECONDS``), count."""
+
+LEASE_SECONDS = LEASE_HEARTBEATS * HEARTBEAT_SECONDS
+"""How long a claimed task stays owned without a heartbeat (60 s), seconds. A worker on the lease holder's
+host takes the task back at once when the holder's process is gone (:mod:`qlib_ext.pool.liveness`)."""
+
+
+def lease_for(heartbeat_seconds: float) -> float:
+    """The default lease for a heartbeat interval: ``LEASE_HEARTBEATS`` intervals, seconds."""
+    return LEASE_HEARTBEATS * heartbeat_seconds
 
 MAX_ATTEMPTS = 3
 """Attempts a task gets before it is marked failed."""

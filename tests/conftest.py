@@ -21,7 +21,7 @@ pytest_plugins = ["store_fixtures", "data_fixtures"]
 
 
 SLOW_FILE_SECONDS = {
-    "test_workflows_run.py": 450, "test_grid_e2e.py": 190, "test_reliability.py": 150, "test_multihost.py": 135,
+    "test_workflows_run.py": 450, "test_grid_e2e.py": 190, "test_reliability.py": 190, "test_multihost.py": 135,
     "test_launch_slurm.py": 120, "test_worker_processes.py": 120, "test_warm.py": 100, "test_validity_e2e.py": 90,
     "test_train_once.py": 80, "test_api.py": 75, "test_ui_browser.py": 70, "test_search_e2e.py": 70,
     "test_leaderboard_rolling.py": 65, "test_qlib_tools.py": 60,

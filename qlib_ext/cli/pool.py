@@ -68,8 +68,13 @@ def status_cmd(pool: str | None, mongo_url: str) -> None:
     """Counts per status, running tasks (worker, age) and failed tasks (last error) of POOL;
     without POOL, every pool with its counts."""
     from qlib_ext.pool.progress import status_report
+    from qlib_ext.session.plan import embedded_note
+    from qlib_ext.store import resolve_mongo_url
     from qlib_ext.summary import pools_table
 
+    note = embedded_note(mongo_url, resolve_mongo_url(mongo_url))
+    if note:  # on stderr: the report stays what scripts read
+        click.echo(note, err=True)
     if pool is None:
         echo(pools_table(mongo_url))
         return

@@ -112,11 +112,15 @@ def store_serve(dir_: Path | None, host: str, port: int, auth: bool, peer_auth: 
 def store_url(dir_: Path | None) -> None:
     """Print the MongoDB URL of the store running on DIR."""
     from qlib_ext.store import running_url
+    from qlib_ext.store.access import qlib_note
 
     url = running_url(dir_)
     if url is None:
         raise click.ClickException("no store is running there; start one with `qlib-ext store serve`")
     echo(url)
+    note = qlib_note(url)
+    if note:  # on stderr: `$(qlib-ext store url)` stays the URL
+        echo(note, err=True)
 
 
 @store.command("stop")

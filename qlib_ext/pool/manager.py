@@ -240,12 +240,14 @@ class GridTaskManager(TaskManager):
         Returns None when nothing is waiting. Qlib's ``fetch_task`` does the same find-and-update
         without owner, attempt or lease. ``device`` (``cuda:N``/``cpu``) is recorded for ``status``.
         """
+        from qlib_ext.pool.liveness import stamp
+
         worker = worker or worker_id()
         now = self.now()
         flt = {**(query or {}), Doc.STATUS: TaskStatus.WAITING.value}
         fields: dict[str, Any] = {Doc.STATUS: TaskStatus.RUNNING.value, Doc.WORKER: worker,
-                                  Doc.HOST: worker.rsplit(":", 1)[0], Doc.STARTED_AT: now,
-                                  Doc.LEASE_UNTIL: now + dt.timedelta(seconds=lease_seconds)}
+                                  Doc.HOST: worker.rsplit(":", 1)[0], Doc.STARTED_AT: now, Doc.RENEWED_AT: now,
+                                  Doc.LEASE_UNTIL: now + dt.timedelta(seconds=lease_seconds), **stamp()}
         update: dict[str, Any] = {"$set": fields, "$inc": {Doc.ATTEMPT: 1}}
         if device is not None:
             fields[Doc.DEVICE] = device
@@ -281,8 +283,9 @@ class GridTaskManager(TaskManager):
 
     def renew(self, claim: Claim, lease_seconds: float = defaults.LEASE_SECONDS) -> bool:
         """Extend the lease; False means the lease was lost (reclaimed, cancelled or reset)."""
-        until = self.now() + dt.timedelta(seconds=lease_seconds)
-        return self.task_pool.update_one(self._held(claim), {"$set": {Doc.LEASE_UNTIL: until}}).matched_count == 1
+        now = self.now()
+        update = {"$set": {Doc.LEASE_UNTIL: now + dt.timedelta(seconds=lease_seconds), Doc.RENEWED_AT: now}}
+        return self.task_pool.update_one(self._held(claim), update).matched_count == 1
 
     def commit(self, claim: Claim, result: dict, status: str = TaskStatus.DONE.value) -> bool:
         """Store the result if the task is still ours. False: someone else owns (or cancelled) it.
@@ -340,18 +343,35 @@ class GridTaskManager(TaskManager):
         Returns the dead attempts this call recovered (their MLflow runs can then be ended).
         """
         now = self.now()
-        recovered = []
         stale = self.task_pool.find({Doc.STATUS: TaskStatus.RUNNING.value, Doc.LEASE_UNTIL: {"$lt": now}},
                                     {Doc.WORKER: 1, Doc.ATTEMPT: 1})
-        for doc in list(stale):
-            claim = Claim(task={Doc.ID: doc[Doc.ID]}, worker=doc.get(Doc.WORKER), attempt=doc.get(Doc.ATTEMPT, 0))
-            status = self.fail(claim, f"lease expired: worker {claim.worker} stopped renewing it",
-                               guard={Doc.LEASE_UNTIL: {"$lt": now}}, max_attempts=max_attempts)
-            if status is not None:
-                recovered.append(claim)
-                logger.warning("pool %s: reclaimed task %s from %s -> %s", self.pool_name, doc[Doc.ID],
-                               claim.worker, status)
-        return recovered
+        return [c for d in list(stale) for c in self._recover(
+            d, f"lease expired: worker {d.get(Doc.WORKER)} stopped renewing it", {Doc.LEASE_UNTIL: {"$lt": now}},
+            max_attempts)]
+
+    def reclaim_orphaned(self, max_attempts: int | None = None) -> list[Claim]:
+        """Take back now, as :meth:`reclaim_expired` would after the lease (an attempt used), the running tasks
+        whose holder ran on this host and is gone (killed, crashed): :mod:`qlib_ext.pool.liveness` judges it.
+        Holders it cannot judge (another host or pid namespace, no ``/proc``) are left to their lease."""
+        from qlib_ext.pool.liveness import Holder, scope
+
+        flt = {Doc.STATUS: TaskStatus.RUNNING.value, Doc.HOST: socket.gethostname(), Doc.PID_SCOPE: scope(),
+               Doc.LEASE_UNTIL: {"$exists": True}}  # Qlib's own fetch_task sets no lease: never ours to judge
+        seen = self.task_pool.find(flt, {Doc.DEF: 0, Doc.FILTER: 0, Doc.RES: 0, Doc.OUTCOME: 0, Doc.ERRORS: 0})
+        docs = [d for d in seen if (h := Holder.of(d)) is not None and h.gone()] if scope() else []
+        return [c for d in docs for c in self._recover(
+            d, f"worker {d.get(Doc.WORKER)} died: its process {d[Doc.PID]} is gone",
+            {Doc.PID: d[Doc.PID], Doc.PID_START: d.get(Doc.PID_START)}, max_attempts)]
+
+    def _recover(self, doc: Any, reason: str, guard: dict, max_attempts: int | None) -> list[Claim]:
+        """Fail the attempt ``doc`` records, guarded by what was seen; ``[claim]`` if this call did it."""
+        claim = Claim(task={Doc.ID: doc[Doc.ID]}, worker=doc.get(Doc.WORKER), attempt=doc.get(Doc.ATTEMPT, 0))
+        status = self.fail(claim, reason, guard=guard, max_attempts=max_attempts)
+        if status is None:
+            return []
+        logger.warning("pool %s: reclaimed task %s from %s (%s) -> %s", self.pool_name, doc[Doc.ID], claim.worker,
+                       reason, status)
+        return [claim]
 
     # ------------------------------------------------------------------ operator commands
     def retry(self, task_id: Any = None, failed_only: bool = False) -> int:
@@ -435,11 +455,12 @@ class GridTaskManager(TaskManager):
         return list(self.task_pool.find({Doc.STATUS: TaskStatus.WAITING.value}, {Doc.DEF: 1}))
 
     def running(self) -> list[dict]:
-        """Running tasks: ``_id``, worker, host, attempt, started_at and run name (``name``)."""
+        """Running tasks: ``_id``, worker, host, attempt, started_at, the lease and its holder's process
+        (``renewed_at``, ``lease_until``, pid fields) and run name (``name``)."""
         key = f"{Doc.FILTER}.{META}.{TaskMeta.Field.RUN_NAME}"
-        cur = self.task_pool.find({Doc.STATUS: TaskStatus.RUNNING.value},
-                                  {Doc.WORKER: 1, Doc.HOST: 1, Doc.STARTED_AT: 1, Doc.ATTEMPT: 1, Doc.DEVICE: 1,
-                                   key: 1})
+        fields = (Doc.WORKER, Doc.HOST, Doc.STARTED_AT, Doc.ATTEMPT, Doc.DEVICE, Doc.RENEWED_AT, Doc.LEASE_UNTIL,
+                  Doc.PID, Doc.PID_START, Doc.PID_SCOPE, key)
+        cur = self.task_pool.find({Doc.STATUS: TaskStatus.RUNNING.value}, dict.fromkeys(fields, 1))
         return [{**d, "name": _run_name(d)} for d in cur]
 
     def failed(self, limit: int = 0) -> list[dict]:

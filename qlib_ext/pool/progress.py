@@ -7,6 +7,7 @@ import sys
 import time
 from collections import defaultdict
 
+from qlib_ext import defaults
 from qlib_ext.pool.record import Doc, ErrorEntry
 from qlib_ext.pool.status import TaskStatus
 from qlib_ext.tables import printable
@@ -66,13 +67,20 @@ def status_report(pool: str, mongo_url: str | None) -> str:
     lines = [f"pool {pool}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) if counts
              else f"pool {pool}: empty"]
     now = tm.now()
+    beat = float(tm.meta().workers.get("heartbeat_seconds") or defaults.HEARTBEAT_SECONDS)
     by_host: dict[str, list[str]] = defaultdict(list)
+    gone = 0
     for d in tm.running():
         started = d.get(Doc.STARTED_AT)
         age = (now - started).total_seconds() if isinstance(started, dt.datetime) else 0
+        note = holder_note(d, now, beat)
+        gone += note.startswith(GONE)
         device = f"{d[Doc.DEVICE]}  " if d.get(Doc.DEVICE) else ""
         by_host[d.get(Doc.HOST, "?")].append(f"    {d[Doc.ID]}  {d.get(Doc.WORKER)}  {device}attempt "
-                                             f"{d.get(Doc.ATTEMPT)}  {age:.0f}s  {d['name']}")
+                                             f"{d.get(Doc.ATTEMPT)}  {age:.0f}s  {d['name']}"
+                                             + (f"\n      {note}" if note else ""))
+    if gone:
+        lines.append(f"{gone} running task(s) belong to workers that are gone; each says below when it returns")
     for host, rows in sorted(by_host.items()):
         lines.append(f"running on {host}:")
         lines.extend(rows)
@@ -86,6 +94,37 @@ def status_report(pool: str, mongo_url: str | None) -> str:
                      f"last error: {last[-1] if last else '?'}")
     lines.extend(_infra_faults(tm))
     return "\n".join(lines)
+
+
+GONE = "worker gone"
+"""How ``status`` starts the note of a running task whose worker is gone or has stopped renewing its lease."""
+
+
+def holder_note(doc: dict, now: dt.datetime, heartbeat_seconds: float) -> str:
+    """What ``status`` says about a running task's holder: empty while it renews its lease; else that it is
+    gone (its process ended, on this host; or silent for missed heartbeats) and when the task returns.
+
+    Args:
+        doc: a running task from :meth:`~qlib_ext.pool.manager.GridTaskManager.running`.
+        now: the store's time.
+        heartbeat_seconds: the pool's heartbeat interval (what "missed" counts in).
+    """
+    from qlib_ext.pool.liveness import Holder
+
+    until, renewed = doc.get(Doc.LEASE_UNTIL), doc.get(Doc.RENEWED_AT)
+    left = (until - now).total_seconds() if isinstance(until, dt.datetime) else None
+    when = ("returns at the next step of any worker (its lease has ended)" if left is not None and left <= 0 else
+            f"returns when its lease ends in {left:.0f}s" if left is not None else "returns when its lease ends")
+    holder = Holder.of(doc) if until is not None else None  # no lease: Qlib's own fetch_task holds it, not ours
+    if holder is not None and holder.gone():
+        return (f"{GONE}: process {holder.pid} no longer runs on this host; the task returns at once when a worker "
+                f"or run starts here, else {when.removeprefix('returns ')}")
+    silent = (now - renewed).total_seconds() if isinstance(renewed, dt.datetime) else None
+    if silent is not None and silent > 2 * heartbeat_seconds:
+        return f"{GONE}? no heartbeat for {silent:.0f}s ({int(silent // heartbeat_seconds)} missed); {when}"
+    if left is not None and left <= 0:
+        return f"{GONE}? its lease ended {-left:.0f}s ago; {when}"
+    return ""
 
 
 def _infra_faults(tm) -> list[str]:

@@ -61,6 +61,10 @@ class Doc:
     CREATED_AT: Final = "created_at"  # store time of insertion
     STARTED_AT: Final = "started_at"  # store time of the last claim
     LEASE_UNTIL: Final = "lease_until"  # store time the lease expires (only while running)
+    RENEWED_AT: Final = "renewed_at"  # store time of the owner's last heartbeat (or of the claim)
+    PID: Final = "pid"  # OS process id of the owner on HOST (pool/liveness.py)
+    PID_START: Final = "pid_start"  # the owner's start time, clock ticks after boot (/proc/PID/stat): pid reuse
+    PID_SCOPE: Final = "pid_scope"  # boot id and pid namespace in which PID and PID_START mean that process
     FINISHED_AT: Final = "finished_at"  # store time of the commit
     REQUEUED_AT: Final = "requeued_at"  # store time of the last retry
     CANCELLED_AT: Final = "cancelled_at"  # store time of the cancel

@@ -72,8 +72,8 @@ class RunOptions:
     threads: int | None = _opt(None, type=int,
                                help="Threads per worker (default: workers.threads_per_worker or cores // workers).")
     lease_seconds: float | None = _opt(
-        None, type=float, help=f"Lease length of a claimed task, s (default: workers.lease_seconds, "
-                               f"{defaults.LEASE_SECONDS:g}).")
+        None, type=float, help=f"Lease length of a claimed task, s (default: workers.lease_seconds, else "
+                               f"{defaults.LEASE_HEARTBEATS} heartbeats: {defaults.LEASE_SECONDS:g}).")
     heartbeat_seconds: float | None = _opt(
         None, type=float, help=f"Interval between lease renewals, s (default: workers.heartbeat_seconds, "
                                f"{defaults.HEARTBEAT_SECONDS:g}).")

@@ -33,15 +33,17 @@ class Submitted:
     backtests: int = 0  # strategy backtests the training tasks will queue when they finish (train-once)
     objective: str = "IC"  # grid.objective.metric: what the printed MLflow view sorts by
     ended: dict[str, int] = field(default_factory=dict)  # failed/cancelled tasks already in the pool: not run again
+    store_note: str = ""  # the embedded store is not on 27017: its port and the qlib.init lines for Qlib's tools
 
     def __str__(self) -> str:
+        note = f"\n{self.store_note}" if self.store_note else ""
         if self.backtests:
             kind = "training task" if self.total == 1 else "training tasks"
             line = (f"pool {self.pool}: {self.new} new of {self.total} {kind}, {self.backtests} backtests to follow "
                     f"(experiment {self.experiment!r})")
         else:
             line = f"pool {self.pool}: {self.new} new of {self.total} tasks (experiment {self.experiment!r})"
-        return line + self._retry_hint()
+        return line + self._retry_hint() + note
 
     def _retry_hint(self) -> str:
         """What to do about tasks a resubmit does not run again (they ended failed or cancelled earlier)."""
@@ -154,7 +156,17 @@ class Plan:
         _grid_runs(mlflow_uri, self.wf.experiment_name, self.pool, self.tasks, self.path, objective)
         backtests = sum(len(TaskMeta.of(t).sweep or []) for t in self.tasks)
         ended = {k: v for k, v in tm.counts().items() if k in (TaskStatus.FAILED.value, TaskStatus.CANCELLED.value)}
-        return Submitted(self.pool, new, total, url, mlflow_uri, self.wf.experiment_name, backtests, objective, ended)
+        note = embedded_note(mongo_url, url, db_name)
+        return Submitted(self.pool, new, total, url, mlflow_uri, self.wf.experiment_name, backtests, objective,
+                         ended=ended, store_note=note)
+
+
+def embedded_note(option: str | None, url: str, db_name: str = defaults.TASK_DB_NAME) -> str:
+    """What to say about the embedded store's port (:func:`qlib_ext.store.access.qlib_note`) when ``option`` asked
+    for the embedded store and it is not on 27017; "" otherwise (a URL the user gave is theirs to know)."""
+    from qlib_ext.store.access import qlib_note
+
+    return qlib_note(url, db_name) if option in (None, "", "embedded") else ""
 
 
 def submit(path: str | Path, *, mongo_url: str | None = None, mlflow_uri: str | None = None,

@@ -12,6 +12,7 @@ from typing import Any
 
 import bson
 
+from qlib_ext import defaults
 from qlib_ext.errors import StoreError
 from qlib_ext.store.auth import read_credentials
 from qlib_ext.store.wire import HEADER, OP_MSG
@@ -104,3 +105,21 @@ def _recv_all(sock: socket.socket, n: int) -> bytes:
             raise OSError("connection closed")
         data += chunk
     return data
+
+
+def qlib_note(url: str, db_name: str = defaults.TASK_DB_NAME) -> str:
+    """For a store that is not on MongoDB's port: which port it is on, and the ``qlib.init(mongo=...)`` lines that
+    point Qlib's own tools at it (left unconfigured they read whatever answers on 27017); "" on 27017.
+
+    The URL shown has no credentials: on loopback the store lets its owner in by peer identity.
+    """
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or defaults.STORE_PORT
+    if port == defaults.STORE_PORT:
+        return ""
+    host = parts.hostname or defaults.STORE_HOST
+    plain = url_for(host, port)
+    return (f"note: the task store is on port {port}, not {defaults.STORE_PORT}: Qlib's own tools left unconfigured "
+            f"(TaskManager(pool), python -m qlib.workflow.task.manage) would read whatever answers on "
+            f"{defaults.STORE_PORT}. Point them at this store with:\n"
+            f"    qlib.init(..., mongo={{\"task_url\": \"{plain}\", \"task_db_name\": \"{db_name}\"}})")

@@ -74,24 +74,29 @@ class Attempt:
         runner = ChildProcessTask(s.task_timeout) if s.task_timeout else InProcessTask()
         logger.info("worker %s: claimed task %s (attempt %d)", claim.worker, claim.id, claim.attempt)
         self.worker.stop.task_started(runner)
-        try:
-            task = self._checked()
-            self.run_id = open_run(s.mlflow_uri, task, str(claim.id), claim.worker, claim.attempt,
-                                   device=self.worker.device)
-            with HeartbeatThread(self.tm, claim, s.lease_seconds, s.heartbeat_seconds,
-                                 on_lost=lambda: runner.interrupt(EndReason.LEASE_LOST)):
+        # the heartbeat holds the lease from the claim to the commit (opening the run and queueing follow-ups
+        # included): the lease is a few heartbeats long, shorter than a slow MLflow can take
+        with HeartbeatThread(self.tm, claim, s.lease_seconds, s.heartbeat_seconds,
+                             on_lost=lambda: runner.interrupt(EndReason.LEASE_LOST)) as heartbeat:
+            try:
+                task = self._checked()
+                self.run_id = open_run(s.mlflow_uri, task, str(claim.id), claim.worker, claim.attempt,
+                                       device=self.worker.device)
+                if heartbeat.lost.is_set():
+                    raise TaskInterrupted(EndReason.LEASE_LOST)
                 result = runner.run(run_grid_task, task, self.run_id, cache_dir=s.cache_dir,
                                     fast_backtest=s.fast_backtest)
-        except TaskInterrupted as e:
-            self._interrupted(e.reason)
-            return
-        except Exception as e:  # noqa: BLE001 - any task error is recorded on the task, never fatal
-            self.failed(e)
-            return
-        finally:
-            self.worker.stop.task_ended()
-        result = {**result, Outcome.WORKER: claim.worker, Outcome.ATTEMPT: claim.attempt}
-        if self._follow_up(task, result):
+            except TaskInterrupted as e:
+                self._interrupted(e.reason)
+                return
+            except Exception as e:  # noqa: BLE001 - any task error is recorded on the task, never fatal
+                self.failed(e)
+                return
+            finally:
+                self.worker.stop.task_ended()
+            result = {**result, Outcome.WORKER: claim.worker, Outcome.ATTEMPT: claim.attempt}
+            followed = self._follow_up(task, result)
+        if followed:
             self._commit(result)
 
     def _checked(self) -> dict:

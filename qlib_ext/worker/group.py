@@ -59,10 +59,14 @@ class WorkerGroup:
         return any(p.is_alive() for p in self.procs)
 
     def poll(self) -> None:
-        """Restart workers that died with a non-zero exit code while work remains."""
-        for i, p in enumerate(self.procs):
-            if p.exitcode in (None, 0) or self.stopping or self._restarts[i] >= self.max_restarts:
-                continue
+        """Restart workers that died with a non-zero exit code while work remains; their tasks are taken back
+        now (:func:`take_back_orphans`), before the new worker has even imported Qlib."""
+        died = [i for i, p in enumerate(self.procs) if p.exitcode not in (None, 0) and not self.stopping
+                and self._restarts[i] < self.max_restarts]
+        if died:
+            take_back_orphans(self.settings)
+        for i in died:
+            p = self.procs[i]
             if _pool_unfinished(self.settings):
                 logger.warning("worker %s died (exit %s); restarting it", p.pid, p.exitcode)
                 self._restarts[i] += 1
@@ -91,6 +95,7 @@ def run_workers(settings: WorkerSettings, n: int, on_tick: Callable[[], None] | 
 
     ``on_tick()`` is called about every ``tick_seconds`` (the progress display of ``qlib-ext run``).
     """
+    take_back_orphans(settings)
     group = WorkerGroup(settings, n).start()
     # signal.signal works in the main thread only; a run driven from another thread (a program's worker
     # thread, a notebook's executor) stops its workers by their own end instead
@@ -110,6 +115,27 @@ def run_workers(settings: WorkerSettings, n: int, on_tick: Callable[[], None] | 
     if group.stop_signal == signal.SIGINT:
         return EXIT_INTERRUPTED
     return group.exit_code()
+
+
+def take_back_orphans(settings: WorkerSettings) -> None:
+    """Before the workers start (their imports, the cache warm-up take a while): put back the tasks that dead
+    workers of this host still hold (a run killed and started again) and end their runs, not after the lease."""
+    from qlib_ext.pool.manager import GridTaskManager
+    from qlib_ext.tracking.reaper import reap_runs
+    from qlib_ext.worker.loop import task_db
+
+    db = task_db(settings)
+    try:
+        tm = GridTaskManager(settings.pool, db, migrate=False)
+        back = tm.reclaim_orphaned(settings.max_attempts)
+        if back:
+            logger.warning("pool %s: took back %d task(s) held by dead workers of this host (%s)", settings.pool,
+                           len(back), ", ".join(sorted({str(c.worker) for c in back})))
+            reap_runs(tm, settings.mlflow_uri, [c.id for c in back])
+    except Exception as e:  # noqa: BLE001 - the workers recover them too, each step; never stop a run for it
+        logger.warning("workers: could not take back the tasks of dead workers yet (%s: %s)", type(e).__name__, e)
+    finally:
+        db.client.close()
 
 
 def _pool_unfinished(settings: WorkerSettings) -> bool:

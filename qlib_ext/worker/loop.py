@@ -1,4 +1,5 @@
-"""One worker process draining a pool: replay spooled results, recover expired leases, claim, run.
+"""One worker process draining a pool: replay spooled results, recover the tasks of dead workers (this host's at
+once, any host's once their lease expired), claim, run.
 
 Each worker is a separate OS process (not a thread: Qlib's data handling and backtests hold the
 GIL) that initialises Qlib once and then runs tasks until the pool is finished. What happens to one
@@ -201,7 +202,7 @@ class Worker:
         self._replay_spool()
         if self.unreaped:
             self._reap(list(self.unreaped))
-        recovered = self.tm.reclaim_expired(self.s.max_attempts)
+        recovered = self.tm.reclaim_orphaned(self.s.max_attempts) + self.tm.reclaim_expired(self.s.max_attempts)
         if recovered:
             self._reap([c.id for c in recovered])  # their workers died or lost them: end their runs
         try:

@@ -173,6 +173,9 @@ def settings_from_meta(pool: str, meta: PoolMeta, *, mongo_url: str, provider_ur
     fields["allowed_modules"] = allowlist.resolve(explicit or None, spec.get("allowed_modules"))
     fields.update({k: v for k, v in overrides.items() if v is not None})
     fields["gpus"] = gpus.parse(fields.get("gpus"), "--gpus" if overrides.get("gpus") is not None else "workers.gpus")
+    if overrides.get("heartbeat_seconds") is not None and overrides.get("lease_seconds") is None:
+        # a heartbeat flag alone: the lease keeps LEASE_HEARTBEATS beats (never shorter than the pool's)
+        fields["lease_seconds"] = max(fields["lease_seconds"], defaults.lease_for(fields["heartbeat_seconds"]))
     return WorkerSettings(
         pool=pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri or meta.mlflow_uri or "", provider_uri=provider_uri,
         region=meta.region, db_name=db_name, qlib_kwargs=meta.qlib_init,

@@ -122,6 +122,7 @@ class WorkersSpec:
     """The ``workers:`` section: how workers treat this pool's tasks."""
 
     lease_seconds: float = defaults.LEASE_SECONDS  # a claim expires this long after the last heartbeat, s
+    # (unset: LEASE_HEARTBEATS x heartbeat_seconds)
     heartbeat_seconds: float = defaults.HEARTBEAT_SECONDS  # interval between lease renewals, s
     max_attempts: int = defaults.MAX_ATTEMPTS  # attempts before a task is marked failed
     task_timeout: float | None = defaults.TASK_TIMEOUT_SECONDS  # wall-clock limit per task, s; None = none
@@ -450,9 +451,12 @@ def parse_workers(raw: Any, file: Path) -> WorkersSpec:
     Raises:
         ConfigError: naming ``file``, the key, and what was expected.
     """
-    spec = WorkersSpec(**_mapping(raw, file, "workers", tuple(f.name for f in fields(WorkersSpec))))
+    given = _mapping(raw, file, "workers", tuple(f.name for f in fields(WorkersSpec)))
+    spec = WorkersSpec(**given)
     for name in ("lease_seconds", "heartbeat_seconds"):
         _number(getattr(spec, name), file, f"workers.{name}")
+    if "lease_seconds" not in given:  # the lease follows the heartbeat: a few missed beats and it is over
+        spec.lease_seconds = defaults.lease_for(spec.heartbeat_seconds)
     if spec.heartbeat_seconds >= spec.lease_seconds:
         raise _err(file, "workers.heartbeat_seconds", f"heartbeat {spec.heartbeat_seconds} s >= lease "
                    f"{spec.lease_seconds} s", "a heartbeat well below lease_seconds (a lease would expire)")
