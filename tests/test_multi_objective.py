@@ -126,7 +126,7 @@ def test_leaderboard_table_puts_the_front_first_and_marks_dominated_rows():
     mark_fronts(rows, objectives, lambda r, m: r["metrics"].get(m))
     rows.sort(key=lambda r: (r["front"], -r["metrics"]["IC"]))
     assert [(r["run_name"], r["front"]) for r in rows] == [("r1", 1), ("r3", 1), ("r2", 2), ("r0", 3)]
-    grid = {"metric": "IC", "direction": "max", "objectives": [{"metric": m, "direction": d} for m, d in objectives]}
+    grid = {"metric": "IC", "direction": "max", "pareto_over": [{"metric": m, "direction": d} for m, d in objectives]}
     text = format_table(rows, grid)
     assert text.splitlines()[1].startswith("Pareto front over IC (max), IR (max): 2 of 4 configurations, listed first")
     assert "front" in text.splitlines()[2] and "dominated (2)" in text and text.count("pareto") == 2

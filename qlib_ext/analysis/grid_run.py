@@ -82,7 +82,7 @@ def _importance(pool: str, mongo_url: str | None, grid: dict) -> Any:
     """The pool's hyperparameter importances over its objectives; None (with a WARNING) if they fail."""
     from qlib_ext.analysis.importance import pool_importance
 
-    objectives = [(o["metric"], o["direction"]) for o in grid.get("objectives") or []]
+    objectives = [(o["metric"], o["direction"]) for o in grid.get("pareto_over") or []]
     try:
         return pool_importance(pool, objectives or [(grid.get("metric") or Metric.IC, grid.get("direction") or "max")],
                                mongo_url=mongo_url)
@@ -163,7 +163,7 @@ def draw(data: GridData, out: Path) -> dict[str, Path]:
 
 def _pareto_plot(data: GridData, path: Path) -> Path | None:
     """The Pareto front of a pool ranked by several objectives (the first two drawn); None for one objective."""
-    objectives = data.grid.get("objectives") or []
+    objectives = data.grid.get("pareto_over") or []
     if len(objectives) < 2 or not data.rows:
         return None
     from qlib_ext.analysis.pareto import plot_front
@@ -204,7 +204,7 @@ def grid_metrics(data: GridData) -> dict[str, float]:
         dsr = (best.get("stats") or {}).get("dsr", best["metrics"].get("dsr"))
         out["best.dsr"] = dsr
     out["pbo"] = (data.grid.get("pbo") or {}).get("pbo")
-    if data.grid.get("objectives"):
+    if data.grid.get("pareto_over"):
         out["pareto_front"] = sum(1 for r in data.rows if r.get("front") == 1)
     if data.importance is not None:
         out.update(importance.metrics_of(data.importance, short_axes(data)))

@@ -60,7 +60,7 @@ class Importance:
 
     def to_dict(self) -> dict:
         """Plain data (JSON, ``leaderboard --json``)."""
-        return {"configurations": self.configurations, "objectives": [list(o) for o in self.objectives],
+        return {"configurations": self.configurations, "ranked_by": [list(o) for o in self.objectives],
                 "shares": self.shares, "front": self.front, "windows": {str(k): v for k, v in self.windows.items()},
                 "disagree": self.disagree, "note": self.note}
 
@@ -158,7 +158,7 @@ def varied_axes(points: list[Point]) -> dict[str, Any]:
     values: dict[str, list[Any]] = defaultdict(list)
     for p in points:
         for k, v in p.params.items():
-            values[k].append(_scalar(v))
+            values[k].append(scalar(v))
     axes: dict[str, Any] = {}
     for k, vs in values.items():
         distinct = sorted(set(vs), key=repr)
@@ -174,7 +174,7 @@ def varied_axes(points: list[Point]) -> dict[str, Any]:
     return axes
 
 
-def _scalar(value: Any) -> Any:
+def scalar(value: Any) -> Any:
     """A value Optuna can hold as a parameter (a list or mapping becomes its JSON text)."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
@@ -185,13 +185,14 @@ def _study(points: list[Point], axes: dict[str, Any], which: list[tuple[int, str
     """An in-memory Optuna study of ``points``' values ``which`` ((index, direction) each) over ``axes``."""
     import optuna
 
-    directions = ["maximize" if d in ("max", "maximize") else "minimize" for _, d in which]
+    directions: Any = ["maximize" if d in ("max", "maximize") else "minimize" for _, d in which]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line per study
     study = optuna.create_study(directions=directions)
     for p in points:
-        values = [p.values[i] for i, _ in which]
+        values: Any = [p.values[i] for i, _ in which]
         if any(v is None for v in values):
             continue
-        params = {k: _scalar(p.params[k]) for k in axes}
+        params = {k: scalar(p.params[k]) for k in axes}
         study.add_trial(optuna.trial.create_trial(params=params, distributions=axes, values=values))
     return study
 

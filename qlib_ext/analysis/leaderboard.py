@@ -141,7 +141,7 @@ def ranked(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = 
     if len(multi) > 1:
         name, direction = multi[0]
         mark_fronts(rows, multi, _value)
-        grid["objectives"] = [{"metric": m, "direction": d} for m, d in multi]
+        grid["pareto_over"] = [{"metric": m, "direction": d} for m, d in multi]
     rows.sort(key=lambda r: (r["pruned"], r.get("front", 0), _sort_key(_value(r, name), direction)))
     for r in rows:
         for internal in ("returns", "compare", "validity"):
@@ -372,7 +372,7 @@ def format_table(rows: list[dict], grid: dict | str | None = None, top: int | No
         return "no finished runs yet"
     metric = grid["metric"]
     shown = rows[:top] if top else rows
-    chosen = [o["metric"] for o in grid.get("objectives") or []] or [metric]
+    chosen = [o["metric"] for o in grid.get("pareto_over") or []] or [metric]
     extra = [m for m in TABLE_METRICS if m not in chosen]
     std = f"{metric}.std" if any(f"{metric}.std" in r["metrics"] for r in shown) else None
     front = ["front"] if len(chosen) > 1 else []

@@ -108,7 +108,7 @@ def front_cell(row: dict) -> str:
 
 def front_line(grid: dict, rows: list[dict]) -> str:
     """The line above a multi-objective leaderboard: the objectives and the size of the front."""
-    names = ", ".join(f"{o['metric']} ({o['direction']})" for o in grid["objectives"])
+    names = ", ".join(f"{o['metric']} ({o['direction']})" for o in grid["pareto_over"])
     n = sum(1 for r in rows if r.get("front") == 1)
     return (f"Pareto front over {names}: {n} of {len(rows)} configurations, listed first; each row below it "
             f"is dominated (another configuration is at least as good on every objective and better on one)")
@@ -146,7 +146,7 @@ def plot_front(points: Sequence[Sequence[float]], ranks: Sequence[int], names: S
         ax.plot([p[0] for p, _ in front], [p[1] for p, _ in front], "-o", color="#d62728", ms=7,
                 label=f"Pareto front ({len(front)})")
         for p, lab in front:
-            ax.annotate(lab, (p[0], p[1]), textcoords="offset points", xytext=(5, 5), fontsize=7)
+            ax.annotate(lab, (p[0], p[1]), textcoords="offset points", xytext=(-6, 6), ha="right", fontsize=7)
     ax.set_xlabel(f"{names[0]} ({_word(directions[0])})")
     ax.set_ylabel(f"{names[1]} ({_word(directions[1])})")
     ax.set_title(title or "Pareto front")

@@ -127,7 +127,7 @@ def render(data: Any, images: dict[str, str]) -> str:
 
 def _ranked_by(data: Any) -> str:
     """The ranking metric, or for several objectives each one and that the Pareto front comes first."""
-    objectives = data.grid.get("objectives") if isinstance(data.grid, dict) else None
+    objectives = data.grid.get("pareto_over") if isinstance(data.grid, dict) else None
     if not objectives:
         return str(data.metric)
     return ("Pareto front over " + ", ".join(f"{o['metric']} ({o['direction']})" for o in objectives)
@@ -152,10 +152,13 @@ def _leaderboard(data: Any) -> str:
     if not data.rows:
         return "<p>no finished runs yet</p>"
     axes = list((data.runs.axes if data.runs else {}) or {})
-    listed = (data.grid.get("objectives") if isinstance(data.grid, dict) else None) or []
+    listed = (data.grid.get("pareto_over") if isinstance(data.grid, dict) else None) or []
     chosen = [o["metric"] for o in listed] or [data.metric]
     metrics = [*chosen, *[m for m in (Metric.IC, Metric.ICIR, Metric.RANK_IC) if m not in chosen]]
     metrics += [m for m in (Metric.ANN_RETURN, Metric.IR, Metric.MAX_DRAWDOWN) if m not in chosen]
+    if listed:  # an objective under its short name (IR) already shows Qlib's full one: one column each
+        shown = {mlflow_ui.metric_column(m) for m in chosen}
+        metrics = chosen + [m for m in metrics[len(chosen):] if mlflow_ui.metric_column(m) not in shown]
     front = ["front"] if len(chosen) > 1 else []
     header = ["#", "run", *front, *[mlflow_ui.metric_column(m) for m in metrics], "DSR", *axes, "flags", "run id"]
     rows = []

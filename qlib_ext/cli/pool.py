@@ -76,7 +76,22 @@ def _echo_search(pool: str, mongo_url: str) -> None:
 
     report_search(pool, mongo_url, printer())
 
-@main.command("search")
+class _SearchGroup(click.Group):
+    """``qlib-ext search POOL`` proposes (the ``propose`` subcommand); ``qlib-ext search export POOL`` exports."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["propose", *args]
+        return super().parse_args(ctx, args)
+
+
+@main.group("search", cls=_SearchGroup)
+def search_group() -> None:
+    """A search pool's proposer (`qlib-ext search POOL`, the same as `search propose POOL`) and its export
+    to an Optuna storage (`qlib-ext search export POOL --storage URL`)."""
+
+
+@search_group.command("propose")
 @click.argument("pool")
 @mongo_option
 @mlflow_option
@@ -189,7 +204,7 @@ def _importance(pool: str, mongo_url: str, grid: dict) -> Any:
     """The importances over the objectives the leaderboard ranked by."""
     from qlib_ext.analysis.importance import pool_importance
 
-    objectives = [(o["metric"], o["direction"]) for o in grid.get("objectives") or []]
+    objectives = [(o["metric"], o["direction"]) for o in grid.get("pareto_over") or []]
     return pool_importance(pool, objectives or [(grid["metric"], grid["direction"])], mongo_url=mongo_url)
 
 
