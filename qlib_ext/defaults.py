@@ -152,6 +152,12 @@ the leaderboard's Sharpe equals Qlib's ``information_ratio`` of the same series,
 MINTRL_CONFIDENCE = 0.95
 """Confidence level of the minimum track record length (PSR against 0 must reach it), probability."""
 
+DASHBOARD_REFRESH_SECONDS = 5.0
+"""Interval between two exports of a pool to the storage ``qlib-ext dashboard`` serves, s."""
+
+DASHBOARD_PORT = 8080
+"""Port ``qlib-ext dashboard`` serves optuna-dashboard on (optuna-dashboard's own default)."""
+
 IMPORTANCE_MIN_CONFIGS = 8
 """Finished configurations a pool needs before its hyperparameter importances are computed, count."""
 
