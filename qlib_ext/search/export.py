@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 TRIAL_ATTR = Tag.TRIAL
 """User attribute of an exported Optuna trial: the pool's trial number (or the config id of a grid's row)."""
 
-RUNS_ATTR, RUN_NAME_ATTR, CONFIG_ATTR = "mlflow_run_ids", "run_name", "config_id"
+RUNS_ATTR, CONFIG_ATTR = "mlflow_run_ids", "config_id"
 """User attributes linking an exported trial to its MLflow runs."""
 
 _STATES = {TrialState.RUNNING.value: "RUNNING", TrialState.COMPLETE.value: "COMPLETE",
@@ -59,6 +59,8 @@ class _Row:
     values: list[float] | None
     intermediate: dict[int, float]
     attrs: dict[str, Any]
+    started: Any = None  # datetime the trial was proposed (None: now)
+    finished: Any = None  # datetime it finished (None: now, for a finished trial)
 
 
 def export(pool: str, storage: str, *, db: Database, mlflow_uri: str | None = None) -> Exported:
@@ -96,10 +98,15 @@ def _frozen(row: _Row) -> Any:
     import optuna
 
     state = optuna.trial.TrialState[row.state]
-    return optuna.trial.create_trial(state=state, params=row.params, distributions=row.distributions,
-                                     values=row.values if state == optuna.trial.TrialState.COMPLETE else None,
-                                     intermediate_values=row.intermediate,
-                                     user_attrs={TRIAL_ATTR: row.key, **row.attrs})
+    trial = optuna.trial.create_trial(state=state, params=row.params, distributions=row.distributions,
+                                      values=row.values if state == optuna.trial.TrialState.COMPLETE else None,
+                                      intermediate_values=row.intermediate,
+                                      user_attrs={TRIAL_ATTR: row.key, **row.attrs})
+    if row.started is not None:  # the dashboard's timeline shows when the pool ran it, not when it was exported
+        trial.datetime_start = row.started
+        if state.is_finished() and row.finished is not None:
+            trial.datetime_complete = row.finished
+    return trial
 
 
 def _finish(study: Any, old: Any, row: _Row) -> None:
@@ -139,7 +146,8 @@ def _search_rows(db: Database, pool: str, meta: Any, objectives: list[dict]) -> 
                         if h in states and isinstance(states[h].metrics.get(metric), (int, float))}
         rows.append(_Row(str(doc[Trial.NUMBER]), _STATES.get(doc[Trial.STATE], "FAIL"), params, dists, values,
                          intermediate if len(doc[Trial.HASHES]) > 1 else {},
-                         {RUNS_ATTR: runs, CONFIG_ATTR: doc.get(Trial.CONFIG_ID)}))
+                         {RUNS_ATTR: runs, CONFIG_ATTR: doc.get(Trial.CONFIG_ID)},
+                         doc.get(Trial.CREATED_AT), doc.get(Trial.FINISHED_AT)))
     return rows
 
 
