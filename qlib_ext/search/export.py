@@ -69,6 +69,7 @@ def export(pool: str, storage: str, *, db: Database, mlflow_uri: str | None = No
 
     from qlib_ext.pool.database import load_pool_meta
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "Using an existing study" line per export
     meta = load_pool_meta(db, pool)
     objectives = meta.objectives or [meta.objective or {"metric": "IC", "direction": "maximize"}]
     rows = _search_rows(db, pool, meta, objectives) or _grid_rows(db, pool, objectives)
