@@ -95,6 +95,8 @@ def leaderboard_frame(pool: str, *, mongo_url: str | None = None, mlflow_uri: st
     records = []
     for i, r in enumerate(rows, 1):
         rec = {"rank": i, "run_name": r["run_name"], grid["metric"]: r["metrics"].get(grid["metric"])}
+        if "front" in r:  # several objectives: 1 = on the Pareto front
+            rec["front"] = r["front"]
         rec.update({k: r["stats"].get(k) for k in STAT_KEYS})
         rec["flags"] = ",".join(r["flags"])
         rec.update({k: v for k, v in r["metrics"].items() if k not in rec})
