@@ -171,6 +171,24 @@ the leaderboard's Sharpe equals Qlib's ``information_ratio`` of the same series,
 MINTRL_CONFIDENCE = 0.95
 """Confidence level of the minimum track record length (PSR against 0 must reach it), probability."""
 
+DASHBOARD_REFRESH_SECONDS = 5.0
+"""Interval between two exports of a pool to the storage ``qlib-ext dashboard`` serves, s."""
+
+DASHBOARD_PORT = 8080
+"""Port ``qlib-ext dashboard`` serves optuna-dashboard on (optuna-dashboard's own default)."""
+
+IMPORTANCE_MIN_CONFIGS = 8
+"""Finished configurations a pool needs before its hyperparameter importances are computed, count."""
+
+FANOVA_TREES = 32
+"""Trees of the fANOVA random forest (Optuna's default is 64; a pool's few dozen configurations need fewer), count."""
+
+FANOVA_DEPTH = 8
+"""Depth limit of each fANOVA tree (2^8 leaves exceed the configurations of any pool it is asked about), levels."""
+
+IMPORTANCE_DISAGREE = 0.25
+"""Walk-forward windows disagree when an axis's fANOVA share differs by more than this between two windows."""
+
 PBO_BLOCKS = 16
 """Row blocks S that CSCV cuts the T x N return matrix into (C(16, 8) = 12,870 splits), count."""
 

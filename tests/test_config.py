@@ -211,7 +211,7 @@ def test_unknown_search_message_lists_the_choices(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_workflow(path)
     assert str(e.value) == (f"unknown search 'grdi' in grid.search of {path}; "
-                            "expected one of: grid, random, tpe, cmaes, gp, qmc")
+                            "expected one of: grid, random, tpe, cmaes, gp, qmc, nsga2")
 
 
 GRID_ERRORS = [

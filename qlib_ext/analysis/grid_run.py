@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qlib_ext.analysis import plots
+from qlib_ext.analysis import importance, plots
 from qlib_ext.pool.record import Doc, Metric, Tag
 from qlib_ext.tracking import mlflow_ui
 
@@ -40,6 +40,7 @@ class GridData:
     series: dict[str, Any] = field(default_factory=dict)  # run name -> daily excess return with cost
     windows: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # run name -> (window, metric)
     first_error: str | None = None
+    importance: Any = None  # analysis.importance.Importance over the ranked objectives (None: not computed)
 
 
 def ranked_rows(pool: str, mongo_url: str | None, mlflow_uri: str | None,
@@ -72,8 +73,30 @@ def collect(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None =
                     exp.experiment_id if exp else "", None, uri)
     data.runs = mlflow_ui.grid_runs(client, data.experiment_id, pool) if exp else None
     data.first_error = _first_error(tm)
+    data.importance = _importance(pool, mongo_url, grid)
     _read_series(client, data)
     return data
+
+
+def _importance(pool: str, mongo_url: str | None, grid: dict) -> Any:
+    """The pool's hyperparameter importances over its objectives; None (with a WARNING) if they fail."""
+    from qlib_ext.analysis.importance import pool_importance
+
+    objectives = [(o["metric"], o["direction"]) for o in grid.get("pareto_over") or []]
+    try:
+        return pool_importance(pool, objectives or [(grid.get("metric") or Metric.IC, grid.get("direction") or "max")],
+                               mongo_url=mongo_url)
+    except Exception as e:  # noqa: BLE001 - importances are an extra; the summary goes on without them
+        logger.warning("grid %s: no hyperparameter importances: %s", pool, e)
+        return None
+
+
+def short_axes(data: GridData) -> dict[str, str]:
+    """Axis (dotted path) -> the short name the runs' params use."""
+    full = {v: k for k, v in ((data.runs.axes if data.runs else {}) or {}).items()}
+    imp = data.importance
+    axes = {a for m in imp.shares.values() for ev in m.values() for a in ev} if imp is not None else set()
+    return {**mlflow_ui.short_names(axes), **{a: full[a] for a in axes if a in full}}
 
 
 def _first_error(tm: Any) -> str | None:
@@ -113,6 +136,7 @@ def draw(data: GridData, out: Path) -> dict[str, Path]:
     if not axes and data.rows:
         axes = [k for k in data.rows[0]["params"] if not k.startswith(("window.", "model.class"))]
     todo = {
+        "pareto": lambda p: _pareto_plot(data, p),
         "heatmap": lambda p: plots.heatmap(data.rows, axes, data.metric, p),
         "slices": lambda p: None if "heatmap" in drawn else plots.param_slices(data.rows, axes, data.metric, p),
         "search": lambda p: plots.search_history(data.rows, data.metric, data.grid.get("direction") or "max", p),
@@ -121,6 +145,8 @@ def draw(data: GridData, out: Path) -> dict[str, Path]:
         "stage_times": lambda p: plots.stage_times({r.get("run_name") or r["run_id"]: r["metrics"]
                                                     for r in data.rows}, p),
         "pbo": lambda p: _pbo_plot(data, p),
+        "importance": lambda p: None if data.importance is None else importance.plot_importance(
+            data.importance, p, short_axes(data)),
     }
     out.mkdir(parents=True, exist_ok=True)
     drawn: dict[str, Path] = {}
@@ -133,6 +159,20 @@ def draw(data: GridData, out: Path) -> dict[str, Path]:
         if path is not None:
             drawn[name] = path
     return drawn
+
+
+def _pareto_plot(data: GridData, path: Path) -> Path | None:
+    """The Pareto front of a pool ranked by several objectives (the first two drawn); None for one objective."""
+    objectives = data.grid.get("pareto_over") or []
+    if len(objectives) < 2 or not data.rows:
+        return None
+    from qlib_ext.analysis.pareto import plot_front
+
+    names = [o["metric"] for o in objectives]
+    points = [[r["metrics"].get(m, (r.get("stats") or {}).get(m)) for m in names] for r in data.rows]
+    labels = [f"#{i} {r.get('run_name') or ''}"[:40] for i, r in enumerate(data.rows, 1)]
+    return plot_front(points, [r.get("front", 1) for r in data.rows], names, [o["direction"] for o in objectives],
+                      labels, path, title=f"{data.pool}: Pareto front")
 
 
 def _pbo_plot(data: GridData, path: Path) -> Path | None:
@@ -164,6 +204,10 @@ def grid_metrics(data: GridData) -> dict[str, float]:
         dsr = (best.get("stats") or {}).get("dsr", best["metrics"].get("dsr"))
         out["best.dsr"] = dsr
     out["pbo"] = (data.grid.get("pbo") or {}).get("pbo")
+    if data.grid.get("pareto_over"):
+        out["pareto_front"] = sum(1 for r in data.rows if r.get("front") == 1)
+    if data.importance is not None:
+        out.update(importance.metrics_of(data.importance, short_axes(data)))
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and not math.isnan(v)}
 
 

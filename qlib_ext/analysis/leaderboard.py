@@ -13,11 +13,13 @@ import math
 import statistics
 import tempfile
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 from qlib_ext import defaults
 from qlib_ext.analysis import flags as fl
 from qlib_ext.analysis.grid_stats import STAT_KEYS, annotate
+from qlib_ext.analysis.pareto import choose_objectives, front_cell, front_line, mark_fronts
 from qlib_ext.analysis.series import VALIDITY, to_pandas
 from qlib_ext.errors import ConfigError
 from qlib_ext.pool.record import SIGNAL_METRICS, Doc, Metric, Outcome, Tag, TaskMeta
@@ -55,10 +57,11 @@ def _search_pool_runs(client: Any, experiment_id: str, pool: str) -> dict[str, A
 
 def leaderboard(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = None,
                 metric: str | None = None, top: int | None = None, db_name: str | None = None,
-                trials: int | None = None, blocks: int = defaults.PBO_BLOCKS) -> list[dict]:
+                trials: int | None = None, blocks: int = defaults.PBO_BLOCKS,
+                objectives: Sequence[str] = ()) -> list[dict]:
     """Rows best first (plain data, no series); see :func:`ranked` for what a row holds."""
     rows, _ = ranked(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric, db_name=db_name,
-                     trials=trials, blocks=blocks)
+                     trials=trials, blocks=blocks, objectives=objectives)
     return rows[:top] if top else rows
 
 
@@ -92,6 +95,8 @@ def leaderboard_frame(pool: str, *, mongo_url: str | None = None, mlflow_uri: st
     records = []
     for i, r in enumerate(rows, 1):
         rec = {"rank": i, "run_name": r["run_name"], grid["metric"]: r["metrics"].get(grid["metric"])}
+        if "front" in r:  # several objectives: 1 = on the Pareto front
+            rec["front"] = r["front"]
         rec.update({k: r["stats"].get(k) for k in STAT_KEYS})
         rec["flags"] = ",".join(r["flags"])
         rec.update({k: v for k, v in r["metrics"].items() if k not in rec})
@@ -102,7 +107,7 @@ def leaderboard_frame(pool: str, *, mongo_url: str | None = None, mlflow_uri: st
 
 def ranked(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = None, metric: str | None = None,
            db_name: str | None = None, trials: int | None = None,
-           blocks: int = defaults.PBO_BLOCKS) -> tuple[list[dict], dict]:
+           blocks: int = defaults.PBO_BLOCKS, objectives: Sequence[str] = ()) -> tuple[list[dict], dict]:
     """Rows best first and the grid's numbers.
 
     A row is one committed task whose MLflow run FINISHED; rolling windows of one configuration
@@ -111,6 +116,10 @@ def ranked(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = 
     training run is not a row. Each row: ``run_id, run_name, task_id, config_id, window, params,
     metrics, stats`` (Sharpe, PSR, DSR, MinTRL, T, skew, kurtosis of the daily excess return with
     cost), ``flags`` and ``worker`` (``runs`` for a rolling row).
+
+    Several objectives (``objectives``: ``METRIC[:max|min]`` each, or the pool's ``grid.objective`` list
+    when neither they nor ``metric`` are given): rows are sorted by Pareto front (``front``: 1 = not
+    dominated), then by the first objective; the grid's numbers then hold ``objectives``.
     """
     import mlflow
 
@@ -127,10 +136,15 @@ def ranked(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = 
     rows = _rows(results, runs)
     rows = _aggregate_windows(client, rows)
     objective = meta.objective or {}
-    name, direction = _choose_metric(rows, metric, objective, pool)
+    multi = choose_objectives(rows, objectives, [] if metric else meta.objectives or [], pool)
+    name, direction = multi[0] if len(multi) == 1 else _choose_metric(rows, metric, objective, pool)
     grid = annotate(rows, trials=trials, blocks=blocks, failed=tm.counts().get("failed", 0))
     _mark_pruned(rows, tm)
-    rows.sort(key=lambda r: (r["pruned"], _sort_key(_value(r, name), direction)))
+    if len(multi) > 1:
+        name, direction = multi[0]
+        mark_fronts(rows, multi, _value)
+        grid["pareto_over"] = [{"metric": m, "direction": d} for m, d in multi]
+    rows.sort(key=lambda r: (r["pruned"], r.get("front", 0), _sort_key(_value(r, name), direction)))
     for r in rows:
         for internal in ("returns", "compare", "validity"):
             r.pop(internal, None)
@@ -360,17 +374,21 @@ def format_table(rows: list[dict], grid: dict | str | None = None, top: int | No
         return "no finished runs yet"
     metric = grid["metric"]
     shown = rows[:top] if top else rows
-    extra = [m for m in TABLE_METRICS if m != metric]
+    chosen = [o["metric"] for o in grid.get("pareto_over") or []] or [metric]
+    extra = [m for m in TABLE_METRICS if m not in chosen]
     std = f"{metric}.std" if any(f"{metric}.std" in r["metrics"] for r in shown) else None
-    header = ["#", "run", metric, *([std] if std else []), *[_SHORT.get(m, m) for m in extra],
+    front = ["front"] if len(chosen) > 1 else []
+    header = ["#", "run", *front, chosen[0], *([std] if std else []), *chosen[1:], *[_SHORT.get(m, m) for m in extra],
               "Sharpe", "PSR", "DSR", "T", "flags", "run_id"]
     lines = [header]
     for i, r in enumerate(shown, 1):
         st = r.get("stats") or {}
-        vals = [_fmt(_value(r, m)) for m in [metric, *([std] if std else []), *extra]]
-        lines.append([str(i), r["run_name"] or "", *vals, _fmt(st.get("sharpe")), _fmt(st.get("psr")),
-                      _fmt(st.get("dsr")), _fmt(st.get("T")), ",".join(r.get("flags") or []) or "-", r["run_id"]])
-    return "\n".join([_trials_line(grid, len(rows), len(shown)), text_table(lines), _pbo_line(grid)])
+        vals = [_fmt(_value(r, m)) for m in [chosen[0], *([std] if std else []), *chosen[1:], *extra]]
+        lines.append([str(i), r["run_name"] or "", *([front_cell(r)] if front else []), *vals,
+                      _fmt(st.get("sharpe")), _fmt(st.get("psr")), _fmt(st.get("dsr")), _fmt(st.get("T")),
+                      ",".join(r.get("flags") or []) or "-", r["run_id"]])
+    head = [_trials_line(grid, len(rows), len(shown)), *([front_line(grid, rows)] if front else [])]
+    return "\n".join([*head, text_table(lines), _pbo_line(grid)])
 
 
 _SHORT = {Metric.ANN_RETURN: "ann.return", Metric.IR: "IR", Metric.MAX_DRAWDOWN: "MDD"}

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from qlib_ext.analysis.pareto import front_cell
 from qlib_ext.names import check_pool_name
 from qlib_ext.pool.record import Metric
 from qlib_ext.tracking import mlflow_ui
@@ -34,6 +35,7 @@ th{background:#f3f3f3;text-align:left}td.n{text-align:right;font-variant-numeric
 img{max-width:100%;border:1px solid #eee;margin:0.3em 0 1.2em}h2{margin-top:1.5em}.muted{color:#777}"""
 
 _PLOT_TITLES = {
+    "pareto": "Pareto front: configurations no other beats on every objective (grey: dominated)",
     "heatmap": "Objective over the grid's axes",
     "top_returns": "Top configurations: cumulative excess return (with cost)",
     "windows": "Rolling windows: the objective per window",
@@ -41,6 +43,7 @@ _PLOT_TITLES = {
     "slices": "Objective against each axis",
     "search": "Search: the objective of each trial, and the best so far",
     "stage_times": "Time per stage",
+    "importance": "What drove the result: hyperparameter importances (fANOVA, PED-ANOVA)",
     "best_run": "Best configuration: returns, IC, turnover",
 }
 
@@ -107,15 +110,30 @@ def render(data: Any, images: dict[str, str]) -> str:
              f"<style>{_CSS}</style></head><body>",
              f"<h1>Grid <code>{esc(data.pool)}</code></h1>",
              f"<p class='muted'>written {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}; ranked by "
-             f"<b>{esc(data.metric)}</b>; MLflow: <code>{esc(data.mlflow_uri)}</code></p>",
+             f"<b>{esc(_ranked_by(data))}</b>; MLflow: <code>{esc(data.mlflow_uri)}</code></p>",
              "<h2>Summary</h2>", _summary_table(data)]
     if data.first_error and not data.counts.get("done"):
         parts.append(f"<h2>First error</h2><pre>{esc(data.first_error[-3000:])}</pre>")
     parts += ["<h2>Leaderboard</h2>", _leaderboard(data)]
+    if getattr(data, "importance", None) is not None:
+        from qlib_ext.analysis.grid_run import short_axes
+        from qlib_ext.analysis.importance import format_importance
+
+        parts += ["<h2>What drove the result</h2>",
+                  f"<pre>{esc(format_importance(data.importance, short_axes(data)))}</pre>"]
     for name, uri in images.items():
         parts.append(f"<h2>{esc(_PLOT_TITLES.get(name, name))}</h2><img alt='{esc(name)}' src='{uri}'>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _ranked_by(data: Any) -> str:
+    """The ranking metric, or for several objectives each one and that the Pareto front comes first."""
+    objectives = data.grid.get("pareto_over") if isinstance(data.grid, dict) else None
+    if not objectives:
+        return str(data.metric)
+    return ("Pareto front over " + ", ".join(f"{o['metric']} ({o['direction']})" for o in objectives)
+            + ", then " + str(data.metric))
 
 
 def _summary_table(data: Any) -> str:
@@ -136,13 +154,20 @@ def _leaderboard(data: Any) -> str:
     if not data.rows:
         return "<p>no finished runs yet</p>"
     axes = list((data.runs.axes if data.runs else {}) or {})
-    metrics = [data.metric, *[m for m in (Metric.IC, Metric.ICIR, Metric.RANK_IC) if m != data.metric]]
-    metrics += [m for m in (Metric.ANN_RETURN, Metric.IR, Metric.MAX_DRAWDOWN) if m != data.metric]
-    header = ["#", "run", *[mlflow_ui.metric_column(m) for m in metrics], "DSR", *axes, "flags", "run id"]
+    listed = (data.grid.get("pareto_over") if isinstance(data.grid, dict) else None) or []
+    chosen = [o["metric"] for o in listed] or [data.metric]
+    metrics = [*chosen, *[m for m in (Metric.IC, Metric.ICIR, Metric.RANK_IC) if m not in chosen]]
+    metrics += [m for m in (Metric.ANN_RETURN, Metric.IR, Metric.MAX_DRAWDOWN) if m not in chosen]
+    if listed:  # an objective under its short name (IR) already shows Qlib's full one: one column each
+        shown = {mlflow_ui.metric_column(m) for m in chosen}
+        metrics = chosen + [m for m in metrics[len(chosen):] if mlflow_ui.metric_column(m) not in shown]
+    front = ["front"] if len(chosen) > 1 else []
+    header = ["#", "run", *front, *[mlflow_ui.metric_column(m) for m in metrics], "DSR", *axes, "flags", "run id"]
     rows = []
     for i, r in enumerate(data.rows[:TOP_ROWS], 1):
         stats = r.get("stats") or {}
-        cells = [i, r.get("run_name") or "", *[r["metrics"].get(m) for m in metrics], stats.get("dsr"),
+        cells = [i, r.get("run_name") or "", *([front_cell(r)] if front else []),
+                 *[r["metrics"].get(m, stats.get(m)) for m in metrics], stats.get("dsr"),
                  *[r["params"].get(a, "") for a in axes], ",".join(r.get("flags") or []) or "-", r["run_id"]]
         rows.append("<tr>" + "".join(f"<td class='n'>{_fmt(c)}</td>" if isinstance(c, (int, float))
                                      else f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")

@@ -8,7 +8,7 @@ mlflow, lightgbm or optuna. :mod:`~qlib_ext.cli.app` holds the group and the sha
 
 from __future__ import annotations
 
-from qlib_ext.cli import launch, pool, tools  # noqa: F401 - registers the commands on main
+from qlib_ext.cli import launch, optuna_ui, pool, tools  # noqa: F401 - registers the commands on main
 from qlib_ext.cli.app import main
 
 __all__ = ["main"]

@@ -30,11 +30,11 @@ class _Group(click.Group):
             raise
 
 
-def echo(text: object = "", err: bool = False) -> None:
+def echo(text: object = "", err: bool = False, nl: bool = True) -> None:
     """Print one message of the command line (stdout, or stderr with ``err``): the one place where output
     leaves qlib-ext, so pool data (axis values, pool and run names, errors) reaches the terminal with its
     control characters escaped (:func:`qlib_ext.tables.printable`)."""
-    click.echo(printable(text, keep="\n\t"), err=err)
+    click.echo(printable(text, keep="\n\t"), err=err, nl=nl)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

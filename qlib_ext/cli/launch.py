@@ -7,10 +7,10 @@ from pathlib import Path
 import click
 
 from qlib_ext import defaults
-from qlib_ext.cli.app import _Group, main
+from qlib_ext.cli.app import _Group, echo, main, pool_name
 
 _COMMON = [
-    click.argument("pool"),
+    click.argument("pool", callback=pool_name),
     click.option("--workers", "-n", type=click.IntRange(min=1), required=True,
                  help="Workers to start (SLURM: array tasks; Kubernetes: the Job's parallelism)."),
     click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True,
@@ -60,12 +60,12 @@ def slurm_cmd(ctx: click.Context, pool: str, workers: int, dry_run: bool, **opts
     profile = ctx.find_root().params.get("profile_path")
     job = SlurmJob(pool=pool, workers=workers, profile=profile, **opts)  # type: ignore[arg-type]
     if dry_run:
-        click.echo(script(job), nl=False)
+        echo(script(job), nl=False)
         return
     done = submit(job)
-    click.echo(f"pool {pool}: SLURM job {done.job_id}, {workers} workers (script {done.script}; "
+    echo(f"pool {pool}: SLURM job {done.job_id}, {workers} workers (script {done.script}; "
                f"logs {job.directory}/slurm-{done.job_id}_*.out)")
-    click.echo(f"stop: qlib-ext cancel {pool} && scancel {done.job_id}")
+    echo(f"stop: qlib-ext cancel {pool} && scancel {done.job_id}")
 
 
 @launch.command("k8s")
@@ -86,12 +86,12 @@ def k8s_cmd(pool: str, workers: int, out: Path | None, do_apply: bool, dry_run: 
 
     job = K8sJob(pool=pool, workers=workers, **opts)  # type: ignore[arg-type]
     if dry_run:
-        click.echo(to_yaml(job), nl=False)
+        echo(to_yaml(job), nl=False)
         return
     path = write(job, out)
-    click.echo(f"pool {pool}: Kubernetes Job {job.job_name}, parallelism {workers}: {path}")
+    echo(f"pool {pool}: Kubernetes Job {job.job_name}, parallelism {workers}: {path}")
     if do_apply:
-        click.echo(apply(path))
+        echo(apply(path))
     else:
-        click.echo(f"start: kubectl apply -f {path}")
-    click.echo(f"stop: qlib-ext cancel {pool} && kubectl delete job {job.job_name}")
+        echo(f"start: kubectl apply -f {path}")
+    echo(f"stop: qlib-ext cancel {pool} && kubectl delete job {job.job_name}")

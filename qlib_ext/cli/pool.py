@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -89,7 +90,22 @@ def _echo_search(pool: str, mongo_url: str) -> None:
 
     report_search(pool, mongo_url, printer())
 
-@main.command("search")
+class _SearchGroup(click.Group):
+    """``qlib-ext search POOL`` proposes (the ``propose`` subcommand); ``qlib-ext search export POOL`` exports."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["propose", *args]
+        return super().parse_args(ctx, args)
+
+
+@main.group("search", cls=_SearchGroup)
+def search_group() -> None:
+    """A search pool's proposer (`qlib-ext search POOL`, the same as `search propose POOL`) and its export
+    to an Optuna storage (`qlib-ext search export POOL --storage URL`)."""
+
+
+@search_group.command("propose")
 @click.argument("pool", callback=pool_name)
 @mongo_option
 @mlflow_option
@@ -158,30 +174,58 @@ def cancel_cmd(pool: str, mongo_url: str, now: bool) -> None:
 @click.option("--metric", default=None, help="Metric to rank by, any the runs logged (case-insensitive) or "
               "sharpe/psr/dsr (default: grid.objective, else IC; a strategy sweep: "
               "1day.excess_return_with_cost.information_ratio).")
+@click.option("--objective", "objectives", multiple=True, metavar="METRIC[:max|min]",
+              help="Rank by several objectives (repeat the option): the Pareto front first, dominated rows marked "
+              "(default: the pool's grid.objective list; direction max unless :min).")
 @click.option("--top", default=None, type=click.IntRange(min=1), help="Show only the best K rows.")
 @click.option("--trials", default=None, type=click.IntRange(min=0),
               help="Configurations tried outside this pool, added to N for the Deflated Sharpe.")
 @click.option("--blocks", default=defaults.PBO_BLOCKS, show_default=True, type=click.IntRange(min=2),
               help="CSCV blocks S for the PBO (even).")
 @click.option("--tag-runs", is_flag=True, help="Also set the tags qlib_ext.flags and qlib_ext.dsr on the runs.")
+@click.option("--importance", is_flag=True, help="Also print which axes drove each objective (Optuna's fANOVA and "
+              "PED-ANOVA over the finished configurations; per window too when walk-forward windows disagree).")
 @click.option("--json", "as_json", is_flag=True, help="Print {rows: [...best first], grid: {N, PBO, ...}} as JSON.")
-def leaderboard_cmd(pool: str, mongo_url: str, mlflow_uri: str | None, metric: str | None, top: int | None,
-                    trials: int | None, blocks: int, tag_runs: bool, as_json: bool) -> None:
+def leaderboard_cmd(pool: str, mongo_url: str, mlflow_uri: str | None, metric: str | None,
+                    objectives: tuple[str, ...], top: int | None, trials: int | None, blocks: int, tag_runs: bool,
+                    importance: bool, as_json: bool) -> None:
     """Rank POOL's finished runs (rolling windows aggregated per configuration), with N tried,
     Sharpe, PSR, Deflated Sharpe, sanity flags and PBO (docs/validity.md)."""
     import json
 
     from qlib_ext.analysis.leaderboard import format_table, ranked, tag_flags
 
+    if metric and objectives:
+        raise click.UsageError("--metric and --objective exclude each other: give one metric, or the objectives")
     rows, grid = ranked(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric, trials=trials,
-                        blocks=blocks)
+                        blocks=blocks, objectives=objectives)
     if tag_runs:
         tag_flags(rows, grid)
+    imp = _importance(pool, mongo_url, grid) if importance else None
     if as_json:
-        echo(json.dumps({"rows": rows[:top] if top else rows, "grid": grid}, indent=2, default=str))
+        extra = {"importance": imp.to_dict()} if imp is not None else {}
+        echo(json.dumps({"rows": rows[:top] if top else rows, "grid": grid, **extra}, indent=2, default=str))
     else:
         echo(format_table(rows, grid, top=top))
         _echo_search(pool, mongo_url)  # a search's trials per state and how its best improved
+        if imp is not None:
+            from qlib_ext.analysis.importance import format_importance
+
+            click.echo(format_importance(imp, _short_axes(imp)))
+
+
+def _importance(pool: str, mongo_url: str, grid: dict) -> Any:
+    """The importances over the objectives the leaderboard ranked by."""
+    from qlib_ext.analysis.importance import pool_importance
+
+    objectives = [(o["metric"], o["direction"]) for o in grid.get("pareto_over") or []]
+    return pool_importance(pool, objectives or [(grid["metric"], grid["direction"])], mongo_url=mongo_url)
+
+
+def _short_axes(imp: Any) -> dict[str, str]:
+    from qlib_ext.tracking.mlflow_ui import short_names
+
+    return short_names({a for m in imp.shares.values() for ev in m.values() for a in ev})
 
 
 @main.command("reproduce")

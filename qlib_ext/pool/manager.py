@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import pickle
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any

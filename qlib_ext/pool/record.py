@@ -153,7 +153,7 @@ class Trial:
     CREATED_AT: Final = "created_at"
     FINISHED_AT: Final = "finished_at"
     FINISHED_BY: Final = "finished_by"  # the proposer that moved it out of running
-    VALUE: Final = "value"  # the objective value (None unless complete)
+    VALUE: Final = "value"  # the objective value (None unless complete); several objectives: a list, in their order
     PARAMS: Final = "params"  # the Optuna params (None for a grid/random configuration)
     TASKS: Final = "tasks"  # the trial's task dicts, one per rolling window, oldest first
     HASHES: Final = "hashes"  # their task_hash values
@@ -161,7 +161,8 @@ class Trial:
     JUDGED: Final = "judged"  # pruning decision per step ({"<step>": decision})
     SAMPLER: Final = "sampler"  # grid.search
     CONFIG_ID: Final = "config_id"
-    OBJECTIVE: Final = "objective"  # the grid's objective (metric, direction)
+    OBJECTIVE: Final = "objective"  # the grid's objective (metric, direction); several: the first
+    OBJECTIVES: Final = "objectives"  # several objectives: each (metric, direction), in order (absent for one)
     PROPOSER: Final = "proposer"  # the proposer that reserved it
     TAGGED: Final = "tagged"  # its runs carry the trial's state tags
 
@@ -275,6 +276,7 @@ class PoolMeta(_Block):
     submitted_at: Any = None  # datetime of the (last) submit, UTC
     submitted_from: str | None = None  # host name of the submitter
     objective: dict | None = None  # what the leaderboard ranks by (Objective as a dict); None: the default
+    objectives: list | None = None  # several objectives (each an Objective dict): the leaderboard's Pareto front
     search: dict | None = None  # a model-based search: {search: sampler name, n_trials}
     search_until: Any = None  # store time (datetime) until which a search proposer holds the pool open
     search_owner: str | None = None  # the proposer holding the pool (host:pid)
@@ -300,6 +302,7 @@ class PoolMeta(_Block):
         SUBMITTED_AT: Final = "submitted_at"
         SUBMITTED_FROM: Final = "submitted_from"
         OBJECTIVE: Final = "objective"
+        OBJECTIVES: Final = "objectives"
         SEARCH: Final = "search"
         SEARCH_UNTIL: Final = "search_until"
         SEARCH_OWNER: Final = "search_owner"

@@ -30,12 +30,12 @@ from pymongo.errors import PyMongoError
 from qlib_ext import defaults
 from qlib_ext.errors import StoreError
 from qlib_ext.pool.manager import GridTaskManager, task_hash
-from qlib_ext.pool.record import Tag, TaskMeta, Trial
+from qlib_ext.pool.record import HEADLINE_METRICS, Tag, TaskMeta, Trial
 from qlib_ext.pool.status import TaskStatus
 from qlib_ext.search import pruning, queue
 from qlib_ext.search.trials import FINISHED, TrialState, TrialStore, close_search, open_search
 from qlib_ext.workflow.load import Workflow
-from qlib_ext.workflow.spec import SAMPLERS, GridSpec
+from qlib_ext.workflow.spec import SAMPLERS, GridSpec, ObjectiveSpec
 
 logger = logging.getLogger(__name__)
 
@@ -48,17 +48,27 @@ def is_search(grid: GridSpec) -> bool:
     return grid.search in SAMPLERS or grid.prune is not None
 
 
+def objectives(grid: GridSpec) -> tuple[ObjectiveSpec, ...]:
+    """The objectives a search optimises: ``grid.objectives`` (several), else ``(grid.objective,)``."""
+    return grid.objectives or (grid.objective,)
+
+
 def make_sampler(grid: GridSpec) -> Any:
     """The Optuna sampler of ``grid.search`` (a no-op random sampler for grid/random with pruning).
 
     TPE keeps Optuna's constant liar (running trials count as bad, so a batch spreads out) and models
-    the parameters jointly; its first ``startup_trials`` trials are random.
+    the parameters jointly; its first ``startup_trials`` trials are random. TPE, NSGA-II and QMC take
+    several objectives (Optuna's multi-objective TPE ranks trials by non-domination); NSGA-II's
+    population is a third of the budget (2 to 50), so a small search still sees a few generations.
     """
     import optuna
 
     startup = max(2, min(10, (grid.n_trials or 0) // 4))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if grid.search == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=grid.seed,
+                                                 population_size=max(2, min(50, (grid.n_trials or 0) // 3)))
         if grid.search == "tpe":
             return optuna.samplers.TPESampler(seed=grid.seed, constant_liar=True, multivariate=True,
                                               group=bool(grid.models), n_startup_trials=startup)
@@ -99,8 +109,8 @@ class Proposer:
             self.builder = PointBuilder(wf, provider_uri)
             self.n_trials = int(wf.grid.n_trials or 0)  # the spec requires n_trials for a sampler
         self.n_trials = min(self.n_trials, n_trials or self.n_trials)
-        direction: Any = wf.grid.objective.direction  # "maximize" | "minimize", checked by the spec
-        self.study = optuna.create_study(direction=direction, sampler=make_sampler(wf.grid),
+        directions: Any = [o.direction for o in objectives(wf.grid)]  # "maximize" | "minimize", checked by the spec
+        self.study = optuna.create_study(directions=directions, sampler=make_sampler(wf.grid),
                                          pruner=pruning.make_pruner(wf.grid.prune))
         self.local: dict[int, Any] = {}  # trial number -> the Optuna trial standing for it
         self.reported: dict[int, int] = {}  # trial number -> windows reported to the pruner
@@ -175,7 +185,9 @@ class Proposer:
         return {Trial.PARAMS: params, Trial.TASKS: tasks, Trial.HASHES: [task_hash(t) for t in tasks],
                 Trial.RELEASED: pruning.first_release(self.grid.prune, len(tasks)), Trial.SAMPLER: self.grid.search,
                 Trial.CONFIG_ID: TaskMeta.of(tasks[0]).config_id,
-                Trial.OBJECTIVE: dataclasses.asdict(self.grid.objective), Trial.JUDGED: {}, Trial.PROPOSER: self.owner}
+                Trial.OBJECTIVE: dataclasses.asdict(self.grid.objective), Trial.JUDGED: {}, Trial.PROPOSER: self.owner,
+                **({Trial.OBJECTIVES: [dataclasses.asdict(o) for o in self.grid.objectives]}
+                   if self.grid.objectives else {})}
 
     def _queue(self, doc: dict, start: int, stop: int, status: str = TaskStatus.WAITING.value) -> None:
         tasks = doc.get(Trial.TASKS) or (self.store.get(doc[Trial.NUMBER]) or {})[Trial.TASKS]
@@ -210,12 +222,28 @@ class Proposer:
         if doc[Trial.STATE] == TrialState.RUNNING.value and any(h not in states for h in released):
             self._queue(doc, 0, doc[Trial.RELEASED])  # a proposer died between reserving and queueing
             states = queue.states(self.tm, doc[Trial.HASHES])
+        if self.grid.objectives:
+            return self._advance_multi(doc, trial, states)
         values, failed = _window_values(doc, states, self.grid.objective.metric)
         if failed and doc[Trial.STATE] == TrialState.RUNNING.value:
             doc = self._finish(doc, TrialState.FAIL.value, None, states)
         doc = self._report(doc, trial, values, states)
         if doc[Trial.STATE] == TrialState.RUNNING.value and len(values) == len(doc[Trial.HASHES]):
             doc = self._finish(doc, TrialState.COMPLETE.value, statistics.fmean(values), states)
+        return self._close(doc, trial, states)
+
+    def _advance_multi(self, doc: dict, trial: Any, states: dict) -> str:
+        """Several objectives (no pruning): the trial's value is the list of each metric's mean over windows."""
+        per_metric = [_window_values(doc, states, o.metric) for o in self.grid.objectives]
+        running = doc[Trial.STATE] == TrialState.RUNNING.value
+        if running and any(failed for _, failed in per_metric):
+            doc = self._finish(doc, TrialState.FAIL.value, None, states)
+        elif running and all(len(v) == len(doc[Trial.HASHES]) for v, _ in per_metric):
+            doc = self._finish(doc, TrialState.COMPLETE.value, [statistics.fmean(v) for v, _ in per_metric], states)
+        return self._close(doc, trial, states)
+
+    def _close(self, doc: dict, trial: Any, states: dict) -> str:
+        """Tell Optuna about a finished trial and tag its runs; return the trial's state."""
         if doc[Trial.STATE] in FINISHED:
             self._tell(trial, doc)
             if not doc.get(Trial.TAGGED):
@@ -242,7 +270,7 @@ class Proposer:
                 self._queue(doc, step + 1, step + 2)
         return doc
 
-    def _finish(self, doc: dict, state: str, value: float | None, states: dict) -> dict:
+    def _finish(self, doc: dict, state: str, value: float | list[float] | None, states: dict) -> dict:
         """Move the trial to ``state`` in the store (once, whoever wins); the winner queues a pruned
         trial's remaining windows as ``pruned``."""
         after = self.store.finish(doc[Trial.NUMBER], state, value, by=self.owner)
@@ -293,7 +321,7 @@ def _window_values(doc: dict, states: dict[str, queue.TaskState], metric: str) -
         state = states.get(h)
         if state is None or state.status != TaskStatus.DONE.value:
             break
-        value = state.metrics.get(metric)
+        value = state.metrics.get(metric, state.metrics.get(HEADLINE_METRICS.get(metric, "")))  # IR, max_dd: short
         if value is None or not math.isfinite(value):
             logger.warning("search: trial %d: a task has no %s among its metrics %s", doc[Trial.NUMBER], metric,
                            sorted(state.metrics))

@@ -34,6 +34,8 @@ def summary_lines(db: Database, pool: str) -> list[str]:
     objective = docs[0][Trial.OBJECTIVE]
     lines = [f"search {docs[0]['sampler']}: {len(docs)} of {n_trials} trials — "
              + ", ".join(f"{s.value} {counts[s.value]}" for s in TrialState if counts[s.value])]
+    if docs[0].get(Trial.OBJECTIVES):
+        return lines + front_lines(docs)
     improved = best_so_far(docs)
     if improved:
         number, value = improved[-1]
@@ -42,3 +44,18 @@ def summary_lines(db: Database, pool: str) -> list[str]:
                      f"{str(TaskMeta.of(best['tasks'][0]).run_name).rsplit(' w', 1)[0]}")
         lines.append("best so far: " + ", ".join(f"#{n} {v:.4f}" for n, v in improved))
     return lines
+
+
+def front_lines(docs: list[dict]) -> list[str]:
+    """A multi-objective search's Pareto front: its completed trials that no other completed trial dominates."""
+    from qlib_ext.analysis.pareto import front_ranks
+
+    objectives = docs[0][Trial.OBJECTIVES]
+    done = [d for d in docs if d[Trial.STATE] == TrialState.COMPLETE.value and d.get(Trial.VALUE)]
+    ranks = front_ranks([d[Trial.VALUE] for d in done], [o["direction"] for o in objectives])
+    front = [d for d, r in zip(done, ranks, strict=True) if r == 1]
+    if not front:
+        return []
+    names = ", ".join(f"{o['metric']} ({o['direction']})" for o in objectives)
+    return [f"Pareto front over {names}: {len(front)} of {len(done)} completed trials — "
+            + "; ".join(f"#{d[Trial.NUMBER]} (" + ", ".join(f"{v:.4f}" for v in d[Trial.VALUE]) + ")" for d in front)]

@@ -83,7 +83,7 @@ class TrialStore:
                 number += 1
         return None
 
-    def finish(self, number: int, state: str, value: float | None = None, by: str = "") -> dict:
+    def finish(self, number: int, state: str, value: float | list[float] | None = None, by: str = "") -> dict:
         """Move a running trial to ``state`` (once); return the document as it now is (``finished_by``
         names the caller that made the move)."""
         update = {"$set": {Trial.STATE: state, Trial.VALUE: value, Trial.FINISHED_AT: _now(), Trial.FINISHED_BY: by}}

@@ -126,6 +126,7 @@ class Plan:
             # what the leaderboard ranks by; None when the YAML left grid.objective at its default (a sweep then
             # ranks by its backtest IR, not by the IC its rows share)
             objective=asdict(objective) if objective != type(objective)() else None,
+            objectives=[asdict(o) for o in wf.grid.objectives] or None,  # several: a Pareto front
             search=PoolMeta.search_block(wf.grid.search, min(wf.grid.n_trials or limit or 0, limit or 10**9) or None)
             if searching else None,
         )

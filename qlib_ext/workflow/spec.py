@@ -22,7 +22,7 @@ from qlib_ext.pool.record import Metric
 from qlib_ext.workflow.limits import check_grid_size
 from qlib_ext.workflow.records import is_port_ana, portana_configs  # noqa: F401 - re-exported
 
-SAMPLERS = ("tpe", "cmaes", "gp", "qmc")
+SAMPLERS = ("tpe", "cmaes", "gp", "qmc", "nsga2")
 """Model-based searches: an Optuna sampler proposes each point (``qlib_ext.search``)."""
 
 SEARCHES = ("grid", "random", *SAMPLERS)
@@ -30,6 +30,9 @@ SEARCHES = ("grid", "random", *SAMPLERS)
 
 DIRECTIONS = ("maximize", "minimize")
 """Values of ``grid.objective.direction``."""
+
+MULTI_OBJECTIVE_SEARCHES = ("grid", "random", "tpe", "nsga2", "qmc")
+"""Searches that take several objectives (Optuna's multi-objective samplers: TPE, NSGA-II, QMC)."""
 
 PRUNE_METHODS = ("successive_halving", "median", "wilcoxon")
 """Values of ``grid.prune.method`` (Optuna's pruners, stepping on the rolling window index)."""
@@ -108,6 +111,8 @@ class GridSpec:
     seed: int = 0  # random-search / sampler seed: same YAML + same seed = same tasks (random)
     batch: str | int = "auto"  # sampler trials in flight at once; auto = the number of workers
     objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)  # what the samplers and pruners optimise
+    # every objective when grid.objective is a list (the first is also `objective`); () for a single objective
+    objectives: tuple[ObjectiveSpec, ...] = ()
     prune: PruneSpec | None = None  # walk-forward pruning (needs rolling); None = every window runs
     params: dict[str, Values] = field(default_factory=dict)  # dotted path from the YAML root -> axis
     models: dict[str, ModelSpec] = field(default_factory=dict)  # short name -> alternative task.model
@@ -257,7 +262,8 @@ def parse_grid(raw: Any, config: dict, file: Path) -> GridSpec:
             raise _err(file, "grid.n_trials", f"missing n_trials for search: {search}", "an integer > 0")
         spec.n_trials = _number(raw["n_trials"], file, "grid.n_trials", integer=True)
     spec.batch = _batch(raw.get("batch", "auto"), file)
-    spec.objective = _parse_objective(raw.get("objective"), file)
+    spec.objectives = _parse_objectives(raw.get("objective"), file, search)
+    spec.objective = spec.objectives[0] if spec.objectives else _parse_objective(raw.get("objective"), file)
     if search == "gp" and importlib.util.find_spec("torch") is None:
         raise _err(file, "grid.search", "search: gp needs PyTorch (Optuna's GPSampler), which is not installed",
                    "pip install torch, or one of: " + ", ".join(s for s in SEARCHES if s != "gp"))
@@ -268,6 +274,9 @@ def parse_grid(raw: Any, config: dict, file: Path) -> GridSpec:
     spec.strategies = _parse_strategies(raw.get("strategies"), config, file, search)
     spec.rolling = _parse_rolling(raw.get("rolling"), config, file)
     spec.prune = _parse_prune(raw.get("prune"), file, spec.rolling)
+    if spec.objectives and spec.prune is not None:
+        raise _err(file, "grid.prune", "pruning with several objectives (Optuna prunes one objective only)",
+                   "one objective, or no grid.prune")
     spec.train_once = raw.get("train_once", True)
     if not isinstance(spec.train_once, bool):
         raise _err(file, "grid.train_once", f"{type(spec.train_once).__name__} value {spec.train_once!r}",
@@ -288,15 +297,33 @@ def _batch(raw: Any, file: Path) -> str | int:
     return _number(raw, file, "grid.batch", integer=True)
 
 
-def _parse_objective(raw: Any, file: Path) -> ObjectiveSpec:
-    raw = _mapping(raw, file, "grid.objective", ("metric", "direction"))
+def _parse_objective(raw: Any, file: Path, key: str = "grid.objective") -> ObjectiveSpec:
+    raw = _mapping(raw, file, key, ("metric", "direction"))
     spec = ObjectiveSpec(**raw)
     if not isinstance(spec.metric, str) or not spec.metric:
-        raise _err(file, "grid.objective.metric", f"metric {spec.metric!r}", "a metric name such as IC or ICIR")
+        raise _err(file, f"{key}.metric", f"metric {spec.metric!r}", "a metric name such as IC or ICIR")
     if spec.direction not in DIRECTIONS:
-        raise _err(file, "grid.objective.direction", f"unknown direction {spec.direction!r}",
+        raise _err(file, f"{key}.direction", f"unknown direction {spec.direction!r}",
                    "one of: " + ", ".join(DIRECTIONS))
     return spec
+
+
+def _parse_objectives(raw: Any, file: Path, search: str) -> tuple[ObjectiveSpec, ...]:
+    """``grid.objective`` as a list: several objectives (a Pareto front); () when it is a single mapping."""
+    if not isinstance(raw, list):
+        return ()
+    if len(raw) < 2:
+        raise _err(file, "grid.objective", f"a list of {len(raw)} objective(s)",
+                   "a mapping {metric, direction}, or a list of two or more of them")
+    specs = tuple(_parse_objective(item, file, f"grid.objective.{i}") for i, item in enumerate(raw))
+    metrics = [s.metric.lower() for s in specs]
+    if len(set(metrics)) < len(metrics):
+        raise _err(file, "grid.objective", f"a metric listed twice ({', '.join(s.metric for s in specs)})",
+                   "distinct metrics")
+    if search not in MULTI_OBJECTIVE_SEARCHES:
+        raise _err(file, "grid.search", f"search: {search} with several objectives",
+                   "one of: " + ", ".join(MULTI_OBJECTIVE_SEARCHES))
+    return specs
 
 
 def _parse_prune(raw: Any, file: Path, rolling: RollingSpec | None) -> PruneSpec | None:
