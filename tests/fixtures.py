@@ -109,3 +109,29 @@ class NaNModel(Model):
 
         features = dataset.prepare(segment, col_set="feature")
         return pd.Series(np.nan, index=features.index, dtype=float)
+
+
+class ProbeModel(Model):
+    """Records, as tags of its MLflow run, how the task's own child processes start (the start method a
+    ``DataLoader(num_workers=n)`` or a joblib pool gets) and which devices it was given."""
+
+    def fit(self, dataset: Dataset, reweighter=None) -> None:
+        import multiprocessing as mp
+
+        from qlib.workflow import R
+
+        ctx = mp.get_context()  # what torch's DataLoader and joblib's multiprocessing backend use
+        child = ctx.Process(target=_exit_quietly)
+        child.start()
+        child.join()
+        R.set_tags(**{"probe.start_method": ctx.get_start_method(), "probe.child_exit": str(child.exitcode),
+                      "probe.cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"),
+                      "probe.omp_num_threads": os.environ.get("OMP_NUM_THREADS", "<unset>"),
+                      "probe.pid": str(os.getpid())})
+
+    def predict(self, dataset: Dataset, segment="test"):
+        raise NotImplementedError("ProbeModel has no predictions")
+
+
+def _exit_quietly() -> None:
+    pass

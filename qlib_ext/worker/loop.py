@@ -54,14 +54,31 @@ def _redirect_output(log_dir: Path) -> None:
 
 
 def init_qlib(settings: WorkerSettings) -> None:
-    """``qlib.init`` as a worker does it: the pool's data and region, MLflow at the pool's tracking URI."""
+    """``qlib.init`` as a worker does it: the pool's data and region, MLflow at the pool's tracking URI; the
+    task's own child processes started as under ``qrun`` (:func:`start_children_as_qrun`)."""
     import qlib
+
+    start_children_as_qrun()
 
     exp_manager = {"class": "MLflowExpManager", "module_path": "qlib.workflow.expm",
                    "kwargs": {"uri": settings.mlflow_uri, "default_exp_name": "Experiment"}}
     kwargs = {"kernels": settings.threads, "logging_level": settings.log_level, **settings.qlib_kwargs}
     qlib.init(provider_uri=settings.provider_uri, region=settings.region, exp_manager=exp_manager,
               mongo={"task_url": settings.mongo_url, "task_db_name": settings.db_name}, **kwargs)
+
+
+def start_children_as_qrun() -> None:
+    """Give this process the platform's default start method (fork on Linux), as a plain ``qrun`` has.
+
+    Workers, the cache warmer and ``reproduce`` are started by spawn (a fresh interpreter, nothing of the
+    parent's threads or clients), and a spawned process inherits ``spawn`` as its own default: every
+    ``DataLoader(num_workers=n)`` of a PyTorch model and every joblib pool of Qlib's then started fresh
+    interpreters that import torch and Qlib again (seconds and ~700 MB each, per loader and epoch; Qlib's
+    GRU benchmark ran 5-18x slower than under ``qrun``). Resetting it makes them fork from the task again.
+    """
+    import multiprocessing as mp
+
+    mp.set_start_method(None, force=True)
 
 
 class StopState:
