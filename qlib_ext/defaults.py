@@ -30,6 +30,21 @@ TASK_DB_NAME = "default_task_db"
 """MongoDB database that holds the task pools (one collection per pool): Qlib's own default, so
 ``python -m qlib.workflow.task.manage -t POOL task_stat`` finds them without configuration."""
 
+TASK_DB_ENV = "QLIB_EXT_TASK_DB"
+"""Environment variable naming the task database (``--task-db``; Qlib's ``mongo.task_db_name``)."""
+
+
+def task_db_name() -> str:
+    """The task database of this process: ``$QLIB_EXT_TASK_DB`` (set by ``--task-db``), else ``TASK_DB_NAME``."""
+    return os.environ.get(TASK_DB_ENV) or TASK_DB_NAME
+
+
+def use_task_db(name: str | None) -> None:
+    """Make ``name`` the task database of this process and of the workers it starts (None: leave it)."""
+    if name:
+        os.environ[TASK_DB_ENV] = name
+
+
 HEARTBEAT_SECONDS = 10.0
 """Interval between lease renewals by a worker's heartbeat thread, seconds."""
 

@@ -110,20 +110,24 @@ def _links_text(pool: str, links: dict[str, str]) -> str:
 
 
 def pools_table(mongo_url: str | None) -> str:
-    """Every pool of the task database with its counts per status (``qlib-ext status`` without POOL)."""
+    """Every pool of the task database with its counts per status (``qlib-ext status`` without POOL); a pool
+    Qlib made (``TrainerRM``, ``TaskManager.create_task``: no metadata of ours) is marked ``(qlib)``."""
     from qlib_ext.names import pool_name_problem
-    from qlib_ext.pool.manager import GridTaskManager, open_db, pool_names
+    from qlib_ext.pool.database import pool_names, qlib_pool_names
+    from qlib_ext.pool.manager import GridTaskManager, open_db
 
     db = open_db(mongo_url)
-    names = pool_names(db)
-    if not names:
-        return f"no pools in database {db.name!r}; submit a workflow first (qlib-ext run FILE)"
+    ours, qlibs = pool_names(db), qlib_pool_names(db)
+    if not ours and not qlibs:
+        return (f"no pools in database {db.name!r}; submit a workflow first (qlib-ext run FILE), or name the "
+                f"database with --task-db")
     rows = [["pool", "tasks", "counts"]]
-    for name in names:
+    for name in sorted([*ours, *qlibs]):
         problem = pool_name_problem(name)  # a name written past qlib-ext: listed, not opened
         if problem:
             rows.append([name, "-", f"invalid pool name ({problem}); not opened"])
             continue
         counts = GridTaskManager(name, db).counts()
-        rows.append([name, str(sum(counts.values())), ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))])
+        label = f"{name} (qlib)" if name in qlibs else name
+        rows.append([label, str(sum(counts.values())), ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))])
     return text_table(rows)

@@ -126,13 +126,16 @@ def ranked(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = 
     from qlib_ext.pool.database import load_pool_meta, open_db
     from qlib_ext.pool.manager import GridTaskManager
 
-    db = open_db(mongo_url, db_name or defaults.TASK_DB_NAME)
+    db = open_db(mongo_url, db_name)
     meta = load_pool_meta(db, pool)
-    client = mlflow.MlflowClient(tracking_uri=mlflow_uri or meta.mlflow_uri)
-    exp = client.get_experiment_by_name(meta.experiment or "")
-    runs = _search_pool_runs(client, exp.experiment_id, pool) if exp else {}
     tm = GridTaskManager(pool, db)
     results = tm.results()
+    uri, experiment = mlflow_uri or meta.mlflow_uri, meta.experiment
+    if meta.qlib_made and results:  # no metadata: each result says where its run is
+        uri, experiment = uri or results[0].get(Outcome.TRACKING_URI), results[0].get(Outcome.EXPERIMENT)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment or "")
+    runs = _search_pool_runs(client, exp.experiment_id, pool) if exp else {}
     rows = _rows(results, runs)
     rows = _aggregate_windows(client, rows)
     objective = meta.objective or {}
@@ -150,7 +153,7 @@ def ranked(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = 
             r.pop(internal, None)
         r["metrics"].update({k: v for k, v in r["stats"].items() if k in ("sharpe", "psr", "dsr")})
     return rows, {"pool": pool, "metric": name, "direction": direction, "rows": len(rows),
-                  "mlflow_uri": mlflow_uri or meta.mlflow_uri, **grid}
+                  "mlflow_uri": uri, **grid}
 
 
 def _mark_pruned(rows: list[dict], tm: Any) -> None:

@@ -3,6 +3,7 @@ run session's one definition (:class:`qlib_ext.session.options.RunOptions`) and 
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from typing import Any
 
 import click
 
+from qlib_ext import defaults
 from qlib_ext.errors import QlibExtError
 from qlib_ext.session.options import Option, options_for
 from qlib_ext.tables import log_to_terminal, printable
@@ -111,8 +113,15 @@ def _settings(default: Any, option: Option) -> dict[str, Any]:
 
 
 def mongo_option(f: Callable) -> Callable:
-    """``--mongo-url`` alone (commands that read a pool)."""
-    return session_options("run", ("mongo_url",))(f)
+    """``--mongo-url`` and ``--task-db`` (commands that read a pool); ``--task-db`` becomes the task database of
+    the whole command (:func:`qlib_ext.defaults.use_task_db`), so ``f`` never sees it."""
+
+    @functools.wraps(f)
+    def with_task_db(*args: Any, task_db: str | None = None, **kwargs: Any) -> Any:
+        defaults.use_task_db(task_db)
+        return f(*args, **kwargs)
+
+    return session_options("run", ("mongo_url", "task_db"))(with_task_db)
 
 
 def mlflow_option(f: Callable) -> Callable:

@@ -25,25 +25,31 @@ from qlib_ext.cli.app import (
 @main.command("submit")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @session_options("submit")
-def submit_cmd(file: Path, mongo_url: str, mlflow_uri: str | None, provider_uri: str | None,
+def submit_cmd(file: Path, mongo_url: str, task_db: str | None, mlflow_uri: str | None, provider_uri: str | None,
                max_attempts: int | None, limit: int | None) -> None:
     """Expand FILE (a qrun YAML with an optional grid: section) and add its new tasks to the pool."""
     from qlib_ext.session.plan import submit
 
+    defaults.use_task_db(task_db)
     echo(submit(file, mongo_url=mongo_url, mlflow_uri=mlflow_uri, provider_uri=provider_uri,
                       max_attempts=max_attempts, limit=limit))
 
 
 @main.command("worker")
 @click.option("--pool", required=True, callback=pool_name, help="Name of the pool to drain.")
+@click.option("--experiment", default=None,
+              help="MLflow experiment of the tasks Qlib submitted to the pool (TrainerRM, TaskManager.create_task: "
+                   "no qlib_ext block): TrainerRM's experiment_name (default: the pool's name, TrainerRM's own "
+                   "choice when task_pool is None). Tasks qlib-ext submitted keep their workflow's.")
 @session_options("worker")
 @click.pass_context
-def worker_cmd(ctx: click.Context, pool: str, **opts: object) -> None:
-    """Start worker processes that drain POOL; they exit when the pool is finished."""
+def worker_cmd(ctx: click.Context, pool: str, experiment: str | None, **opts: object) -> None:
+    """Start worker processes that drain POOL (submitted by qlib-ext, or made by Qlib's TrainerRM/TaskManager);
+    they exit when the pool is finished."""
     from qlib_ext.session.options import RunOptions
     from qlib_ext.session.run import work
 
-    outcome = work(pool, RunOptions(**opts), printer())  # type: ignore[arg-type]
+    outcome = work(pool, RunOptions(**opts), printer(), experiment=experiment)  # type: ignore[arg-type]
     echo(outcome.text)
     ctx.exit(outcome.code)
 

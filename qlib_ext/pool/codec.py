@@ -5,9 +5,10 @@ Qlib's ``TaskManager`` stores a task's ``def`` and ``res`` as pickles and unpick
 cache warmer) run code of their choosing. Our own pickles hold plain data only (dicts, lists,
 strings, numbers, None: checked for every shipped workflow), so they are read here through an
 unpickler that resolves no global outside :data:`SAFE_GLOBALS` — the builtin containers and
-scalars, :mod:`datetime`, :mod:`decimal` and :mod:`collections` types. It is the same idea as Qlib's
-main-branch ``qlib.utils.pickle_utils.RestrictedUnpickler``, narrower: no pandas, numpy or Qlib
-classes, and no ``builtins.type``.
+scalars, :mod:`datetime`, :mod:`decimal` and :mod:`collections` types, and ``pandas.Timestamp`` (the dates
+Qlib's own ``RollingGen`` puts in the tasks it generates). It is the same idea as Qlib's
+main-branch ``qlib.utils.pickle_utils.RestrictedUnpickler``, narrower: no other pandas class, no
+numpy or Qlib classes, and no ``builtins.type``.
 
 A field that does not decode raises :class:`~qlib_ext.errors.TaskDecodeError`, naming the task, the
 field and the refused global; the worker fails that one task with it (no retry: it is not going to
@@ -32,6 +33,10 @@ SAFE_GLOBALS: frozenset[tuple[str, str]] = frozenset({
     *(("datetime", name) for name in ("date", "datetime", "time", "timedelta", "timezone")),
     ("decimal", "Decimal"),
     *(("collections", name) for name in ("OrderedDict", "defaultdict", "Counter", "deque")),
+    # pandas.Timestamp: Qlib's RollingGen writes the segments of the tasks it generates as Timestamps; the
+    # constructor only builds a Timestamp from an integer, a resolution and a time zone (itself refused
+    # unless it is a datetime.timezone)
+    ("pandas._libs.tslibs.timestamps", "_unpickle_timestamp"),
 })
 """``(module, name)`` pairs a task pickle may reference; anything else is refused before it is imported."""
 

@@ -24,12 +24,13 @@ POOLS_COLLECTION = "_qlib_ext_pools"
 """Collection holding one metadata document per pool (qlib_init, experiment, MLflow URI)."""
 
 
-def open_db(mongo_url: str | None, db_name: str = defaults.TASK_DB_NAME, *, worker: bool = False) -> Database:
+def open_db(mongo_url: str | None, db_name: str | None = None, *, worker: bool = False) -> Database:
     """Connect to the task database: the one way every command, worker and report opens it.
 
     Args:
         mongo_url: a MongoDB URL; ``None``/``"embedded"`` means the embedded store (started if needed).
-        db_name: the database holding the pools.
+        db_name: the database holding the pools (None: :func:`qlib_ext.defaults.task_db_name`, which
+            ``--task-db`` sets).
         worker: a worker's client: no ping here, and an unreachable store fails each operation after
             ``STORE_TIMEOUT_SECONDS`` (pymongo's default is 30 s) so the worker retries with its own
             back-off; otherwise the store must answer a ping within ``STORE_PING_SECONDS``.
@@ -40,6 +41,7 @@ def open_db(mongo_url: str | None, db_name: str = defaults.TASK_DB_NAME, *, work
     from qlib_ext.store import mask_url, resolve_mongo_url
 
     url = resolve_mongo_url(mongo_url)
+    db_name = db_name or defaults.task_db_name()
     if worker:
         timeout_ms = int(defaults.STORE_TIMEOUT_SECONDS * 1000)
         client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
@@ -83,6 +85,27 @@ def pool_names(db: Database) -> list[str]:
     return sorted(d[Doc.ID] for d in db[POOLS_COLLECTION].find({}, {Doc.ID: 1}))
 
 
+def qlib_pool_names(db: Database) -> list[str]:
+    """Names of the pools Qlib made in ``db`` (``TrainerRM``, ``TaskManager.create_task``): collections holding
+    task documents (``def`` and ``status``) but no metadata document of ours, sorted."""
+    ours = set(pool_names(db))
+    names = [n for n in db.list_collection_names() if n not in ours and not n.startswith(_INTERNAL_PREFIXES)]
+    return sorted(n for n in names if _holds_tasks(db, n))
+
+
+def all_pool_names(db: Database) -> list[str]:
+    """Every pool of ``db``: submitted by qlib-ext or made by Qlib, sorted."""
+    return sorted({*pool_names(db), *qlib_pool_names(db)})
+
+
+_INTERNAL_PREFIXES = ("_qlib_ext", "system.")
+"""Collections of a task database that are never pools."""
+
+
+def _holds_tasks(db: Database, pool: str) -> bool:
+    return db[pool].find_one({Doc.DEF: {"$exists": True}, Doc.STATUS: {"$exists": True}}, {Doc.ID: 1}) is not None
+
+
 def find_pool_meta(db: Database, pool: str, fields: list[str] | None = None) -> PoolMeta | None:
     """The metadata of ``pool`` (only ``fields``, :class:`PoolMeta.Field` names, when given); None if it has none."""
     doc = db[POOLS_COLLECTION].find_one({Doc.ID: pool}, dict.fromkeys(fields, 1) if fields else None)
@@ -90,10 +113,18 @@ def find_pool_meta(db: Database, pool: str, fields: list[str] | None = None) -> 
 
 
 def load_pool_meta(db: Database, pool: str) -> PoolMeta:
-    """The metadata recorded by ``submit`` for ``pool``; StoreError if the pool was never submitted."""
+    """The metadata recorded by ``submit`` for ``pool``; for a pool Qlib made (task documents, no metadata) an
+    empty one with ``qlib_made`` set.
+
+    Raises:
+        StoreError: ``pool`` is neither (the message lists the pools of the database, and ``--task-db``).
+    """
     check_pool_name(pool)
     meta = find_pool_meta(db, pool)
+    if meta is None and _holds_tasks(db, pool):
+        return PoolMeta(pool=pool, qlib_made=True)
     if meta is None:
         raise StoreError(f"no pool named {pool!r} in database {db.name!r}; known pools: "
-                         f"{', '.join(pool_names(db)) or '(none)'} — submit a workflow first")
+                         f"{', '.join(all_pool_names(db)) or '(none)'} — submit a workflow first, or name the "
+                         f"database that holds it with --task-db (Qlib's task_db_name)")
     return meta

@@ -288,8 +288,11 @@ class GridTaskManager(TaskManager):
         update = {"$set": {Doc.LEASE_UNTIL: now + dt.timedelta(seconds=lease_seconds), Doc.RENEWED_AT: now}}
         return self.task_pool.update_one(self._held(claim), update).matched_count == 1
 
-    def commit(self, claim: Claim, result: dict, status: str = TaskStatus.DONE.value) -> bool:
+    def commit(self, claim: Claim, result: dict, status: str = TaskStatus.DONE.value, res: Any = None) -> bool:
         """Store the result if the task is still ours. False: someone else owns (or cancelled) it.
+
+        ``outcome`` holds ``result``; Qlib's ``res`` holds ``res`` pickled (None: ``result``; a task Qlib
+        submitted gets the run's Recorder there, as Qlib's ``run_task(task_train, ...)`` commits it).
 
         "Ours" means the lease is still held, or the lease expired and recovery put the task back
         (``waiting``, or ``failed`` when that was the last attempt) while nobody claimed it since:
@@ -298,7 +301,8 @@ class GridTaskManager(TaskManager):
         """
         adoptable = {Doc.ID: claim.id, Doc.ATTEMPT: claim.attempt,
                      Doc.STATUS: {"$in": [TaskStatus.WAITING.value, TaskStatus.FAILED.value]}}
-        update = {"$set": {Doc.STATUS: status, Doc.RES: Binary(pickle.dumps(result)), Doc.OUTCOME: result,
+        pickled = Binary(pickle.dumps(result if res is None else res))
+        update = {"$set": {Doc.STATUS: status, Doc.RES: pickled, Doc.OUTCOME: result,
                            Doc.WORKER: claim.worker, Doc.FINISHED_AT: self.now()},
                   "$unset": {Doc.LEASE_UNTIL: ""}}
         ok = self.task_pool.update_one({"$or": [self._held(claim), adoptable]}, update).matched_count == 1

@@ -108,6 +108,7 @@ class Outcome:
     TIMINGS: Final = "timings"
     WORKER: Final = "worker"
     ATTEMPT: Final = "attempt"
+    QLIB_RECORDER: Final = "qlib_recorder"  # True: Qlib's ``res`` holds the run's Recorder (a task Qlib submitted)
 
 
 class Tag:
@@ -283,10 +284,11 @@ class PoolMeta(_Block):
     search_done: bool = False  # every trial of the search has finished
     doc_format: int = 1  # DOC_FORMAT the pool's documents were migrated to (absent: 1)
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as they are
+    qlib_made: bool = False  # not stored: a pool Qlib made (TrainerRM, TaskManager.create_task), no metadata
 
     _ALWAYS = ("workflow", "provider_uri", "region", "qlib_init", "mlflow_uri", "experiment", "workers", "data",
                "submitted_at", "submitted_from", "objective")
-    _NOT_STORED = ("extra", "pool")
+    _NOT_STORED = ("extra", "pool", "qlib_made")
 
     class Field:
         """The stored key of each field, for queries, projections and partial updates."""

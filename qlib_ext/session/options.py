@@ -60,6 +60,10 @@ class RunOptions:
         "embedded", env="QLIB_EXT_MONGO_URL", show_default=True, commands=_ALL,
         help="MongoDB URL of the task pool, or 'embedded' for the built-in store (started in the background "
              "if needed). Env: QLIB_EXT_MONGO_URL.")
+    task_db: str | None = _opt(
+        None, env=defaults.TASK_DB_ENV, commands=_ALL, metavar="NAME",
+        help=f"MongoDB database holding the pools: Qlib's mongo.task_db_name (default: {defaults.TASK_DB_NAME}, "
+             f"Qlib's own). Env: {defaults.TASK_DB_ENV}.")
     mlflow_uri: str | None = _opt(
         None, env="MLFLOW_TRACKING_URI", commands=_ALL,
         help=f"MLflow tracking URI (sqlite:///ABS/mlflow.db or http://host:{defaults.MLFLOW_PORT}). "

@@ -132,7 +132,7 @@ class Plan:
         )
         return cls(Path(path), wf, provider, meta, tasks, searching, limit)
 
-    def submit(self, *, mongo_url: str | None = None, db_name: str = defaults.TASK_DB_NAME,
+    def submit(self, *, mongo_url: str | None = None, db_name: str | None = None,
                max_attempts: int | None = None) -> Submitted:
         """Write the pool metadata and insert the new tasks; the grid's parent run in MLflow.
 
@@ -171,7 +171,7 @@ def embedded_note(option: str | None, url: str, db_name: str = defaults.TASK_DB_
 
 
 def submit(path: str | Path, *, mongo_url: str | None = None, mlflow_uri: str | None = None,
-           provider_uri: str | None = None, db_name: str = defaults.TASK_DB_NAME,
+           provider_uri: str | None = None, db_name: str | None = None,
            max_attempts: int | None = None, limit: int | None = None) -> Submitted:
     """Expand a workflow and insert its new tasks into its pool (``qlib-ext submit``).
 

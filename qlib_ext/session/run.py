@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from qlib_ext import defaults
 from qlib_ext.errors import QlibExtError
 from qlib_ext.session.options import RunOptions
 from qlib_ext.session.plan import Plan, Submitted
@@ -54,6 +55,7 @@ def run(path: str | Path, options: RunOptions, reporter: Reporter) -> Outcome:
     Raises:
         ConfigError: a bad workflow, option or data directory (before anything runs).
     """
+    defaults.use_task_db(options.task_db)
     plan = Plan.load(path, mlflow_uri=options.mlflow_uri, provider_uri=options.provider_uri, limit=options.limit)
     sub = plan.submit(mongo_url=options.mongo_url, max_attempts=options.max_attempts)
     reporter.say(str(sub))
@@ -76,15 +78,19 @@ def run(path: str | Path, options: RunOptions, reporter: Reporter) -> Outcome:
     return Outcome(sub.pool, summary.code, summary.text, sub, summary)
 
 
-def work(pool: str, options: RunOptions, reporter: Reporter) -> Outcome:
-    """Drain ``pool`` with local workers, settings from the pool's metadata in the store (``qlib-ext worker``)."""
+def work(pool: str, options: RunOptions, reporter: Reporter, experiment: str | None = None) -> Outcome:
+    """Drain ``pool`` with local workers, settings from the pool's metadata in the store (``qlib-ext worker``).
+
+    ``experiment``: the MLflow experiment of tasks Qlib submitted (no ``qlib_ext`` block; None: the pool's name).
+    """
     from qlib_ext.worker.settings import worker_settings
 
+    defaults.use_task_db(options.task_db)
     n = options.workers or os.cpu_count() or 1
     settings = worker_settings(pool, mongo_url=options.mongo_url, mlflow_uri=options.mlflow_uri,
                                provider_uri=options.provider_uri, workers=n, threads=options.threads,
                                cache=options.cache, log_level=logging.getLogger().getEffectiveLevel(),
-                               log_to_files=True, **options.knobs())
+                               log_to_files=True, experiment=experiment, **options.knobs())
     settings, n = _on_gpus(settings, options, n)
     on = f" on GPUs {','.join(settings.gpus)}" if settings.gpus else ""
     reporter.say(f"pool {pool}: starting {n} workers x {settings.threads} threads{on} (worker logs: "

@@ -31,7 +31,7 @@ from pymongo.errors import PyMongoError
 from qlib_ext import defaults
 from qlib_ext.errors import ChildTaskFailed, StoreError, TaskInterrupted, TaskTimeout
 from qlib_ext.pool.manager import Claim, GridTaskManager
-from qlib_ext.pool.record import Doc, Outcome, Tag, TaskMeta
+from qlib_ext.pool.record import META, Doc, Outcome, Tag, TaskMeta
 from qlib_ext.pool.status import EndReason, RunStatus, TaskStatus
 from qlib_ext.tracking.reaper import end_run
 from qlib_ext.worker.timeouts import ChildProcessTask, InProcessTask
@@ -80,12 +80,13 @@ class Attempt:
                              on_lost=lambda: runner.interrupt(EndReason.LEASE_LOST)) as heartbeat:
             try:
                 task = self._checked()
+                experiment = None if META in task else s.experiment or s.pool  # a task Qlib submitted
                 self.run_id = open_run(s.mlflow_uri, task, str(claim.id), claim.worker, claim.attempt,
-                                       device=self.worker.device)
+                                       device=self.worker.device, experiment=experiment, pool=s.pool)
                 if heartbeat.lost.is_set():
                     raise TaskInterrupted(EndReason.LEASE_LOST)
                 result = runner.run(run_grid_task, task, self.run_id, cache_dir=s.cache_dir,
-                                    fast_backtest=s.fast_backtest)
+                                    fast_backtest=s.fast_backtest, experiment=experiment)
             except TaskInterrupted as e:
                 self._interrupted(e.reason)
                 return
@@ -242,11 +243,32 @@ class Attempt:
 
 
 def commit_once(tm: GridTaskManager, claim: Claim, result: dict) -> bool:
-    """One fenced commit; True also when an earlier try of ours got through but its reply was lost."""
-    if tm.commit(claim, result):
+    """One fenced commit; True also when an earlier try of ours got through but its reply was lost.
+
+    A task Qlib submitted gets its run's Recorder in ``res`` (:func:`qlib_recorder`), as Qlib's
+    ``run_task(task_train, ...)`` commits it, so ``TrainerRM.train`` finds it there.
+    """
+    res = qlib_recorder(result) if result.get(Outcome.QLIB_RECORDER) else None
+    if tm.commit(claim, result, res=res):
         return True
     status, run_id = tm.committed_run(claim.id)
     return status == TaskStatus.DONE.value and run_id == result.get(Outcome.RUN_ID)
+
+
+def qlib_recorder(result: dict) -> Any:
+    """Qlib's ``MLflowRecorder`` of the result's run, as ``task_train`` returns it (status FINISHED: the
+    attempt ends the run FINISHED right after the commit, or the reaper does).
+
+    Raises:
+        Exception: whatever MLflow raises while reading the run (the store-outage path retries the commit).
+    """
+    from qlib.workflow.recorder import MLflowRecorder
+
+    uri = result[Outcome.TRACKING_URI]
+    run = _client(uri).get_run(result[Outcome.RUN_ID])
+    recorder = MLflowRecorder(result[Outcome.EXPERIMENT_ID], uri, mlflow_run=run)
+    recorder.status = RunStatus.FINISHED.value
+    return recorder
 
 
 def replay(worker: Worker, item: Spooled) -> None:
@@ -261,8 +283,12 @@ def replay(worker: Worker, item: Spooled) -> None:
 
 
 # ---------------------------------------------------------------------- the run
-def open_run(mlflow_uri: str, task: dict, task_id: str, worker: str, attempt: int, device: str | None = None) -> str:
+def open_run(mlflow_uri: str, task: dict, task_id: str, worker: str, attempt: int, device: str | None = None, *,
+             experiment: str | None = None, pool: str | None = None) -> str:
     """Create the attempt's MLflow run, RUNNING, and return its id.
+
+    ``experiment`` and ``pool`` name the experiment and the pool of a task without a ``qlib_ext`` block
+    (one Qlib submitted); a block's own win.
 
     The run is born with all its tags in one call (MLflow's context tags, qlib-ext's, the grid nesting, the
     worker's ``device`` when it was given GPUs), so the reaper never sees it half tagged; its params follow in
@@ -280,10 +306,12 @@ def open_run(mlflow_uri: str, task: dict, task_id: str, worker: str, attempt: in
 
     meta = TaskMeta.of(task)
     client = _client(mlflow_uri)
-    experiment_id = _experiment_id(mlflow_uri, meta.experiment or "workflow")
+    experiment_id = _experiment_id(mlflow_uri, meta.experiment or experiment or "workflow")
     ui_tags, params = mlflow_ui.run_decoration(client, experiment_id, task, task_id)
+    tags = mlflow_tags(task, task_id, worker, attempt)
+    tags[Tag.POOL] = str(meta.pool or pool or "")
     device_tag = {Tag.DEVICE: device} if device else {}
-    tags = resolve_tags({**mlflow_tags(task, task_id, worker, attempt), **ui_tags, **device_tag})
+    tags = resolve_tags({**tags, **ui_tags, **device_tag})
     run_id = client.create_run(experiment_id, run_name=meta.run_name, tags=tags).info.run_id
     batch = [Param(k, str(v)) for k, v in params.items()]
     try:

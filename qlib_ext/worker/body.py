@@ -85,7 +85,7 @@ def _plain(value: Any) -> Any:
 
 
 def run_grid_task(task: dict, run_id: str, *, cache_dir: str | None = None,
-                  fast_backtest: bool = defaults.FAST_BACKTEST) -> dict:
+                  fast_backtest: bool = defaults.FAST_BACKTEST, experiment: str | None = None) -> dict:
     """Train and evaluate one task dict inside its MLflow run ``run_id``; return the plain-data result.
 
     Must run in a process where ``qlib.init`` set the provider and the MLflow experiment manager. The run
@@ -98,15 +98,19 @@ def run_grid_task(task: dict, run_id: str, *, cache_dir: str | None = None,
     worker queues those of a train-once training task: :mod:`qlib_ext.worker.follow_up`).
     ``fast_backtest`` runs covered ``PortAnaRecord`` backtests on ``qlib_ext.backtest``'s fast path
     (same reports and metrics; ``workers.fast_backtest``).
+    A task without a ``qlib_ext`` block (one Qlib submitted: ``TrainerRM``, ``TaskManager.create_task``) runs
+    as Qlib's ``task_train(task, experiment)`` would (its params logged, the ``task`` and ``dataset`` objects
+    saved) in ``experiment``, and its result asks the commit for the Recorder in ``res``.
     """
     from qlib_ext.backtest.fast import fast_records
 
     stages = _backtest if TaskMeta.of(task).is_backtest else _train_and_record
     with fast_records(fast_backtest):
-        return _in_run(task, run_id, lambda rec, timings: stages(task, rec, timings, cache_dir))
+        return _in_run(task, run_id, lambda rec, timings: stages(task, rec, timings, cache_dir), experiment)
 
 
-def _in_run(task: dict, run_id: str, body: Callable[[Any, dict[str, float]], Any]) -> dict:
+def _in_run(task: dict, run_id: str, body: Callable[[Any, dict[str, float]], Any],
+            default_experiment: str | None = None) -> dict:
     """Run ``body(recorder, timings)`` inside the run ``run_id``, then log timings, short metric names, the
     run plot and the sanity flags, all while the run is RUNNING.
 
@@ -117,12 +121,16 @@ def _in_run(task: dict, run_id: str, body: Callable[[Any, dict[str, float]], Any
     from qlib_ext.analysis.plots import log_run_plots
 
     meta = TaskMeta.of(task)
-    experiment = meta.experiment or "workflow"
+    experiment = meta.experiment or default_experiment or "workflow"
     timings: dict[str, float] = {}
     _detach()  # nothing left attached by an earlier task (an interrupt can land in the middle of detaching)
     try:
         recorder = _attach(experiment, run_id, meta.run_name)
         R.save_objects(task=task)
+        if META not in task:  # the rest of Qlib's _log_task_info (task_train's first step)
+            from qlib.utils import flatten_dict
+
+            R.log_params(**flatten_dict(task))
         model = body(recorder, timings)
         with _stage(timings, "validity"):
             validity = _validity(recorder, task, model)
@@ -137,7 +145,9 @@ def _in_run(task: dict, run_id: str, body: Callable[[Any, dict[str, float]], Any
         validity["flags"] = _flag_run(recorder, task, validity, metrics)
     finally:
         _detach()
+    qlib_made = {} if META in task else {Outcome.QLIB_RECORDER: True}
     return {
+        **qlib_made,
         Outcome.RUN_ID: run_id,
         Outcome.EXPERIMENT: experiment,
         Outcome.EXPERIMENT_ID: recorder.experiment_id,
@@ -244,6 +254,9 @@ def _train_and_record(task: dict, recorder: Any, timings: dict[str, float], cach
             batched_metrics(recorder):  # the training curve in a few requests, not one per round
         auto_filter_kwargs(model.fit)(dataset, reweighter=task.get("reweighter"))
     R.save_objects(**{"params.pkl": model})
+    if META not in task:  # Qlib's _exe_task keeps the dataset's config (not its data) for online serving
+        dataset.config(dump_all=False, recursive=True)
+        R.save_objects(**{"dataset": dataset})
     filled = fill_placeholder(copy.deepcopy({k: v for k, v in task.items() if k != META}),
                               {"<MODEL>": model, "<DATASET>": dataset})
     records = filled.get("record", [])

@@ -37,7 +37,7 @@ class WorkerSettings:
     mlflow_uri: str  # MLflow tracking URI (sqlite:///... or http://...)
     provider_uri: str  # Qlib data directory
     region: str = "cn"  # Qlib region of the data
-    db_name: str = defaults.TASK_DB_NAME  # MongoDB database holding the pools
+    db_name: str = field(default_factory=defaults.task_db_name)  # MongoDB database holding the pools
     # the FROM_POOL knobs: meaning, unit and default are WorkersSpec's
     lease_seconds: float = WorkersSpec.lease_seconds
     heartbeat_seconds: float = WorkersSpec.heartbeat_seconds
@@ -56,6 +56,7 @@ class WorkerSettings:
     gpus: tuple[str, ...] = ()  # the group's GPU ids (worker/gpus.py); () = started without GPUs
     workers_per_gpu: int = 1  # workers sharing each device
     device: str | None = None  # this worker's GPU id (set per process by the group); None: none of its own
+    experiment: str | None = None  # MLflow experiment of tasks Qlib submitted (no qlib_ext block); None: pool name
 
 
 def auto_threads(workers: int, cores: int | None = None) -> int:
@@ -109,6 +110,10 @@ def check_worker_data(pool: str, meta: PoolMeta, provider_uri: str | None = None
     from qlib_ext.data.qlib_format import calendar_path
 
     origin = "--provider-uri" if provider_uri else "the path recorded at submit"
+    if not provider_uri and not meta.provider_uri:
+        raise ConfigError(f"pool {pool} was made by Qlib (TrainerRM/TaskManager; no qlib-ext metadata): pass "
+                          f"--provider-uri (or QLIB_EXT_PROVIDER_URI, or provider_uri in qlib-ext.toml) naming the "
+                          f"Qlib data directory its tasks read")
     path = Path(str(provider_uri or meta.provider_uri)).expanduser().resolve()
     if not calendar_path(path).is_file():
         raise ConfigError(f"pool {pool}: data directory {path} ({origin}) is not a Qlib dataset on this host "
@@ -133,7 +138,7 @@ def _describe(identity: dict) -> str:
 
 
 def worker_settings(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = None,
-                    provider_uri: str | None = None, db_name: str = defaults.TASK_DB_NAME,
+                    provider_uri: str | None = None, db_name: str | None = None,
                     **kwargs: Any) -> WorkerSettings:
     """Worker settings from the pool's metadata read from the store (``qlib-ext worker``, ``cache warm``).
 
@@ -152,7 +157,7 @@ def worker_settings(pool: str, *, mongo_url: str | None = None, mlflow_uri: str 
 
 def settings_from_meta(pool: str, meta: PoolMeta, *, mongo_url: str, provider_uri: str,
                        mlflow_uri: str | None = None, workers: int = 1, threads: int | None = None,
-                       db_name: str = defaults.TASK_DB_NAME, cache: bool = True, log_to_files: bool = False,
+                       db_name: str | None = None, cache: bool = True, log_to_files: bool = False,
                        **overrides: Any) -> WorkerSettings:
     """Worker settings from the pool's metadata (held in memory by a run); explicit arguments win.
 
@@ -177,8 +182,9 @@ def settings_from_meta(pool: str, meta: PoolMeta, *, mongo_url: str, provider_ur
         # a heartbeat flag alone: the lease keeps LEASE_HEARTBEATS beats (never shorter than the pool's)
         fields["lease_seconds"] = max(fields["lease_seconds"], defaults.lease_for(fields["heartbeat_seconds"]))
     return WorkerSettings(
-        pool=pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri or meta.mlflow_uri or "", provider_uri=provider_uri,
-        region=meta.region, db_name=db_name, qlib_kwargs=meta.qlib_init,
+        pool=pool, mongo_url=mongo_url, provider_uri=provider_uri,
+        mlflow_uri=mlflow_uri or meta.mlflow_uri or (defaults.default_mlflow_uri() if meta.qlib_made else ""),
+        region=meta.region, db_name=db_name or defaults.task_db_name(), qlib_kwargs=meta.qlib_init,
         cache_dir=str(defaults.cache_dir()) if cache else None,
         log_dir=str(defaults.home() / "logs" / pool) if log_to_files else None,
         threads=auto_threads(workers) if wanted in (None, "auto") else int(wanted), **fields,
