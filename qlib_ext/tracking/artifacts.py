@@ -6,7 +6,9 @@ tracking store (or the pool, whose workers write artifacts) can plant one; the l
 run on the operator's account. :func:`read_frame` unpickles allowing only the reconstruction functions
 of pandas and numpy objects and plain data (:data:`FRAME_GLOBALS`: Qlib main's
 ``qlib.utils.pickle_utils`` list for pandas/numpy, plus the names pandas 3 pickles under, without Qlib
-classes); anything else is refused with :class:`~qlib_ext.errors.TaskDecodeError`.
+classes); anything else is refused with :class:`~qlib_ext.errors.TaskDecodeError`. pandas 3's Arrow-backed
+string arrays are rebuilt through :func:`_checked_arrow_array` (buffers checked against the claimed length),
+never by pyarrow's own reconstructor, which trusts the pickle and can be made to read out of bounds.
 """
 
 from __future__ import annotations
@@ -53,10 +55,18 @@ FRAME_GLOBALS: frozenset[tuple[str, str]] = frozenset({
     ("pandas.core.arrays.string_", "StringDtype"), ("pandas.core.arrays.string_arrow", "ArrowStringArray"),
     ("pandas.core.dtypes.dtypes", "CategoricalDtype"), ("pandas.core.arrays.categorical", "Categorical"),
     *(("pandas._libs.tslibs.offsets", n) for n in _OFFSETS),
-    # pandas 3's default string columns/indexes are Arrow-backed: pyarrow's buffer reconstructors
-    ("pyarrow.lib", "_restore_array"), ("pyarrow.lib", "py_buffer"), ("pyarrow.lib", "type_for_alias"),
+    # pandas 3's default string columns/indexes are Arrow-backed: pyarrow's buffer and type reconstructors;
+    # an array itself is rebuilt by _checked_arrow_array, never by pyarrow.lib._restore_array (see ARROW_ARRAY)
+    ("pyarrow.lib", "py_buffer"), ("pyarrow.lib", "type_for_alias"),
 })
 """``(module, name)`` pairs a frame artifact may reference: data reconstructors, never I/O (no ``read_pickle``)."""
+
+ARROW_ARRAY = ("pyarrow.lib", "_restore_array")
+"""pyarrow's array reconstructor: trusts the pickled length and offsets (10^9 values over an 8-byte buffer is
+a segfault later), so a frame artifact's Arrow arrays are rebuilt by :func:`_checked_arrow_array` instead."""
+
+_ARROW_STRING_TYPES = ("string", "large_string")
+"""The Arrow types an artifact's array may have: what pandas' ``ArrowStringArray`` holds."""
 
 
 class FrameUnpickler(AllowListUnpickler):
@@ -65,6 +75,36 @@ class FrameUnpickler(AllowListUnpickler):
     allowed = FRAME_GLOBALS
     where = "an artifact read here"
     holds = "pandas/numpy data only"
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ARROW_ARRAY:
+            return _checked_arrow_array
+        return super().find_class(module, name)
+
+
+def _checked_arrow_array(data: Any) -> Any:
+    """An Arrow string array rebuilt from pickled ``ArrayData`` with its buffers checked against its length.
+
+    Raises:
+        pickle.UnpicklingError: not a flat string array, or buffers that do not hold what it claims.
+    """
+    import pickle
+
+    import pyarrow as pa
+
+    try:
+        dtype, length, null_count, offset, buffers, children, dictionary = data
+    except (TypeError, ValueError) as e:
+        raise pickle.UnpicklingError(f"refused Arrow array: malformed array data ({e})") from e
+    if not isinstance(dtype, pa.DataType) or str(dtype) not in _ARROW_STRING_TYPES or children or dictionary:
+        raise pickle.UnpicklingError(f"refused Arrow array of type {dtype}: an artifact read here may hold "
+                                     f"Arrow arrays of types {', '.join(_ARROW_STRING_TYPES)} only")
+    try:
+        array = pa.Array.from_buffers(dtype, int(length), list(buffers), int(null_count), int(offset))
+        array.validate(full=True)  # sizes, offsets and UTF-8 checked before anything reads it
+    except (pa.ArrowException, TypeError, ValueError) as e:
+        raise pickle.UnpicklingError(f"refused Arrow array: its buffers do not hold what it claims ({e})") from e
+    return array
 
 
 def read_frame(path: str | Path) -> Any:
