@@ -91,7 +91,7 @@ def _checked_arrow_array(data: Any) -> Any:
     """
     import pickle
 
-    import pyarrow as pa
+    import pyarrow as pa  # type: ignore[import-untyped]
 
     try:
         dtype, length, null_count, offset, buffers, children, dictionary = data
