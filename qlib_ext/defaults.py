@@ -271,3 +271,8 @@ HEARTBEAT_JOIN_SLACK_SECONDS = 5.0
 
 REAPER_PAGE_RUNS = 5000
 """Runs per MLflow search page the reaper reads, count."""
+
+SYSTEM_METRICS_SECONDS = 5.0
+"""Interval of MLflow's system metrics (CPU %, memory, disk, network, GPU) on every task run, seconds; each
+interval's samples are averaged into one point, the last partial one logged when the task ends. 0 turns them
+off. Env: ``QLIB_EXT_SYSTEM_METRICS_SECONDS``."""

@@ -46,6 +46,11 @@ class ModuleNotAllowed(TaskRejected):
     """A task names a class or module outside the worker's allow-list; the message names the key path."""
 
 
+class ArtifactTampered(TaskRejected):
+    """An artifact's bytes are not those its run committed to the pool (sha256 differs, or the pool recorded no such
+    file): it is not read. The message names the run, the file and both digests."""
+
+
 class BadResultError(TaskRejected):
     """A task ran but its result is meaningless (no predictions, all NaN, a backtest that never traded)."""
 

@@ -40,6 +40,10 @@ PROFILE_NAME = "qlib-ext.toml"
 """File name looked up in the working directory and in the qlib-ext home."""
 
 
+LOGIN_KEYS = {"mlflow_username": "MLFLOW_TRACKING_USERNAME", "mlflow_password": "MLFLOW_TRACKING_PASSWORD"}
+"""Profile keys that are no option: the MLflow server's login, exported as MLflow's client variables (the
+environment wins) so that every MLflow client of the command and its workers logs in."""
+
 _URL_PASSWORD = re.compile(r"(\w[\w+.-]*://[^:/@\s]+):[^@\s]+@")
 
 
@@ -76,7 +80,16 @@ def load_default_map(group: click.Group, explicit: str | Path | None = None) -> 
     if path is None:
         return None
     logger.info("profile: %s", path)
-    return default_map(read_profile(path), group, str(path))
+    profile = read_profile(path)
+    _export_login(profile)
+    return default_map(profile, group, str(path))
+
+
+def _export_login(profile: dict[str, Any]) -> None:
+    """Take :data:`LOGIN_KEYS` out of ``profile`` into the environment, unless the environment has a login."""
+    login = {k: profile.pop(k) for k in list(LOGIN_KEYS) if k in profile}
+    if login and not any(os.environ.get(v) for v in LOGIN_KEYS.values()):
+        os.environ.update({LOGIN_KEYS[k]: str(v) for k, v in login.items()})
 
 
 def read_profile(path: Path) -> dict[str, Any]:

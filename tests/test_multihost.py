@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import json
 import os
 import shutil
@@ -81,7 +82,7 @@ def test_mlflow_serve_basic_auth_without_the_extra_is_a_clear_error(tmp_path, mo
 
     real = __import__("importlib.util").util.find_spec
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "flask_wtf" else real(name, *a))
-    result = CliRunner().invoke(cli.main, ["mlflow", "serve", "--basic-auth", "--dir", str(tmp_path / "srv")])
+    result = CliRunner().invoke(cli.main, ["mlflow", "serve", "--dir", str(tmp_path / "srv")])  # logins by default
     assert result.exit_code == 2 and "pip install 'qlib-ext[auth]'" in result.output
     assert not (tmp_path / "srv").exists()
 
@@ -105,6 +106,7 @@ SUBNET = "10.77.0"
 """Private /24 of the test's namespaces: A = .1, B = .2, C = .3 (exists only inside them)."""
 
 STORE_PASSWORD = "multihost-lab-secret"
+MLFLOW_LOGIN = {"user": "qlib-ext", "password": "multihost-mlflow-secret"}  # host A's server admin (logins on)
 """Written into A's store directory before the store starts (it keeps existing credentials)."""
 
 STORE_URL = f"mongodb://qlib-ext:{STORE_PASSWORD}@{SUBNET}.1:27017/?authSource=admin"
@@ -201,9 +203,12 @@ class Lab:
                 f"host{host}", *cmd]
 
     def env(self, host: str, **extra: str) -> dict[str, str]:
+        """Host C logs in to MLflow through its profile; the others through MLflow's own variables."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("QLIB_EXT_", "MLFLOW_"))}
+        login = {} if host == "c" else {"MLFLOW_TRACKING_USERNAME": MLFLOW_LOGIN["user"],
+                                        "MLFLOW_TRACKING_PASSWORD": MLFLOW_LOGIN["password"]}
         return {**env, "QLIB_EXT_HOME": str(self.home(host)), "PYTHONUNBUFFERED": "1",
-                "STORE_URL": STORE_URL, "MLFLOW_URL": MLFLOW_URL, **extra}
+                "STORE_URL": STORE_URL, "MLFLOW_URL": MLFLOW_URL, **login, **extra}
 
     def start(self, host: str, name: str, *cmd: str, **env: str) -> subprocess.Popen:
         """Start a long-running process on ``host`` in its own process group; output to ``name``.log."""
@@ -268,6 +273,8 @@ class Lab:
 @pytest.fixture
 def lab(tmp_path):
     reason = _netns_unavailable()
+    if importlib.util.find_spec("flask_wtf") is None:
+        pytest.skip(reason="host A's MLflow server needs logins on a LAN address: MLflow's auth extra (Flask-WTF)")
     if reason:
         pytest.skip(reason=f"the three-host test needs root and working `ip netns`: {reason}")
     lab = Lab(tmp_path)
@@ -285,6 +292,10 @@ def _start_hosts_a(lab: Lab) -> None:
     (store_dir / "credentials.json").chmod(0o600)
     lab.start("a", "store", sys.executable, "-m", "qlib_ext", "store", "serve", "--host", f"{SUBNET}.1",
               "--port", "27017", "--dir", str(lab.home("a") / "store"))
+    mlflow_dir = lab.home("a") / "mlflow"
+    mlflow_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (mlflow_dir / "mlflow-credentials.json").write_text(json.dumps(MLFLOW_LOGIN))
+    (mlflow_dir / "mlflow-credentials.json").chmod(0o600)
     lab.start("a", "mlflow", sys.executable, "-m", "qlib_ext", "mlflow", "serve", "--host", f"{SUBNET}.1",
               "--port", "5000", "--dir", str(lab.home("a") / "mlflow"))
     lab.probe("b", "ready", "240", timeout=300)  # reached from B: across the bridge, not loopback
@@ -327,7 +338,8 @@ def test_one_pool_on_three_hosts(lab, tmp_path, synth_provider):
     _start_hosts_a(lab)
     profile = tmp_path / "host_c.toml"
     profile.write_text(f'mongo_url = "{STORE_URL}"\nmlflow_uri = "{MLFLOW_URL}"\nprovider_uri = "{synth_provider}"\n'
-                       f'workers = 1\nthreads = 1\nlease_seconds = 5\nheartbeat_seconds = 1\n')
+                       f'workers = 1\nthreads = 1\nlease_seconds = 5\nheartbeat_seconds = 1\n'
+                       f'mlflow_username = "{MLFLOW_LOGIN["user"]}"\nmlflow_password = "{MLFLOW_LOGIN["password"]}"\n')
     mlflow_dir = lab.home("a") / "mlflow"
 
     # Phase 1: a 4-task grid, submitted on A, drained by B and C (two tasks each if they keep pace).

@@ -111,7 +111,7 @@ def test_profile_sets_nested_group_command(tmp_path, monkeypatch):
     got = {}
     monkeypatch.setattr("qlib_ext.tracking.server.serve", lambda d, **kw: got.update(kw) or 0)
     assert invoke(["mlflow", "serve"]).exit_code == 0
-    assert got == {"host": "10.0.0.5", "port": 5111, "workers": 1, "basic_auth": False}
+    assert got == {"host": "10.0.0.5", "port": 5111, "workers": 1, "basic_auth": True}
 
 
 # ---------------------------------------------------------------------- worker data check

@@ -109,16 +109,20 @@ def _read_series(client: Any, data: GridData, limit: int = 200) -> None:
     """Each row's daily excess return with cost (windows stitched) and each window's metric."""
     import pandas as pd
 
-    from qlib_ext.tracking.artifacts import read_frame
+    from qlib_ext.errors import ArtifactTampered
+    from qlib_ext.tracking.artifacts import digest_map, download_checked, read_frame
 
     with tempfile.TemporaryDirectory(prefix="qlib-ext-grid-") as tmp:
         for i, row in enumerate(data.rows[:limit]):
             name = f"#{i + 1} {row.get('run_name') or row['run_id'][:8]}"
             parts = []
             for run_id in row.get("runs") or [row["run_id"]]:
-                try:
-                    report = read_frame(client.download_artifacts(run_id, SERIES_ARTIFACT, tmp))  # not read_pickle
+                digests = digest_map((row.get("artifacts") or {}).get(run_id))
+                try:  # checked against the pool's digests, then read as data (never read_pickle)
+                    report = read_frame(download_checked(client, run_id, SERIES_ARTIFACT, tmp, digests))
                     parts.append(report["return"] - report["bench"] - report["cost"])
+                except ArtifactTampered as e:
+                    logger.warning("report: %s", e)
                 except Exception:  # noqa: BLE001 - no backtest in this task
                     pass
             if parts:

@@ -186,7 +186,7 @@ def _rows(results: list[dict], runs: dict[str, Any]) -> list[dict]:
             "coords": coords, "validity": validity, "returns": to_pandas(validity.get("returns")),
             "flags": fl.run_flags(validity, metrics, rolling=meta.window is not None),
             "kind": meta.kind, "parent_run_id": meta.parent_run_id,
-            "trial": _trial(run),
+            "trial": _trial(run), "artifacts": {run.info.run_id: res.get(Outcome.ARTIFACTS)},
         })
     _inherit_model_checks(rows, results)
     return rows
@@ -291,7 +291,7 @@ def _window_row(client: Any, members: list[dict]) -> dict:
         metrics["stitched.IC"] = float(ic.mean())
         metrics["stitched.ICIR"] = float(ic.mean() / ic.std()) if ic.std() > 0 else None
     else:
-        stitched = stitched_ic([m["run_id"] for m in members], client)
+        stitched = stitched_ic([m["run_id"] for m in members], client, _artifacts(members))
         if stitched is not None:
             metrics["stitched.IC"] = stitched
     params = {k: v for k, v in first["params"].items() if not k.startswith("window.")}
@@ -299,7 +299,7 @@ def _window_row(client: Any, members: list[dict]) -> dict:
             "task_id": first["task_id"], "config_id": first["config_id"], "window": None,
             "params": params, "metrics": metrics, "runs": [m["run_id"] for m in members],
             Doc.WORKER: first[Doc.WORKER], "coords": first["coords"], "returns": returns, "kind": first.get("kind"),
-            "trial": first.get("trial"),
+            "trial": first.get("trial"), "artifacts": _artifacts(members),
             "validity": {}, "flags": _window_flags(members, ic),
             "compare": _compared(metrics)}
 
@@ -337,21 +337,28 @@ def _stitch(parts: list[Any]) -> Any:
     return series[~series.index.duplicated(keep="last")].sort_index()
 
 
-def stitched_ic(run_ids: list[str], client: Any) -> float | None:
+def _artifacts(members: list[dict]) -> dict:
+    """``{run id: stored artifact digests}`` of a configuration's window rows."""
+    return {k: v for m in members for k, v in (m.get("artifacts") or {}).items()}
+
+
+def stitched_ic(run_ids: list[str], client: Any, artifacts: dict | None = None) -> float | None:
     """Mean daily IC of the windows' out-of-sample predictions concatenated in time, from the runs'
-    artifacts: the fallback for results committed before workers stored their daily IC."""
+    artifacts: the fallback for results committed before workers stored their daily IC. ``artifacts``:
+    each run's committed digests (``Outcome.ARTIFACTS``), checked before a file is read."""
     import pandas as pd
 
-    from qlib_ext.errors import TaskDecodeError
-    from qlib_ext.tracking.artifacts import read_frame
+    from qlib_ext.errors import ArtifactTampered, TaskDecodeError
+    from qlib_ext.tracking.artifacts import digest_map, download_checked, read_frame
 
     preds, labels = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for run_id in run_ids:
+            digests = digest_map((artifacts or {}).get(run_id))
             try:  # never pd.read_pickle: an artifact is not trusted code
-                preds.append(read_frame(client.download_artifacts(run_id, "pred.pkl", tmp)))
-                labels.append(read_frame(client.download_artifacts(run_id, "label.pkl", tmp)))
-            except TaskDecodeError as e:
+                preds.append(read_frame(download_checked(client, run_id, "pred.pkl", tmp, digests)))
+                labels.append(read_frame(download_checked(client, run_id, "label.pkl", tmp, digests)))
+            except (TaskDecodeError, ArtifactTampered) as e:
                 logger.warning("leaderboard: refused an artifact of run %s: %s", run_id, e)
                 return None
             except Exception as e:  # noqa: BLE001 - a run without SignalRecord artifacts has nothing to stitch

@@ -57,6 +57,9 @@ def main(ctx: click.Context, verbose: int, profile_path: Path | None) -> None:
     _quiet_gym_banner()
     # Subcommand contexts are made after this callback, so they inherit the profile's defaults.
     ctx.default_map = load_default_map(main, profile_path)
+    from qlib_ext.tracking.server import export_client_credentials
+
+    export_client_credentials()  # this user's own MLflow server's login, unless env or profile gave one
     # Qlib logs sys.argv as the MLflow param cmd-sys.argv in every run: no URL passwords there.
     sys.argv[:] = [redact_url_passwords(a) for a in sys.argv]
     # MLflow draws a "Downloading artifacts" bar per artifact read (leaderboard, report): not in our output.

@@ -195,17 +195,18 @@ def mlflow_group() -> None:
 @click.option("--dir", "dir_", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Holds mlflow.db and mlartifacts/ (default: $QLIB_EXT_HOME/mlflow-server).")
 @click.option("--host", default=defaults.MLFLOW_HOST, show_default=True,
-              help="Address to bind; workers on other hosts need a LAN address (no authentication!).")
+              help="Address to bind; workers on other hosts need a LAN address (logins required there).")
 @click.option("--port", default=defaults.MLFLOW_PORT, show_default=True, help="TCP port.")
 @click.option("--server-workers", default=1, show_default=True, type=click.IntRange(1, 8),
               help="MLflow server worker processes.")
-@click.option("--basic-auth", is_flag=True, help="Require logins (MLflow's basic-auth app; users in DIR/basic_auth.db; "
-                                                 "first start needs MLFLOW_AUTH_ADMIN_PASSWORD).")
+@click.option("--auth/--no-auth", "basic_auth", default=True, show_default=True,
+              help="Require logins (MLflow's basic-auth app; users in DIR/basic_auth.db, the generated admin login in "
+                   "DIR/mlflow-credentials.json). --no-auth only on loopback.")
 @click.pass_context
 def mlflow_serve(ctx: click.Context, dir_: Path | None, host: str, port: int, server_workers: int,
                  basic_auth: bool) -> None:
-    """Run MLflow's tracking server (sqlite backend, proxied artifacts) in the foreground and print the
-    --mlflow-uri for workers. Stops on SIGTERM/SIGINT."""
+    """Run MLflow's tracking server (sqlite backend, proxied artifacts, logins on, owner-only files) in the
+    foreground and print the --mlflow-uri for workers. Stops on SIGTERM/SIGINT."""
     from qlib_ext.tracking.server import serve
 
     ctx.exit(serve(dir_ or defaults.home() / "mlflow-server", host=host, port=port, workers=server_workers,

@@ -455,6 +455,12 @@ class GridTaskManager(TaskManager):
             return None, None
         return doc.get(Doc.STATUS), (doc.get(Doc.OUTCOME) or {}).get(Outcome.RUN_ID)
 
+    def committed_artifacts(self, task_id: Any) -> list | None:
+        """The artifact digests (``Outcome.ARTIFACTS``) of a done task; None if none were committed."""
+        doc = self.task_pool.find_one({Doc.ID: task_id, Doc.STATUS: TaskStatus.DONE.value},
+                                      {f"{Doc.OUTCOME}.{Outcome.ARTIFACTS}": 1})
+        return ((doc or {}).get(Doc.OUTCOME) or {}).get(Outcome.ARTIFACTS)
+
     def waiting_documents(self) -> list[dict]:
         """``_id`` and the still-pickled ``def`` of each waiting task (the caller decodes and checks each)."""
         return list(self.task_pool.find({Doc.STATUS: TaskStatus.WAITING.value}, {Doc.DEF: 1}))

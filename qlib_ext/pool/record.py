@@ -109,6 +109,7 @@ class Outcome:
     WORKER: Final = "worker"
     ATTEMPT: Final = "attempt"
     QLIB_RECORDER: Final = "qlib_recorder"  # True: Qlib's ``res`` holds the run's Recorder (a task Qlib submitted)
+    ARTIFACTS: Final = "artifacts"  # [[artifact path, sha256], ...] of every file the run wrote (tracking/artifacts.py)
 
 
 class Tag:
@@ -351,6 +352,7 @@ class TaskMeta(_Block):
     model_class: str | None = None  # a backtest's model class (its task has no model block)
     parent_run_id: str | None = None  # a backtest's training run
     parent_task_id: str | None = None  # a backtest's training task (str of its _id)
+    parent_artifacts: list | None = None  # a backtest's training run's pred.pkl/label.pkl: [[path, sha256], ...]
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as they are
 
     _ALWAYS = ("pool", "experiment", "grid_hash", "config_id", "coords", "model", "strategy", "window", "run_name")
@@ -372,6 +374,7 @@ class TaskMeta(_Block):
         MODEL_CLASS: Final = "model_class"
         PARENT_RUN_ID: Final = "parent_run_id"
         PARENT_TASK_ID: Final = "parent_task_id"
+        PARENT_ARTIFACTS: Final = "parent_artifacts"
 
     @classmethod
     def of(cls, task: dict) -> TaskMeta:

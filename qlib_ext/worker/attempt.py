@@ -47,6 +47,7 @@ STORE_ERRORS = (PyMongoError, StoreError)
 """What an unreachable store raises: retried with back-off, never fatal."""
 
 _experiments: dict[tuple[str, str], str] = {}  # (tracking URI, experiment name) -> id, per process
+_identities: dict[str, dict] = {}  # provider URI -> data identity, per process
 
 
 class Attempt:
@@ -82,7 +83,8 @@ class Attempt:
                 task = self._checked()
                 experiment = None if META in task else s.experiment or s.pool  # a task Qlib submitted
                 self.run_id = open_run(s.mlflow_uri, task, str(claim.id), claim.worker, claim.attempt,
-                                       device=self.worker.device, experiment=experiment, pool=s.pool)
+                                       device=self.worker.device, experiment=experiment, pool=s.pool,
+                                       provider_uri=s.provider_uri)
                 if heartbeat.lost.is_set():
                     raise TaskInterrupted(EndReason.LEASE_LOST)
                 result = runner.run(run_grid_task, task, self.run_id, cache_dir=s.cache_dir,
@@ -118,7 +120,7 @@ class Attempt:
         from qlib_ext.worker.follow_up import backtest_tasks, enqueue
 
         try:
-            backtests = backtest_tasks(task, result[Outcome.RUN_ID], self.claim.id)
+            backtests = backtest_tasks(task, result[Outcome.RUN_ID], self.claim.id, result.get(Outcome.ARTIFACTS))
             if not backtests or enqueue(self.tm, self.claim, backtests, self.s.lease_seconds):
                 return True
         except STORE_ERRORS:
@@ -284,7 +286,7 @@ def replay(worker: Worker, item: Spooled) -> None:
 
 # ---------------------------------------------------------------------- the run
 def open_run(mlflow_uri: str, task: dict, task_id: str, worker: str, attempt: int, device: str | None = None, *,
-             experiment: str | None = None, pool: str | None = None) -> str:
+             experiment: str | None = None, pool: str | None = None, provider_uri: str | None = None) -> str:
     """Create the attempt's MLflow run, RUNNING, and return its id.
 
     ``experiment`` and ``pool`` name the experiment and the pool of a task without a ``qlib_ext`` block
@@ -292,7 +294,8 @@ def open_run(mlflow_uri: str, task: dict, task_id: str, worker: str, attempt: in
 
     The run is born with all its tags in one call (MLflow's context tags, qlib-ext's, the grid nesting, the
     worker's ``device`` when it was given GPUs), so the reaper never sees it half tagged; its params follow in
-    batches of 100.
+    batches of 100, then the task's dataset input on the data at ``provider_uri``
+    (:mod:`qlib_ext.tracking.datasets`; None: no dataset input).
 
     Raises:
         Exception: whatever MLflow raises (classified by :mod:`qlib_ext.worker.faults`: MLflow away is an
@@ -302,6 +305,7 @@ def open_run(mlflow_uri: str, task: dict, task_id: str, worker: str, attempt: in
     from mlflow.tracking.context.registry import resolve_tags
 
     from qlib_ext.tracking import mlflow_ui
+    from qlib_ext.tracking.datasets import log_dataset
     from qlib_ext.worker.body import mlflow_tags
 
     meta = TaskMeta.of(task)
@@ -317,6 +321,8 @@ def open_run(mlflow_uri: str, task: dict, task_id: str, worker: str, attempt: in
     try:
         for i in range(0, len(batch), 100):
             client.log_batch(run_id, params=batch[i:i + 100])
+        if provider_uri:
+            log_dataset(client, run_id, task, provider_uri, data_identity(provider_uri))
     except Exception:
         with contextlib.suppress(Exception):  # best effort: the error that matters is the one raised
             end_run(client, run_id, RunStatus.FAILED)
@@ -332,7 +338,7 @@ def run_outside_pool(settings: WorkerSettings, task: dict, task_id: str) -> dict
     """
     from qlib_ext.worker.body import run_grid_task
 
-    run_id = open_run(settings.mlflow_uri, task, task_id, "reproduce", 0)
+    run_id = open_run(settings.mlflow_uri, task, task_id, "reproduce", 0, settings.provider_uri)
     try:
         result = run_grid_task(task, run_id, cache_dir=settings.cache_dir, fast_backtest=settings.fast_backtest)
     except BaseException:
@@ -340,6 +346,16 @@ def run_outside_pool(settings: WorkerSettings, task: dict, task_id: str) -> dict
         raise
     end_run(_client(settings.mlflow_uri), run_id, RunStatus.FINISHED)
     return result
+
+
+def data_identity(provider_uri: str) -> dict:
+    """The identity of the data at ``provider_uri`` (:func:`qlib_ext.worker.settings.data_identity`), read once
+    per process: a worker's data does not change under it (``check_worker_data`` refuses a host whose does)."""
+    from qlib_ext.worker.settings import data_identity as read
+
+    if provider_uri not in _identities:
+        _identities[provider_uri] = read(provider_uri)
+    return _identities[provider_uri]
 
 
 def _client(mlflow_uri: str) -> Any:

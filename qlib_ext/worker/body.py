@@ -119,6 +119,7 @@ def _in_run(task: dict, run_id: str, body: Callable[[Any, dict[str, float]], Any
     from qlib.workflow import R
 
     from qlib_ext.analysis.plots import log_run_plots
+    from qlib_ext.tracking.artifacts import ArtifactLedger
 
     meta = TaskMeta.of(task)
     experiment = meta.experiment or default_experiment or "workflow"
@@ -126,6 +127,8 @@ def _in_run(task: dict, run_id: str, body: Callable[[Any, dict[str, float]], Any
     _detach()  # nothing left attached by an earlier task (an interrupt can land in the middle of detaching)
     try:
         recorder = _attach(experiment, run_id, meta.run_name)
+        ledger = ArtifactLedger(run_id)
+        ledger.guard(recorder)  # every file uploaded is hashed, every file loaded back is checked
         R.save_objects(task=task)
         if META not in task:  # the rest of Qlib's _log_task_info (task_train's first step)
             from qlib.utils import flatten_dict
@@ -154,6 +157,7 @@ def _in_run(task: dict, run_id: str, body: Callable[[Any, dict[str, float]], Any
         Outcome.TRACKING_URI: recorder.uri,
         Outcome.METRICS: {k: metrics[k] for k in KEY_METRICS if k in metrics},
         Outcome.TIMINGS: extra,
+        Outcome.ARTIFACTS: ledger.stored(),
         VALIDITY: validity,
     }
 
@@ -207,10 +211,23 @@ def _detach() -> None:
     stack = fluent._active_run_stack.get()
     for run in stack:
         monitor = fluent.run_id_to_system_metrics_monitor.pop(run.info.run_id, None)
-        if monitor is not None:  # MLflow's system metrics, when enabled: stopped, the run left as it is
-            monitor.finish()
+        if monitor is not None:  # MLflow's system metrics (worker/loop.py): stopped, the run left as it is
+            _finish_system_metrics(monitor)
     stack.clear()
     fluent.MLFLOW_RUN_ID.unset()
+
+
+def _finish_system_metrics(monitor: Any) -> None:
+    """Stop MLflow's system-metrics thread and log its last, partial interval: MLflow's ``finish`` drops the
+    samples taken since the last full interval, which for a task shorter than one interval is all of them."""
+    try:
+        monitor.finish()
+        last = monitor.aggregate_metrics()
+        if last:
+            monitor.publish_metrics(last)
+            monitor.mlflow_logger.flush()
+    except Exception as e:  # noqa: BLE001 - a lost sample is not worth the task
+        logger.warning("worker: run %s: could not log the last system metrics (%s)", monitor._run_id, e)
 
 
 def _validity(recorder: Any, task: dict, model: Any) -> dict:
@@ -276,11 +293,13 @@ def _backtest(task: dict, recorder: Any, timings: dict[str, float], cache_dir: s
     from qlib.workflow import R
 
     from qlib_ext.pool.record import SIGNAL_METRICS
+    from qlib_ext.tracking.artifacts import digest_map
     from qlib_ext.worker.sanity import check_record
 
-    parent = str(TaskMeta.of(task).parent_run_id)
+    meta = TaskMeta.of(task)
+    parent = str(meta.parent_run_id)
     with _stage(timings, "load"):
-        _copy_signal(recorder, parent)
+        _copy_signal(recorder, parent, digest_map(meta.parent_artifacts))
     # the leaderboard ranks backtest rows by IC too: the signal metrics are the training run's
     signal = recorder.client.get_run(parent).data.metrics
     R.log_metrics(**{k: v for k, v in signal.items() if k in SIGNAL_METRICS})
@@ -293,18 +312,21 @@ def _backtest(task: dict, recorder: Any, timings: dict[str, float], cache_dir: s
         check_record(rec)
 
 
-def _copy_signal(recorder: Any, parent: str) -> None:
-    """Copy ``pred.pkl`` and ``label.pkl`` of the training run into this run, byte for byte."""
+def _copy_signal(recorder: Any, parent: str, digests: dict | None) -> None:
+    """Copy ``pred.pkl`` and ``label.pkl`` of the training run into this run, byte for byte, once their digests
+    are those the task carries from the training task's attempt (None: a task queued before digests)."""
     import tempfile
 
     from qlib_ext.errors import TaskError
+    from qlib_ext.tracking.artifacts import SIGNAL_ARTIFACTS, check_digest
 
     with tempfile.TemporaryDirectory(prefix="qlib-ext-signal-") as tmp:
-        for name in ("pred.pkl", "label.pkl"):
+        for name in SIGNAL_ARTIFACTS:
             try:
-                recorder.client.download_artifacts(parent, name, tmp)
+                path = recorder.client.download_artifacts(parent, name, tmp)
             except Exception as e:
                 raise TaskError(f"training run {parent} has no {name} (SignalRecord) to backtest: {e}") from e
+            check_digest(parent, name, path, digests)
         recorder.save_objects(local_path=tmp)
 
 

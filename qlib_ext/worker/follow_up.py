@@ -22,20 +22,26 @@ from qlib_ext.pool.record import KIND_BACKTEST, META, Doc, TaskMeta
 logger = logging.getLogger(__name__)
 
 
-def backtest_tasks(task: dict, run_id: str, task_id: Any) -> list[dict]:
+def backtest_tasks(task: dict, run_id: str, task_id: Any, artifacts: list | None = None) -> list[dict]:
     """The backtest tasks of a finished training task: one per sweep point, naming its run.
 
     Plain BSON-encodable dicts whose block is a :class:`TaskMeta`; each carries the training task's pool,
-    experiment, grid hash, model and window, and the sweep point's coordinates, strategy, config id and
-    run name. Empty for a task without a sweep.
+    experiment, grid hash, model and window, the sweep point's coordinates, strategy, config id and
+    run name, and the sha256 of the training run's ``pred.pkl``/``label.pkl`` from ``artifacts`` (the
+    training attempt's ``Outcome.ARTIFACTS``), which the backtest checks before reading them. Empty for a
+    task without a sweep.
     """
+    from qlib_ext.tracking.artifacts import SIGNAL_ARTIFACTS
+
     meta = TaskMeta.of(task)
     model_class = (task.get("model") or {}).get("class")
+    signal = None if artifacts is None else [[k, v] for k, v in artifacts if k in SIGNAL_ARTIFACTS]
     return [{"record": copy.deepcopy(point["record"]),
              META: TaskMeta(pool=meta.pool, experiment=meta.experiment, grid_hash=meta.grid_hash, model=meta.model,
                             window=meta.window, config_id=point["config_id"], coords=point["coords"],
                             strategy=point["strategy"], run_name=point["run_name"], kind=KIND_BACKTEST,
-                            model_class=model_class, parent_run_id=run_id, parent_task_id=str(task_id)).to_dict()}
+                            model_class=model_class, parent_run_id=run_id, parent_task_id=str(task_id),
+                             parent_artifacts=signal).to_dict()}
             for point in meta.sweep or []]
 
 

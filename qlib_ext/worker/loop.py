@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -70,6 +71,22 @@ def init_qlib(settings: WorkerSettings) -> None:
     kwargs = {"kernels": settings.threads, "logging_level": settings.log_level, **settings.qlib_kwargs}
     qlib.init(provider_uri=settings.provider_uri, region=settings.region, exp_manager=exp_manager,
               mongo={"task_url": settings.mongo_url, "task_db_name": settings.db_name}, **kwargs)
+    system_metrics(socket.gethostname())
+
+
+def system_metrics(node_id: str) -> None:
+    """Turn on MLflow's system metrics for every run this process starts (Qlib's recorder starts each task's),
+    sampled every ``SYSTEM_METRICS_SECONDS`` (env ``QLIB_EXT_SYSTEM_METRICS_SECONDS``; 0: off), logged under
+    ``system/<node_id>/``: the worker's host, so runs from several hosts stay apart."""
+    import mlflow
+
+    seconds = float(os.environ.get("QLIB_EXT_SYSTEM_METRICS_SECONDS", defaults.SYSTEM_METRICS_SECONDS))
+    if seconds <= 0:
+        mlflow.disable_system_metrics_logging()
+        return
+    mlflow.enable_system_metrics_logging()
+    mlflow.set_system_metrics_sampling_interval(seconds)
+    mlflow.set_system_metrics_node_id(node_id)
 
 
 def start_children_as_qrun() -> None:

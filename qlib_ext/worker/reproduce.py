@@ -74,13 +74,16 @@ def _close(a: float, b: float, tolerance: float) -> bool:
     return abs(a - b) <= tolerance
 
 
-def load_task(client: Any, run_id: str) -> dict:
-    """The task dict saved with ``run_id`` (artifact ``task``), decoded as plain data only.
+def load_task(client: Any, run_id: str, digests: dict | None = None) -> dict:
+    """The task dict saved with ``run_id`` (artifact ``task``), checked against the pool's ``digests`` (the
+    run's committed ``Outcome.ARTIFACTS``; None: nothing to check against) and decoded as plain data only.
 
     Raises:
         ConfigError: the run has no ``task`` artifact.
+        ArtifactTampered: its bytes are not those the run committed.
     """
     from qlib_ext.pool.codec import loads
+    from qlib_ext.tracking.artifacts import check_digest
 
     with tempfile.TemporaryDirectory(prefix="qlib-ext-reproduce-") as tmp:
         try:
@@ -88,7 +91,29 @@ def load_task(client: Any, run_id: str) -> dict:
         except Exception as e:
             raise ConfigError(f"run {run_id} has no 'task' artifact to reproduce ({e}); only runs made by "
                               "qlib-ext workers can be reproduced") from e
+        check_digest(run_id, "task", path, digests)
         return loads(Path(path).read_bytes(), f"artifact 'task' of run {run_id}")
+
+
+def committed_digests(settings: Any, run_id: str, task_id: str) -> dict | None:
+    """The artifact digests the pool recorded when ``run_id`` was committed; None (with a warning) for a run
+    that is not its task's committed run, or one committed before digests were recorded."""
+    from bson import ObjectId
+    from bson.errors import InvalidId
+
+    from qlib_ext.pool.manager import GridTaskManager, open_db
+    from qlib_ext.tracking.artifacts import digest_map
+
+    tm = GridTaskManager(settings.pool, open_db(settings.mongo_url, settings.db_name), migrate=False)
+    try:
+        key: Any = ObjectId(task_id)
+    except (InvalidId, TypeError):
+        key = task_id
+    if tm.committed_run(key)[1] != run_id:
+        logger.warning("reproduce: run %s is not the committed run of task %s in pool %s: the pool does not vouch "
+                       "for its artifacts", run_id, task_id, settings.pool)
+        return None
+    return digest_map(tm.committed_artifacts(key))
 
 
 def reproduce(run_id: str, *, mlflow_uri: str | None = None, mongo_url: str | None = None,
@@ -105,6 +130,7 @@ def reproduce(run_id: str, *, mlflow_uri: str | None = None, mongo_url: str | No
 
     Raises:
         ConfigError: unknown run, a run without a task artifact or pool tag.
+        ArtifactTampered: the run's ``task`` artifact is not the one its pool recorded at commit.
     """
     import mlflow
 
@@ -121,12 +147,25 @@ def reproduce(run_id: str, *, mlflow_uri: str | None = None, mongo_url: str | No
     pool = run.data.tags.get(Tag.POOL)
     if not pool:
         raise ConfigError(f"run {run_id} has no {Tag.POOL} tag; only runs made by qlib-ext workers can be reproduced")
-    task = load_task(client, run_id)
     settings = worker_settings(pool, mongo_url=mongo_url, mlflow_uri=uri, provider_uri=provider_uri, cache=cache)
+    task_id = run.data.tags.get(Tag.TASK_ID, "")
+    task = load_task(client, run_id, committed_digests(settings, run_id, task_id))
     check_modules(task, tuple(settings.allowed_modules))  # what a worker of the pool would refuse, refused here
-    result = _run_like_a_worker(settings, _renamed(task), run.data.tags.get(Tag.TASK_ID, ""))
+    _warn_if_data_changed(run, task, settings.provider_uri)
+    result = _run_like_a_worker(settings, _renamed(task), task_id)
     new = client.get_run(result["run_id"]).data.metrics
     return compare(run_id, result["run_id"], dict(run.data.metrics), dict(new), tolerance)
+
+
+def _warn_if_data_changed(run: Any, task: dict, provider_uri: str) -> None:
+    """A warning when the run's dataset input (data identity and handler config) differs from what the task
+    has on this host's data now: the metrics then need not match."""
+    from qlib_ext.tracking.datasets import changed_since
+    from qlib_ext.worker.settings import data_identity
+
+    change = changed_since(run, task, provider_uri, data_identity(provider_uri))
+    if change:
+        logger.warning("reproduce: the data changed since the run, so its metrics need not match: %s", change)
 
 
 def _run_like_a_worker(settings: Any, task: dict, task_id: str) -> dict:
