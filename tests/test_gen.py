@@ -352,7 +352,7 @@ def test_shipped_workflow_loads_and_expands(name, synth_calendar):
         assert ends and all(end <= test_end for end in ends)
 
 
-SEARCH_WORKFLOWS = {"tpe"}
+SEARCH_WORKFLOWS = {"tpe", "pareto"}
 """Shipped workflows whose points a sampler proposes while they run (nothing to expand; see test_search.py)."""
 
 

@@ -81,7 +81,7 @@ def status_cmd(pool: str | None, mongo_url: str) -> None:
 
     note = embedded_note(mongo_url, resolve_mongo_url(mongo_url))
     if note:  # on stderr: the report stays what scripts read
-        click.echo(note, err=True)
+        echo(note, err=True)
     if pool is None:
         echo(pools_table(mongo_url))
         return
@@ -217,7 +217,7 @@ def leaderboard_cmd(pool: str, mongo_url: str, mlflow_uri: str | None, metric: s
         if imp is not None:
             from qlib_ext.analysis.importance import format_importance
 
-            click.echo(format_importance(imp, _short_axes(imp)))
+            echo(format_importance(imp, _short_axes(imp)))
 
 
 def _importance(pool: str, mongo_url: str, grid: dict) -> Any:

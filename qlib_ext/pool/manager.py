@@ -41,6 +41,7 @@ from qlib_ext.pool.database import (  # the database-level functions, also impor
 )
 from qlib_ext.pool.record import DOC_FORMAT, META, Doc, ErrorEntry, Outcome, PoolMeta, TaskMeta
 from qlib_ext.pool.status import UNFINISHED, TaskStatus
+from qlib_ext.pool.worker_name import worker_id  # ``host:pid`` (+ scheduler job) stamped on claims
 
 logger = logging.getLogger(__name__)
 
@@ -53,23 +54,12 @@ def _chunks(items: list, size: int) -> list[list]:
 
 
 def task_hash(task: dict) -> str:
-    """Stable identity of a task definition: sha1 of its canonical JSON.
-
-    The grid hash is left out: editing a grid (adding a value to one axis) changes it for every
-    point, and the points that were already run must stay deduplicated.
-    """
+    """Stable identity of a task definition: sha1 of its canonical JSON, without the grid hash (editing a grid
+    changes that for every point, and the points already run must stay deduplicated)."""
     meta = task.get(META)
     if isinstance(meta, dict) and TaskMeta.Field.GRID_HASH in meta:
         task = {**task, META: {k: v for k, v in meta.items() if k != TaskMeta.Field.GRID_HASH}}
     return digest(task)
-
-
-def worker_id() -> str:
-    """``host:pid`` of the calling process (with its scheduler job, :mod:`qlib_ext.pool.worker_name`), as stamped
-    on the tasks it claims."""
-    from qlib_ext.pool.worker_name import worker_id as name
-
-    return name()
 
 
 @dataclass(frozen=True)
@@ -111,15 +101,10 @@ class GridTaskManager(TaskManager):
 
     # ------------------------------------------------------------------ format
     def migrate(self) -> int:
-        """Rename 0.1.0's ``result`` field to ``outcome`` in every document that has it; return how many.
+        """Rename 0.1.0's ``result`` field to ``outcome`` (Qlib unpickles every ``res*`` field); return how many.
 
-        Qlib 0.9.7 unpickles every field starting with ``res``, so its ``task_stat``/``query`` and the
-        ``manage`` CLI failed on a 0.1.0 pool holding a finished task. One ``update_many`` with
-        ``$rename`` guarded by ``$exists``: each document is renamed atomically, a second run (or one
-        from another process at the same time) finds nothing left, and workers running meanwhile
-        never touch ``result`` (stop 0.1.0 workers before upgrading). Documents are migrated before this
-        process reads any of them. The pool's metadata then records ``doc_format`` so later opens skip the
-        scan (a pool without metadata, made by hand, is scanned each time).
+        One ``update_many`` ``$rename`` guarded by ``$exists``: atomic per document, idempotent, done before this
+        process reads any document (stop 0.1.0 workers first); ``doc_format`` in the metadata then skips the scan.
         """
         db = self.task_pool.database
         try:

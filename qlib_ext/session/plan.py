@@ -157,7 +157,7 @@ class Plan:
         _grid_runs(mlflow_uri, self.wf.experiment_name, self.pool, self.tasks, self.path, objective)
         backtests = sum(len(TaskMeta.of(t).sweep or []) for t in self.tasks)
         ended = {k: v for k, v in tm.counts().items() if k in (TaskStatus.FAILED.value, TaskStatus.CANCELLED.value)}
-        note = embedded_note(mongo_url, url, db_name)
+        note = embedded_note(mongo_url, url, db.name)
         return Submitted(self.pool, new, total, url, mlflow_uri, self.wf.experiment_name, backtests, objective,
                          ended=ended, store_note=note)
 

@@ -33,7 +33,8 @@ from qlib_ext.identity import canonical_json, digest
 from qlib_ext.pool.record import META, STRATEGY_PREFIX, TaskMeta, edit_meta
 from qlib_ext.workflow.limits import check_grid_size
 from qlib_ext.workflow.load import Workflow, date_str, normalise_dates
-from qlib_ext.workflow.spec import Dist, GridSpec, ModelSpec, RollingSpec, Values, portana_configs, set_path
+from qlib_ext.workflow.paths import set_path
+from qlib_ext.workflow.spec import Dist, GridSpec, ModelSpec, RollingSpec, Values, portana_configs
 
 logger = logging.getLogger(__name__)
 
