@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import socket
 import stat
 import subprocess
@@ -17,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from other_user import nobody_python
 
 NOBODY_CLIENT = r"""
 import json, sys, urllib.error, urllib.request
@@ -42,20 +42,6 @@ except OSError as e:
     out["secret"] = type(e).__name__
 print(json.dumps(out))
 """
-
-
-def _nobody_python() -> list[str]:
-    """The command prefix running a Python as ``nobody``; skips the test when there is none."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: the other user is reached with runuser")
-    runuser = shutil.which("runuser")
-    if runuser is None:
-        pytest.skip("needs runuser (util-linux) to act as user nobody")
-    for python in (sys.executable, shutil.which("python3"), "/usr/bin/python3"):
-        if python and subprocess.run([runuser, "-u", "nobody", "--", python, "-I", "-c", "pass"],
-                                     capture_output=True, timeout=60).returncode == 0:
-            return [runuser, "-u", "nobody", "--", python, "-I", "-c"]
-    pytest.skip("user nobody can run no Python interpreter here (root's virtualenv is not readable)")
 
 
 def _free_port() -> int:
@@ -87,7 +73,7 @@ def _owner_create(base: str, user: str, password: str) -> int:
 @pytest.mark.slow
 def test_another_user_cannot_create_an_experiment_or_upload_and_the_files_are_the_owners(tmp_path):
     pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs its auth extra (Flask-WTF)")
-    nobody = _nobody_python()
+    nobody = nobody_python()
     directory, port = tmp_path / "srv", _free_port()
     log = tmp_path / "serve.log"
     proc = subprocess.Popen([sys.executable, "-m", "qlib_ext", "mlflow", "serve", "--dir", str(directory),

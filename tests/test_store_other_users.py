@@ -13,12 +13,12 @@ import shutil
 import socket
 import struct
 import subprocess
-import sys
 import time
 
 import bson
 import pymongo
 import pytest
+from other_user import nobody_python
 
 NOBODY_RACE = r"""
 import socket, struct, sys
@@ -52,20 +52,6 @@ for s in socks:
 """
 
 
-def _nobody_python() -> list[str]:
-    """The command prefix running a Python as ``nobody``; skips the test when there is none."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: the store runs as root and the other user is reached with runuser")
-    runuser = shutil.which("runuser")
-    if runuser is None:
-        pytest.skip("needs runuser (util-linux) to act as user nobody")
-    for python in (sys.executable, shutil.which("python3"), "/usr/bin/python3"):
-        if python and subprocess.run([runuser, "-u", "nobody", "--", python, "-I", "-c", "pass"],
-                                     capture_output=True, timeout=60).returncode == 0:
-            return [runuser, "-u", "nobody", "--", python, "-I", "-c"]
-    pytest.skip("user nobody can run no Python interpreter here (root's virtualenv is not readable)")
-
-
 def _insert_message(request_id: int, doc: dict) -> bytes:
     """An OP_MSG ``insert`` of ``doc`` into ``default_task_db.pool``, no credentials."""
     body = bson.encode({"insert": "pool", "documents": [doc], "$db": "default_task_db"})
@@ -88,7 +74,7 @@ RACES = 20
 def test_another_user_racing_peer_authentication_lands_no_write(store_proc, host):
     if store_proc is None:
         pytest.skip("needs the embedded store")
-    as_nobody = _nobody_python()
+    as_nobody = nobody_python("the store runs as root and the other user is reached with runuser")
     if host == "::1":
         try:
             socket.socket(socket.AF_INET6).bind(("::1", 0))
@@ -121,7 +107,7 @@ HOLD = 1100
 def test_another_user_holding_every_connection_cannot_take_the_store_down(store_proc):
     if store_proc is None:
         pytest.skip("needs the embedded store")
-    as_nobody = _nobody_python()
+    as_nobody = nobody_python("the store runs as root and the other user is reached with runuser")
     if shutil.which("prlimit") is None:
         pytest.skip("needs prlimit (util-linux) to run the store under a 1,024 open-file limit")
     store_proc.stop()

@@ -262,10 +262,9 @@ def plot_importance(imp: Importance, path: Path, short: dict[str, str] | None = 
     """Horizontal bars: each axis's fANOVA and PED-ANOVA share, one panel per objective; None if none."""
     if not imp.shares:
         return None
-    import matplotlib
+    from qlib_ext.analysis.plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     metrics = list(imp.shares)
     fig, axs = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 0.5 + 0.45 * _n_axes(imp)), squeeze=False)
@@ -282,10 +281,7 @@ def plot_importance(imp: Importance, path: Path, short: dict[str, str] | None = 
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(f"What drove the result ({imp.configurations} configurations)", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def _n_axes(imp: Importance) -> int:

@@ -130,10 +130,9 @@ def plot_front(points: Sequence[Sequence[float]], ranks: Sequence[int], names: S
     Returns:
         ``path``.
     """
-    import matplotlib
+    from qlib_ext.analysis.plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 5))
     drawn = [(p, r, lab) for p, r, lab in zip(points, ranks, labels, strict=True) if _signed(p[:2], directions[:2])]
@@ -153,10 +152,7 @@ def plot_front(points: Sequence[Sequence[float]], ranks: Sequence[int], names: S
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def _word(direction: str) -> str:

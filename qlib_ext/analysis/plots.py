@@ -32,7 +32,8 @@ HEATMAP_MAX_FACETS = 6
 """Most panels (values of the third axis) in one heatmap."""
 
 
-def _plt() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (no display): every figure of qlib-ext is drawn with it."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -41,11 +42,11 @@ def _plt() -> Any:
     return plt
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_png(fig: Any, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -60,7 +61,7 @@ def run_figure(report: Any, ic: Any, out: Path, title: str = "") -> Path:
         out: PNG path.
         title: figure title (the run name).
     """
-    plt = _plt()
+    plt = pyplot()
     panels = (report is not None) * 2 + (ic is not None)
     fig, axes = plt.subplots(max(panels, 1), 1, figsize=(8, 2.3 * max(panels, 1)), sharex=True, squeeze=False)
     axes = list(axes[:, 0])
@@ -86,7 +87,7 @@ def run_figure(report: Any, ic: Any, out: Path, title: str = "") -> Path:
         ax.set_ylabel("turnover")
     fig.suptitle(title, fontsize=10)
     fig.autofmt_xdate()
-    return _save(fig, out)
+    return save_png(fig, out)
 
 
 def log_run_plots(recorder: Any, title: str = "") -> str | None:
@@ -138,7 +139,7 @@ def heatmap(rows: list[dict], axes: Sequence[str], metric: str, out: Path) -> Pa
     xs, ys = _values(rows, x), (_values(rows, y) if y else [""])
     if max(len(xs), len(ys)) > HEATMAP_MAX_CELLS or len(facets) > HEATMAP_MAX_FACETS:
         return None  # not a grid a person can read cell by cell: param_slices draws it
-    plt = _plt()
+    plt = pyplot()
     fig, axs = plt.subplots(1, len(facets), figsize=(min(4 * len(facets), 16), 3.2), squeeze=False)
     for ax, fv in zip(axs[0], facets, strict=True):
         grid = np.full((len(ys), len(xs)), np.nan)
@@ -164,7 +165,7 @@ def heatmap(rows: list[dict], axes: Sequence[str], metric: str, out: Path) -> Pa
         fig.colorbar(im, ax=ax, shrink=0.8)
     more = f" (best over {', '.join(varied[3:])})" if len(varied) > 3 else ""
     fig.suptitle(f"{metric} by {', '.join(varied[:3])}{more}", fontsize=10)
-    return _save(fig, out)
+    return save_png(fig, out)
 
 
 def param_slices(rows: list[dict], axes: Sequence[str], metric: str, out: Path, limit: int = 4) -> Path | None:
@@ -179,7 +180,7 @@ def param_slices(rows: list[dict], axes: Sequence[str], metric: str, out: Path, 
         return None
     trials = [r.get("trial") for r in rows]
     colour = trials if all(t is not None for t in trials) else None
-    plt = _plt()
+    plt = pyplot()
     fig, axs = plt.subplots(1, len(varied), figsize=(min(4 * len(varied), 16), 3.2), squeeze=False, sharey=True)
     for ax, axis in zip(axs[0], varied, strict=True):
         xs, labels = _positions([r["params"].get(axis) for r in rows])
@@ -195,7 +196,7 @@ def param_slices(rows: list[dict], axes: Sequence[str], metric: str, out: Path, 
 
         fig.colorbar(dots, ax=list(axs[0]), shrink=0.8, label="trial", ticks=MaxNLocator(integer=True))
     fig.suptitle(f"{metric} against each axis, one dot per configuration", fontsize=10)
-    return _save(fig, out)
+    return save_png(fig, out)
 
 
 def _positions(values: list) -> tuple[list[float], list[str] | None]:
@@ -224,7 +225,7 @@ def top_returns(series: dict[str, Any], out: Path, title: str = "") -> Path | No
     """Cumulative daily excess return (with cost) of the top configurations, one line each."""
     if not series:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.2))
     for name, s in series.items():
         ax.plot(s.cumsum(), label=name)
@@ -233,14 +234,14 @@ def top_returns(series: dict[str, Any], out: Path, title: str = "") -> Path | No
     ax.legend(fontsize=7, loc="upper left")
     ax.set_title(title or f"top {len(series)} configurations", fontsize=10)
     fig.autofmt_xdate()
-    return _save(fig, out)
+    return save_png(fig, out)
 
 
 def window_metrics(per_config: dict[str, list[tuple[int, float]]], metric: str, out: Path) -> Path | None:
     """The metric per rolling window, one line per configuration."""
     if not per_config:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.2))
     for name, points in per_config.items():
         points = sorted(points)
@@ -250,7 +251,7 @@ def window_metrics(per_config: dict[str, list[tuple[int, float]]], metric: str, 
     ax.axhline(0, color="black", lw=0.5)
     ax.legend(fontsize=7)
     ax.set_title(f"{metric} per rolling window", fontsize=10)
-    return _save(fig, out)
+    return save_png(fig, out)
 
 
 def stage_times(runs: dict[str, dict[str, float]], out: Path, limit: int = 40) -> Path | None:
@@ -261,7 +262,7 @@ def stage_times(runs: dict[str, dict[str, float]], out: Path, limit: int = 40) -
     if not runs:
         return None
     stages = list(dict.fromkeys(s for v in runs.values() for s in v))
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 0.8 + 0.28 * len(runs)))
     left = [0.0] * len(runs)
     names = list(runs)
@@ -274,7 +275,7 @@ def stage_times(runs: dict[str, dict[str, float]], out: Path, limit: int = 40) -
     ax.set_xlabel("seconds")
     ax.legend(fontsize=7, ncols=len(stages), loc="lower right")
     ax.set_title("time per stage", fontsize=10)
-    return _save(fig, out)
+    return save_png(fig, out)
 
 
 def search_history(rows: list[dict], metric: str, direction: str, out: Path) -> Path | None:
@@ -303,7 +304,7 @@ def search_history(rows: list[dict], metric: str, direction: str, out: Path) -> 
     best_so_far = list(accumulate((p[1] for p in points), better))
     improved = [(t, b) for i, (t, b) in enumerate(zip(trials, best_so_far, strict=True))
                 if i == 0 or b != best_so_far[i - 1]]
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.2))
     ax.scatter(trials, [p[1] for p in points], s=18, color="#4c72b0", label=f"{metric} of the trial", zorder=3)
     ax.step([*trials, trials[-1] + 0.5], [*best_so_far, best_so_far[-1]], where="post", color="#dd8452", lw=2,
@@ -315,7 +316,7 @@ def search_history(rows: list[dict], metric: str, direction: str, out: Path) -> 
     ax.set_ylabel(metric)
     ax.legend(fontsize=7, loc="lower right" if better is max else "upper right")
     ax.set_title(f"search: {metric} per trial ({'higher' if better is max else 'lower'} is better)", fontsize=10)
-    return _save(fig, out)
+    return save_png(fig, out)
 
 
 def pbo_figure(logits: Any, is_sharpe: Any, oos_sharpe: Any, pbo: float, out: Path) -> Path | None:
@@ -324,7 +325,7 @@ def pbo_figure(logits: Any, is_sharpe: Any, oos_sharpe: Any, pbo: float, out: Pa
 
     if logits is None or not len(logits):
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3))
     a.hist(np.clip(logits, -10, 10), bins=20, color="tab:purple")
     a.axvline(0, color="black", lw=0.8)
@@ -334,4 +335,4 @@ def pbo_figure(logits: Any, is_sharpe: Any, oos_sharpe: Any, pbo: float, out: Pa
     b.set_xlabel("in-sample Sharpe (best)")
     b.set_ylabel("out-of-sample Sharpe")
     b.set_title("IS vs OOS of the IS-best", fontsize=9)
-    return _save(fig, out)
+    return save_png(fig, out)
