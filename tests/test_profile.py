@@ -22,7 +22,7 @@ def seen(monkeypatch):
     def fake_settings(pool, **kwargs):
         got.update(pool=pool, **kwargs)
         return type("S", (), {"threads": kwargs.get("threads"), "log_dir": None, "mongo_url": kwargs["mongo_url"],
-                              "mlflow_uri": kwargs.get("mlflow_uri")})()
+                              "mlflow_uri": kwargs.get("mlflow_uri"), "gpus": (), "workers_per_gpu": 1})()
 
     def fake_run(settings, n, on_tick=None):
         got["n"] = n
