@@ -7,9 +7,10 @@ import math
 from qlib_ext.worker.reproduce import _renamed, compare
 
 
-def test_exact_match_skips_timings():
-    rep = compare("a", "b", {"IC": 0.1, "time.fit_s": 3.0, "peak_rss_mb": 900.0},
-                  {"IC": 0.1, "time.fit_s": 5.0, "peak_rss_mb": 950.0})
+def test_exact_match_skips_timings_and_system_metrics():
+    cpu = "system/vm/cpu_utilization_percentage"  # MLflow's system metrics measure the machine
+    rep = compare("a", "b", {"IC": 0.1, "time.fit_s": 3.0, "peak_rss_mb": 900.0, cpu: 51.8},
+                  {"IC": 0.1, "time.fit_s": 5.0, "peak_rss_mb": 950.0, cpu: 52.4})
     assert rep.ok and list(rep.compared) == ["IC"] and "exact match" in rep.table()
 
 

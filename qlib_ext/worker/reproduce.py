@@ -30,8 +30,9 @@ logger = logging.getLogger(__name__)
 EXPERIMENT_SUFFIX = "-reproduce"
 """Suffix of the experiment reproduced runs go to."""
 
-SKIPPED_PREFIXES = ("time.", "peak_rss_mb")
-"""Metrics that measure the machine, not the result: never compared."""
+SKIPPED_PREFIXES = ("time.", "peak_rss_mb", "system/")
+"""Metrics that measure the machine, not the result (stage timings, peak memory, MLflow's system metrics): never
+compared."""
 
 
 @dataclass
