@@ -154,10 +154,16 @@ def test_models_are_a_conditional_categorical(tmp_path):
 
 
 # --------------------------------------------------------------------------- the proposer
-def test_search_runs_exactly_n_trials_and_improves(tmp_path, db):
-    wf = load_workflow(write_tiny(tmp_path / "t.yaml", tmp_path, SPACE.format(n=12)))
+@pytest.mark.parametrize("search", ["tpe", "gp"])
+def test_search_runs_exactly_n_trials_and_improves(tmp_path, db, search):
+    if search == "gp":  # Optuna's GPSampler is written in PyTorch
+        pytest.importorskip("torch", reason="search: gp needs PyTorch: pip install -e '.[torch]' (.ci/run does)")
+    space = SPACE.format(n=12).replace("search: tpe", f"search: {search}")
+    wf = load_workflow(write_tiny(tmp_path / "t.yaml", tmp_path, space))
     tm = GridTaskManager("s", db)
     proposer = Proposer(wf, db, batch=2)
+    sampler = {"tpe": optuna.samplers.TPESampler, "gp": optuna.samplers.GPSampler}[search]
+    assert isinstance(proposer.study.sampler, sampler)
     run_search(proposer, tm)
     docs = TrialStore(db, "s").all()
     assert [d["number"] for d in docs] == list(range(12))
