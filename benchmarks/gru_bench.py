@@ -122,20 +122,20 @@ def main() -> None:
     wf.write_text(shrink(args.yaml, data, args.epochs))
     qrun = Path(sys.executable).with_name("qrun")
     # qrun's default tracking store is ./mlruns, which this MLflow refuses unless told to accept it
-    cases = {"qrun": ([str(qrun), str(wf)], {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"}),
-             "after": ([sys.executable, "-m", "qlib_ext", "run", "-n", "1", str(wf)], qlib_ext_env(ROOT, work / "h1"))}
-    if args.before:
-        cases["before"] = ([sys.executable, "-m", "qlib_ext", "run", "-n", "1", str(wf)],
-                           qlib_ext_env(args.before, work / "h0"))
+    run = [sys.executable, "-m", "qlib_ext", "run", "-n", "1", str(wf)]
+    codes = {"after": ROOT, "before": args.before}  # each round a fresh QLIB_EXT_HOME: a cold cache, a new pool
+    cases = {"qrun": lambda r: ([str(qrun), str(wf)], {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"})}
+    cases.update({n: (lambda r, n=n: (run, qlib_ext_env(codes[n], work / f"home-{n}-{r}"))) for n in codes if codes[n]})
     names = [n for n in ("qrun", "after", "before") if n in cases and (not args.only or n in args.only)]
     rounds: dict[str, list[Measured]] = {n: [] for n in names}
     for r in range(args.repeat):
         for name in names if r % 2 == 0 else names[::-1]:  # interleaved, the order alternating
-            (work / name).mkdir(exist_ok=True)
-            cmd, env = cases[name]
-            rounds[name].append(m := measure(name, cmd, work / name, env, work / f"{name}-{r}.log", args.sample))
+            (work / f"{name}-{r}").mkdir(exist_ok=True)
+            cmd, env = cases[name](r)
+            rounds[name].append(m := measure(name, cmd, work / f"{name}-{r}", env, work / f"{name}-{r}.log",
+                                             args.sample))
             print(r, m.row(), flush=True)
-            _stop_store(work / ("h1" if name == "after" else "h0"))
+            _stop_store(work / f"home-{name}-{r}")
     results = [median_of(ms) for ms in rounds.values()]
     rows = [m.row() for m in results]
     if "qrun" in rounds:
