@@ -255,13 +255,12 @@ def _row(r: dict, key: str, cpu: str = "") -> list:
     return [f"{r['instruments']:,}", 1 if key == "1" else len(SWEEP4), f"{stock:.2f}",
             f"{shared:.2f}" if shared else "-", f"{before:.2f}" if before else "-", f"{after:.2f}",
             f"{stock / before:.2f}x" if before else "-", f"**{stock / after:.2f}x**",
-            f"{shared / after:.2f}x" if shared else "-", "yes" if r["same"] else "NO", f"{r['load']:.1f}"]
+            f"{shared / after:.2f}x" if shared else "-", "yes" if r["same"] else "NO", r["repeat"], f"{r['load']:.1f}"]
 
 
 def section(summary: list[dict], note: str = "") -> str:
     rows = [_row(r, key) for r in summary for key in ("1", "4")]
     cpu_rows = [_row(r, key, "cpu_") for r in summary for key in ("1", "4") if "cpu_stock" + key in r]
-    repeat = min(r["repeat"] for r in summary) if summary else 0
     parts = ["## Backtest stage: worker vs stock `PortAnaRecord.generate`", "",
              "Measured by `benchmarks/backtest_stage_bench.py`: the same predictions (synthetic market, 400 days; "
              f"backtest {START} .. {END}, `TopkDropoutStrategy`) saved into fresh runs of a real MLflow sqlite "
@@ -273,20 +272,21 @@ def section(summary: list[dict], note: str = "") -> str:
              "the fast backtest, Qlib's own analysis, logging and artifact saves. One strategy, and a sweep of 4 "
              "on the shared predictions (one run each, one after the other in one process, as a worker takes a "
              "sweep's backtest tasks).", "",
-             f"{machine_line()}; median of {repeat} interleaved repetitions. `stock`: Qlib's own generate (its own "
+             f"{machine_line()}; medians of the interleaved repetitions. `stock`: Qlib's own generate (its own "
              "exchange); `stock, shared exchange`: the worker's stage with `workers.fast_backtest: false`; "
              "`before` / `after`: the worker's stage (fast path) in the tree before this round's changes and now, "
              "interleaved child by child; `identical`: every metric and every saved frame of the stage equal to "
              "stock's in every repetition. `load`: the highest 1-minute load average seen (2 cores, shared with "
              "other sessions' tests).", "",
              table(["instruments", "strategies", "stock s", "stock, shared exchange s", "before s", "after s",
-                    "before: stock / stage", "after: stock / stage", "shared / after", "identical", "load"], rows)]
+                    "before: stock / stage", "after: stock / stage", "shared / after", "identical", "repetitions",
+                    "load"], rows)]
     if cpu_rows:
         parts += ["", "The same runs in CPU seconds of the process (Qlib's background metric thread included; steadier "
                   "than wall time on a shared machine, blind to waits on the disk):", "",
                   table(["instruments", "strategies", "stock CPU s", "stock, shared exchange CPU s", "before CPU s",
                          "after CPU s", "before: stock / stage", "after: stock / stage", "shared / after",
-                         "identical", "load"], cpu_rows)]
+                         "identical", "repetitions", "load"], cpu_rows)]
     if note:
         parts += ["", note]
     return "\n".join(parts)
