@@ -30,6 +30,7 @@ import argparse
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -188,6 +189,7 @@ def measure(instruments: int, repeat: int, stock: bool = True) -> dict:
             for how in hows[1:]:
                 same = same and all(_same(a, b) for a, b in zip(runs["stock"], runs[how], strict=True))
         print({k: round(v[-1], 2) for k, v in times.items()}, file=sys.stderr, flush=True)
+    shutil.rmtree(home, ignore_errors=True)  # the runs' store, artifacts and exchange cache
     return {"instruments": instruments, "same": same if stock else None, "load": os.getloadavg()[0], "each": times}
 
 
