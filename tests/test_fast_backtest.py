@@ -82,9 +82,34 @@ def test_array_quote_answers_as_numpy_quote(verdicts):
 
 
 def test_port_ana_record_logs_the_same_metrics_and_artifacts(verdicts):
+    """Stock generate, generate inside fast_records, and the worker's backtest stage: the same metrics and frames."""
     record = verdicts["record"]
     assert record["fast_path"] and record["metrics"] > 10
     assert record["diff"] == [], record["diff"]
+
+
+def test_the_worker_stage_writes_the_records_metrics_in_one_batch(verdicts):
+    """Qlib logs each analysis metric with its own log_metric (one sqlite transaction each, in a background
+    thread the stage then waits for); the worker's stage writes them in one log_batch."""
+    assert verdicts["record"]["stage_calls"] == {"log_metric": 0, "log_batch": 1}
+
+
+def test_benchmark_answers_are_kept_by_content():
+    """The next backtest of a sweep reads an equal benchmark series (a new object): its per-day answers are
+    reused; a series with other values is computed anew, each answer Qlib's ``(x + 1).prod() - 1``."""
+    import numpy as np
+    import pandas as pd
+
+    from qlib_ext.backtest.patches import _bench_days
+
+    days = pd.date_range("2020-01-01", periods=30, freq="B")
+    bench = pd.Series(np.random.default_rng(3).normal(0, 0.01, 30), index=days)
+    first = _bench_days(bench)
+    assert _bench_days(bench.copy()) is first
+    other = _bench_days(bench * 2)
+    assert other is not first
+    assert other[1] == [(bench.iloc[i:i + 1] * 2 + 1).prod() - 1 for i in range(30)]
+    assert _bench_days(bench.astype("float32")) is not first  # another dtype: other answers
 
 
 def test_uncovered_backtests_take_the_stock_path(monkeypatch, caplog):
@@ -370,6 +395,8 @@ def _check_record(tmp: Path, exchange) -> dict:
     from qlib.workflow.record_temp import PortAnaRecord
 
     from qlib_ext.backtest.fast import fast_records, uncovered
+    from qlib_ext.tracking.artifacts import ArtifactLedger
+    from qlib_ext.worker.body import backtest_stage
 
     config = {"strategy": {"class": "TopkDropoutStrategy", "module_path": "qlib.contrib.strategy",
                            "kwargs": {"signal": "<PRED>", "topk": 8, "n_drop": 2}},
@@ -377,35 +404,53 @@ def _check_record(tmp: Path, exchange) -> dict:
                            "exchange_kwargs": {"exchange": exchange}}}
     seen = []
     out = []
-    for fast in (False, True):
-        with R.start(experiment_name="fast_backtest", recorder_name=f"fast={fast}"):
+    calls = {"log_metric": 0, "log_batch": 0}
+    for how in ("stock", "fast", "stage"):
+        with R.start(experiment_name="fast_backtest", recorder_name=how):
             recorder = R.get_recorder()
+            if how == "stage":  # as a worker's stage runs it: a guarded run, the metrics counted
+                ArtifactLedger(recorder.id).guard(recorder)
+                for name in calls:
+                    setattr(recorder.client, name, _counted(getattr(recorder.client, name), calls, name))
             recorder.save_objects(**{"pred.pkl": _prediction().to_frame("score"), "label.pkl": _prediction()})
             np.random.seed(7)
-            with fast_records(fast):
+            with fast_records(how != "stock"):
                 from qlib.workflow import record_temp
 
                 seen.append(record_temp.normal_backtest.__name__)
-                PortAnaRecord(recorder, config).generate()
+                if how == "stage":
+                    backtest_stage(PortAnaRecord(recorder, config), None)
+                else:
+                    PortAnaRecord(recorder, config).generate()
         # Qlib's recorder logs metrics asynchronously: read them once the run has ended
         metrics = recorder.client.get_run(recorder.id).data.metrics
         out.append((metrics, {name: recorder.load_object(f"portfolio_analysis/{name}")
                               for name in ("report_normal_1day.pkl", "positions_normal_1day.pkl",
                                            "indicators_normal_1day.pkl", "port_analysis_1day.pkl",
                                            "indicator_analysis_1day.pkl")}))
-    (metrics, arts), (metrics_f, arts_f) = out
-    diff = _diff(sorted(metrics), sorted(metrics_f), "metric names")
-    diff += [f"metric {k}: {metrics[k]} != {metrics_f[k]}" for k in metrics if metrics[k] != metrics_f.get(k)]
-    for name in arts:
-        if name.startswith("positions"):
-            a, b = arts[name], arts_f[name]
-            diff += _diff([(d, p.position) for d, p in a.items()], [(d, p.position) for d, p in b.items()], name)
-        else:
-            diff += _diff(arts[name], arts_f[name], name)
+    (metrics, arts), *others = out
+    diff = []
+    for metrics_f, arts_f in others:
+        diff += _diff(sorted(metrics), sorted(metrics_f), "metric names")
+        diff += [f"metric {k}: {metrics[k]} != {metrics_f.get(k)}" for k in metrics if metrics[k] != metrics_f.get(k)]
+        for name in arts:
+            if name.startswith("positions"):
+                a, b = arts[name], arts_f[name]
+                diff += _diff([(d, p.position) for d, p in a.items()], [(d, p.position) for d, p in b.items()], name)
+            else:
+                diff += _diff(arts[name], arts_f[name], name)
     covered = uncovered({**config["strategy"], "kwargs": {"signal": _prediction()}},
                         {"class": "SimulatorExecutor", "module_path": "qlib.backtest.executor",
                          "kwargs": {"time_per_step": "day"}}, config["backtest"]["exchange_kwargs"]) is None
-    return {"fast_path": covered and seen == ["backtest", "fast_backtest"], "metrics": len(metrics), "diff": diff}
+    return {"fast_path": covered and seen == ["backtest", "fast_backtest", "fast_backtest"], "metrics": len(metrics),
+            "diff": diff, "stage_calls": calls}
+
+
+def _counted(method, calls: dict, name: str):
+    def counted(*args, **kwargs):
+        calls[name] += 1
+        return method(*args, **kwargs)
+    return counted
 
 
 def _child(tmp: Path, out: Path) -> None:

@@ -7,8 +7,9 @@
   else the generic way: the copy is equal, field for field, and shares nothing mutable.
 * ``PortfolioMetrics._sample_benchmark``: Qlib resamples the benchmark series for every step
   (``resam_ts_data`` with ``(x + 1).prod()``). For a step holding one benchmark day the answer is
-  that day's ``(x + 1).prod() - 1``; it is computed once per series with the same pandas
-  reduction, day by day on one-element series, and looked up.
+  that day's ``(x + 1).prod() - 1``; it is computed once per series content (the backtests of a
+  sweep read equal series) with the same pandas reduction, day by day on one-element series, and
+  looked up.
 
 * ``Position._sell_stock``: Qlib's code with its scalar ``np.isclose`` (~0.4 ms a call) computed
   by ``qlib_ext.backtest.exchange._isclose`` (the same float64 formula).
@@ -23,6 +24,7 @@ import contextlib
 import copy
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -82,11 +84,19 @@ def _sample_benchmark(self: Any, bench: Any, trade_start_time: Any, trade_end_ti
     return _stock["sample"](self, bench, trade_start_time, trade_end_time)
 
 
+BENCH_MEMO_SIZE = 4
+"""Benchmark series whose per-day answers a process keeps (by content: a sweep's backtests share one), count."""
+
 _bench_memo: dict[int, tuple[Any, Any]] = {}
+_bench_by_content: OrderedDict[tuple, Any] = OrderedDict()
 
 
 def _bench_days(bench: Any) -> Any:
-    """(sorted unique dates, per-day answer) of a benchmark series, or None if not a plain daily one."""
+    """(sorted unique dates, per-day answer) of a benchmark series, or None if not a plain daily one.
+
+    Kept for the series object (each step of a backtest asks) and by content (dates, dtype, values), so the
+    next backtest of a sweep, whose account reads an equal series again, reuses the answers: the same pandas
+    reduction on equal values gives equal answers."""
     import pandas as pd
 
     hit = _bench_memo.get(id(bench))
@@ -96,11 +106,30 @@ def _bench_days(bench: Any) -> Any:
     index = bench.index
     if isinstance(bench, pd.Series) and isinstance(index, pd.DatetimeIndex) and index.is_unique \
             and index.is_monotonic_increasing:
-        one = [bench.iloc[i:i + 1] for i in range(len(bench))]
-        days = (index, [(x + 1).prod() - 1 for x in one])
+        key = _content_key(bench)
+        with _lock:
+            days = _bench_by_content.get(key) if key is not None else None
+            if days is None:
+                one = [bench.iloc[i:i + 1] for i in range(len(bench))]
+                days = (index, [(x + 1).prod() - 1 for x in one])
+                if key is not None:
+                    _bench_by_content[key] = days
+                    while len(_bench_by_content) > BENCH_MEMO_SIZE:
+                        _bench_by_content.popitem(last=False)
+            elif key is not None:
+                _bench_by_content.move_to_end(key)
     _bench_memo.clear()  # one benchmark series per backtest; keep only the latest
     _bench_memo[id(bench)] = (bench, days)
     return days
+
+
+def _content_key(bench: Any) -> tuple | None:
+    """What a benchmark series' per-day answers depend on: its dates and its values with their dtype
+    (None for a dtype whose values are not plain numbers)."""
+    values = bench.to_numpy()
+    if values.dtype.kind not in "fiu":
+        return None
+    return (str(bench.index.dtype), bench.index.asi8.tobytes(), str(values.dtype), values.tobytes())
 
 
 def _sell_stock(self: Any, stock_id: str, trade_val: float, cost: float, trade_price: float) -> None:

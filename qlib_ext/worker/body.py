@@ -281,8 +281,7 @@ def _train_and_record(task: dict, recorder: Any, timings: dict[str, float], cach
         rec = init_instance_by_config(record, recorder=recorder, default_module="qlib.workflow.record_temp",
                                       try_kwargs={"model": model, "dataset": dataset})
         with _stage(timings, "backtest" if isinstance(rec, PortAnaRecord) else "signal"):
-            _share_exchange(rec, cache_dir)
-            rec.generate()
+            backtest_stage(rec, cache_dir)
         check_record(rec)  # no predictions, all NaN, never traded: fail, never done
     return model
 
@@ -307,8 +306,7 @@ def _backtest(task: dict, recorder: Any, timings: dict[str, float], cache_dir: s
         rec = init_instance_by_config(record, recorder=recorder, default_module="qlib.workflow.record_temp")
         rec.check()  # Qlib's generate() only logs a warning and skips when pred.pkl/label.pkl are missing
         with _stage(timings, "backtest"):
-            _share_exchange(rec, cache_dir)
-            rec.generate()
+            backtest_stage(rec, cache_dir)
         check_record(rec)
 
 
@@ -349,8 +347,15 @@ def _dataset_key(config: dict, cache_dir: str | None) -> str | None:
     return dataset_key(config)
 
 
-def _share_exchange(record: Any, cache_dir: str | None) -> None:
+def backtest_stage(record: Any, cache_dir: str | None) -> None:
+    """Generate one record as a worker's stage does: a ``PortAnaRecord`` gets the shared exchange first (with a
+    cache), then Qlib's ``generate`` runs (on the fast path inside :func:`~qlib_ext.backtest.fast.fast_records`),
+    its metrics written in one ``log_batch`` when it is done instead of one background ``log_metric`` each."""
+    from qlib_ext.tracking.batch import batched_metrics
+
     if cache_dir is not None:
         from qlib_ext.cache.exchange import share_exchange
 
         share_exchange(record, cache_dir)
+    with batched_metrics(record.recorder):
+        record.generate()
