@@ -171,8 +171,8 @@ def retry_cmd(pool: str, mongo_url: str, failed_only: bool, task_id: str | None)
 @mongo_option
 @click.option("--now", is_flag=True, help="Also stop running tasks (their workers interrupt them).")
 def cancel_cmd(pool: str, mongo_url: str, now: bool) -> None:
-    """Stop POOL's waiting tasks from being claimed; running ones finish unless --now.
-    `qlib-ext retry POOL` requeues cancelled tasks."""
+    """Stop POOL's waiting (and part_done) tasks from being claimed; running ones finish unless --now.
+    `qlib-ext retry POOL` requeues cancelled tasks, each to the state it was cancelled from."""
     n = _pool_tm(pool, mongo_url).cancel(now=now)
     echo(f"pool {pool}: {n} tasks cancelled" + ("" if now else "; running tasks will finish"))
 
