@@ -23,7 +23,7 @@ def _params(command: str) -> set[str]:
 @pytest.mark.parametrize("command", [RUN, WORKER, SUBMIT])
 def test_the_command_options_come_from_run_options(command):
     names = {name for name, _, _ in options_for(command)}
-    extra = {RUN: {"file"}, WORKER: {"pool", "experiment"}, SUBMIT: {"file"}}[command]
+    extra = {RUN: {"file"}, WORKER: {"pool", "experiment", "trainer"}, SUBMIT: {"file"}}[command]
     assert _params(command) == names | extra
 
 

@@ -41,15 +41,19 @@ def submit_cmd(file: Path, mongo_url: str, task_db: str | None, mlflow_uri: str 
               help="MLflow experiment of the tasks Qlib submitted to the pool (TrainerRM, TaskManager.create_task: "
                    "no qlib_ext block): TrainerRM's experiment_name (default: the pool's name, TrainerRM's own "
                    "choice when task_pool is None). Tasks qlib-ext submitted keep their workflow's.")
+@click.option("--trainer", type=click.Choice(["rm", "delay"]), default="rm", show_default=True,
+              help="On a pool Qlib made, whose worker() to run: rm = TrainerRM's (waiting tasks, task_train), "
+                   "delay = DelayTrainerRM's (part_done tasks, end_task_train in the run DelayTrainerRM.train began).")
 @session_options("worker")
 @click.pass_context
-def worker_cmd(ctx: click.Context, pool: str, experiment: str | None, **opts: object) -> None:
-    """Start worker processes that drain POOL (submitted by qlib-ext, or made by Qlib's TrainerRM/TaskManager);
-    they exit when the pool is finished."""
+def worker_cmd(ctx: click.Context, pool: str, experiment: str | None, trainer: str, **opts: object) -> None:
+    """Start worker processes that drain POOL (submitted by qlib-ext, or made by Qlib's TrainerRM, DelayTrainerRM
+    or TaskManager); they exit when the pool is finished."""
     from qlib_ext.session.options import RunOptions
     from qlib_ext.session.run import work
 
-    outcome = work(pool, RunOptions(**opts), printer(), experiment=experiment)  # type: ignore[arg-type]
+    outcome = work(pool, RunOptions(**opts), printer(), experiment=experiment,  # type: ignore[arg-type]
+                   trainer=trainer)
     echo(outcome.text)
     ctx.exit(outcome.code)
 
@@ -167,8 +171,8 @@ def retry_cmd(pool: str, mongo_url: str, failed_only: bool, task_id: str | None)
 @mongo_option
 @click.option("--now", is_flag=True, help="Also stop running tasks (their workers interrupt them).")
 def cancel_cmd(pool: str, mongo_url: str, now: bool) -> None:
-    """Stop POOL's waiting tasks from being claimed; running ones finish unless --now.
-    `qlib-ext retry POOL` requeues cancelled tasks."""
+    """Stop POOL's waiting (and part_done) tasks from being claimed; running ones finish unless --now.
+    `qlib-ext retry POOL` requeues cancelled tasks, each to the state it was cancelled from."""
     n = _pool_tm(pool, mongo_url).cancel(now=now)
     echo(f"pool {pool}: {n} tasks cancelled" + ("" if now else "; running tasks will finish"))
 

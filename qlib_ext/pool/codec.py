@@ -10,6 +10,11 @@ Qlib's own ``RollingGen`` puts in the tasks it generates). It is the same idea a
 main-branch ``qlib.utils.pickle_utils.RestrictedUnpickler``, narrower: no other pandas class, no
 numpy or Qlib classes, and no ``builtins.type``.
 
+One exception, in ``res`` only: the Recorder that Qlib's ``run_task`` commits there (``task_train``'s or
+``begin_task_train``'s return value, an ``MLflowRecorder`` holding an ``MlflowClient``) is read as a
+:class:`RecorderRef`: an inert object with the pickled attributes, built without importing or running any
+Qlib or MLflow code. ``DelayTrainerRM``'s second stage needs its run id.
+
 A field that does not decode raises :class:`~qlib_ext.errors.TaskDecodeError`, naming the task, the
 field and the refused global; the worker fails that one task with it (no retry: it is not going to
 decode next time either).
@@ -22,7 +27,7 @@ import pickle
 from typing import Any
 
 from qlib_ext.errors import TaskDecodeError
-from qlib_ext.pool.record import META, QLIB_ENCODED_PREFIXES, TaskMeta
+from qlib_ext.pool.record import META, QLIB_ENCODED_PREFIXES, Doc, TaskMeta
 
 ENCODED_PREFIXES = QLIB_ENCODED_PREFIXES
 """Qlib's ``TaskManager.ENCODE_FIELDS_PREFIX``: document fields whose names start with these are pickles."""
@@ -61,18 +66,70 @@ class PlainUnpickler(AllowListUnpickler):
     """Resolves only :data:`SAFE_GLOBALS`: what a pool's ``def``/``res`` may reference."""
 
 
-def loads(blob: bytes, where: str = "pickle") -> Any:
-    """Unpickle ``blob`` allowing plain data only.
+RECORDER_MODULE = "qlib.workflow.recorder"
+"""Module of Qlib's Recorder classes, whose pickles ``run_task`` commits in ``res``."""
+
+
+class _Inert:
+    """Stands in for any class a pickled Recorder names (its MLflow client and what that holds): takes any
+    arguments, runs no code, keeps the pickled state as attributes."""
+
+    def __new__(cls, *_args: Any, **_kwargs: Any) -> Any:
+        return object.__new__(cls)
+
+    def __init__(self, *_args: Any, **_kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2:  # (__dict__, __slots__ values)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if isinstance(state, dict):
+            self.__dict__.update({k: v for k, v in state.items() if isinstance(k, str)})
+
+
+class RecorderRef(_Inert):
+    """A Qlib Recorder from ``res``, as data: which MLflow run it names (``run_id``, ``experiment_id``, ``uri``)."""
+
+    @property
+    def run_id(self) -> str:
+        return str(self.__dict__.get("id") or "")
+
+    @property
+    def experiment_id(self) -> str:
+        return str(self.__dict__.get("experiment_id") or "")
+
+    @property
+    def uri(self) -> str:
+        return str(self.__dict__.get("_uri") or "")
+
+
+class ResUnpickler(PlainUnpickler):
+    """:class:`PlainUnpickler`, plus a Qlib Recorder read as a :class:`RecorderRef` (``res`` only)."""
+
+    where = "field 'res'"
+    holds = "plain data or a Qlib Recorder"
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == RECORDER_MODULE and name.endswith("Recorder"):
+            return RecorderRef
+        if module.split(".")[0] == "mlflow":
+            return _Inert
+        return super().find_class(module, name)
+
+
+def loads(blob: bytes, where: str = "pickle", unpickler: type[pickle.Unpickler] = PlainUnpickler) -> Any:
+    """Unpickle ``blob`` allowing plain data only (``unpickler``: :class:`ResUnpickler` for ``res``).
 
     Args:
         blob: the pickle's bytes.
         where: what is decoded, for the error message (e.g. ``"task 65a...: field 'def'"``).
+        unpickler: the allow-list to read it with.
 
     Raises:
         TaskDecodeError: the pickle names a refused global or is not a valid pickle.
     """
     try:
-        return PlainUnpickler(io.BytesIO(bytes(blob))).load()
+        return unpickler(io.BytesIO(bytes(blob))).load()
     except Exception as e:  # noqa: BLE001 - a broken pickle raises anything from EOFError to TypeError
         raise TaskDecodeError(f"{where} cannot be decoded as plain data: {type(e).__name__}: {e}") from e
 
@@ -92,7 +149,8 @@ def decode_document(doc: dict) -> dict:
     """
     for key in list(doc):
         if key.startswith(ENCODED_PREFIXES) and isinstance(doc[key], (bytes, bytearray)):
-            doc[key] = loads(doc[key], f"task {doc.get('_id')}: field {key!r}")
+            reader = ResUnpickler if key == Doc.RES else PlainUnpickler
+            doc[key] = loads(doc[key], f"task {doc.get('_id')}: field {key!r}", reader)
     return doc
 
 

@@ -40,7 +40,7 @@ from qlib_ext.pool.database import (  # the database-level functions, also impor
     update_pool_meta,
 )
 from qlib_ext.pool.record import DOC_FORMAT, META, Doc, ErrorEntry, Outcome, PoolMeta, TaskMeta
-from qlib_ext.pool.status import UNFINISHED, TaskStatus
+from qlib_ext.pool.status import ADOPTABLE, UNFINISHED, TaskStatus
 from qlib_ext.pool.worker_name import worker_id  # ``host:pid`` (+ scheduler job) stamped on claims
 
 logger = logging.getLogger(__name__)
@@ -220,18 +220,21 @@ class GridTaskManager(TaskManager):
 
     # ------------------------------------------------------------------ claim / lease
     def claim(self, lease_seconds: float = defaults.LEASE_SECONDS, worker: str | None = None,
-              query: dict | None = None, device: str | None = None) -> Claim | None:
-        """Atomically move the highest-priority waiting task to running under a lease.
+              query: dict | None = None, device: str | None = None,
+              status: str = TaskStatus.WAITING.value) -> Claim | None:
+        """Atomically move the highest-priority task in ``status`` (``waiting``; ``part_done`` for
+        ``DelayTrainerRM``'s second stage) to running under a lease.
 
-        Returns None when nothing is waiting. Qlib's ``fetch_task`` does the same find-and-update
-        without owner, attempt or lease. ``device`` (``cuda:N``/``cpu``) is recorded for ``status``.
+        Returns None when there is none. Qlib's ``fetch_task`` does the same find-and-update without owner,
+        attempt or lease. ``device`` (``cuda:N``/``cpu``) is recorded for ``status``; ``claimed_from`` is
+        where a failed attempt goes back to.
         """
         from qlib_ext.pool.liveness import stamp
 
         worker = worker or worker_id()
         now = self.now()
-        flt = {**(query or {}), Doc.STATUS: TaskStatus.WAITING.value}
-        fields: dict[str, Any] = {Doc.STATUS: TaskStatus.RUNNING.value, Doc.WORKER: worker,
+        flt = {**(query or {}), Doc.STATUS: status}
+        fields: dict[str, Any] = {Doc.STATUS: TaskStatus.RUNNING.value, Doc.CLAIMED_FROM: status, Doc.WORKER: worker,
                                   Doc.HOST: worker.rsplit(":", 1)[0], Doc.STARTED_AT: now, Doc.RENEWED_AT: now,
                                   Doc.LEASE_UNTIL: now + dt.timedelta(seconds=lease_seconds), **stamp()}
         update: dict[str, Any] = {"$set": fields, "$inc": {Doc.ATTEMPT: 1}}
@@ -284,8 +287,7 @@ class GridTaskManager(TaskManager):
         ``attempt`` unchanged. That adopts a result finished during a store outage, without ever
         recording a task twice — any new claim bumps ``attempt`` and fences us out.
         """
-        adoptable = {Doc.ID: claim.id, Doc.ATTEMPT: claim.attempt,
-                     Doc.STATUS: {"$in": [TaskStatus.WAITING.value, TaskStatus.FAILED.value]}}
+        adoptable = {Doc.ID: claim.id, Doc.ATTEMPT: claim.attempt, Doc.STATUS: {"$in": list(ADOPTABLE)}}
         pickled = Binary(pickle.dumps(result if res is None else res))
         update = {"$set": {Doc.STATUS: status, Doc.RES: pickled, Doc.OUTCOME: result,
                            Doc.WORKER: claim.worker, Doc.FINISHED_AT: self.now()},
@@ -298,7 +300,8 @@ class GridTaskManager(TaskManager):
 
     def fail(self, claim: Claim, error: str, count_attempt: bool = True, guard: dict | None = None,
              max_attempts: int | None = None, infra: bool = False) -> str | None:
-        """Record a failed attempt: back to waiting while attempts remain, else ``failed``.
+        """Record a failed attempt: back to where it was claimed from (``waiting`` or ``part_done``) while
+        attempts remain, else ``failed``.
 
         ``count_attempt=False`` hands the task back without using up an attempt (graceful stop);
         ``guard`` adds conditions to the compare-and-set (lease recovery requires an expired lease);
@@ -311,7 +314,8 @@ class GridTaskManager(TaskManager):
             doc = self.task_pool.find_one({Doc.ID: claim.id}, {Doc.MAX_ATTEMPTS: 1})
             max_attempts = (doc or {}).get(Doc.MAX_ATTEMPTS, defaults.MAX_ATTEMPTS)
         exhausted = count_attempt and claim.attempt >= max_attempts
-        status = TaskStatus.FAILED.value if exhausted else TaskStatus.WAITING.value
+        back = claim.task.get(Doc.CLAIMED_FROM) or TaskStatus.WAITING.value
+        status = TaskStatus.FAILED.value if exhausted else back
         entry = {ErrorEntry.ATTEMPT: claim.attempt, ErrorEntry.WORKER: claim.worker, ErrorEntry.TIME: self.now(),
                  ErrorEntry.ERROR: error}
         update: dict = {"$set": {Doc.STATUS: status}, "$unset": {Doc.LEASE_UNTIL: ""}}
@@ -334,7 +338,7 @@ class GridTaskManager(TaskManager):
         """
         now = self.now()
         stale = self.task_pool.find({Doc.STATUS: TaskStatus.RUNNING.value, Doc.LEASE_UNTIL: {"$lt": now}},
-                                    {Doc.WORKER: 1, Doc.ATTEMPT: 1})
+                                    {Doc.WORKER: 1, Doc.ATTEMPT: 1, Doc.CLAIMED_FROM: 1})
         return [c for d in list(stale) for c in self._recover(
             d, f"lease expired: worker {d.get(Doc.WORKER)} stopped renewing it", {Doc.LEASE_UNTIL: {"$lt": now}},
             max_attempts)]
@@ -355,7 +359,8 @@ class GridTaskManager(TaskManager):
 
     def _recover(self, doc: Any, reason: str, guard: dict, max_attempts: int | None) -> list[Claim]:
         """Fail the attempt ``doc`` records, guarded by what was seen; ``[claim]`` if this call did it."""
-        claim = Claim(task={Doc.ID: doc[Doc.ID]}, worker=doc.get(Doc.WORKER), attempt=doc.get(Doc.ATTEMPT, 0))
+        claim = Claim(task={Doc.ID: doc[Doc.ID], Doc.CLAIMED_FROM: doc.get(Doc.CLAIMED_FROM)},
+                      worker=doc.get(Doc.WORKER), attempt=doc.get(Doc.ATTEMPT, 0))
         status = self.fail(claim, reason, guard=guard, max_attempts=max_attempts)
         if status is None:
             return []
@@ -365,32 +370,16 @@ class GridTaskManager(TaskManager):
 
     # ------------------------------------------------------------------ operator commands
     def retry(self, task_id: Any = None, failed_only: bool = False) -> int:
-        """Requeue tasks: ``failed`` (and ``cancelled`` unless ``failed_only``), or the one ``task_id``.
+        """Requeue failed (and cancelled) tasks, or the one ``task_id``: :func:`qlib_ext.pool.requeue.retry`."""
+        from qlib_ext.pool.requeue import retry
 
-        Attempts start again from zero; the ``errors`` history is kept. A targeted task may be in any
-        state but ``running`` (cancel it first); a re-run done task loses its committed result.
-        Returns the number of tasks requeued.
-        """
-        if task_id is not None:
-            flt = {Doc.ID: task_id, Doc.STATUS: {"$ne": TaskStatus.RUNNING.value}}
-        else:
-            statuses = [TaskStatus.FAILED.value] + ([] if failed_only else [TaskStatus.CANCELLED.value])
-            flt = {Doc.STATUS: {"$in": statuses}}
-        update = {"$set": {Doc.STATUS: TaskStatus.WAITING.value, Doc.ATTEMPT: 0, Doc.REQUEUED_AT: self.now()},
-                  "$unset": {Doc.LEASE_UNTIL: "", Doc.OUTCOME: "", Doc.RES: ""}}
-        return self.task_pool.update_many(flt, update).modified_count
+        return retry(self, task_id, failed_only)
 
     def cancel(self, now: bool = False) -> int:
-        """Stop waiting tasks from being claimed (status ``cancelled``); with ``now`` running ones too.
+        """Cancel waiting and part_done tasks (running ones too ``now``): :func:`qlib_ext.pool.requeue.cancel`."""
+        from qlib_ext.pool.requeue import cancel
 
-        A cancelled running task fails its owner's next heartbeat (the lease is no longer held), so
-        the worker interrupts it, ends its MLflow run KILLED and cannot commit. ``retry`` undoes this.
-        Returns the number of tasks cancelled.
-        """
-        statuses = [TaskStatus.WAITING.value] + ([TaskStatus.RUNNING.value] if now else [])
-        update = {"$set": {Doc.STATUS: TaskStatus.CANCELLED.value, Doc.CANCELLED_AT: self.now()},
-                  "$unset": {Doc.LEASE_UNTIL: ""}}
-        return self.task_pool.update_many({Doc.STATUS: {"$in": statuses}}, update).modified_count
+        return cancel(self, now)
 
     # ------------------------------------------------------------------ stats
     def counts(self, query: dict | None = None) -> dict[str, int]:
@@ -408,10 +397,10 @@ class GridTaskManager(TaskManager):
         pipeline = [{"$match": query}, {"$group": {"_id": f"${Doc.STATUS}", "n": {"$sum": 1}}}]
         return {d["_id"]: d["n"] for d in self.task_pool.aggregate(pipeline)}
 
-    def unfinished(self) -> int:
-        """Tasks still waiting, running or part-done; plus one while a search proposer holds the pool open
-        (it queues more tasks as results come in, so workers must not exit when the queue runs dry)."""
-        return self.task_pool.count_documents({Doc.STATUS: {"$in": list(UNFINISHED)}}) + int(self.search_open())
+    def unfinished(self, statuses: tuple[str, ...] = UNFINISHED) -> int:
+        """Tasks still in ``statuses`` (waiting, running or part-done); plus one while a search proposer holds the
+        pool open (it queues more tasks as results come in, so workers must not exit when the queue runs dry)."""
+        return self.task_pool.count_documents({Doc.STATUS: {"$in": list(statuses)}}) + int(self.search_open())
 
     def search_open(self) -> bool:
         """Whether a search proposer renewed its hold on this pool recently (``search_until`` in the future)."""
@@ -466,8 +455,8 @@ class GridTaskManager(TaskManager):
         return [{**d, "name": _run_name(d)} for d in cur]
 
     def set_max_attempts(self, max_attempts: int) -> int:
-        """Stamp a new attempt limit on every unfinished (waiting or running) task; return how many."""
-        flt = {Doc.STATUS: {"$in": [TaskStatus.WAITING.value, TaskStatus.RUNNING.value]}}
+        """Stamp a new attempt limit on every unfinished (waiting, running or part_done) task; return how many."""
+        flt = {Doc.STATUS: {"$in": list(UNFINISHED)}}
         return self.task_pool.update_many(flt, {"$set": {Doc.MAX_ATTEMPTS: max_attempts}}).modified_count
 
     def metas(self, status: str) -> list[dict]:

@@ -60,6 +60,7 @@ class Doc:
     DEVICE: Final = "device"  # the claiming worker's device, "cuda:N" or "cpu" (absent: started without GPUs)
     CREATED_AT: Final = "created_at"  # store time of insertion
     STARTED_AT: Final = "started_at"  # store time of the last claim
+    CLAIMED_FROM: Final = "claimed_from"  # the state the last claim took it from: where a retry puts it back
     LEASE_UNTIL: Final = "lease_until"  # store time the lease expires (only while running)
     RENEWED_AT: Final = "renewed_at"  # store time of the owner's last heartbeat (or of the claim)
     PID: Final = "pid"  # OS process id of the owner on HOST (pool/liveness.py)

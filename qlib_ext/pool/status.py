@@ -21,6 +21,29 @@ class TaskStatus(StrEnum):
 UNFINISHED = (TaskStatus.WAITING.value, TaskStatus.RUNNING.value, TaskStatus.PART_DONE.value)
 """States in which a task still has work ahead of it."""
 
+ADOPTABLE = (TaskStatus.WAITING.value, TaskStatus.PART_DONE.value, TaskStatus.FAILED.value)
+"""States in which lease recovery leaves a task it took back: a late commit of that same attempt is still accepted
+(``GridTaskManager.commit``) if nobody claimed the task since."""
+
+
+class Trainer(StrEnum):
+    """Which of Qlib's trainers a worker stands in for on a pool Qlib made (``qlib-ext worker --trainer``): what
+    its ``worker()`` claims, and which states keep it waiting for more. Pools qlib-ext submitted are ``rm``'s."""
+
+    RM = "rm"  # TrainerRM.worker(): waiting -> done, running Qlib's task_train
+    DELAY = "delay"  # DelayTrainerRM.worker(): part_done -> done, end_task_train in the run begin_task_train made
+
+    @property
+    def claims(self) -> str:
+        """The state this trainer's worker claims tasks from."""
+        return TaskStatus.PART_DONE.value if self is Trainer.DELAY else TaskStatus.WAITING.value
+
+    @property
+    def pending(self) -> tuple[str, ...]:
+        """States that keep its worker waiting: ``rm`` leaves ``part_done`` to ``delay``; ``delay`` waits for
+        ``waiting`` tasks too, which the submitter's ``DelayTrainerRM.train`` turns ``part_done`` itself."""
+        return UNFINISHED if self is Trainer.DELAY else (TaskStatus.WAITING.value, TaskStatus.RUNNING.value)
+
 
 class RunStatus(StrEnum):
     """Status of an attempt's MLflow run (MLflow's own names). The worker that owns the attempt ends it:

@@ -78,11 +78,14 @@ def run(path: str | Path, options: RunOptions, reporter: Reporter) -> Outcome:
     return Outcome(sub.pool, summary.code, summary.text, sub, summary)
 
 
-def work(pool: str, options: RunOptions, reporter: Reporter, experiment: str | None = None) -> Outcome:
+def work(pool: str, options: RunOptions, reporter: Reporter, experiment: str | None = None,
+         trainer: str = "rm") -> Outcome:
     """Drain ``pool`` with local workers, settings from the pool's metadata in the store (``qlib-ext worker``).
 
     ``experiment``: the MLflow experiment of tasks Qlib submitted (no ``qlib_ext`` block; None: the pool's name).
+    ``trainer``: on a pool Qlib made, run ``TrainerRM``'s stage (``rm``) or ``DelayTrainerRM``'s second (``delay``).
     """
+    from qlib_ext.worker.delayed import left_for_delay, only_second_stage_left
     from qlib_ext.worker.settings import worker_settings
 
     defaults.use_task_db(options.task_db)
@@ -90,17 +93,20 @@ def work(pool: str, options: RunOptions, reporter: Reporter, experiment: str | N
     settings = worker_settings(pool, mongo_url=options.mongo_url, mlflow_uri=options.mlflow_uri,
                                provider_uri=options.provider_uri, workers=n, threads=options.threads,
                                cache=options.cache, log_level=logging.getLogger().getEffectiveLevel(),
-                               log_to_files=True, experiment=experiment, **options.knobs())
+                               log_to_files=True, experiment=experiment, trainer=trainer, **options.knobs())
     settings, n = _on_gpus(settings, options, n)
     on = f" on GPUs {','.join(settings.gpus)}" if settings.gpus else ""
-    reporter.say(f"pool {pool}: starting {n} workers x {settings.threads} threads{on} (worker logs: "
-                 f"{settings.log_dir})")
-    code = _drain(pool, settings, n, reporter)
+    code = 0
+    if not only_second_stage_left(settings):  # else no worker would claim anything: none started
+        reporter.say(f"pool {pool}: starting {n} workers x {settings.threads} threads{on} (worker logs: "
+                     f"{settings.log_dir})")
+        code = _drain(pool, settings, n, reporter)
     from qlib_ext.summary import after_workers
 
     summary = after_workers(pool, mongo_url=settings.mongo_url, mlflow_uri=settings.mlflow_uri, metric=None,
                             code=code, leaderboard=False)
-    return Outcome(pool, summary.code, summary.text, None, summary)
+    text = summary.text + left_for_delay(pool, summary.counts, settings.trainer)
+    return Outcome(pool, summary.code, text, None, summary)
 
 
 def warm_cache(pool: str, *, mongo_url: str | None, provider_uri: str | None, cache_dir: Path | None,

@@ -30,12 +30,9 @@ from bson.errors import InvalidId
 from qlib_ext import defaults
 from qlib_ext.pool.manager import GridTaskManager
 from qlib_ext.pool.record import Doc, Outcome, Tag
-from qlib_ext.pool.status import EndReason, RunStatus, TaskStatus
+from qlib_ext.pool.status import ADOPTABLE, EndReason, RunStatus, TaskStatus
 
 logger = logging.getLogger(__name__)
-
-ADOPTABLE = (TaskStatus.WAITING.value, TaskStatus.FAILED.value)
-"""Task states in which a late commit of the same attempt is still accepted (``GridTaskManager.commit``)."""
 
 
 def reap_runs(tm: GridTaskManager, mlflow_uri: str, task_ids: list[Any] | None = None) -> int:

@@ -59,8 +59,11 @@ class Attempt:
     """
 
     def __init__(self, worker: Worker, claim: Claim, run_id: str | None = None):
+        from qlib_ext.worker.delayed import is_second_stage
+
         self.worker, self.s, self.tm, self.claim = worker, worker.s, worker.tm, claim
         self.run_id = run_id
+        self.resumed = is_second_stage(claim.task)  # DelayTrainerRM's end_task_train: begin_task_train's run
 
     def run(self) -> None:
         """Check, open the run, run the body, queue follow-ups, commit, end the run.
@@ -81,10 +84,7 @@ class Attempt:
                              on_lost=lambda: runner.interrupt(EndReason.LEASE_LOST)) as heartbeat:
             try:
                 task = self._checked()
-                experiment = None if META in task else s.experiment or s.pool  # a task Qlib submitted
-                self.run_id = open_run(s.mlflow_uri, task, str(claim.id), claim.worker, claim.attempt,
-                                       device=self.worker.device, experiment=experiment, pool=s.pool,
-                                       provider_uri=s.provider_uri)
+                experiment = self._open(task)
                 if heartbeat.lost.is_set():
                     raise TaskInterrupted(EndReason.LEASE_LOST)
                 result = runner.run(run_grid_task, task, self.run_id, cache_dir=s.cache_dir,
@@ -101,6 +101,22 @@ class Attempt:
             followed = self._follow_up(task, result)
         if followed:
             self._commit(result)
+
+    def _open(self, task: dict) -> str | None:
+        """Open the attempt's run (a new one, or the one ``begin_task_train`` made: :mod:`~qlib_ext.worker.delayed`);
+        return the experiment of a task Qlib submitted (None: the task's ``qlib_ext`` block names it)."""
+        from qlib_ext.worker.delayed import begun_run
+
+        claim, s = self.claim, self.s
+        experiment = None if META in task else s.experiment or s.pool  # a task Qlib submitted
+        resume = None
+        if self.resumed:
+            ref, experiment = begun_run(_client(s.mlflow_uri), claim.task, s.mlflow_uri)
+            resume = ref.run_id
+        self.run_id = open_run(s.mlflow_uri, task, str(claim.id), claim.worker, claim.attempt,
+                               device=self.worker.device, experiment=experiment, pool=s.pool,
+                               provider_uri=s.provider_uri, resume=resume)
+        return experiment
 
     def _checked(self) -> dict:
         """The claimed task's definition, checked before anything of it is imported: its shape, then
@@ -233,11 +249,22 @@ class Attempt:
         return delay
 
     def _end(self, status: RunStatus, reason: str | None = None) -> None:
-        """End the run (if one was opened); when MLflow does not answer, the reaper ends it later."""
+        """End the run (if one was opened); when MLflow does not answer, the reaper ends it later. A resumed run
+        (``DelayTrainerRM``'s) is left alone once a later attempt of the task has reopened it."""
+        from qlib_ext.worker import delayed
+
         if self.run_id is None:
             return
+        client = _client(self.s.mlflow_uri)
         try:
-            end_run(_client(self.s.mlflow_uri), self.run_id, status, reason)
+            if self.resumed and status is not RunStatus.FINISHED and not delayed.still_ours(
+                    client, self.run_id, self.claim.worker, self.claim.attempt):
+                logger.warning("worker %s: run %s was reopened by a later attempt; not ending it %s",
+                               self.claim.worker, self.run_id, status)
+                return
+            if self.resumed and status is RunStatus.FINISHED:
+                delayed.forget_discarded(client, self.run_id)  # a reaper that judged it before we reopened it
+            end_run(client, self.run_id, status, reason)
         except Exception as e:  # noqa: BLE001 - MLflow away: the reaper ends it once MLflow answers
             logger.warning("worker %s: could not end run %s %s (%s); the reaper ends it later", self.claim.worker,
                            self.run_id, status, e)
@@ -286,11 +313,13 @@ def replay(worker: Worker, item: Spooled) -> None:
 
 # ---------------------------------------------------------------------- the run
 def open_run(mlflow_uri: str, task: dict, task_id: str, worker: str, attempt: int, device: str | None = None, *,
-             experiment: str | None = None, pool: str | None = None, provider_uri: str | None = None) -> str:
+             experiment: str | None = None, pool: str | None = None, provider_uri: str | None = None,
+             resume: str | None = None) -> str:
     """Create the attempt's MLflow run, RUNNING, and return its id.
 
     ``experiment`` and ``pool`` name the experiment and the pool of a task without a ``qlib_ext`` block
-    (one Qlib submitted); a block's own win.
+    (one Qlib submitted); a block's own win. ``resume``: the run to reopen instead (``DelayTrainerRM``'s
+    second stage, in the run ``begin_task_train`` made: :func:`qlib_ext.worker.delayed.reopen`).
 
     The run is born with all its tags in one call (MLflow's context tags, qlib-ext's, the grid nesting, the
     worker's ``device`` when it was given GPUs), so the reaper never sees it half tagged; its params follow in
@@ -316,7 +345,12 @@ def open_run(mlflow_uri: str, task: dict, task_id: str, worker: str, attempt: in
     tags[Tag.POOL] = str(meta.pool or pool or "")
     device_tag = {Tag.DEVICE: device} if device else {}
     tags = resolve_tags({**tags, **ui_tags, **device_tag})
-    run_id = client.create_run(experiment_id, run_name=meta.run_name, tags=tags).info.run_id
+    if resume is None:
+        run_id = client.create_run(experiment_id, run_name=meta.run_name, tags=tags).info.run_id
+    else:
+        from qlib_ext.worker.delayed import reopen
+
+        run_id = reopen(client, resume, tags)
     batch = [Param(k, str(v)) for k, v in params.items()]
     try:
         for i in range(0, len(batch), 100):

@@ -140,11 +140,12 @@ def take_back_orphans(settings: WorkerSettings) -> None:
 
 def _pool_unfinished(settings: WorkerSettings) -> bool:
     from qlib_ext.pool.manager import GridTaskManager
+    from qlib_ext.pool.status import Trainer
     from qlib_ext.worker.loop import task_db
 
     db = task_db(settings)
     try:
-        return GridTaskManager(settings.pool, db, migrate=False).unfinished() > 0
+        return GridTaskManager(settings.pool, db, migrate=False).unfinished(Trainer(settings.trainer).pending) > 0
     except Exception as e:  # noqa: BLE001 - an unreachable store is no reason to stop restarting
         logger.warning("workers: cannot count the unfinished tasks of pool %s (%s: %s); restarting the dead "
                        "worker anyway", settings.pool, type(e).__name__, e)

@@ -167,9 +167,11 @@ class Worker:
 
     def __init__(self, settings: WorkerSettings, stop: StopState):
         from qlib_ext.pool.manager import GridTaskManager
+        from qlib_ext.pool.status import Trainer
         from qlib_ext.worker import gpus
 
         self.s = settings
+        self.trainer = Trainer(settings.trainer)  # what it claims: waiting (TrainerRM's), part_done (DelayTrainerRM's)
         self.device = gpus.label(settings.device, settings.gpus)  # "cuda:N", "cpu" or None (no GPUs configured)
         self.stop = stop
         self.tm = GridTaskManager(settings.pool, task_db(settings), migrate=False)
@@ -223,12 +225,12 @@ class Worker:
         if recovered:
             self._reap([c.id for c in recovered])  # their workers died or lost them: end their runs
         try:
-            claim = self.tm.claim(self.s.lease_seconds, device=self.device)
+            claim = self.tm.claim(self.s.lease_seconds, device=self.device, status=self.trainer.claims)
         except TaskDecodeError as e:  # claimed, but its def/res is not plain data: fail it, go on
             Attempt(self, e.claim).reject(f"{type(e).__name__}: {e}")
             return True
         if claim is None:
-            finished = self.s.exit_when_idle or self.tm.unfinished() == 0
+            finished = self.s.exit_when_idle or self.tm.unfinished(self.trainer.pending) == 0
             return False if finished else None
         Attempt(self, claim).run()
         return True

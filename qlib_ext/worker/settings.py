@@ -57,6 +57,7 @@ class WorkerSettings:
     workers_per_gpu: int = 1  # workers sharing each device
     device: str | None = None  # this worker's GPU id (set per process by the group); None: none of its own
     experiment: str | None = None  # MLflow experiment of tasks Qlib submitted (no qlib_ext block); None: pool name
+    trainer: str = "rm"  # a pool Qlib made: whose worker() to stand in for, "rm" or "delay" (pool.status.Trainer)
 
 
 def auto_threads(workers: int, cores: int | None = None) -> int:
@@ -137,6 +138,24 @@ def _describe(identity: dict) -> str:
 
 
 
+def check_trainer(pool: str, meta: PoolMeta, trainer: str) -> str:
+    """``trainer`` (``--trainer``) checked: one of :class:`~qlib_ext.pool.status.Trainer`'s, and ``delay`` only on a
+    pool Qlib made (qlib-ext's own pools never hold ``part_done`` tasks).
+
+    Raises:
+        ConfigError: an unknown trainer, or ``delay`` on a pool qlib-ext submitted.
+    """
+    from qlib_ext.pool.status import Trainer
+
+    choices = ", ".join(t.value for t in Trainer)
+    if trainer not in tuple(Trainer):
+        raise ConfigError(f"--trainer {trainer!r} is not a trainer; expected one of: {choices}")
+    if trainer == Trainer.DELAY and not meta.qlib_made:
+        raise ConfigError(f"--trainer delay drains the part_done tasks of a pool Qlib's DelayTrainerRM made; pool "
+                          f"{pool} was submitted by qlib-ext: leave --trainer out")
+    return str(trainer)
+
+
 def worker_settings(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = None,
                     provider_uri: str | None = None, db_name: str | None = None,
                     **kwargs: Any) -> WorkerSettings:
@@ -177,6 +196,7 @@ def settings_from_meta(pool: str, meta: PoolMeta, *, mongo_url: str, provider_ur
     explicit = overrides.pop("allow_module", None)
     fields["allowed_modules"] = allowlist.resolve(explicit or None, spec.get("allowed_modules"))
     fields.update({k: v for k, v in overrides.items() if v is not None})
+    fields["trainer"] = check_trainer(pool, meta, fields.get("trainer", "rm"))
     fields["gpus"] = gpus.parse(fields.get("gpus"), "--gpus" if overrides.get("gpus") is not None else "workers.gpus")
     if overrides.get("heartbeat_seconds") is not None and overrides.get("lease_seconds") is None:
         # a heartbeat flag alone: the lease keeps LEASE_HEARTBEATS beats (never shorter than the pool's)
