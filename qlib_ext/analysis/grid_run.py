@@ -55,8 +55,11 @@ def ranked_rows(pool: str, mongo_url: str | None, mlflow_uri: str | None,
 
 
 def collect(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = None,
-            metric: str | None = None) -> GridData:
-    """Read everything the grid's summary needs from the pool and MLflow."""
+            metric: str | None = None, series: bool = True) -> GridData:
+    """Read everything the grid's summary needs from the pool and MLflow.
+
+    ``series``: also download each row's daily returns (only the plots and the report need them).
+    """
     import mlflow
 
     from qlib_ext.pool.database import load_pool_meta, open_db
@@ -74,7 +77,8 @@ def collect(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None =
     data.runs = mlflow_ui.grid_runs(client, data.experiment_id, pool) if exp else None
     data.first_error = _first_error(tm)
     data.importance = _importance(pool, mongo_url, grid)
-    _read_series(client, data)
+    if series:
+        _read_series(client, data)
     return data
 
 
@@ -216,13 +220,16 @@ def grid_metrics(data: GridData) -> dict[str, float]:
 
 
 def finish_grid(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = None,
-                metric: str | None = None) -> GridData | None:
+                metric: str | None = None, plots: bool = True) -> GridData | None:
     """Update the grid run: metrics, config runs' means, plots; end it once the pool is finished.
 
+    ``plots=False`` leaves out the grid plots and the return series they are drawn from (the slow part: one
+    artifact download per row, a dozen figures): ``qlib-ext run`` prints its summary first and has them drawn
+    by a later call in a background process (``qlib_ext.session.grid_plots``).
     Never raises: a summary must not fail a run that succeeded (logs a WARNING, returns None).
     """
     try:
-        data = collect(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric)
+        data = collect(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric, series=plots)
         if data.runs is None:
             return data
         import mlflow
@@ -238,9 +245,10 @@ def finish_grid(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | No
                 _log_metrics(client, run_id, metrics)
                 if client.get_run(run_id).info.status == "RUNNING":
                     client.set_terminated(run_id, "FINISHED")
-        with tempfile.TemporaryDirectory(prefix="qlib-ext-plots-") as tmp:
-            if draw(data, Path(tmp) / "plots"):
-                client.log_artifacts(data.runs.grid_run_id, str(Path(tmp) / "plots"), "plots")
+        if plots:
+            with tempfile.TemporaryDirectory(prefix="qlib-ext-plots-") as tmp:
+                if draw(data, Path(tmp) / "plots"):
+                    client.log_artifacts(data.runs.grid_run_id, str(Path(tmp) / "plots"), "plots")
         finished = not data.counts.get("waiting") and not data.counts.get("running")
         if finished and client.get_run(data.runs.grid_run_id).info.status == "RUNNING":  # keep the first end time
             status = "FAILED" if data.counts.get("failed") and not data.counts.get("done") else "FINISHED"
