@@ -1,5 +1,6 @@
 """``qlib-ext run`` prints its summary before the grid plots are drawn: a background process draws them into the
-grid run (issue 24); with ``QLIB_EXT_GRID_PLOTS=wait`` they are drawn before the summary returns."""
+grid run (issue 24); with ``QLIB_EXT_GRID_PLOTS=wait`` they are drawn before the summary returns. And the summary
+does not wait for idle workers' back-off once the pool is finished."""
 
 from __future__ import annotations
 
@@ -43,3 +44,34 @@ def test_waiting_draws_them_before_the_summary_returns(mongo_url, tmp_path):
     pool = _failed_pool(mongo_url, uri, "ValueError: boom")
     summary = after_workers(pool, mongo_url=mongo_url, mlflow_uri=uri, metric=None, code=0)
     assert "in the background" not in summary.text and f"qlib-ext report {pool}" in summary.text
+
+
+def _idle_worker() -> None:
+    """Stands in for a worker in its idle back-off: sleeps until a signal ends it."""
+    time.sleep(600)
+
+
+def test_a_finished_pool_ends_the_workers_still_polling_it(mongo_url):
+    import multiprocessing as mp
+    import uuid
+
+    from qlib_ext.worker.group import WorkerGroup, _finish_when_done
+    from qlib_ext.worker.settings import WorkerSettings
+
+    settings = WorkerSettings(pool=f"done_{uuid.uuid4().hex[:8]}", mongo_url=mongo_url, mlflow_uri="sqlite://",
+                              provider_uri="/x")  # a pool with nothing waiting or running
+    ctx = mp.get_context("spawn")
+    done, idle = ctx.Process(target=time.sleep, args=(0,)), ctx.Process(target=_idle_worker)
+    group = WorkerGroup(settings, 2)
+    group.procs = [done, idle]
+    for p in group.procs:
+        p.start()
+    try:
+        done.join(120)
+        _finish_when_done(group)  # one worker ended cleanly and the pool is finished: the other is told to end
+        idle.join(120)
+        assert not idle.is_alive() and group.finishing and group.exit_code() == 0
+    finally:
+        for p in group.procs:
+            if p.is_alive():
+                p.kill()

@@ -55,10 +55,12 @@ def ranked_rows(pool: str, mongo_url: str | None, mlflow_uri: str | None,
 
 
 def collect(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = None,
-            metric: str | None = None, series: bool = True) -> GridData:
+            metric: str | None = None, full: bool = True) -> GridData:
     """Read everything the grid's summary needs from the pool and MLflow.
 
-    ``series``: also download each row's daily returns (only the plots and the report need them).
+    ``full=False`` leaves out what only the plots, the report and the grid run's ``importance.*`` metrics
+    need: each row's daily returns (one artifact download per row) and the hyperparameter importances
+    (fANOVA and PED-ANOVA, seconds on their own, plus importing optuna and scikit-learn).
     """
     import mlflow
 
@@ -76,8 +78,8 @@ def collect(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None =
                     exp.experiment_id if exp else "", None, uri)
     data.runs = mlflow_ui.grid_runs(client, data.experiment_id, pool) if exp else None
     data.first_error = _first_error(tm)
-    data.importance = _importance(pool, mongo_url, grid)
-    if series:
+    if full:
+        data.importance = _importance(pool, mongo_url, grid)
         _read_series(client, data)
     return data
 
@@ -223,13 +225,14 @@ def finish_grid(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | No
                 metric: str | None = None, plots: bool = True) -> GridData | None:
     """Update the grid run: metrics, config runs' means, plots; end it once the pool is finished.
 
-    ``plots=False`` leaves out the grid plots and the return series they are drawn from (the slow part: one
-    artifact download per row, a dozen figures): ``qlib-ext run`` prints its summary first and has them drawn
-    by a later call in a background process (``qlib_ext.session.grid_plots``).
+    ``plots=False`` leaves out the grid plots, the return series they are drawn from and the hyperparameter
+    importances (the slow part: one artifact download per row, fANOVA, a dozen figures): ``qlib-ext run``
+    prints its summary first and has them done by a later call in a background process
+    (``qlib_ext.session.grid_plots``).
     Never raises: a summary must not fail a run that succeeded (logs a WARNING, returns None).
     """
     try:
-        data = collect(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric, series=plots)
+        data = collect(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric, full=plots)
         if data.runs is None:
             return data
         import mlflow

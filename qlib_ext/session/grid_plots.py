@@ -1,8 +1,9 @@
 """The grid plots of a finished run, drawn in a background process after ``qlib-ext run`` printed its summary.
 
 The plots (heatmap, slices, top returns, PBO, importances, stage times) need every row's daily returns, one
-MLflow artifact download per row, and a dozen matplotlib figures: seconds to tens of seconds that the
-researcher does not wait for at the prompt (issue 24). :func:`start` runs
+MLflow artifact download per row, the hyperparameter importances (fANOVA: optuna and scikit-learn imported,
+seconds of fitting; also logged as the grid run's ``importance.*`` metrics) and a dozen matplotlib figures:
+seconds to tens of seconds that the researcher does not wait for at the prompt (issue 24). :func:`start` runs
 ``python -m qlib_ext.session.grid_plots POOL`` as a detached process (its own session, output to a log
 file) that calls :func:`qlib_ext.analysis.grid_run.finish_grid` once more, plots included: the call is safe
 to repeat, so ``qlib-ext report POOL`` meanwhile draws them too. The store URL travels in the child's
