@@ -276,3 +276,7 @@ SYSTEM_METRICS_SECONDS = 5.0
 """Interval of MLflow's system metrics (CPU %, memory, disk, network, GPU) on every task run, seconds; each
 interval's samples are averaged into one point, the last partial one logged when the task ends. 0 turns them
 off. Env: ``QLIB_EXT_SYSTEM_METRICS_SECONDS``."""
+
+GRID_PLOTS_ENV = "QLIB_EXT_GRID_PLOTS"
+"""Environment variable: ``wait`` makes ``qlib-ext run``/``worker`` draw the grid plots before they exit; anything
+else (the default) draws them in a background process after the summary is printed (issue 24)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import textwrap
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from qlib_ext.tables import text_table
@@ -33,17 +34,20 @@ class Summary:
 
 
 def after_workers(pool: str, *, mongo_url: str, mlflow_uri: str, metric: str | None, code: int,
-                  stopped: bool | None = None, leaderboard: bool = True, top: int = 20) -> Summary:
+                  stopped: bool | None = None, leaderboard: bool = True, top: int = 20,
+                  plots_log: Path | None = None) -> Summary:
     """Update the grid's parent run, then build the summary.
 
     Args:
         code: the workers' exit code (130 after Ctrl-C: :func:`qlib_ext.worker.group.run_workers`).
         stopped: whether they were stopped before the pool finished; None: whether the pool still has
             unfinished tasks. A stopped pool is not reported as 'all failed'.
+        plots_log: draw the grid plots in a background process writing this log (the summary says so),
+            so the summary is not kept waiting for them; None: draw them here, before returning.
     """
     from qlib_ext.analysis.grid_run import finish_grid
 
-    data = finish_grid(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric)
+    data = finish_grid(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric, plots=plots_log is None)
     lines = []
     if leaderboard:
         lines.append(_table(pool, mongo_url, mlflow_uri, metric, data, top))
@@ -63,7 +67,22 @@ def after_workers(pool: str, *, mongo_url: str, mlflow_uri: str, metric: str | N
     if data is not None and data.experiment_id:
         links = ui_links(mlflow_uri, data.experiment_id, pool, data.metric)
         lines.append("\n" + _links_text(pool, links))
+    if plots_log is not None and data is not None and data.runs is not None:
+        lines.append(_plots_later(pool, mongo_url, mlflow_uri, data.metric, plots_log))
     return Summary("\n".join(lines), code, dict(counts), dict(data.grid) if data is not None else {}, links)
+
+
+def _plots_later(pool: str, mongo_url: str, mlflow_uri: str, metric: str, log: Path) -> str:
+    """Start the background process drawing the grid plots; the line that says where they will appear."""
+    from qlib_ext.session import grid_plots
+
+    try:
+        grid_plots.start(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric, log=log)
+    except OSError as e:  # the summary stands without them; `qlib-ext report` draws them
+        logger.warning("grid %s: no background process for the grid plots: %s", pool, e)
+        return f"  plots:      not drawn ({e}); qlib-ext report {pool} draws them"
+    return (f"  plots:      being drawn in the background into the grid run's plots/ (log: {log}); "
+            f"qlib-ext report {pool} draws them too")
 
 
 def _table(pool: str, mongo_url: str, mlflow_uri: str, metric: str | None, data: Any, top: int) -> str:

@@ -13,6 +13,9 @@ def _isolated_home(tmp_path, monkeypatch):
     # mlflow.set_tracking_uri (called by Qlib's recorder in in-process tests) also sets this variable,
     # which `qlib-ext --mlflow-uri` reads: without the reset, a later test's workers log to a dead DB.
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # `qlib-ext run` draws the grid plots in a background process that would outlive the test (and its store):
+    # tests wait for them; tests/test_grid_plots_later.py checks the background process
+    monkeypatch.setenv("QLIB_EXT_GRID_PLOTS", "wait")
     return home
 
 

@@ -55,8 +55,13 @@ def ranked_rows(pool: str, mongo_url: str | None, mlflow_uri: str | None,
 
 
 def collect(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = None,
-            metric: str | None = None) -> GridData:
-    """Read everything the grid's summary needs from the pool and MLflow."""
+            metric: str | None = None, full: bool = True) -> GridData:
+    """Read everything the grid's summary needs from the pool and MLflow.
+
+    ``full=False`` leaves out what only the plots, the report and the grid run's ``importance.*`` metrics
+    need: each row's daily returns (one artifact download per row) and the hyperparameter importances
+    (fANOVA and PED-ANOVA, seconds on their own, plus importing optuna and scikit-learn).
+    """
     import mlflow
 
     from qlib_ext.pool.database import load_pool_meta, open_db
@@ -73,8 +78,9 @@ def collect(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None =
                     exp.experiment_id if exp else "", None, uri)
     data.runs = mlflow_ui.grid_runs(client, data.experiment_id, pool) if exp else None
     data.first_error = _first_error(tm)
-    data.importance = _importance(pool, mongo_url, grid)
-    _read_series(client, data)
+    if full:
+        data.importance = _importance(pool, mongo_url, grid)
+        _read_series(client, data)
     return data
 
 
@@ -216,13 +222,17 @@ def grid_metrics(data: GridData) -> dict[str, float]:
 
 
 def finish_grid(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | None = None,
-                metric: str | None = None) -> GridData | None:
+                metric: str | None = None, plots: bool = True) -> GridData | None:
     """Update the grid run: metrics, config runs' means, plots; end it once the pool is finished.
 
+    ``plots=False`` leaves out the grid plots, the return series they are drawn from and the hyperparameter
+    importances (the slow part: one artifact download per row, fANOVA, a dozen figures): ``qlib-ext run``
+    prints its summary first and has them done by a later call in a background process
+    (``qlib_ext.session.grid_plots``).
     Never raises: a summary must not fail a run that succeeded (logs a WARNING, returns None).
     """
     try:
-        data = collect(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric)
+        data = collect(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric, full=plots)
         if data.runs is None:
             return data
         import mlflow
@@ -238,9 +248,10 @@ def finish_grid(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | No
                 _log_metrics(client, run_id, metrics)
                 if client.get_run(run_id).info.status == "RUNNING":
                     client.set_terminated(run_id, "FINISHED")
-        with tempfile.TemporaryDirectory(prefix="qlib-ext-plots-") as tmp:
-            if draw(data, Path(tmp) / "plots"):
-                client.log_artifacts(data.runs.grid_run_id, str(Path(tmp) / "plots"), "plots")
+        if plots:
+            with tempfile.TemporaryDirectory(prefix="qlib-ext-plots-") as tmp:
+                if draw(data, Path(tmp) / "plots"):
+                    client.log_artifacts(data.runs.grid_run_id, str(Path(tmp) / "plots"), "plots")
         finished = not data.counts.get("waiting") and not data.counts.get("running")
         if finished and client.get_run(data.runs.grid_run_id).info.status == "RUNNING":  # keep the first end time
             status = "FAILED" if data.counts.get("failed") and not data.counts.get("done") else "FINISHED"

@@ -152,7 +152,8 @@ def pool_name(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 
 def printer() -> Any:
-    """The session reporter of the command line: messages on stdout, warnings on stderr, the progress line."""
+    """The session reporter of the command line: messages on stdout, warnings on stderr, the progress line; the
+    grid plots drawn in the background once the summary is printed."""
     from qlib_ext.session.run import Reporter
 
-    return Reporter(echo=echo, warn=lambda text: echo(text, err=True), progress=True)
+    return Reporter(echo=echo, warn=lambda text: echo(text, err=True), progress=True, plots_later=True)

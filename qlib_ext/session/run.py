@@ -25,11 +25,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Reporter:
-    """Where a session's messages go: ``echo``/``warn`` (None: the log), and whether to draw the progress line."""
+    """Where a session's messages go: ``echo``/``warn`` (None: the log), whether to draw the progress line, and
+    whether the grid plots may be drawn after the session returns, in a background process (the command line:
+    the prompt comes back without waiting for them; ``$QLIB_EXT_GRID_PLOTS=wait`` waits)."""
 
     echo: Callable[[str], Any] | None = None
     warn: Callable[[str], Any] | None = None
     progress: bool = False
+    plots_later: bool = False
 
     def say(self, text: str) -> None:
         (self.echo or (lambda t: logger.info("%s", t)))(text)
@@ -74,7 +77,7 @@ def run(path: str | Path, options: RunOptions, reporter: Reporter) -> Outcome:
 
     # leaderboard, failures (all failed: exit 1), Ctrl-C (exit 130), MLflow UI command and links
     summary = after_workers(sub.pool, mongo_url=sub.mongo_url, mlflow_uri=sub.mlflow_uri, metric=options.metric,
-                            code=code, stopped=stopped)
+                            code=code, stopped=stopped, plots_log=_plots_log(settings, reporter))
     return Outcome(sub.pool, summary.code, summary.text, sub, summary)
 
 
@@ -104,7 +107,7 @@ def work(pool: str, options: RunOptions, reporter: Reporter, experiment: str | N
     from qlib_ext.summary import after_workers
 
     summary = after_workers(pool, mongo_url=settings.mongo_url, mlflow_uri=settings.mlflow_uri, metric=None,
-                            code=code, leaderboard=False)
+                            code=code, leaderboard=False, plots_log=_plots_log(settings, reporter))
     text = summary.text + left_for_delay(pool, summary.counts, settings.trainer)
     return Outcome(pool, summary.code, text, None, summary)
 
@@ -122,6 +125,15 @@ def warm_cache(pool: str, *, mongo_url: str | None, provider_uri: str | None, ca
         _warm_report(warmer.wait, reporter)
     finally:
         warmer.close()
+
+
+def _plots_log(settings: Any, reporter: Reporter) -> Path | None:
+    """The log of the background process drawing the grid plots; None: draw them before the session returns."""
+    from qlib_ext.session.grid_plots import in_background
+
+    if not (reporter.plots_later and in_background()):
+        return None
+    return Path(settings.log_dir or defaults.home() / "logs" / settings.pool) / "grid_plots.log"
 
 
 def _on_gpus(settings: Any, options: RunOptions, n: int) -> tuple[Any, int]:

@@ -7,7 +7,6 @@ import multiprocessing as mp
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.process import BaseProcess
@@ -40,6 +39,7 @@ class WorkerGroup:
         self.procs: list[BaseProcess] = []
         self._restarts = [0] * n
         self.stopping = False
+        self.finishing = False  # the pool is finished: idle workers were told to exit (finish())
         self.killed = False
         self.stop_signal: int | None = None  # the signal of the first stop(): SIGINT (Ctrl-C) or SIGTERM
 
@@ -83,8 +83,25 @@ class WorkerGroup:
             if p.is_alive() and p.pid:
                 os.kill(p.pid, sig)
 
+    def finish(self) -> None:
+        """The pool is finished (nothing waiting or running): end the workers still polling it now, rather than
+        after their idle back-off (up to ``POLL_MAX_SECONDS``). SIGTERM, as :meth:`stop`; with no task running,
+        each exits at once."""
+        self.finishing = True
+        for p in self.procs:
+            if p.is_alive() and p.pid:
+                os.kill(p.pid, signal.SIGTERM)
+
+    def wait(self, seconds: float) -> None:
+        """Sleep up to ``seconds``; return early when a worker exits."""
+        from multiprocessing.connection import wait
+
+        wait([p.sentinel for p in self.procs if p.exitcode is None], timeout=seconds)
+
     def exit_code(self) -> int:
-        return 0 if all(p.exitcode == 0 for p in self.procs) else 1
+        # after finish(), a worker still importing when told to end dies of the SIGTERM: it had nothing to do
+        clean = (0, -signal.SIGTERM) if self.finishing else (0,)
+        return 0 if all(p.exitcode in clean for p in self.procs) else 1
 
 
 def run_workers(settings: WorkerSettings, n: int, on_tick: Callable[[], None] | None = None,
@@ -103,10 +120,11 @@ def run_workers(settings: WorkerSettings, n: int, on_tick: Callable[[], None] | 
     old = {s: signal.signal(s, group.stop) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:
         while group.alive():
-            time.sleep(tick_seconds)
+            group.wait(tick_seconds)
             group.poll()
             if on_tick is not None:
                 on_tick()
+            _finish_when_done(group)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -115,6 +133,15 @@ def run_workers(settings: WorkerSettings, n: int, on_tick: Callable[[], None] | 
     if group.stop_signal == signal.SIGINT:
         return EXIT_INTERRUPTED
     return group.exit_code()
+
+
+def _finish_when_done(group: WorkerGroup) -> None:
+    """Once a worker ended cleanly and the pool has nothing waiting or running, end the others (idle, polling):
+    the run's summary need not wait out their back-off (issue 24)."""
+    if group.stopping or group.finishing or not group.alive():
+        return
+    if any(p.exitcode == 0 for p in group.procs) and not _pool_unfinished(group.settings):
+        group.finish()
 
 
 def take_back_orphans(settings: WorkerSettings) -> None:

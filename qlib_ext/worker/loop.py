@@ -117,8 +117,11 @@ class StopState:
         """Signal handler: the first signal starts the graceful stop; later ones change nothing."""
         if self.event.is_set():
             return
-        logger.warning("worker %s: got signal %s; no new tasks, current one gets %.0fs", os.getpid(), signum,
-                       self.grace)
+        if self._runner is None:  # idle (the pool finished: WorkerGroup.finish), nothing to hand back
+            logger.info("worker %s: got signal %s while idle; exiting", os.getpid(), signum)
+        else:
+            logger.warning("worker %s: got signal %s; no new tasks, current one gets %.0fs", os.getpid(), signum,
+                           self.grace)
         self.event.set()
         self._arm()
 
