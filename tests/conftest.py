@@ -28,9 +28,9 @@ SLOW_FILE_SECONDS = {
     "test_launch_slurm.py": 120, "test_worker_processes.py": 120, "test_warm.py": 100, "test_validity_e2e.py": 90,
     "test_train_once.py": 80, "test_api.py": 75, "test_ui_browser.py": 70, "test_search_e2e.py": 70,
     "test_leaderboard_rolling.py": 65, "test_qlib_tools.py": 60, "test_dashboard_browser.py": 60,
-    # measured under load (benchmarks at load 12-30, 34 min; qlib_pools at load 4): to be re-measured quiet
+    # qlib_pools measured at load 4: to be re-measured quiet
     "test_qlib_benchmarks.py": 230, "test_qlib_pools.py": 100,  # benchmarks: 227 s at load 1-3 (shared cache)
-    "test_artifact_trust.py": 120, "test_mlflow_server_auth.py": 40,  # estimates: 203 s and 164 s under load 5-15
+    "test_artifact_trust.py": 120, "test_mlflow_server_auth.py": 41,  # trust: estimate; server auth: 41 s at load 3
 }
 """Seconds each long test file took in ``make test`` (2026-12-03, quiet 2-core machine); a slow file not listed
 counts 30 s per slow test. Only the order of the files depends on it, never a result."""
