@@ -18,10 +18,14 @@ STORE_HOST = "127.0.0.1"
 """Address the embedded store binds by default: loopback only (others need authentication, and TLS on a LAN)."""
 
 MLFLOW_HOST = "127.0.0.1"
-"""Address ``qlib-ext mlflow serve`` binds by default: loopback only (the server has no authentication)."""
+"""Address ``qlib-ext mlflow serve`` binds by default: loopback only (logins are still on there)."""
 
 MLFLOW_PORT = 5000
 """TCP port of ``qlib-ext mlflow serve`` (MLflow's own default)."""
+
+MLFLOW_AUTH_CACHE_SECONDS = 300
+"""How long each ``qlib-ext mlflow serve`` worker process trusts a login whose password hash it checked (MLflow's
+``auth_cache_ttl_seconds``; a failed login is never cached), seconds. 0 checks the hash on every request."""
 
 MAX_MESSAGE_BYTES = 48 * 1000 * 1000
 """Largest wire message the embedded store accepts (MongoDB's maxMessageSizeBytes), bytes."""

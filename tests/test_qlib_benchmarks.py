@@ -6,7 +6,10 @@ licence); its README lists exactly what was shrunk (dates to the synthetic datas
 threads, a seed for the PyTorch models). Both sides run one process with one thread, so floating-point
 sums happen in the same order; signal metrics must match bit for bit, backtest metrics to 1e-12 relative
 (``BACKTEST_PREFIX``). Slow: measured 7-9 minutes per model on a 2-core machine at load 15-30 (qrun, then
-qlib-ext run); a quiet machine takes a fraction of that.
+qlib-ext run); a quiet machine takes a fraction of that. qlib-ext's side uses the session's dataset cache
+(``shared_dataset_cache``: LightGBM's and XGBoost's YAMLs prepare the same Alpha158 dataset, every model the same
+backtest exchange); qrun always builds its own, so each comparison still pits a fresh qrun against qlib-ext.
+(Fewer stocks were tried: at 20, LightGBM's Rank IC is NaN on both sides, which compares nothing.)
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def _metrics(db: Path, tag: str | None = None) -> dict[str, float]:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(BENCHMARKS))
 def test_qlib_benchmark_yaml_gives_qruns_metrics(name, tmp_path, synth_provider, mongo_url, task_db_name,
-                                                 _isolated_home):
+                                                 _isolated_home, shared_dataset_cache):
     _needs(name)
     text = (HERE / BENCHMARKS[name]).read_text()
     assert PLACEHOLDER in text

@@ -11,6 +11,11 @@ without it is refused; the directory is 0700 and the server runs under umask 077
 and credentials are the owner's only. Clients log in with MLflow's ``MLFLOW_TRACKING_USERNAME`` /
 ``MLFLOW_TRACKING_PASSWORD``, which qlib-ext also takes from a profile's ``mlflow_username`` /
 ``mlflow_password`` or, for the server's owner, from the credentials file (:func:`export_client_credentials`).
+
+MLflow stores passwords with werkzeug's scrypt hash and, as shipped, checks it on every HTTP request (about 0.2 s of
+server CPU each, many per task). The server gets its own auth config (``DIR/basic_auth.ini``, :func:`write_auth_config`)
+that turns on MLflow's own cache of successful logins for :data:`~qlib_ext.defaults.MLFLOW_AUTH_CACHE_SECONDS`:
+the stored hash stays strong, a wrong password still costs the full check, a right one is checked once per period.
 """
 
 from __future__ import annotations
@@ -42,6 +47,12 @@ ADMIN_USER = "qlib-ext"
 
 USER_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
 """MLflow's client login variables (read by every MLflow client, so by Qlib's recorder in a worker)."""
+
+AUTH_CONFIG_FILE = "basic_auth.ini"
+"""The server's MLflow auth config in its directory (MLflow's shipped one plus the login cache)."""
+
+AUTH_CONFIG_ENV = "MLFLOW_AUTH_CONFIG_PATH"
+"""MLflow's variable naming the auth config; when the operator sets it, their file is used as it is."""
 
 
 def server_command(directory: Path, host: str, port: int, workers: int = 1, basic_auth: bool = False) -> list[str]:
@@ -97,6 +108,8 @@ def serve(directory: Path, host: str = "127.0.0.1", port: int = 5000, workers: i
         # the auth app's Flask secret (CSRF tokens), kept with the login so restarts and workers agree
         secret = json.loads((directory / CREDENTIALS_FILE).read_text()).get("secret_key") or secrets.token_hex(32)
         env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", secret)
+        if not env.get(AUTH_CONFIG_ENV):
+            env[AUTH_CONFIG_ENV] = str(write_auth_config(directory))
     # Own process group: the server's worker processes get our forwarded signal, not a stray Ctrl-C.
     command = server_command(directory, host, port, workers, basic_auth)
     logger.info("mlflow: running %s", " ".join(command))
@@ -130,6 +143,40 @@ def _owner_only(directory: Path) -> None:
             path.chmod(0o600)
         elif path.is_dir() and path.stat().st_mode & 0o077:
             path.chmod(0o700)
+
+
+def write_auth_config(directory: Path, cache_seconds: int | None = None) -> Path:
+    """Write ``DIR/basic_auth.ini``: MLflow's shipped auth config with its login cache on.
+
+    Every other setting (default permission, ``basic_auth.db`` in the server's working directory, the
+    authorization function) stays MLflow's, read from the installed MLflow so a new release's keys carry over.
+
+    Args:
+        directory: the server's directory (its working directory, where ``basic_auth.db`` lives).
+        cache_seconds: MLflow's ``auth_cache_ttl_seconds`` (default ``defaults.MLFLOW_AUTH_CACHE_SECONDS``).
+
+    Returns:
+        The file's path (mode 0600), for ``MLFLOW_AUTH_CONFIG_PATH``.
+
+    Raises:
+        ConfigError: the installed MLflow has no ``server/auth/basic_auth.ini`` (no auth extra).
+    """
+    import configparser
+
+    from qlib_ext import defaults
+
+    spec = importlib.util.find_spec("mlflow")  # located, not imported (Flask and all)
+    shipped = Path(spec.origin if spec and spec.origin else ".").parent / "server" / "auth" / AUTH_CONFIG_FILE
+    if not shipped.is_file():
+        raise ConfigError(f"MLflow's auth config {shipped} is missing: pip install 'mlflow[auth]'")
+    config = configparser.ConfigParser()
+    config.read(shipped)
+    seconds = defaults.MLFLOW_AUTH_CACHE_SECONDS if cache_seconds is None else cache_seconds
+    config.set("mlflow", "auth_cache_ttl_seconds", str(seconds))
+    path = directory / AUTH_CONFIG_FILE
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        config.write(f)
+    return path
 
 
 def server_credentials(directory: Path) -> tuple[str, str]:
