@@ -110,6 +110,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help="working directory (default: a new temp dir)")
     ap.add_argument("--sample", type=float, default=1.0, help="memory sampling interval, s")
     ap.add_argument("--epochs", type=int, help="n_epochs instead of Qlib's 200 (early stopping decides otherwise)")
+    ap.add_argument("--warm-home", action="store_true",
+                    help="one QLIB_EXT_HOME per code for all rounds (store up, MLflow database made: a user's second "
+                         "run), its dataset cache emptied and a new pool each round; default: a fresh home each round")
     ap.add_argument("--repeat", type=int, default=1, help="rounds of the commands, interleaved; medians reported")
     ap.add_argument("--write", action="store_true", help="write the table into docs/performance.md")
     args = ap.parse_args()
@@ -122,10 +125,10 @@ def main() -> None:
     wf.write_text(shrink(args.yaml, data, args.epochs))
     qrun = Path(sys.executable).with_name("qrun")
     # qrun's default tracking store is ./mlruns, which this MLflow refuses unless told to accept it
-    run = [sys.executable, "-m", "qlib_ext", "run", "-n", "1", str(wf)]
-    codes = {"after": ROOT, "before": args.before}  # each round a fresh QLIB_EXT_HOME: a cold cache, a new pool
+    codes = {"after": ROOT, "before": args.before}
     cases = {"qrun": lambda r: ([str(qrun), str(wf)], {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"})}
-    cases.update({n: (lambda r, n=n: (run, qlib_ext_env(codes[n], work / f"home-{n}-{r}"))) for n in codes if codes[n]})
+    cases.update({n: (lambda r, n=n: _qlib_ext_case(work, wf, codes[n], n, r, args.warm_home))
+                  for n in codes if codes[n]})
     names = [n for n in ("qrun", "after", "before") if n in cases and (not args.only or n in args.only)]
     rounds: dict[str, list[Measured]] = {n: [] for n in names}
     for r in range(args.repeat):
@@ -135,7 +138,10 @@ def main() -> None:
             rounds[name].append(m := measure(name, cmd, work / f"{name}-{r}", env, work / f"{name}-{r}.log",
                                              args.sample))
             print(r, m.row(), flush=True)
-            _stop_store(work / f"home-{name}-{r}")
+            if not args.warm_home:
+                _stop_store(work / f"home-{name}-{r}")
+    for name in rounds if args.warm_home else ():
+        _stop_store(work / f"home-{name}")
     results = [median_of(ms) for ms in rounds.values()]
     rows = [m.row() for m in results]
     if "qrun" in rounds:
@@ -145,10 +151,27 @@ def main() -> None:
     text = table(header + (["wall / qrun"] if "qrun" in rounds else []), rows)
     text += f"\n\nMedians of {args.repeat} interleaved round(s); walls per round: " + "; ".join(
         f"{n} " + ", ".join(f"{m.wall:.0f}" for m in ms) for n, ms in rounds.items())
-    setup = f"{args.instruments} synthetic instruments" + (f", n_epochs {args.epochs}" if args.epochs else "")
+    setup = (f"{args.instruments} synthetic instruments" + (f", n_epochs {args.epochs}" if args.epochs else "")
+             + ("; qlib-ext on a warm home (its cache emptied each round)" if args.warm_home else
+                "; qlib-ext on a fresh home each round"))
     print(f"\n{machine_line()}; {setup}; work dir {work}\n\n{text}")
     if args.write:
         write_section("gru_bench", f"{machine_line()}; {setup}\n\n{text}")
+
+
+def _qlib_ext_case(work: Path, wf: Path, code: Path, name: str, r: int, warm_home: bool) -> tuple[list[str], dict]:
+    """``qlib-ext run -n 1`` of round ``r``: a fresh home, or the code's one home with its cache emptied and the
+    workflow under a new file name (a new pool)."""
+    import shutil
+
+    if not warm_home:
+        return [sys.executable, "-m", "qlib_ext", "run", "-n", "1", str(wf)], qlib_ext_env(code,
+                                                                                          work / f"home-{name}-{r}")
+    home = work / f"home-{name}"
+    shutil.rmtree(home / "cache", ignore_errors=True)
+    copy = wf.with_name(f"{wf.stem}-{name}{r}.yaml")
+    copy.write_text(wf.read_text())
+    return [sys.executable, "-m", "qlib_ext", "run", "-n", "1", str(copy)], qlib_ext_env(code, home)
 
 
 def _stop_store(home: Path) -> None:
