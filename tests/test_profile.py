@@ -22,7 +22,8 @@ def seen(monkeypatch):
     def fake_settings(pool, **kwargs):
         got.update(pool=pool, **kwargs)
         return type("S", (), {"threads": kwargs.get("threads"), "log_dir": None, "mongo_url": kwargs["mongo_url"],
-                              "mlflow_uri": kwargs.get("mlflow_uri"), "gpus": (), "workers_per_gpu": 1})()
+                              "mlflow_uri": kwargs.get("mlflow_uri"), "gpus": (), "workers_per_gpu": 1,
+                              "trainer": kwargs.get("trainer", "rm")})()
 
     def fake_run(settings, n, on_tick=None):
         got["n"] = n
@@ -36,6 +37,7 @@ def seen(monkeypatch):
 
     monkeypatch.setattr("qlib_ext.worker.settings.worker_settings", fake_settings)
     monkeypatch.setattr("qlib_ext.worker.group.run_workers", fake_run)
+    monkeypatch.setattr("qlib_ext.worker.delayed.only_second_stage_left", lambda settings: False)  # no store here
     monkeypatch.setattr("qlib_ext.pool.progress.Progress", NoProgress)
     monkeypatch.setattr("qlib_ext.summary.after_workers", lambda pool, **kw: Summary("", kw["code"]))
     return got

@@ -93,10 +93,15 @@ class WorkerGroup:
                 os.kill(p.pid, signal.SIGTERM)
 
     def wait(self, seconds: float) -> None:
-        """Sleep up to ``seconds``; return early when a worker exits."""
+        """Sleep up to ``seconds``; return early when a worker exits, once it can be reaped (its pipe closes a
+        moment before its exit code exists: without the join, :meth:`poll` could miss a death and
+        :meth:`alive` then see none alive, ending the run instead of restarting the worker)."""
         from multiprocessing.connection import wait
 
-        wait([p.sentinel for p in self.procs if p.exitcode is None], timeout=seconds)
+        ready = wait([p.sentinel for p in self.procs if p.exitcode is None], timeout=seconds)
+        for p in self.procs:
+            if p.sentinel in ready:
+                p.join(defaults.CHILD_REAP_SECONDS)
 
     def exit_code(self) -> int:
         # after finish(), a worker still importing when told to end dies of the SIGTERM: it had nothing to do
