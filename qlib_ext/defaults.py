@@ -144,6 +144,10 @@ THREADS_PER_WORKER: str | int = "auto"
 
 
 # --- store
+LOADBACK_MEMO_BYTES = 256 * 1024 * 1024
+"""A task's run keeps the bytes of the files it uploads up to this many in all, so that its own records load them
+back (``pred.pkl`` by SigAnaRecord, PortAnaRecord, the checks) from memory, not by a download and a re-hash."""
+
 STORE_COMPACT_BYTES = 64 * 1024 * 1024
 """Journal size that triggers compaction into a snapshot (also needs 2x the snapshot size), bytes."""
 

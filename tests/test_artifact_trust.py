@@ -112,8 +112,13 @@ def test_a_run_records_what_it_uploads_and_a_swapped_pred_pkl_is_refused(tmp_pat
         assert dict(ledger.stored()) == {"label.pkl": sha256_file(stored), "pred.pkl": sha256_file(stored)}
         pd.testing.assert_frame_equal(recorder.load_object("pred.pkl"), pred)
         _swap(stored, pred * -1.0)
+        # the run's own loads read the bytes it uploaded, kept in memory: the swapped file is never read
+        pd.testing.assert_frame_equal(recorder.load_object("pred.pkl"), pred)
+        unkept = ArtifactLedger(recorder.id, memo_bytes=0)  # nothing kept: the load downloads and is refused
+        unkept.digests = dict(ledger.stored())
         with pytest.raises(ArtifactTampered, match=f"run {recorder.id}: artifact 'pred.pkl'"):
-            recorder.load_object("pred.pkl")
+            unkept.load(recorder.client, "pred.pkl")
+        pd.testing.assert_frame_equal(unkept.load(recorder.client, "label.pkl"), pred)  # an intact one is read
         train_id = recorder.id
 
     task = {"record": [{"class": "PortAnaRecord", "module_path": "qlib.workflow.record_temp", "kwargs": {}}],
@@ -166,3 +171,21 @@ def _check_system_metrics_and_dataset(train, backtest) -> None:
     (logged,) = train.inputs.dataset_inputs
     assert logged.dataset.name == "Alpha158 csi300" and len(logged.dataset.digest) == 12
     assert json.loads(logged.dataset.profile)["instruments"] > 0
+
+
+def test_the_ledger_keeps_uploaded_bytes_only_within_its_budget(tmp_path):
+    """Pure logic: a file over the room left is hashed but not kept; re-uploading a name frees its old room."""
+    from qlib_ext.tracking.artifacts import ArtifactLedger, sha256_file
+
+    small, big = tmp_path / "small", tmp_path / "big"
+    small.write_bytes(b"x" * 6)
+    big.write_bytes(b"y" * 20)
+    ledger = ArtifactLedger("r1", memo_bytes=10)
+    ledger.add_file(small, "a.pkl")
+    ledger.add_file(big, "b.pkl")
+    assert ledger.digests == {"a.pkl": sha256_file(small), "b.pkl": sha256_file(big)}
+    assert set(ledger._memo) == {"a.pkl"}
+    ledger.add_file(small, "c.pkl")  # 6 + 6 > 10: hashed only
+    assert set(ledger._memo) == {"a.pkl"}
+    ledger.add_file(small, "a.pkl")  # the same name again: its old bytes leave first
+    assert set(ledger._memo) == {"a.pkl"} and ledger._memo_room == 4

@@ -206,6 +206,8 @@ def test_two_models_times_two_strategies_train_twice_and_backtest_four_times(tmp
         for key in ("time.backtest_s", "1day.excess_return_with_cost.annualized_return"):
             assert key in run.data.metrics, key
         assert {"pred.pkl", "label.pkl"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+        # drawn after the grid, not by the worker (issue 24); conftest makes `run` wait for the grid plots
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/run.png"]
     points = {(r.data.params["num_leaves"], r.data.params["strategy.topk"])
               for r in runs.values() if r.data.tags.get("qlib_ext.kind") == "backtest"}
     assert points == {("8", "5"), ("8", "10"), ("32", "5"), ("32", "10")}

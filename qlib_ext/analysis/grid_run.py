@@ -22,6 +22,10 @@ from qlib_ext.tracking import mlflow_ui
 logger = logging.getLogger(__name__)
 
 SERIES_ARTIFACT = "portfolio_analysis/report_normal_1day.pkl"
+
+RUN_FIGURES_MAX = 200
+"""Most ranked rows whose task runs get their figure drawn after a run (the best first; ``qlib-ext report`` and
+the background grid plots), as many as the series read for the grid plots."""
 """PortAnaRecord's daily report, the source of the return series drawn per grid."""
 
 
@@ -111,7 +115,7 @@ def _first_error(tm: Any) -> str | None:
     return str(errors[-1].get("error", ""))[-2000:] if errors else None
 
 
-def _read_series(client: Any, data: GridData, limit: int = 200) -> None:
+def _read_series(client: Any, data: GridData, limit: int = RUN_FIGURES_MAX) -> None:
     """Each row's daily excess return with cost (windows stitched) and each window's metric."""
     import pandas as pd
 
@@ -138,6 +142,19 @@ def _read_series(client: Any, data: GridData, limit: int = 200) -> None:
                 data.windows[name] = [(int(r.data.params.get("window.index", j)), r.data.metrics[data.metric])
                                       for j, r in enumerate(client.get_run(x) for x in row["runs"])
                                       if data.metric in r.data.metrics]
+
+
+def log_run_figures(client: Any, data: GridData, limit: int = RUN_FIGURES_MAX) -> int:
+    """Each ranked row's task runs (best first, ``limit`` rows) get their ``plots/run.png`` where it is missing;
+    the number drawn."""
+    from qlib_ext.tracking.artifacts import digest_map
+
+    drawn = 0
+    for row in data.rows[:limit]:
+        for run_id in row.get("runs") or [row["run_id"]]:
+            digests = digest_map((row.get("artifacts") or {}).get(run_id))
+            drawn += plots.log_run_figure(client, run_id, digests, str(row.get("run_name") or "")) is not None
+    return drawn
 
 
 def draw(data: GridData, out: Path) -> dict[str, Path]:
@@ -233,11 +250,13 @@ def finish_grid(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | No
     """
     try:
         data = collect(pool, mongo_url=mongo_url, mlflow_uri=mlflow_uri, metric=metric, full=plots)
-        if data.runs is None:
-            return data
         import mlflow
 
         client = mlflow.MlflowClient(tracking_uri=data.mlflow_uri)
+        if data.runs is None:  # a pool Qlib submitted: no grid run, its task runs' figures all the same
+            if plots:
+                log_run_figures(client, data)
+            return data
         _log_metrics(client, data.runs.grid_run_id, grid_metrics(data))
         mlflow_ui.save_view(client, data.experiment_id, pool, data.metric, data.runs.axes)  # the printed links
         for row in data.rows:
@@ -252,6 +271,7 @@ def finish_grid(pool: str, *, mongo_url: str | None = None, mlflow_uri: str | No
             with tempfile.TemporaryDirectory(prefix="qlib-ext-plots-") as tmp:
                 if draw(data, Path(tmp) / "plots"):
                     client.log_artifacts(data.runs.grid_run_id, str(Path(tmp) / "plots"), "plots")
+            log_run_figures(client, data)
         finished = not data.counts.get("waiting") and not data.counts.get("running")
         if finished and client.get_run(data.runs.grid_run_id).info.status == "RUNNING":  # keep the first end time
             status = "FAILED" if data.counts.get("failed") and not data.counts.get("done") else "FINISHED"

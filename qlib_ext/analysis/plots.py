@@ -90,30 +90,45 @@ def run_figure(report: Any, ic: Any, out: Path, title: str = "") -> Path:
     return save_png(fig, out)
 
 
-def log_run_plots(recorder: Any, title: str = "") -> str | None:
-    """Draw a finished task's run figure from its Qlib artifacts and log it as ``plots/run.png``.
+RUN_FIGURE = "plots/run.png"
+"""A task run's figure, as an MLflow artifact."""
 
-    Never raises (a plot must not fail a task): logs a WARNING and returns None instead.
+
+def log_run_figure(client: Any, run_id: str, digests: dict | None, title: str = "") -> str | None:
+    """Draw a finished task run's figure from its Qlib artifacts and log it as ``plots/run.png``; None when the
+    run has one already or has neither a backtest report nor a daily IC.
+
+    Drawn after the run, not by its worker (issue 24: ~0.5 s a task, most of a small task's time outside its
+    stages): by the background process that draws the grid plots, and by ``qlib-ext report``. The artifacts
+    are checked against the pool's ``digests`` and read as data. Never raises (a plot must not fail anything):
+    logs a WARNING and returns None instead.
     """
     import tempfile
 
     try:
-        report = _load(recorder, "portfolio_analysis/report_normal_1day.pkl")
-        ic = _load(recorder, "sig_analysis/ic.pkl")
-        if report is None and ic is None:
+        if any(a.path == RUN_FIGURE for a in client.list_artifacts(run_id, "plots")):
             return None
         with tempfile.TemporaryDirectory(prefix="qlib-ext-plot-") as tmp:
+            report = _load(client, run_id, "portfolio_analysis/report_normal_1day.pkl", tmp, digests)
+            ic = _load(client, run_id, "sig_analysis/ic.pkl", tmp, digests)
+            if report is None and ic is None:
+                return None
             path = run_figure(report, ic, Path(tmp) / "run.png", title)
-            recorder.client.log_artifact(recorder.id, str(path), "plots")
-        return "plots/run.png"
+            client.log_artifact(run_id, str(path), "plots")
+        return RUN_FIGURE
     except Exception as e:  # noqa: BLE001 - a run without its figure is still a result
-        logger.warning("plots: no run figure for run %s: %s", getattr(recorder, "id", "?"), e)
+        logger.warning("plots: no run figure for run %s: %s", run_id, e)
         return None
 
 
-def _load(recorder: Any, name: str) -> Any:
+def _load(client: Any, run_id: str, name: str, tmp: str, digests: dict | None) -> Any:
+    from qlib_ext.errors import ArtifactTampered
+    from qlib_ext.tracking.artifacts import download_checked, read_frame
+
     try:
-        return recorder.load_object(name)
+        return read_frame(download_checked(client, run_id, name, tmp, digests))
+    except ArtifactTampered:
+        raise
     except Exception:  # noqa: BLE001 - the record was not part of this task
         return None
 

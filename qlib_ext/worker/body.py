@@ -111,14 +111,14 @@ def run_grid_task(task: dict, run_id: str, *, cache_dir: str | None = None,
 
 def _in_run(task: dict, run_id: str, body: Callable[[Any, dict[str, float]], Any],
             default_experiment: str | None = None) -> dict:
-    """Run ``body(recorder, timings)`` inside the run ``run_id``, then log timings, short metric names, the
-    run plot and the sanity flags, all while the run is RUNNING.
+    """Run ``body(recorder, timings)`` inside the run ``run_id``, then log timings, short metric names and the
+    sanity flags, all while the run is RUNNING (its figure is drawn later, off the worker:
+    :func:`~qlib_ext.analysis.plots.log_run_figure`).
 
     ``body`` returns the fitted model (or None); the result's ``validity`` block holds the daily series
     and model checks the leaderboard's statistics and flags need (``qlib_ext.analysis.series``)."""
     from qlib.workflow import R
 
-    from qlib_ext.analysis.plots import log_run_plots
     from qlib_ext.tracking.artifacts import ArtifactLedger
 
     meta = TaskMeta.of(task)
@@ -143,7 +143,6 @@ def _in_run(task: dict, run_id: str, body: Callable[[Any, dict[str, float]], Any
         _flush(recorder)  # Qlib logs metrics from a background thread: all of them in MLflow before reading
         logged = recorder.client.get_run(run_id).data.metrics
         mlflow_ui.log_headline_metrics(recorder.client, run_id, logged)  # short metric names
-        log_run_plots(recorder, str(meta.run_name or ""))  # plots/run.png
         metrics = {k: _plain(v) for k, v in logged.items()}
         validity["flags"] = _flag_run(recorder, task, validity, metrics)
     finally:
